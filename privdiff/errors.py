@@ -1,0 +1,5 @@
+"""The one error type users see: a one-line message naming the offending file or value."""
+
+
+class PrivdiffError(ValueError):
+    """Bad input or a refused operation; the message is a single line meant for the user."""
