@@ -1,0 +1,1 @@
+"""The SDBackend protocol, its diffusers implementation, and tiny random-weight models."""

@@ -1,0 +1,12 @@
+"""Differential privacy core (DESIGN.md §3), one implementation used by every feature.
+
+- ``accountants``: epsilon of, and sigma calibration for, the Poisson-subsampled Gaussian mechanism
+  (dp_accounting PLD, opacus PRV and RDP);
+- ``mechanism``: CSPRNG-seeded generators, bounding, Poisson sampling, the Gaussian aggregate;
+- ``report``: the privacy report carried by every DP artifact;
+- ``ledger``: the data owner's local budget ledger;
+- ``checks``: the shared input checks (one-line PrivdiffError naming the value).
+
+Submodules are imported explicitly (``from privdiff.privacy.accountants import epsilon_for``) so that the
+CLI's accountant commands do not pay for importing torch.
+"""

@@ -1,0 +1,245 @@
+"""Tiny random-weight Stable Diffusion pipelines built from configs, and offline model loading.
+
+Nothing here touches the network: the tokenizer is written locally (byte-level CLIP BPE whose
+merges make every prompt-template word a single token), and the models are built from configs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import deprecation_utils
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from privdiff.errors import PrivdiffError
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77
+TINY_RESOLUTION = 32
+
+_WORDS = (
+    # textual-inversion prompt templates
+    "a", "an", "the", "of", "in", "on", "at", "by", "with", "and", "one", "my", "this", "that", "is",
+    "photo", "rendering", "rendition", "cropped", "close", "up", "bright", "good", "clean", "weird", "cool",
+    "nice", "small", "large", "big", "dark", "light", "painting", "picture", "art", "style",
+    # common subjects and styles
+    "cat", "dog", "person", "man", "woman", "face", "portrait", "landscape", "sketch", "drawing", "image",
+    "object", "toy", "sculpture", "car", "house", "tree", "flower", "sky", "city", "street", "abstract",
+    "oil", "watercolor", "pencil", "digital", "illustration", "anime", "cartoon", "texture", "pattern",
+    "sunset", "mountain", "beach", "forest", "water", "red", "blue", "green", "white", "black", "high",
+    "quality", "detailed",
+)
+
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype` (deprecating the old name) in 2026.
+_DTYPE_KW = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "num_train_timesteps": 1000, "steps_offset": 1, "prediction_type": "epsilon"}
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table: one printable character per byte, in CLIP's vocab order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges by rank (lowest first) to a word's symbols."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(symbols, symbols[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """Byte characters, their ``</w>`` forms, one whole-word token per word in the list, BOS, EOS."""
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _WORDS:
+        # Merges are appended with the worst rank, so they never change how earlier words split.
+        while len(parts := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            tokens.append(parts[0] + parts[1])
+    tokens += [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
+
+
+def tiny_tokenizer_dir(path: str | Path, pad_token: str = EOS) -> Path:
+    """Write a tiny CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json) into ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _vocab_and_merges()
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "bos_token": BOS,
+              "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def tiny_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+    """The tiny CLIP tokenizer; SD1 and SDXL's first tokenizer pad with EOS, SDXL's second with "!"."""
+    with tempfile.TemporaryDirectory(prefix="privdiff-tok-") as tmp:
+        return CLIPTokenizer.from_pretrained(tiny_tokenizer_dir(tmp, pad_token), local_files_only=True)
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden: int, act: str, projection: int = 768) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act=act, projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(scaling_factor: float) -> AutoencoderKL:
+    """32x32 RGB <-> 4x8x8 latents."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32, sample_size=TINY_RESOLUTION, scaling_factor=scaling_factor,
+    )
+
+
+def _unet(cross_attention_dim: int, **extra: object) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4), norm_num_groups=32, **extra,
+    )
+
+
+def tiny_pipeline(family: str = "sd1", seed: int = 0) -> DiffusionPipeline:
+    """A random-weight SD1-like ("sd1") or SDXL-like ("sdxl") pipeline for 32x32 images."""
+    if family not in ("sd1", "sdxl"):
+        raise PrivdiffError(f"unknown tiny model family {family!r} (expected 'sd1' or 'sdxl')")
+    with torch.random.fork_rng(devices=[]):  # seeds weight init only; the global RNG is left as it was
+        torch.manual_seed(seed)
+        return _build(family)
+
+
+def _build(family: str) -> DiffusionPipeline:
+    tokenizer = tiny_tokenizer()
+    if family == "sd1":
+        return StableDiffusionPipeline(
+            vae=_vae(0.18215),
+            text_encoder=CLIPTextModel(_text_config(tokenizer, 768, "quick_gelu")),
+            tokenizer=tokenizer,
+            unet=_unet(768),
+            scheduler=DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    tokenizer_2 = tiny_tokenizer(pad_token="!")
+    return StableDiffusionXLPipeline(
+        vae=_vae(0.13025),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, 768, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, 1280, "gelu", projection=1280)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_unet(2048, use_linear_projection=True, addition_embed_type="text_time",
+                   addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 1280),
+        scheduler=EulerDiscreteScheduler(**_SCHEDULE, timestep_spacing="leading"),
+        add_watermarker=False,
+    )
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    """Whether an original-layout single-file checkpoint holds SDXL's second text encoder."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        keys = list(state.get("state_dict", state))
+    return any(k.startswith("conditioner.embedders.1.") for k in keys)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _from_folder(path: Path, dtype: torch.dtype | None) -> DiffusionPipeline:
+    if not (path / "model_index.json").is_file():
+        raise PrivdiffError(f"{path} is not a diffusers model folder (no model_index.json)")
+    kwargs = {"local_files_only": True, _DTYPE_KW: dtype}
+    try:
+        if (path / "text_encoder_2").is_dir():
+            return StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
+        return StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, requires_safety_checker=False, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise PrivdiffError(f"cannot load diffusers folder {path}: {_first_line(exc)}") from exc
+
+
+def _from_single_file(path: Path, config: Path | None, dtype: torch.dtype | None) -> DiffusionPipeline:
+    try:
+        xl = (config / "text_encoder_2").is_dir() if config else _is_sdxl_checkpoint(path)
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        kwargs = {"config": str(config)} if config else {}
+        if not xl:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        return cls.from_single_file(str(path), local_files_only=True, **{_DTYPE_KW: dtype}, **kwargs)
+    except Exception as exc:  # diffusers raises many types here; all mean "cannot load offline"
+        raise PrivdiffError(
+            f"cannot load {path} offline ({_first_line(exc)}); convert it to a diffusers folder or pass a "
+            "local diffusers config folder"
+        ) from exc
+
+
+def load_model(
+    spec: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    config: str | Path | None = None,
+) -> DiffusionPipeline:
+    """Load "tiny", "tiny-sdxl", a local diffusers folder or a local .safetensors/.ckpt file, offline.
+
+    ``config`` is a local diffusers folder whose component configs a single-file checkpoint uses.
+    """
+    if str(spec) in ("tiny", "tiny-sdxl"):
+        pipe = tiny_pipeline("sdxl" if str(spec) == "tiny-sdxl" else "sd1")
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise PrivdiffError(f"model not found: {path} (expected 'tiny', 'tiny-sdxl', a diffusers folder "
+                                "or a .safetensors/.ckpt file)")
+        if config is not None and not Path(config).is_dir():
+            raise PrivdiffError(f"config folder not found: {config}")
+        if path.is_dir():
+            pipe = _from_folder(path, dtype)
+        elif path.suffix in (".safetensors", ".ckpt"):
+            pipe = _from_single_file(path, Path(config) if config else None, dtype)
+        else:
+            raise PrivdiffError(f"unsupported model file {path} (expected a .safetensors or .ckpt file)")
+    if device is not None or dtype is not None:
+        pipe = pipe.to(device=device, dtype=dtype)
+    return pipe

@@ -1,0 +1,190 @@
+"""Embedding files that load in ComfyUI, A1111/Forge and diffusers (DESIGN.md §4).
+
+Formats written by :func:`save_embedding`:
+
+- ``"safetensors"`` (default, loads everywhere): SD1/SD2 ``{"emb_params": [n, dim]}``; SDXL
+  ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``. The privacy report is in the header metadata.
+- ``"a1111-pt"``: A1111's pickled dict (SD1/SD2 only); of the metadata only the privacy report is
+  kept, in the dict under ``privdiff_privacy_report`` (A1111, Forge, ComfyUI and diffusers ignore
+  unknown keys) and in a ``<file>.privacy.json`` sidecar.
+- ``"diffusers"``: diffusers' own ``{token: [n, dim]}`` as ``.safetensors`` (SD1/SD2 only). For SDXL,
+  diffusers loads the standard ``clip_l``/``clip_g`` file with two ``load_textual_inversion`` calls.
+
+ComfyUI (``embedding:name``) and A1111 use the file name as the prompt word; diffusers uses the
+token stored in the file (``name`` of a .pt, the key of its own format; pass ``token=`` for
+``emb_params`` files), which therefore defaults to the output file's stem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from privdiff.atomic import atomic_write
+from privdiff.embeddings.formats import (
+    A1111_REPORT_KEY,
+    PICKLE_SUFFIXES,
+    REPORT_KEY,
+    SAFETENSORS_SUFFIX,
+    a1111_pt_bytes,
+    check_vectors,
+    read_file,
+    write_safetensors,
+)
+from privdiff.errors import PrivdiffError
+
+if TYPE_CHECKING:
+    from privdiff.privacy.report import PrivacyReport
+
+FORMATS = ("safetensors", "a1111-pt", "diffusers")
+
+
+@dataclass
+class Embedding:
+    """Token vectors per text encoder: ``clip_l`` [n, 768] (SD1), ``clip_h`` [n, 1024] (SD2), or
+    ``clip_l`` [n, 768] + ``clip_g`` [n, 1280] (SDXL); ``metadata`` holds e.g. the privacy report."""
+
+    vectors: dict[str, torch.Tensor]
+    token: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """One of "SD1", "SD2", "SDXL"."""
+        if "clip_g" in self.vectors:
+            return "SDXL"
+        return "SD2" if next(iter(self.vectors.values())).shape[-1] == 1024 else "SD1"
+
+    @property
+    def n_vectors(self) -> int:
+        """Vectors per token."""
+        t = next(iter(self.vectors.values()))
+        return 1 if t.dim() == 1 else int(t.shape[0])
+
+
+def _load(path: Path) -> tuple[Embedding, str, dict[str, list[int]]]:
+    parsed = read_file(path)
+    vectors = check_vectors(parsed.tensors, str(path))
+    shapes = {k: list(v.shape) for k, v in parsed.tensors.items()}
+    return Embedding(vectors, parsed.token, parsed.metadata), parsed.format, shapes
+
+
+def load_embedding(path: str | os.PathLike) -> Embedding:
+    """Read any embedding file ComfyUI, A1111/Forge or diffusers read; vectors come back float32 [n, dim].
+
+    Bad files (missing, empty, corrupt, truncated, unknown keys, NaN/inf, wrong width) raise
+    :class:`PrivdiffError` naming the file.
+    """
+    return _load(Path(path))[0]
+
+
+def save_embedding(
+    emb: Embedding,
+    path: str | os.PathLike,
+    fmt: str = "safetensors",
+    token: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``emb`` atomically as ``fmt`` (see module doc); an existing file needs ``force``.
+
+    ``token`` (default: the file stem) is stored where the format has a place for it.
+    """
+    target = Path(path)
+    if fmt not in FORMATS:
+        raise PrivdiffError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    suffixes = PICKLE_SUFFIXES if fmt == "a1111-pt" else (SAFETENSORS_SUFFIX,)
+    if target.suffix.lower() not in suffixes:
+        raise PrivdiffError(f"{target}: a {fmt} embedding file must end in {' or '.join(suffixes)}")
+    vectors = check_vectors(emb.vectors, f"embedding for {target}")
+    bad = [k for k, v in emb.metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise PrivdiffError(f"embedding for {target}: metadata {bad[0]!r} must map a string to a string")
+    token = token or target.stem
+    sdxl = "clip_g" in vectors
+    if sdxl and fmt != "safetensors":
+        raise PrivdiffError(
+            f"{target}: SDXL embeddings (clip_l + clip_g) cannot be saved as {fmt}, which holds one tensor; "
+            "save them as safetensors (diffusers loads that file with two load_textual_inversion calls)"
+        )
+    if fmt == "safetensors":
+        tensors = vectors if sdxl else {"emb_params": next(iter(vectors.values()))}
+        return atomic_write(target, lambda tmp: write_safetensors(tensors, emb.metadata, tmp), force=force)
+    (single,) = vectors.values()
+    if fmt == "diffusers":
+        tensors = {token: single}
+        return atomic_write(target, lambda tmp: write_safetensors(tensors, emb.metadata, tmp), force=force)
+    return _save_a1111(single, emb.metadata, target, token, force)
+
+
+def _report(metadata: dict[str, str], where: Path | str) -> PrivacyReport | None:
+    from privdiff.privacy.report import PrivacyReport
+
+    try:
+        return PrivacyReport.from_metadata(metadata)
+    except PrivdiffError as exc:
+        raise PrivdiffError(f"{where}: {exc}") from exc
+
+
+def _save_a1111(vec: torch.Tensor, metadata: dict[str, str], target: Path, token: str, force: bool) -> Path:
+    from privdiff.privacy.report import sidecar_path
+
+    report = _report(metadata, f"embedding for {target}")
+    sidecar = sidecar_path(target)
+    if report is not None and not force:
+        for existing in (target, sidecar):
+            if existing.exists():
+                raise PrivdiffError(f"{existing} already exists; pass --force (force=True) to overwrite it")
+    data: dict[str, object] = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": vec},
+        "name": token,
+        "step": None,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+    if report is not None:
+        data[A1111_REPORT_KEY] = metadata[REPORT_KEY]
+    blob = a1111_pt_bytes(data)
+    atomic_write(target, lambda tmp: tmp.write_bytes(blob), force=force)
+    if report is not None:
+        try:
+            report.write_sidecar(target, force=True)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+    elif force:
+        sidecar.unlink(missing_ok=True)  # a report of the file just replaced must not describe this one
+    return target
+
+
+def inspect_embedding(path: str | os.PathLike) -> dict:
+    """JSON-able summary: path, format, tensors {name: shape}, vectors_per_token, family, token
+    (the stored token, else the file stem that ComfyUI/A1111 use), privacy_report (dict or None)."""
+    p = Path(path)
+    emb, fmt, shapes = _load(p)
+    report = _report(emb.metadata, p)
+    return {
+        "path": str(p),
+        "format": fmt,
+        "tensors": shapes,
+        "vectors_per_token": emb.n_vectors,
+        "family": emb.family,
+        "token": emb.token or p.stem,
+        "privacy_report": None if report is None else json.loads(report.to_json()),
+    }
+
+
+def convert_embedding(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    fmt: str = "safetensors",
+    token: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Re-write ``src`` as ``fmt`` at ``dst`` (metadata, including the privacy report, is kept)."""
+    return save_embedding(load_embedding(src), dst, fmt=fmt, token=token, force=force)

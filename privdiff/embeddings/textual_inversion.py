@@ -1,0 +1,150 @@
+"""Batched textual inversion: one embedding per image, all trained together by one optimiser.
+
+Each image owns a random stream (template choice, timestep, noise) drawn from its own generator,
+and the loss is a sum of per-image losses, so row ``i`` of a batched run receives exactly the
+gradients, and Adam exactly the updates, of training image ``i`` alone with the same stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from privdiff.backends.protocol import SDBackend
+from privdiff.embeddings.templates import TEMPLATES
+from privdiff.errors import PrivdiffError
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` after every optimiser step; may raise to cancel."""
+
+PLACEHOLDER = "<privdiff-token>"
+
+
+@dataclass(frozen=True)
+class TIConfig:
+    """Hyper-parameters of per-image textual inversion."""
+
+    n_vectors: int = 1
+    init_word: str = "style"
+    steps: int = 200
+    lr: float = 5e-3
+    batch_size: int = 8
+    templates: str = "style"
+
+    def __post_init__(self) -> None:
+        for flag, value, ok in (
+            ("--vectors", self.n_vectors, self.n_vectors >= 1),
+            ("--steps", self.steps, self.steps >= 1),
+            ("--lr", self.lr, self.lr > 0),
+            ("--batch-size", self.batch_size, self.batch_size >= 1),
+            ("--templates", self.templates, self.templates in TEMPLATES),
+        ):
+            if not ok:
+                raise PrivdiffError(f"invalid {flag} {value!r}")
+
+
+def initial_vectors(backend: SDBackend, config: TIConfig) -> dict[str, torch.Tensor]:
+    """The public starting point: the init word's token vectors {encoder: [n_vectors, dim]}, CPU float32."""
+    vectors = backend.token_vectors(config.init_word, config.n_vectors)
+    return {k: v.detach().float().cpu() for k, v in vectors.items()}
+
+
+def _draws(backend: SDBackend, latent: torch.Tensor, gen: torch.Generator, n_templates: int):
+    """One step's random draws for one image: template index, timestep and noise."""
+    template = int(torch.randint(n_templates, (), generator=gen))
+    t = torch.randint(len(backend.alphas_cumprod), (), generator=gen)
+    noise = torch.randn(latent.shape, generator=gen, dtype=latent.dtype)
+    return template, t, noise
+
+
+def train_embeddings(
+    backend: SDBackend,
+    latents: torch.Tensor,
+    init: dict[str, torch.Tensor],
+    config: TIConfig,
+    generators: list[torch.Generator],
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train one embedding per latent; returns {encoder: [m, n_vectors, dim]} on the CPU.
+
+    ``latents`` are the VAE latents of the m images, ``init`` the public initial vectors
+    {encoder: [n_vectors, dim]}, and ``generators[i]`` the random stream of image ``i``.
+    Images are trained ``config.batch_size`` at a time.
+    """
+    if len(generators) != len(latents):
+        raise ValueError("one generator per image is required")
+    m = len(latents)
+    starts = range(0, m, config.batch_size)
+    total, done = len(starts) * config.steps, 0
+
+    def on_step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    out = {enc: torch.empty(m, *v.shape) for enc, v in init.items()}
+    for s in starts:
+        e = min(s + config.batch_size, m)
+        trained = _train_chunk(backend, latents[s:e], init, config, generators[s:e], on_step)
+        for enc, v in trained.items():
+            out[enc][s:e] = v
+    return out
+
+
+def _train_chunk(
+    backend: SDBackend,
+    latents: torch.Tensor,
+    init: dict[str, torch.Tensor],
+    config: TIConfig,
+    generators: list[torch.Generator],
+    on_step: Callable[[], None],
+) -> dict[str, torch.Tensor]:
+    """Train the rows of one batch together: parameter [m, n_vectors, dim] per encoder."""
+    templates = TEMPLATES[config.templates]
+    device, dtype = backend.device, backend.dtype
+    m = len(latents)
+    params = {
+        enc: v.detach().to(device, torch.float32).unsqueeze(0).repeat(m, 1, 1).requires_grad_(True)
+        for enc, v in init.items()
+    }
+    optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
+    x0 = latents.to(device, torch.float32)
+    for _ in range(config.steps):
+        draws = [_draws(backend, x, g, len(templates)) for x, g in zip(latents, generators, strict=True)]
+        prompts = [templates[d[0]].format(PLACEHOLDER) for d in draws]
+        t = torch.stack([d[1] for d in draws])
+        noise = torch.stack([d[2] for d in draws])
+        vectors = {k: p.to(dtype) for k, p in params.items()}
+        # A sum of per-image losses: each row's gradient is its own image's gradient.
+        loss = diffusion_loss(backend, x0, t, noise, prompts, vectors).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        on_step()
+    return {enc: p.detach().cpu() for enc, p in params.items()}
+
+
+def diffusion_loss(
+    backend: SDBackend,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    prompts: list[str],
+    vectors: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Per-example noise-prediction MSE [B] of the frozen model, conditioned on injected vectors.
+
+    ``x0`` are clean latents [B, ...], ``t`` integer timesteps [B], ``noise`` the forward-process
+    noise; the target follows the model's prediction type (epsilon or v).
+    """
+    device = x0.device
+    t, noise = t.to(device), noise.to(device, x0.dtype)
+    a = backend.alphas_cumprod.to(device, torch.float32)[t].view(-1, *([1] * (x0.dim() - 1)))
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0 if backend.prediction_type == "v_prediction" else noise
+    cond = backend.encode_prompts(prompts, PLACEHOLDER, vectors)
+    pred = backend.predict_noise(noisy.to(backend.dtype), t, cond).float()
+    return (pred - target).pow(2).flatten(1).mean(1)

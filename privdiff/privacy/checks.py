@@ -1,0 +1,46 @@
+"""Input checks shared by the privacy code: each failure is a one-line PrivdiffError naming the value."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from privdiff.errors import PrivdiffError
+
+
+def real(name: str, value: object) -> float:
+    """``value`` as a finite float; bools, strings and NaN/inf are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise PrivdiffError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def positive(name: str, value: object) -> float:
+    """A finite float > 0."""
+    v = real(name, value)
+    if v <= 0:
+        raise PrivdiffError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def open_unit(name: str, value: object) -> float:
+    """A float in the open interval (0, 1), e.g. delta."""
+    v = real(name, value)
+    if not 0 < v < 1:
+        raise PrivdiffError(f"{name} must be in (0, 1), got {value!r}")
+    return v
+
+
+def sample_rate(value: object, name: str = "sample_rate") -> float:
+    """A Poisson sampling rate q in (0, 1]."""
+    v = real(name, value)
+    if not 0 < v <= 1:
+        raise PrivdiffError(f"{name} must be in (0, 1], got {value!r}")
+    return v
+
+
+def count(name: str, value: object, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise PrivdiffError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -1,0 +1,156 @@
+"""The privacy report every DP artifact carries (DESIGN.md §3).
+
+It holds the mechanism's public parameters and the accountant's epsilon, never anything else computed
+from the private data (no dataset hash, no file names). Embedding files keep it in their safetensors
+metadata under ``REPORT_KEY``; other artifacts get a ``<artifact>.privacy.json`` sidecar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from privdiff.atomic import atomic_write_text
+from privdiff.errors import PrivdiffError
+from privdiff.privacy import checks
+
+REPORT_KEY = "privdiff.privacy_report"
+SIDECAR_SUFFIX = ".privacy.json"
+PUBLIC_N_NOTE = (
+    "dataset size N is treated as public, as in opacus: the noisy sum is divided by the public "
+    "expected count q*N"
+)
+NOT_PRIVATE_NOTE = (
+    "NOT PRIVATE: a reproducible seed was used, so the noise can be recomputed and removed; "
+    "epsilon only describes the mechanism's parameters"
+)
+
+
+@dataclass
+class PrivacyReport:
+    """Parameters and guarantee of one DP release (the subsampled Gaussian mechanism)."""
+
+    mechanism: str
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    clip_norm: float
+    steps: int
+    accountant: str
+    dataset_size: int
+    library_version: str
+    release_id: str
+    dataset_label: str | None
+    private: bool
+    notes: list[str]
+    created: str
+
+    def to_json(self) -> str:
+        """Indented JSON with the fields in declaration order."""
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyReport:
+        """Parse and type-check a report; unknown keys (from newer versions) are ignored."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise PrivdiffError(f"privacy report is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise PrivdiffError(f"privacy report must be a JSON object, got {type(data).__name__}")
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                raise PrivdiffError(f"privacy report has no {field.name!r} field")
+            values[field.name] = _typed(field.name, field.type, data[field.name])
+        return cls(**values)
+
+    def to_metadata(self) -> dict[str, str]:
+        """The safetensors metadata entry: ``{REPORT_KEY: compact JSON}``."""
+        return {REPORT_KEY: json.dumps(dataclasses.asdict(self), separators=(",", ":"), allow_nan=False)}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str] | None) -> PrivacyReport | None:
+        """The report in a safetensors metadata header, or None when there is none."""
+        if not metadata or REPORT_KEY not in metadata:
+            return None
+        return cls.from_json(metadata[REPORT_KEY])
+
+    def write_sidecar(self, artifact_path: str | os.PathLike, force: bool = False) -> Path:
+        """Write ``<artifact_path>.privacy.json`` atomically; an existing one is refused unless ``force``."""
+        return atomic_write_text(sidecar_path(artifact_path), self.to_json() + "\n", force=force)
+
+
+def sidecar_path(artifact_path: str | os.PathLike) -> Path:
+    """Where the JSON sidecar of ``artifact_path`` lives."""
+    path = Path(artifact_path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def make_report(
+    *,
+    mechanism: str,
+    epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    clip_norm: float,
+    steps: int,
+    accountant: str,
+    dataset_size: int,
+    dataset_label: str | None = None,
+    private: bool = True,
+    notes: Sequence[str] = (),
+) -> PrivacyReport:
+    """A checked report with this library's version, a random release id and the UTC time.
+
+    The note that N is public is always added, and a NOT PRIVATE note when ``private`` is false.
+    """
+    from privdiff import __version__
+
+    if not isinstance(mechanism, str) or not mechanism:
+        raise PrivdiffError(f"mechanism must be a non-empty string, got {mechanism!r}")
+    if not isinstance(accountant, str) or not accountant:
+        raise PrivdiffError(f"accountant must be a non-empty string, got {accountant!r}")
+    if dataset_label is not None and not isinstance(dataset_label, str):
+        raise PrivdiffError(f"dataset_label must be a string or None, got {dataset_label!r}")
+    all_notes = [PUBLIC_N_NOTE, *([] if private else [NOT_PRIVATE_NOTE]), *map(str, notes)]
+    return PrivacyReport(
+        mechanism=mechanism,
+        epsilon=checks.positive("epsilon", epsilon),
+        delta=checks.open_unit("delta", delta),
+        noise_multiplier=checks.positive("noise_multiplier", noise_multiplier),
+        sample_rate=checks.sample_rate(sample_rate),
+        clip_norm=checks.positive("clip_norm", clip_norm),
+        steps=checks.count("steps", steps),
+        accountant=accountant,
+        dataset_size=checks.count("dataset_size", dataset_size),
+        library_version=__version__,
+        release_id=uuid.uuid4().hex,
+        dataset_label=dataset_label,
+        private=bool(private),
+        notes=all_notes,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _typed(name: str, annotation: str, value: object) -> object:
+    """``value`` checked against a field annotation of PrivacyReport (kept as strings by __future__)."""
+    ok = {
+        "str": isinstance(value, str),
+        "str | None": value is None or isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[annotation]
+    if not ok:
+        raise PrivdiffError(f"privacy report field {name!r} must be {annotation}, got {value!r}")
+    return float(value) if annotation == "float" else value

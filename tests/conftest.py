@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random-weight SD1/SDXL pipelines and their backends (built once per session)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The tiny models are latency-bound: intra-op threads only add overhead, and on a busy 2-core
+# machine they made a tiny UNet call ~50x slower (spinning OpenMP workers).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1():
+    """Tiny SD1-like StableDiffusionPipeline (32px images, 4x8x8 latents, text width 768)."""
+    from privdiff.backends.tiny import tiny_pipeline
+
+    return tiny_pipeline("sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    """Tiny SDXL-like StableDiffusionXLPipeline (clip_l 768 + clip_g 1280)."""
+    from privdiff.backends.tiny import tiny_pipeline
+
+    return tiny_pipeline("sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd1_backend(tiny_sd1):
+    """Frozen DiffusersBackend over ``tiny_sd1``."""
+    from privdiff.backends.diffusers_backend import DiffusersBackend
+
+    backend = DiffusersBackend(tiny_sd1)
+    backend.freeze()
+    return backend
+
+
+@pytest.fixture(scope="session")
+def sdxl_backend(tiny_sdxl):
+    """Frozen DiffusersBackend over ``tiny_sdxl``."""
+    from privdiff.backends.diffusers_backend import DiffusersBackend
+
+    backend = DiffusersBackend(tiny_sdxl)
+    backend.freeze()
+    return backend
