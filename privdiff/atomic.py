@@ -25,6 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: 
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -35,3 +36,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: 
 def atomic_write_text(path: str | os.PathLike, text: str, force: bool = False) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=force)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
