@@ -60,14 +60,11 @@ def _ledger_entry(args: argparse.Namespace, files: list) -> object:
     """The LedgerEntry for ``--ledger`` (setting the budget when one is given), or None."""
     if not args.ledger:
         return None
-    from privdiff.embeddings.release import LedgerEntry
-    from privdiff.privacy.ledger import BudgetLedger, dataset_fingerprint
+    from privdiff.embeddings.release import open_ledger
 
-    ledger = BudgetLedger(args.ledger, accountant=args.accountant)
-    fingerprint = dataset_fingerprint(files)
-    if args.budget_epsilon is not None:
-        ledger.set_budget(fingerprint, args.budget_epsilon, args.budget_delta or args.delta)
-    return LedgerEntry(ledger, fingerprint, force=args.force_budget)
+    return open_ledger(args.ledger, files, budget_epsilon=args.budget_epsilon,
+                       budget_delta=args.budget_delta or args.delta, force=args.force_budget,
+                       accountant=args.accountant)
 
 
 def _output(args: argparse.Namespace) -> object:
@@ -125,23 +122,11 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from privdiff.embeddings.dpagg import DPParams, aggregate_embedding_files
+    from privdiff.embeddings.dpagg import DPParams, aggregate_embedding_files, per_image_files
     from privdiff.embeddings.files import load_embedding
     from privdiff.embeddings.release import release_embedding
 
-    if not args.one_image_per_file:
-        raise PrivdiffError(
-            "the guarantee needs each file to come from exactly one image: confirm with --one-image-per-file"
-        )
-    folder = Path(args.embeddings)
-    if not folder.is_dir():
-        raise PrivdiffError(f"embedding folder {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".pt", ".bin"}
-                   and not p.name.startswith("."))
-    if not files:
-        raise PrivdiffError(f"embedding folder {folder} holds no .safetensors, .pt or .bin files")
+    files = per_image_files(args.embeddings, args.one_image_per_file)
     params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=args.sample_rate or 1.0,
                       clip_norm=args.clip_norm, bound=args.bound, accountant=args.accountant,
                       noise_multiplier=args.noise_multiplier)

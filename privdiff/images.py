@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,20 @@ def load_image_folder(folder: str | os.PathLike, resolution: int) -> tuple[list[
         raise PrivdiffError(f"resolution {resolution} is too small (at least 8 pixels)")
     files = list_images(folder)
     return files, torch.stack([load_image(p, resolution) for p in files])
+
+
+@dataclass(frozen=True)
+class PrivateDataset:
+    """A folder of private images, loaded: the files (for the local ledger only) and the pixels."""
+
+    files: list[Path]
+    images: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def load_private_dataset(folder: str | os.PathLike, resolution: int) -> PrivateDataset:
+    """Load ``folder`` as a PrivateDataset of [N, 3, resolution, resolution] images in 0..1."""
+    files, images = load_image_folder(folder, resolution)
+    return PrivateDataset(files, images)

@@ -11,6 +11,7 @@ from scipy.stats import norm
 
 from privdiff.cli import main
 from privdiff.errors import PrivdiffError
+from privdiff.privacy import accountants
 from privdiff.privacy.accountants import (
     ACCOUNTANTS,
     calibrate_noise_multiplier,
@@ -60,11 +61,25 @@ def test_full_batch_steps_compose_like_one_gaussian():
 
 @pytest.mark.parametrize("accountant", ACCOUNTANTS)
 def test_calibration_round_trip_is_sound_and_tight(accountant):
-    target = 2.0
-    name, sigma = calibrate_noise_multiplier(target, 1e-5, 0.2, 10, accountant=accountant)
+    target = 0.3
+    name, sigma = calibrate_noise_multiplier(target, 1e-5, 0.05, 10, accountant=accountant)
     assert name == accountant
-    _, eps = epsilon_for(sigma, 0.2, 10, 1e-5, accountant=accountant)
+    _, eps = epsilon_for(sigma, 0.05, 10, 1e-5, accountant=accountant)
     assert 0.99 * target <= eps <= target
+
+
+def test_full_batch_calibration_matches_analytic_gaussian():
+    _, sigma = calibrate_noise_multiplier(1.0, 1e-5, 1.0, 1)
+    exact = optimize.brentq(lambda s: exact_gaussian_epsilon(s, 1e-5) - 1.0, 1.0, 10.0, xtol=1e-10)
+    assert exact <= sigma <= exact * 1.01
+
+
+def test_pld_calibration_recovers_from_a_low_starting_sigma(monkeypatch):
+    _, sigma = calibrate_noise_multiplier(1.0, 1e-5, 1.0, 1, accountant="pld")
+    monkeypatch.setattr(accountants, "_calibrate_opacus", lambda *args, **kwargs: 0.8 * sigma)
+    _, again = calibrate_noise_multiplier(1.0, 1e-5, 1.0, 1, accountant="pld")
+    assert again == pytest.approx(sigma, rel=2e-3)
+    assert epsilon_for(again, 1.0, 1, 1e-5, accountant="pld")[1] <= 1.0
 
 
 def test_composition_of_events():
@@ -80,7 +95,7 @@ def test_rdp_orders_are_widened_instead_of_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, small = epsilon_for(50.0, 0.01, 10, 1e-5, accountant="rdp")  # optimal order is far above 63
-        _, sigma = calibrate_noise_multiplier(0.01, 1e-5, 0.01, 10, accountant="rdp")
+        _, sigma = calibrate_noise_multiplier(0.05, 1e-5, 0.01, 10, accountant="rdp")
     assert 0 < small < 0.01
     assert sigma > 0
 

@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch import nn
 
+from privdiff.backends.init_tokens import pick_init_ids
 from privdiff.errors import PrivdiffError
 
 _KEY_BY_WIDTH = {768: "clip_l", 1024: "clip_h"}
@@ -80,15 +81,10 @@ class DiffusersBackend:
 
     def token_vectors(self, word: str, n_vectors: int) -> dict[str, torch.Tensor]:
         """Initial vectors {encoder: float32 [n_vectors, dim]} from the word's token embeddings."""
-        if n_vectors < 1:
-            raise PrivdiffError(f"number of vectors must be at least 1, got {n_vectors}")
         out = {}
         for key, (tokenizer, encoder) in self._encoders.items():
             ids = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
-            if not ids or set(ids) & set(tokenizer.all_special_ids):
-                raise PrivdiffError(f"initialisation word {word!r} is empty or not in the vocabulary")
-            # A1111's rule: vector i takes token i*len//n, repeating or subsampling the word's tokens.
-            picked = torch.tensor([ids[i * len(ids) // n_vectors] for i in range(n_vectors)])
+            picked = torch.tensor(pick_init_ids(word, ids, n_vectors, set(tokenizer.all_special_ids)))
             weight = encoder.get_input_embeddings().weight
             out[key] = weight.detach()[picked.to(weight.device)].float().clone()
         return out

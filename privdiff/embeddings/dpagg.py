@@ -197,6 +197,23 @@ def encode_in_batches(
 FILES_MECHANISM = "subsampled Gaussian mean of per-image embedding files (one image per file)"
 
 
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def per_image_files(folder: str | Path, one_image_per_file: bool) -> list[Path]:
+    """The embedding files of ``folder`` for aggregation; the user must confirm one image per file."""
+    if not one_image_per_file:
+        raise PrivdiffError("the guarantee needs each file to come from exactly one image: "
+                            "confirm with --one-image-per-file (one_image_per_file)")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise PrivdiffError(f"embedding folder {root} does not exist or is not a folder")
+    files = sorted(p for p in root.iterdir() if p.suffix in EMBEDDING_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise PrivdiffError(f"embedding folder {root} holds no .safetensors, .pt or .bin files")
+    return files
+
+
 def aggregate_embedding_files(
     files: list[Path],
     params: DPParams,

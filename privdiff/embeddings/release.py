@@ -13,7 +13,7 @@ from pathlib import Path
 from privdiff.embeddings.dpagg import DPAggResult
 from privdiff.embeddings.files import save_embedding
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.ledger import BudgetLedger
+from privdiff.privacy.ledger import BudgetLedger, dataset_fingerprint
 from privdiff.privacy.report import PrivacyReport
 
 BudgetCheck = Callable[[PrivacyReport], None]
@@ -36,6 +36,25 @@ class LedgerEntry:
     ledger: BudgetLedger
     fingerprint: str
     force: bool = False
+
+
+def open_ledger(
+    path: str | Path,
+    files: list[Path],
+    *,
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+    force: bool = False,
+    accountant: str | None = None,
+) -> LedgerEntry:
+    """The ledger entry of the dataset made of ``files``, setting its budget when one is given."""
+    ledger = BudgetLedger(path, accountant=accountant)
+    fingerprint = dataset_fingerprint(files)
+    if budget_epsilon is not None:
+        if budget_delta is None:
+            raise PrivdiffError("a budget epsilon needs its delta")
+        ledger.set_budget(fingerprint, budget_epsilon, budget_delta)
+    return LedgerEntry(ledger, fingerprint, force=force)
 
 
 def release_embedding(

@@ -122,11 +122,11 @@ def _one_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _opacus_quiet() -> Iterator[None]:
-    """Silence two harmless opacus warnings around its PRV code.
+    """Silence two harmless warnings from opacus' PRV code.
 
-    log(1 - q) at q == 1 is -inf, which is the value the PRV code needs; and the PRV accountant sizes
-    its truncation domain with an internal RDP bound over fixed orders: a looser bound there only
-    widens the domain, it never loosens the reported epsilon.
+    log(1 - q) at q == 1 is -inf, which is the value that code needs; and the PRV accountant sizes its
+    truncation domain with an internal RDP bound over fixed orders: a looser bound there only widens
+    the domain, it never loosens the reported epsilon.
     """
     with np.errstate(divide="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LARGEST_ALPHA)

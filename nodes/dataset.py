@@ -1,0 +1,34 @@
+"""Load Private Images: a folder of private images as a dataset for the DP nodes."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from privdiff.images import load_private_dataset
+
+from .common import CATEGORY, Dataset, input_path
+
+
+class PrivdiffLoadPrivateImages(io.ComfyNode):
+    """Reads every image of a folder (RGBA, grayscale and palette images are converted to RGB)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PrivdiffLoadPrivateImages",
+            display_name="Load Private Images",
+            category=CATEGORY,
+            description="Load a folder of private images, centre-cropped and resized, for the DP training nodes. "
+                        "The images never leave this graph except through a DP release.",
+            inputs=[
+                io.String.Input("folder", default="private_images",
+                                tooltip="Folder of images: an absolute path, or relative to ComfyUI's input folder."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="Training resolution: 512 for SD1.x, 1024 for SDXL."),
+            ],
+            outputs=[Dataset.Output("dataset", display_name="private dataset")],
+        )
+
+    @classmethod
+    def execute(cls, folder: str, resolution: int) -> io.NodeOutput:
+        return io.NodeOutput(load_private_dataset(input_path(folder), resolution))

@@ -1,0 +1,22 @@
+"""The privdiff ComfyUI extension: the list of nodes ComfyUI registers."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .aggregate import PrivdiffDPAggregateEmbeddings
+from .dataset import PrivdiffLoadPrivateImages
+from .report import PrivdiffPrivacyReport
+from .textual_inversion import PrivdiffDPTextualInversion
+
+
+class PrivdiffExtension(ComfyExtension):
+    """privdiff's nodes, under the "privdiff" category."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [
+            PrivdiffLoadPrivateImages,
+            PrivdiffDPTextualInversion,
+            PrivdiffDPAggregateEmbeddings,
+            PrivdiffPrivacyReport,
+        ]
