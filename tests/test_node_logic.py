@@ -1,0 +1,128 @@
+"""The ComfyUI nodes' logic (nodes/logic.py), run without ComfyUI on the tiny diffusers backend."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from privdiff.demo_data import write_style_images
+from privdiff.embeddings.files import Embedding, inspect_embedding, save_embedding
+from privdiff.embeddings.textual_inversion import TIConfig
+from privdiff.errors import PrivdiffError
+from privdiff.images import load_private_dataset
+
+# Loaded by path: ComfyUI owns the top-level module name `nodes`.
+_spec = importlib.util.spec_from_file_location(
+    "privdiff_node_logic", Path(__file__).resolve().parents[1] / "nodes" / "logic.py"
+)
+logic = sys.modules["privdiff_node_logic"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(logic)
+
+CONFIG = TIConfig(steps=2, batch_size=4)
+
+
+def release(**overrides) -> "logic.Release":
+    options = dict(name="unit_style", epsilon=8.0, delta=1e-3, sample_rate=1.0, clip_norm=1.0, bound="clip",
+                   prompt_template="a painting in the style of {}")
+    return logic.Release(**{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = write_style_images(tmp_path_factory.mktemp("private"), count=6, size=32)
+    return load_private_dataset(folder, 32)
+
+
+def test_embedding_target_checks_names_and_existing_files(tmp_path):
+    assert logic.embedding_target(tmp_path, "my.style-1", False) == tmp_path / "my.style-1.safetensors"
+    for bad in ["", "../up", "a/b", "-lead", "x" * 101]:
+        with pytest.raises(PrivdiffError, match="embedding name"):
+            logic.embedding_target(tmp_path, bad, False)
+    (tmp_path / "taken.pt").write_bytes(b"x")
+    with pytest.raises(PrivdiffError, match="taken.pt already exists"):
+        logic.embedding_target(tmp_path, "taken", True)  # a .pt twin would shadow the new file
+    (tmp_path / "mine.safetensors").write_bytes(b"x")
+    with pytest.raises(PrivdiffError, match="already exists"):
+        logic.embedding_target(tmp_path, "mine", False)
+    assert logic.embedding_target(tmp_path, "mine", True).name == "mine.safetensors"
+
+
+def test_prompt_template_needs_one_placeholder():
+    assert logic.prompt_for("art in the style of {}", "s") == "art in the style of embedding:s"
+    for bad in ["no placeholder", "{} and {}"]:
+        with pytest.raises(PrivdiffError, match="prompt template"):
+            logic.prompt_for(bad, "s")
+
+
+def test_release_options_map_to_mechanism_parameters():
+    assert release().seed() is None and release(reproducible_seed=5).seed() == 5
+    assert release().params().noise_multiplier is None and release().params().epsilon == 8.0
+    fixed = release(noise_multiplier=2.0).params()
+    assert fixed.noise_multiplier == 2.0 and fixed.epsilon is None
+    assert release(dataset_label="  ").label() is None
+
+
+def test_train_embedding_writes_a_loadable_file_with_report(sd1_backend, dataset, tmp_path):
+    calls = []
+    prompt, report, name = logic.train_embedding(
+        sd1_backend, dataset, "dpagg", CONFIG, release(dataset_label="unit"), tmp_path,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert prompt == "a painting in the style of embedding:unit_style" and name == "unit_style"
+    assert "PRIVATE release" in report and "epsilon=8" in report and "dataset: unit" in report
+    assert calls[-1] == (2 * CONFIG.steps, 2 * CONFIG.steps)  # 6 images: batches of 4 and 2
+    info = inspect_embedding(tmp_path / "unit_style.safetensors")
+    assert info["family"] == "SD1" and info["privacy_report"]["epsilon"] == 8.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unit_style.safetensors"]
+
+
+def test_cancelled_training_writes_nothing(sd1_backend, dataset, tmp_path):
+    def cancel(done, total):
+        raise KeyboardInterrupt  # what ComfyUI's progress bar raises on cancel, in spirit
+
+    ledger = tmp_path / "ledger.json"
+    with pytest.raises(KeyboardInterrupt):
+        logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG,
+                              release(ledger_path=str(ledger), budget_epsilon=20.0), tmp_path, progress=cancel)
+    assert not (tmp_path / "unit_style.safetensors").exists()
+    assert json.loads(ledger.read_text())["datasets"] and not any(
+        entry["releases"] for entry in json.loads(ledger.read_text())["datasets"].values())
+
+
+def test_ledger_refuses_a_release_over_budget(sd1_backend, dataset, tmp_path):
+    ledger = str(tmp_path / "ledger.json")
+    logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG,
+                          release(name="first", ledger_path=ledger, budget_epsilon=10.0), tmp_path)
+    with pytest.raises(PrivdiffError, match="refused"):
+        logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG,
+                              release(name="second", ledger_path=ledger), tmp_path)
+    assert not (tmp_path / "second.safetensors").exists()
+
+
+def test_bad_inputs_fail_before_training(sd1_backend, dataset, tmp_path):
+    with pytest.raises(PrivdiffError, match="unknown method"):
+        logic.train_embedding(sd1_backend, dataset, "magic", CONFIG, release(), tmp_path)
+    with pytest.raises(PrivdiffError, match="delta"):
+        logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(delta=0.5), tmp_path)
+    with pytest.raises(PrivdiffError, match="prompt template"):
+        logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(prompt_template="x"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_aggregate_files_and_read_report(tmp_path):
+    per_image = tmp_path / "per_image"
+    per_image.mkdir()
+    for i in range(5):
+        save_embedding(Embedding({"clip_l": torch.randn(1, 768) * 0.1}), per_image / f"img{i}.safetensors")
+    out = tmp_path / "embeddings"
+    out.mkdir()
+    with pytest.raises(PrivdiffError, match="one_image_per_file"):
+        logic.aggregate_files(str(per_image), False, "", release(), out)
+    prompt, report, name = logic.aggregate_files(str(per_image), True, "", release(noise_multiplier=3.0), out)
+    assert "embedding:unit_style" in prompt and "noise multiplier 3" in report
+    text = logic.read_report(out / "unit_style.safetensors")
+    assert "PRIVATE release" in text and '"noise_multiplier": 3.0' in text
+    assert "carries no privdiff privacy report" in logic.read_report(per_image / "img0.safetensors")

@@ -1,0 +1,209 @@
+"""The shipped ComfyUI workflows are consistent (no ComfyUI needed).
+
+Every UI-format workflow in workflows/ has an API-format twin in workflows/api/ (and vice versa);
+they use only core ComfyUI nodes and ours; UI links are consistent; and the UI file, read the way
+the ComfyUI frontend reads it (widgets_values in declared input order), gives back its API twin.
+The node tables below follow the node contract; tests/test_comfyui_integration.py checks them
+against a running ComfyUI's /object_info.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+API = WORKFLOWS / "api"
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TITLE_HEIGHT = 30  # LiteGraph draws the title bar above a node's pos
+
+# Inputs in declared order (required, then optional) and output types, per node type.
+_RELEASE_HEAD = [("epsilon", "FLOAT"), ("delta", "FLOAT")]
+_RELEASE_TAIL = [("sample_rate", "FLOAT"), ("clip_norm", "FLOAT"), ("bound", "COMBO")]
+_RELEASE_OPTIONAL = [("ledger_path", "STRING"), ("budget_epsilon", "FLOAT"), ("force_budget", "BOOLEAN"),
+                     ("dataset_label", "STRING"), ("reproducible_seed", "INT")]
+_RELEASE_OUTPUTS = ["STRING", "STRING", "STRING"]
+
+OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
+    # node type: (required inputs, optional inputs, output types)
+    "PrivdiffLoadPrivateImages": ([("folder", "STRING"), ("resolution", "INT")], [], ["PRIVDIFF_DATASET"]),
+    "PrivdiffDPTextualInversion": (
+        [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset", "PRIVDIFF_DATASET"),
+         ("name", "STRING"), ("method", "COMBO"), *_RELEASE_HEAD, *_RELEASE_TAIL,
+         ("vectors", "INT"), ("init_word", "STRING"), ("templates", "COMBO"), ("steps", "INT"),
+         ("learning_rate", "FLOAT"), ("batch_size", "INT"), ("prompt_template", "STRING"), ("overwrite", "BOOLEAN")],
+        _RELEASE_OPTIONAL,
+        _RELEASE_OUTPUTS,
+    ),
+    "PrivdiffDPAggregateEmbeddings": (
+        [("folder", "STRING"), ("one_image_per_file", "BOOLEAN"), ("name", "STRING"), *_RELEASE_HEAD,
+         ("noise_multiplier", "FLOAT"), *_RELEASE_TAIL, ("prompt_template", "STRING"), ("overwrite", "BOOLEAN")],
+        [("center", "STRING"), *_RELEASE_OPTIONAL],
+        _RELEASE_OUTPUTS,
+    ),
+    "PrivdiffPrivacyReport": ([("embedding", "COMBO")], [], ["STRING"]),
+}
+
+CORE_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
+    "CheckpointLoaderSimple": ([("ckpt_name", "COMBO")], [], ["MODEL", "CLIP", "VAE"]),
+    "CLIPTextEncode": ([("text", "STRING"), ("clip", "CLIP")], [], ["CONDITIONING"]),
+    "EmptyLatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], [], ["LATENT"]),
+    "KSampler": (
+        [("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
+         ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+         ("latent_image", "LATENT"), ("denoise", "FLOAT")],
+        [],
+        ["LATENT"],
+    ),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], ["IMAGE"]),
+    "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "STRING")], [], []),
+    "PreviewAny": ([("source", "*")], [], []),
+}
+NODES = {**CORE_NODES, **OUR_NODES}
+# Widgets the frontend follows with a "control after generate" value (fixed/increment/...).
+CONTROL_WIDGETS = {("KSampler", "seed")}
+
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+API_FILES = sorted(API.glob("*.json"))
+
+
+def _inputs(node_type: str) -> list[tuple[str, str]]:
+    required, optional, _ = NODES[node_type]
+    return required + optional
+
+
+def _is_link(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def _load(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
+def ui_to_api(ui: dict) -> dict:
+    """The API prompt the frontend builds from ``ui`` (graphToPrompt), for the node types above."""
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        by_name = {i["name"]: i for i in node.get("inputs", [])}
+        values = list(node.get("widgets_values", []))
+        pos, inputs = 0, {}
+        for name, typ in _inputs(node["type"]):
+            linked = by_name.get(name, {}).get("link")
+            if typ in WIDGET_TYPES:
+                assert pos < len(values), f"node {node['id']} ({node['type']}): no widget value for {name}"
+                value = values[pos]
+                pos += 1 + ((node["type"], name) in CONTROL_WIDGETS)
+                inputs[name] = value
+            if linked is not None:
+                _, src, slot, *_ = links[linked]
+                inputs[name] = [str(src), slot]
+        assert pos == len(values), f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {pos}"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_every_workflow_has_its_twin():
+    assert UI_FILES, "no workflows in workflows/"
+    assert {p.name for p in UI_FILES} == {p.name for p in API_FILES}
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
+def test_api_workflow(path: Path):
+    prompt = _load(path)
+    for nid, node in prompt.items():
+        typ = node["class_type"]
+        assert typ in NODES, f"{path.name}: node {nid} uses {typ}, neither a core node we expect nor ours"
+        required, optional, _ = NODES[typ]
+        names = {n for n, _ in required + optional}
+        assert set(node["inputs"]) <= names, f"{path.name}: node {nid} has unknown inputs"
+        missing = {n for n, _ in required} - set(node["inputs"])
+        assert not missing, f"{path.name}: node {nid} ({typ}) lacks {sorted(missing)}"
+        for name, value in node["inputs"].items():
+            want = dict(required + optional)[name]
+            if not _is_link(value):
+                assert want in WIDGET_TYPES, f"{path.name}: node {nid}.{name} ({want}) must be linked"
+                continue
+            src = prompt[value[0]]
+            out_types = NODES[src["class_type"]][2]
+            assert value[1] < len(out_types), f"{path.name}: node {nid}.{name} links a missing output"
+            assert want in (out_types[value[1]], "*"), f"{path.name}: node {nid}.{name} gets {out_types[value[1]]}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_ui_workflow_links(path: Path):
+    ui = _load(path)
+    assert ui["version"] == 0.4
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]), "duplicate node ids"
+    assert ui["last_node_id"] >= max(nodes)
+    ids = [link[0] for link in ui["links"]]
+    assert len(set(ids)) == len(ids), "duplicate link ids"
+    assert ui["last_link_id"] >= max(ids, default=0)
+    for lid, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        assert lid in out["links"] and out["type"] == typ == NODES[nodes[src]["type"]][2][src_slot]
+        assert out.get("slot_index", src_slot) == src_slot
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert inp["link"] == lid and inp["type"] in (typ, "*"), f"link {lid} into node {dst}"
+    link_ids = set(ids)
+    for node in ui["nodes"]:
+        assert node["type"] in NODES, f"node {node['id']} uses {node['type']}"
+        declared = dict(_inputs(node["type"]))
+        for inp in node.get("inputs", []):
+            assert declared.get(inp["name"]) == inp["type"], f"node {node['id']} input {inp['name']}"
+            assert inp["link"] is None or inp["link"] in link_ids
+            if inp["type"] in WIDGET_TYPES:
+                assert inp.get("widget") == {"name": inp["name"]}
+        outputs = node.get("outputs", [])
+        assert [o["type"] for o in outputs] == NODES[node["type"]][2], f"node {node['id']} outputs"
+        for o in outputs:
+            assert set(o["links"] or []) <= link_ids
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_ui_workflow_matches_api_twin(path: Path):
+    got, want = ui_to_api(_load(path)), _load(API / path.name)
+    assert set(got) == set(want)
+    for nid, node in want.items():
+        assert got[nid]["class_type"] == node["class_type"]
+        assert set(got[nid]["inputs"]) == set(node["inputs"]), f"node {nid}"
+        for name, value in node["inputs"].items():
+            assert _same(got[nid]["inputs"][name], value), f"node {nid} ({node['class_type']}).{name}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_ui_nodes_do_not_overlap(path: Path):
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in _load(path)["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            apart = a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2]
+            assert apart, f"nodes {a[0]} and {b[0]} overlap"
+
+
+def test_user_facing_defaults():
+    for path in API_FILES:
+        for node in _load(path).values():
+            inputs = node["inputs"]
+            if node["class_type"] == "CheckpointLoaderSimple":
+                assert inputs["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
+            if node["class_type"] == "PrivdiffLoadPrivateImages":
+                assert inputs["folder"] == "private_images"
+            if node["class_type"] == "PrivdiffDPTextualInversion":
+                assert inputs["steps"] == 200
+            if "epsilon" in inputs and node["class_type"].startswith("Privdiff"):
+                assert 0 < inputs["epsilon"] <= 10 and 0 < inputs["delta"] <= 1e-4
+                assert inputs.get("reproducible_seed", -1) == -1, "shipped workflows must use secure randomness"
