@@ -227,6 +227,8 @@ def load_model(
     """
     if str(spec) in ("tiny", "tiny-sdxl"):
         pipe = tiny_pipeline("sdxl" if str(spec) == "tiny-sdxl" else "sd1")
+        if dtype not in (None, torch.float32):  # built in float32; other models load in ``dtype``
+            pipe = pipe.to(dtype=dtype)
     else:
         path = Path(spec)
         if not path.exists():
@@ -240,6 +242,4 @@ def load_model(
             pipe = _from_single_file(path, Path(config) if config else None, dtype)
         else:
             raise PrivdiffError(f"unsupported model file {path} (expected a .safetensors or .ckpt file)")
-    if device is not None or dtype is not None:
-        pipe = pipe.to(device=device, dtype=dtype)
-    return pipe
+    return pipe if device is None else pipe.to(device)

@@ -76,7 +76,8 @@ def run_dpsgd_ti(
     device = backend.device
     generator = secure_generator(seed)
     latents = encode_in_batches(backend, images, config.batch_size, generator).to(device)
-    module = GradSampleModule(SharedVectors(torch.cat([init[k] for k in keys], dim=-1)).to(device))
+    shared = SharedVectors(torch.cat([init[k] for k in keys], dim=-1)).to(device)
+    module = GradSampleModule(shared)  # wraps `shared`; it does not forward attributes such as .weight
     noise_generator = secure_generator(int(torch.randint(2**62, (), generator=generator)), device=device)
     optimizer = DPOptimizer(
         torch.optim.Adam(module.parameters(), lr=config.lr),
@@ -88,7 +89,7 @@ def run_dpsgd_ti(
         optimizer.zero_grad(set_to_none=True)
         batch = poisson_sample(n, params.sample_rate, generator)
         if len(batch) == 0:
-            module.weight.grad_sample = torch.zeros(0, *module.weight.shape, device=device)
+            shared.weight.grad_sample = torch.zeros(0, *shared.weight.shape, device=device)
         else:
             x0 = latents[batch]
             rows = module(x0).split(widths, dim=-1)
@@ -102,7 +103,7 @@ def run_dpsgd_ti(
         if progress is not None:
             progress(step + 1, config.steps)
 
-    trained = module.weight.detach().cpu().split(widths, dim=-1)
+    trained = shared.weight.detach().cpu().split(widths, dim=-1)
     vectors = dict(zip(keys, trained, strict=True))
     embedding = Embedding(vectors=vectors, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=None)

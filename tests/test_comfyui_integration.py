@@ -1,0 +1,417 @@
+"""The node pack in a real ComfyUI: node definitions, every shipped API workflow, errors, cancellation.
+
+Runs only when COMFYUI_PATH points at a ComfyUI checkout; COMFYUI_PYTHON is the Python that runs it
+(default: this one) and must be able to import privdiff's dependencies. The server runs on CPU on a
+free port of 127.0.0.1 with ``--base-directory`` set to a temporary folder, so models, embeddings,
+inputs, outputs and custom_nodes (a symlink to this pack) never touch the checkout. A tiny random
+SD1.5 checkpoint (tests/comfyui_checkpoint.py) stands in for real weights.
+
+  COMFYUI_PATH=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python pytest tests/test_comfyui_integration.py
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+if not COMFYUI_PATH:
+    pytest.skip("set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its Python) to run the "
+                "ComfyUI integration tests", allow_module_level=True)
+
+pytestmark = pytest.mark.comfyui
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+HOST = "127.0.0.1"
+CKPT = "privdiff_tiny_sd15.safetensors"
+START_TIMEOUT = 240.0
+RUN_TIMEOUT = 900.0
+OUR_NODES = ("PrivdiffLoadPrivateImages", "PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings",
+             "PrivdiffPrivacyReport")
+N_IMAGES = 4
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"privdiff_tests_{name}", HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --- HTTP and a minimal websocket reader (stdlib only, 127.0.0.1 only) -------------------------------------
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"text": raw.decode(errors="replace")}
+
+
+class _WebSocket:
+    """Reads ComfyUI's JSON messages from ws://HOST:port/ws (unfragmented frames, no extensions)."""
+
+    def __init__(self, port: int, client_id: str, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._recv()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ConnectionError(f"websocket handshake failed: {head[:200]!r}")
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("websocket closed by the server")
+        return data
+
+    def message(self) -> dict | None:
+        """The next frame: a JSON message (text frame), or None for any other frame.
+
+        A frame is consumed only once it is complete, so a socket timeout loses nothing."""
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                break
+            self.buf += self._recv()
+        opcode, payload = frame
+        if opcode == 8:
+            raise ConnectionError("websocket closed by the server")
+        return json.loads(payload) if opcode == 1 else None
+
+    def _frame(self) -> tuple[int, bytes] | None:
+        buf = self.buf
+        if len(buf) < 2:
+            return None
+        n, at = buf[1] & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, at = struct.unpack(">H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, at = struct.unpack(">Q", buf[2:10])[0], 10
+        mask = buf[1] & 0x80
+        end = at + (4 if mask else 0) + n
+        if len(buf) < end:
+            return None
+        payload = buf[end - n:end]
+        if mask:
+            key = buf[at:at + 4]
+            payload = bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+        self.buf = buf[end:]
+        return buf[0] & 0x0F, payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- the server ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comfy:
+    """A running ComfyUI and its temporary base directory."""
+
+    url: str
+    port: int
+    base: Path
+    log: Path
+    proc: subprocess.Popen
+
+    @property
+    def embeddings(self) -> Path:
+        return self.base / "models" / "embeddings"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def queue(self, prompt: dict, client_id: str = "privdiff-tests") -> str:
+        status, body = _http(f"{self.url}/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200 and "prompt_id" in body, f"POST /prompt failed ({status}): {json.dumps(body)[:3000]}"
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT) -> dict:
+        """The /history entry of ``prompt_id`` once it has finished (successfully or not)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"ComfyUI exited ({self.proc.returncode}):\n{self.log_tail()}"
+            _, hist = _http(f"{self.url}/history/{prompt_id}")
+            entry = hist.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                status = entry["status"]
+                if status["completed"] or status.get("status_str") == "error":
+                    return entry
+            time.sleep(0.5)
+        _http(f"{self.url}/interrupt", {})
+        pytest.fail(f"prompt {prompt_id} did not finish in {timeout:.0f}s:\n{self.log_tail()}")
+
+    def run(self, prompt: dict) -> dict:
+        """Queue ``prompt``, wait, and return its outputs; fails with the node's error otherwise."""
+        entry = self.wait(self.queue(prompt))
+        assert entry["status"]["status_str"] == "success", _describe_failure(entry)
+        return entry["outputs"]
+
+
+def _messages(entry: dict, kind: str) -> list[dict]:
+    return [m[1] for m in entry["status"].get("messages", []) if m[0] == kind]
+
+
+def _describe_failure(entry: dict) -> str:
+    errors = _messages(entry, "execution_error")
+    if not errors:
+        return f"prompt failed: {json.dumps(entry['status'])[:3000]}"
+    e = errors[0]
+    return (f"node {e.get('node_id')} ({e.get('node_type')}) failed: {e.get('exception_type')}: "
+            f"{e.get('exception_message')}\n" + "".join(e.get("traceback", [])))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory):
+    """ComfyUI with this pack and the tiny checkpoint, in a temporary base directory."""
+    base = tmp_path_factory.mktemp("comfyui_base")
+    _module("comfyui_checkpoint").write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / CKPT)
+    (base / "models" / "embeddings").mkdir(parents=True)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "privdiff").symlink_to(ROOT, target_is_directory=True)
+    _module("test_workflows")  # fail early if the workflow tables do not even import
+    port = _free_port()
+    log = base / "comfyui.log"
+    cmd = [os.environ.get("COMFYUI_PYTHON") or sys.executable, "main.py", "--cpu", "--listen", HOST,
+           "--port", str(port), "--database-url", "sqlite:///:memory:", "--fp32-text-enc",
+           "--base-directory", str(base), "--disable-auto-launch"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    server = Comfy(f"http://{HOST}:{port}", port, base, log, proc)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited early ({proc.returncode}):\n{server.log_tail()}")
+            try:
+                if _http(f"{server.url}/system_stats", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI not ready after {START_TIMEOUT:.0f}s:\n{server.log_tail()}")
+            time.sleep(1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def private_images(comfy: Comfy) -> Path:
+    """The workflows' default image folder "private_images", inside ComfyUI's input folder."""
+    from privdiff.demo_data import write_style_images
+
+    return write_style_images(comfy.base / "input" / "private_images", count=N_IMAGES, size=64)
+
+
+@pytest.fixture(scope="module")
+def per_image_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Per-image embedding files (random 768-wide vectors), outside ComfyUI's folders."""
+    from privdiff.embeddings.files import Embedding, save_embedding
+
+    folder = tmp_path_factory.mktemp("per_image_embeddings")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(6):
+        vectors = {"clip_l": torch.randn(1, 768, generator=gen) * 0.02}
+        save_embedding(Embedding(vectors), folder / f"img_{i}.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def released_embedding(comfy: Comfy, per_image_embeddings: Path) -> str:
+    """A DP embedding with its privacy report in ComfyUI's embeddings folder (made by the library)."""
+    from privdiff.embeddings.dpagg import DPParams, aggregate_embedding_files
+    from privdiff.embeddings.files import save_embedding
+
+    files = sorted(per_image_embeddings.glob("*.safetensors"))
+    result = aggregate_embedding_files(files, DPParams(epsilon=4.0, delta=1e-5), dataset_label="tests")
+    return save_embedding(result.embedding, comfy.embeddings / "pdtest_released.safetensors").name
+
+
+def prepare(workflow: Path, **overrides: dict) -> dict:
+    """The API workflow with small sizes and step counts, plus ``overrides`` {class_type: {input: value}};
+    inputs are set by node class_type and input name, never by node id."""
+    prompt = json.loads(workflow.read_text())
+    small = {
+        "CheckpointLoaderSimple": {"ckpt_name": CKPT},
+        "PrivdiffLoadPrivateImages": {"resolution": 64},
+        "PrivdiffDPTextualInversion": {"name": f"pdtest_{workflow.stem}", "steps": 2, "batch_size": 4},
+        "PrivdiffDPAggregateEmbeddings": {"name": f"pdtest_{workflow.stem}", "one_image_per_file": True},
+        "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+        "KSampler": {"steps": 2},
+        "SaveImage": {"filename_prefix": f"pdtest/{workflow.stem}"},
+    }
+    for node in prompt.values():
+        for name, value in {**small.get(node["class_type"], {}), **overrides.get(node["class_type"], {})}.items():
+            assert name in node["inputs"], f"{workflow.name}: {node['class_type']} has no input {name!r}"
+            node["inputs"][name] = value
+    return prompt
+
+
+def _nodes_of(prompt: dict, class_type: str) -> list[str]:
+    return [nid for nid, node in prompt.items() if node["class_type"] == class_type]
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+
+def test_pack_loads_with_node_definitions(comfy: Comfy):
+    failed = [line for line in comfy.log.read_text(errors="replace").splitlines()
+              if "IMPORT FAILED" in line and "privdiff" in line]
+    assert not failed, comfy.log_tail()
+    _, paths = _http(f"{comfy.url}/internal/folder_paths")
+    assert Path(paths["embeddings"][0][0] if isinstance(paths["embeddings"][0], list)
+                else paths["embeddings"][0]).resolve() == comfy.embeddings.resolve()
+    _, info = _http(f"{comfy.url}/object_info")
+    tables = _module("test_workflows")
+    missing = [n for n in OUR_NODES if n not in info]
+    assert not missing, f"nodes missing from /object_info: {missing}\n{comfy.log_tail()}"
+    for name, (required, optional, outputs) in tables.NODES.items():
+        node = info[name]
+        assert node["input_order"].get("required", []) == [n for n, _ in required], f"{name} required inputs"
+        assert node["input_order"].get("optional", []) == [n for n, _ in optional], f"{name} optional inputs"
+        assert node["output"] == outputs, f"{name} outputs"
+        for section, inputs in (("required", required), ("optional", optional)):
+            for input_name, typ in inputs:
+                spec = node["input"][section][input_name]
+                got = "COMBO" if isinstance(spec[0], list) else spec[0]
+                assert got == typ, f"{name}.{input_name}: {got} != {typ}"
+        if name not in OUR_NODES:
+            continue
+        assert node["category"] == "privdiff", name
+        assert node["description"].strip(), f"{name} has no description"
+        assert node["python_module"].startswith("custom_nodes."), name
+        for section in ("required", "optional"):
+            for input_name, spec in node["input"].get(section, {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                assert opts.get("tooltip", "").strip(), f"{name}.{input_name} has no tooltip"
+    assert info["PrivdiffPrivacyReport"]["output_node"] is True
+
+
+@pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings: Path, released_embedding: str,
+                       workflow: Path):
+    prompt = prepare(workflow, PrivdiffDPAggregateEmbeddings={"folder": str(per_image_embeddings)},
+                     PrivdiffPrivacyReport={"embedding": released_embedding})
+    outputs = comfy.run(prompt)
+
+    for nid in _nodes_of(prompt, "SaveImage"):
+        images = outputs[nid]["images"]
+        assert images, f"{workflow.name}: SaveImage {nid} saved nothing"
+        for img in images:
+            assert (comfy.base / "output" / img["subfolder"] / img["filename"]).is_file()
+
+    from privdiff.embeddings.files import inspect_embedding
+
+    for nid in _nodes_of(prompt, "PrivdiffDPTextualInversion") + _nodes_of(prompt, "PrivdiffDPAggregateEmbeddings"):
+        name = prompt[nid]["inputs"]["name"]
+        info = inspect_embedding(comfy.embeddings / f"{name}.safetensors")
+        report = info["privacy_report"]
+        assert report is not None, f"{name}.safetensors carries no privacy report"
+        assert report["epsilon"] <= prompt[nid]["inputs"]["epsilon"] + 1e-9
+        assert report["delta"] == pytest.approx(prompt[nid]["inputs"]["delta"])
+        assert report["private"] is True
+        assert info["family"] == "SD1" and info["tensors"]
+        assert f"embedding:{name} does not exist" not in comfy.log.read_text(errors="replace")
+        assert not [p for p in comfy.embeddings.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+    for nid in _nodes_of(prompt, "PreviewAny"):
+        (text,) = outputs[nid]["text"]
+        assert "epsilon" in text.lower(), f"{workflow.name}: PreviewAny {nid} shows {text[:300]!r}"
+
+
+def test_empty_image_folder_is_a_clear_error(comfy: Comfy, tmp_path: Path):
+    empty = tmp_path / "no_images_here"
+    empty.mkdir()
+    name = "pdtest_empty_folder"
+    prompt = prepare(ROOT / "workflows" / "api" / "dp_textual_inversion.json",
+                     PrivdiffLoadPrivateImages={"folder": str(empty)}, PrivdiffDPTextualInversion={"name": name})
+    entry = comfy.wait(comfy.queue(prompt))
+    assert entry["status"]["status_str"] == "error"
+    (error,) = _messages(entry, "execution_error")
+    assert str(empty) in error["exception_message"], error["exception_message"]
+    assert "\n" not in error["exception_message"].strip(), "the error should be one readable line"
+    assert not list(comfy.embeddings.glob(f"{name}*"))
+
+
+def test_interrupt_during_training(comfy: Comfy, private_images: Path):
+    name = "pdtest_interrupted"
+    prompt = prepare(ROOT / "workflows" / "api" / "dp_textual_inversion.json",
+                     PrivdiffDPTextualInversion={"name": name, "steps": 5000})
+    (trainer,) = _nodes_of(prompt, "PrivdiffDPTextualInversion")
+    client_id = str(uuid.uuid4())
+    ws = _WebSocket(comfy.port, client_id)
+    try:
+        prompt_id = comfy.queue(prompt, client_id)
+        deadline = time.monotonic() + 600
+        while True:
+            assert time.monotonic() < deadline, f"no training progress from node {trainer}:\n{comfy.log_tail()}"
+            try:
+                msg = ws.message()
+            except TimeoutError:
+                continue
+            if not msg:
+                continue
+            data = msg.get("data", {})
+            if msg.get("type") == "execution_error":
+                pytest.fail(f"training failed before the interrupt: {json.dumps(data)[:3000]}")
+            if msg.get("type") == "progress" and data.get("node") == trainer and data.get("value", 0) >= 1:
+                break
+    finally:
+        ws.close()
+    assert _http(f"{comfy.url}/interrupt", {"prompt_id": prompt_id})[0] == 200
+    entry = comfy.wait(prompt_id, timeout=300)
+    assert entry["status"]["status_str"] == "error"
+    assert _messages(entry, "execution_interrupted"), json.dumps(entry["status"])[:2000]
+    assert not _messages(entry, "execution_error"), _describe_failure(entry)
+    assert not list(comfy.embeddings.glob(f"{name}*")), "an interrupted run must not leave an embedding"
+    assert not [p for p in comfy.embeddings.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]

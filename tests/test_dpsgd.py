@@ -1,0 +1,127 @@
+"""The DP-SGD baseline: opacus per-sample gradients of the shared vectors, clipping, a full run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from privdiff.demo_data import write_style_images
+from privdiff.embeddings import dpsgd_ti
+from privdiff.embeddings.dpagg import DPParams
+from privdiff.embeddings.dpsgd_ti import SharedVectors, run_dpsgd_ti
+from privdiff.embeddings.templates import TEMPLATES
+from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, diffusion_loss, initial_vectors
+from privdiff.images import load_image_folder
+from privdiff.privacy.accountants import epsilon_for
+
+B = 3
+
+
+def _batch(backend, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, 4, 8, 8, generator=g)
+    noise = torch.randn(B, 4, 8, 8, generator=g)
+    t = torch.tensor([50, 400, 900])
+    prompts = [TEMPLATES["style"][i].format(PLACEHOLDER) for i in (1, 3, 8)]
+    return x0, t, noise, prompts
+
+
+# opacus hooks a module whose input (the latents) needs no gradient; torch says so each time.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+
+def _per_sample_grads(backend, weight, seed=0):
+    """Per-example gradients through opacus' GradSampleModule, with the loss reduced as run_dpsgd_ti does."""
+    module = GradSampleModule(SharedVectors(weight))
+    x0, t, noise, prompts = _batch(backend, seed)
+    vectors = {"clip_l": module(x0)}
+    diffusion_loss(backend, x0, t, noise, prompts, vectors).mean().backward()
+    return module
+
+
+def test_grad_sampler_gives_each_examples_own_gradient(sd1_backend):
+    init = initial_vectors(sd1_backend, TIConfig(n_vectors=2))["clip_l"]
+    module = _per_sample_grads(sd1_backend, init)
+    grad_sample = module._module.weight.grad_sample
+    assert grad_sample.shape == (B, 2, 768)
+    x0, t, noise, prompts = _batch(sd1_backend)
+    for b in range(B):
+        w = init.clone().requires_grad_(True)
+        loss = diffusion_loss(sd1_backend, x0[b:b + 1], t[b:b + 1], noise[b:b + 1], prompts[b:b + 1],
+                              {"clip_l": w.unsqueeze(0)})
+        (grad,) = torch.autograd.grad(loss.sum(), w)
+        assert grad.norm() > 0
+        torch.testing.assert_close(grad_sample[b], grad, rtol=1e-4, atol=1e-7)
+    # The ordinary gradient is still the batch mean.
+    torch.testing.assert_close(module._module.weight.grad, grad_sample.mean(0), rtol=1e-5, atol=1e-8)
+
+
+def test_dp_optimizer_clips_each_example_to_c(sd1_backend):
+    init = initial_vectors(sd1_backend, TIConfig())["clip_l"]
+    module = _per_sample_grads(sd1_backend, init, seed=1)
+    grad_sample = module._module.weight.grad_sample.clone()
+    norms = grad_sample.flatten(1).norm(dim=1)
+    clip = float(norms.median())  # one example below C, one above: both branches of the clip
+    assert norms.min() < clip < norms.max() or norms.min() == clip
+    optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=1.0), noise_multiplier=0.0,
+                            max_grad_norm=clip, expected_batch_size=B)
+    optimizer.pre_step()
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)  # opacus' clip factor (1e-6 guards a zero norm)
+    want = (grad_sample * scale[:, None, None]).sum(0)
+    weight = module._module.weight
+    atol = 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(weight.summed_grad, want, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(weight.grad, want / B, rtol=1e-4, atol=atol / B)
+    clipped = grad_sample * scale[:, None, None]
+    assert bool((clipped.flatten(1).norm(dim=1) <= clip * (1 + 1e-5)).all())
+
+
+def test_run_dpsgd_ti(tmp_path, sd1_backend, monkeypatch):
+    write_style_images(tmp_path / "imgs", count=4, size=32)
+    images = load_image_folder(tmp_path / "imgs", 32)[1]
+    made = []
+
+    class SpyOptimizer(DPOptimizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(dpsgd_ti, "DPOptimizer", SpyOptimizer)
+    steps = []
+    # A given sigma (its epsilon computed) keeps the test fast: calibrating at q < 1 takes seconds.
+    params = DPParams(epsilon=None, delta=1e-3, sample_rate=0.5, clip_norm=0.3, accountant="prv",
+                      noise_multiplier=1.0)
+    config = TIConfig(steps=3, batch_size=2)
+    result = run_dpsgd_ti(sd1_backend, images, params, config, progress=lambda d, t: steps.append((d, t)))
+    report = result.report
+    assert report.steps == 3 and "DP-SGD" in report.mechanism and report.sample_rate == 0.5
+    assert report.noise_multiplier == 1.0 and report.private and result.expected_snr is None
+    assert report.epsilon == pytest.approx(epsilon_for(1.0, 0.5, 3, 1e-3, accountant="prv")[1])
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    (opt,) = made
+    assert opt.max_grad_norm == 0.3 and opt.noise_multiplier == report.noise_multiplier
+    assert opt.expected_batch_size == 2
+    vec = result.embedding.vectors["clip_l"]
+    init = initial_vectors(sd1_backend, config)["clip_l"]
+    assert vec.shape == (1, 768) and torch.isfinite(vec).all()
+    assert (vec - init).abs().max() > 1e-3  # three Adam steps moved it
+
+
+def test_dpsgd_survives_empty_poisson_batches(tmp_path, sd1_backend):
+    write_style_images(tmp_path / "imgs", count=2, size=32)
+    images = load_image_folder(tmp_path / "imgs", 32)[1]
+    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=0.01, accountant="rdp")
+    result = run_dpsgd_ti(sd1_backend, images, params, TIConfig(steps=2), seed=0)
+    assert torch.isfinite(result.embedding.vectors["clip_l"]).all() and not result.report.private
+
+
+@pytest.mark.parametrize("family", ["sdxl"])
+def test_dpsgd_sdxl_widths(tmp_path, sdxl_backend, family):
+    write_style_images(tmp_path / "imgs", count=2, size=32)
+    images = load_image_folder(tmp_path / "imgs", 32)[1]
+    params = DPParams(epsilon=2.0, delta=1e-3, sample_rate=1.0, accountant="rdp")
+    result = run_dpsgd_ti(sdxl_backend, images, params, TIConfig(steps=1), seed=0)
+    shapes = {k: tuple(v.shape) for k, v in result.embedding.vectors.items()}
+    assert shapes == {"clip_l": (1, 768), "clip_g": (1, 1280)}
