@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from privdiff.errors import PrivdiffError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -1,0 +1,154 @@
+"""`privdiff ti-aggregate` and `privdiff aggregate` from the command line: output, errors, ledger."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from privdiff.cli import main
+from privdiff.demo_data import write_style_images
+from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
+
+FAST = ["--model", "tiny", "--steps", "1", "--batch-size", "8", "--epsilon", "8", "--delta", "1e-3"]
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_style_images(tmp_path / "private", count=5, size=32)
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("privdiff: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_release_writes_only_the_embedding_with_its_report(tmp_path, images, capsys):
+    # mixed modes and sizes are converted
+    Image.new("RGBA", (40, 24), (10, 200, 30, 128)).save(images / "rgba.png")
+    Image.new("L", (20, 50), 77).save(images / "gray.png")
+    Image.new("P", (33, 33)).save(images / "palette.gif")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(out_dir / "s.safetensors"),
+                         *FAST, "--dataset-label", "unit")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["epsilon"] == 8.0 and summary["dataset_size"] == 8 and summary["private"] is True
+    assert [p.name for p in out_dir.iterdir()] == ["s.safetensors"]  # no per-image intermediates
+    code, out, _ = run(capsys, "embedding", "inspect", str(out_dir / "s.safetensors"))
+    report = json.loads(out)["privacy_report"]
+    assert report["dataset_label"] == "unit" and report["release_id"] == summary["release_id"]
+
+
+def test_a1111_pt_output_gets_a_sidecar(tmp_path, images, capsys):
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(tmp_path / "s.pt"), *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["s.pt", "s.pt.privacy.json"]
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (["--epsilon", "0"], "epsilon 0.0"),
+    (["--epsilon", "-1"], "epsilon -1.0"),
+    (["--delta", "0.5"], "delta 0.5"),
+])
+def test_impossible_budgets_are_refused(tmp_path, images, capsys, change, needle):
+    target = tmp_path / "s.safetensors"
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(target), *FAST, *change)
+    assert code == 2 and needle in one_line_error(err)
+    assert not target.exists()
+
+
+def test_bad_folders_and_images_name_the_file(tmp_path, images, capsys):
+    target = tmp_path / "s.safetensors"
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(tmp_path / "empty"), "--out", str(target), *FAST)
+    assert code == 2 and "holds no images" in one_line_error(err)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(target), *FAST)
+    assert code == 2 and "broken.jpg" in one_line_error(err)
+    assert not target.exists()
+
+
+def test_existing_output_needs_force(tmp_path, images, capsys):
+    target = tmp_path / "s.safetensors"
+    target.write_bytes(b"keep me")
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(target), *FAST)
+    assert code == 2 and "already exists" in one_line_error(err)
+    assert target.read_bytes() == b"keep me"
+
+
+def test_reproducible_seed_repeats_and_is_marked_not_private(tmp_path, images, capsys):
+    outputs = []
+    for name, seed in [("a", "3"), ("b", "3"), ("c", None)]:
+        extra = ["--reproducible-seed", seed] if seed else []
+        code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out",
+                             str(tmp_path / f"{name}.safetensors"), *FAST, *extra)
+        assert code == 0, err
+        assert json.loads(out)["private"] is (seed is None)
+        outputs.append(load_embedding(tmp_path / f"{name}.safetensors").vectors["clip_l"])
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], outputs[2])
+
+
+def test_ledger_composes_and_refuses_over_budget(tmp_path, images, capsys):
+    ledger = str(tmp_path / "owner" / "ledger.json")
+    (tmp_path / "owner").mkdir()
+    spent = []
+    for name in ["one", "two"]:
+        code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out",
+                             str(tmp_path / f"{name}.safetensors"), *FAST, "--ledger", ledger, "--budget-epsilon", "15")
+        assert code == 0, err
+        spent.append(json.loads(out)["ledger"]["spent_epsilon"])
+    # calibrated to at most 8; the PLD accountant composes two releases (σ=0.48, q=1) to 12.75, well under
+    # 8+8, and a third would reach 16.93 > 15
+    assert 7.9 <= spent[0] <= 8.0 and 12.5 < spent[1] < 13.0
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(tmp_path / "three.safetensors"),
+                       *FAST, "--ledger", ledger)
+    assert code == 2 and "refused" in one_line_error(err)
+    assert not (tmp_path / "three.safetensors").exists()
+    code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out",
+                         str(tmp_path / "three.safetensors"), *FAST, "--ledger", ledger, "--force-budget")
+    assert code == 0, err
+    releases = next(iter(json.loads((tmp_path / "owner" / "ledger.json").read_text())["datasets"].values()))
+    assert [r["forced"] for r in releases["releases"]] == [False, False, True]
+
+
+def test_interrupted_run_leaves_no_file_and_no_ledger_entry(tmp_path, images, capsys, monkeypatch):
+    import privdiff.embeddings.dpagg as dpagg
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpagg, "train_embeddings", interrupted)
+    ledger = tmp_path / "ledger.json"
+    target = tmp_path / "s.safetensors"
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(target), *FAST,
+                       "--ledger", str(ledger), "--budget-epsilon", "20")
+    assert code == 130 and "no output written" in err
+    assert list(tmp_path.glob("*.safetensors*")) == [] and list(tmp_path.glob(".*.tmp")) == []
+    assert all(not d["releases"] for d in json.loads(ledger.read_text())["datasets"].values())
+
+
+def test_aggregate_command(tmp_path, capsys):
+    folder = tmp_path / "per_image"
+    folder.mkdir()
+    for i in range(6):
+        save_embedding(Embedding({"clip_l": torch.randn(2, 768) * 0.05}), folder / f"i{i}.safetensors")
+    target = tmp_path / "agg.safetensors"
+    code, _, err = run(capsys, "aggregate", "--embeddings", str(folder), "--out", str(target), "--epsilon", "4",
+                       "--delta", "1e-3")
+    assert code == 2 and "--one-image-per-file" in one_line_error(err)
+    code, out, err = run(capsys, "aggregate", "--embeddings", str(folder), "--out", str(target), "--one-image-per-file",
+                         "--noise-multiplier", "2", "--delta", "1e-3", "--accountant", "rdp")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["noise_multiplier"] == 2.0 and summary["accountant"] == "rdp" and summary["epsilon"] > 0
+    assert load_embedding(target).vectors["clip_l"].shape == (2, 768)
