@@ -105,12 +105,20 @@ def main() -> None:
     (batched, t_batched, m_batched), (one_by_one, t_seq, m_seq) = best["batched"], best["one at a time"]
     diff = max((batched[k] - one_by_one[k]).abs().max().item() for k in batched)
     scale = max((batched[k] - init[k]).abs().max().item() for k in batched)
+    # float32: the two agree to rounding (~1e-7), which Adam's g / sqrt(v) can enlarge on the odd coordinate
+    # whose gradient is near zero (in float64 they are bit-identical; tests/test_textual_inversion.py).
+    agree = sum(int(((batched[k] - one_by_one[k]).abs() <= 1e-5).sum()) for k in batched)
+    agree /= sum(v.numel() for v in batched.values())
+    if agree < 0.999 or diff > 0.05 * scale:
+        raise SystemExit(f"batched and one-at-a-time training disagree: max diff {diff:.2e}, "
+                         f"{agree:.4%} of coordinates within 1e-5")
 
     print(f"device {args.device}, threads {torch.get_num_threads()}, m={args.images} embeddings, "
           f"{args.steps} steps each, tiny SD1 (32 px), best of {args.repeats}")
     print(f"one at a time: {t_seq:8.2f} s   peak memory {m_seq / 2**20:8.1f} MiB")
     print(f"batched      : {t_batched:8.2f} s   peak memory {m_batched / 2**20:8.1f} MiB")
-    print(f"max |batched - one at a time| = {diff:.2e} (largest trained change {scale:.2e})")
+    print(f"max |batched - one at a time| = {diff:.2e} (largest trained change {scale:.2e}); "
+          f"{agree:.3%} of coordinates within 1e-5")
     print(f"ratio sequential/batched: {t_seq / t_batched:.2f}x")
 
 

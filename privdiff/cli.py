@@ -62,8 +62,9 @@ def _ledger_entry(args: argparse.Namespace, files: list) -> object:
         return None
     from privdiff.embeddings.release import open_ledger
 
+    budget_delta = args.delta if args.budget_delta is None else args.budget_delta  # 0 is refused, not replaced
     return open_ledger(args.ledger, files, budget_epsilon=args.budget_epsilon,
-                       budget_delta=args.budget_delta or args.delta, force=args.force_budget,
+                       budget_delta=budget_delta, force=args.force_budget,
                        accountant=args.accountant)
 
 
@@ -107,7 +108,8 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     backend.freeze()
     files, images = load_image_folder(args.images, args.resolution or backend.resolution)
     default_rate = 1.0 if args.method == "dpagg" else min(1.0, args.batch_size / len(files))
-    params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=args.sample_rate or default_rate,
+    rate = default_rate if args.sample_rate is None else args.sample_rate  # --sample-rate 0 is refused
+    params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate,
                       clip_norm=args.clip_norm, bound=args.bound, accountant=args.accountant)
     ledger = _ledger_entry(args, files)
     with tqdm_progress(f"{args.method}: training") as progress:
@@ -127,7 +129,8 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     from privdiff.embeddings.release import release_embedding
 
     files = per_image_files(args.embeddings, args.one_image_per_file)
-    params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=args.sample_rate or 1.0,
+    rate = 1.0 if args.sample_rate is None else args.sample_rate  # --sample-rate 0 is refused
+    params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate,
                       clip_norm=args.clip_norm, bound=args.bound, accountant=args.accountant,
                       noise_multiplier=args.noise_multiplier)
     center = load_embedding(args.center) if args.center else None

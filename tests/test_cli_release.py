@@ -10,7 +10,10 @@ from privdiff.cli import main
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 
-FAST = ["--model", "tiny", "--steps", "1", "--batch-size", "8", "--epsilon", "8", "--delta", "1e-3"]
+# RDP calibrates a q=1 release in milliseconds; PLD (the default) takes seconds at larger epsilons.
+FAST = ["--model", "tiny", "--steps", "1", "--batch-size", "8", "--epsilon", "2", "--delta", "1e-3",
+        "--accountant", "rdp"]
+DEFAULT_ACCOUNTANT = FAST[:-2]
 
 
 @pytest.fixture
@@ -38,10 +41,11 @@ def test_release_writes_only_the_embedding_with_its_report(tmp_path, images, cap
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(out_dir / "s.safetensors"),
-                         *FAST, "--dataset-label", "unit")
+                         *DEFAULT_ACCOUNTANT, "--dataset-label", "unit")
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["epsilon"] == 8.0 and summary["dataset_size"] == 8 and summary["private"] is True
+    assert summary["epsilon"] == 2.0 and summary["dataset_size"] == 8 and summary["private"] is True
+    assert summary["accountant"] == "pld"
     assert [p.name for p in out_dir.iterdir()] == ["s.safetensors"]  # no per-image intermediates
     code, out, _ = run(capsys, "embedding", "inspect", str(out_dir / "s.safetensors"))
     report = json.loads(out)["privacy_report"]
@@ -104,12 +108,13 @@ def test_ledger_composes_and_refuses_over_budget(tmp_path, images, capsys):
     spent = []
     for name in ["one", "two"]:
         code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out",
-                             str(tmp_path / f"{name}.safetensors"), *FAST, "--ledger", ledger, "--budget-epsilon", "15")
+                             str(tmp_path / f"{name}.safetensors"), *FAST, "--ledger", ledger,
+                             "--budget-epsilon", "3.5")
         assert code == 0, err
         spent.append(json.loads(out)["ledger"]["spent_epsilon"])
-    # calibrated to at most 8; the PLD accountant composes two releases (σ=0.48, q=1) to 12.75, well under
-    # 8+8, and a third would reach 16.93 > 15
-    assert 7.9 <= spent[0] <= 8.0 and 12.5 < spent[1] < 13.0
+    # calibrated to at most 2 (σ=1.609); RDP composes two such releases (q=1) to 3.03, under 2+2, and a third
+    # would reach 3.87 > 3.5
+    assert 1.99 <= spent[0] <= 2.0 and 3.0 < spent[1] < 3.05
     code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(tmp_path / "three.safetensors"),
                        *FAST, "--ledger", ledger)
     assert code == 2 and "refused" in one_line_error(err)
@@ -152,3 +157,84 @@ def test_aggregate_command(tmp_path, capsys):
     summary = json.loads(out)
     assert summary["noise_multiplier"] == 2.0 and summary["accountant"] == "rdp" and summary["epsilon"] > 0
     assert load_embedding(target).vectors["clip_l"].shape == (2, 768)
+
+
+def test_few_images_warn_with_the_signal_to_noise_ratio(tmp_path, capsys, caplog):
+    images = write_style_images(tmp_path / "private", count=3, size=32)
+    code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(tmp_path / "s.safetensors"),
+                         *FAST)
+    assert code == 0, err
+    snr = 3 / (json.loads(out)["noise_multiplier"] * 768**0.5)
+    assert json.loads(out)["expected_snr_best_case"] == round(snr, 3)
+    assert f"signal-to-noise ratio of the release is {snr:.2f}" in caplog.text
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (["--sample-rate", "0"], "sample_rate must be in (0, 1], got 0.0"),
+    (["--sample-rate", "1.5"], "sample_rate must be in (0, 1], got 1.5"),
+    (["--delta", "0.2"], "delta 0.2 must be in (0, 1/N)"),  # 1/N = 1/5
+    (["--budget-delta", "0", "--ledger", "LEDGER", "--budget-epsilon", "3"], "delta must be in (0, 1), got 0.0"),
+    (["--steps", "0"], "invalid --steps 0"),
+])
+def test_bad_values_are_named_and_nothing_is_written(tmp_path, images, capsys, change, needle):
+    target = tmp_path / "out" / "s.safetensors"
+    target.parent.mkdir()
+    change = [str(tmp_path / "ledger.json") if c == "LEDGER" else c for c in change]
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(target), *FAST, *change)
+    assert code == 2 and needle in one_line_error(err)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_cancel_from_the_progress_callback(tmp_path, images, capsys, monkeypatch):
+    """The CLI's progress bar is the cancel point: KeyboardInterrupt there leaves nothing behind."""
+    from contextlib import contextmanager
+
+    import privdiff.progress
+
+    calls = []
+
+    @contextmanager
+    def cancelling(description):
+        def progress(done, total):
+            calls.append(done)
+            if done == 2:
+                raise KeyboardInterrupt
+
+        yield progress
+
+    monkeypatch.setattr(privdiff.progress, "tqdm_progress", cancelling)
+    ledger = tmp_path / "owner" / "ledger.json"
+    ledger.parent.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(out_dir / "s.safetensors"),
+                       *FAST, "--steps", "3", "--ledger", str(ledger), "--budget-epsilon", "5")
+    assert code == 130 and "interrupted" in err and calls == [1, 2]
+    assert list(out_dir.iterdir()) == []
+    assert all(not d["releases"] for d in json.loads(ledger.read_text())["datasets"].values())
+
+
+def test_aggregate_reports_the_accountants_epsilon_and_names_a_bad_file(tmp_path, capsys):
+    from privdiff.privacy.accountants import epsilon_for
+
+    folder = tmp_path / "per_image"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        vectors = {"clip_l": torch.randn(1, 768, generator=g) * 0.05}
+        save_embedding(Embedding(vectors), folder / f"i{i}.pt", fmt="a1111-pt")
+    target = tmp_path / "agg.safetensors"
+    common = ["aggregate", "--embeddings", str(folder), "--one-image-per-file", "--delta", "1e-3",
+              "--accountant", "prv", "--out", str(target)]
+    code, out, err = run(capsys, *common, "--noise-multiplier", "1.5", "--sample-rate", "0.5")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["epsilon"] == pytest.approx(epsilon_for(1.5, 0.5, 1, 1e-3, accountant="prv")[1], rel=1e-9)
+    assert summary["sample_rate"] == 0.5 and summary["dataset_size"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["agg.safetensors"]
+    save_embedding(Embedding({"clip_h": torch.zeros(1, 1024)}), folder / "z_wide.safetensors")
+    code, _, err = run(capsys, *common, "--noise-multiplier", "1.5", "--force")
+    assert code == 2 and "z_wide.safetensors" in one_line_error(err)
+    code, _, err = run(capsys, "aggregate", "--embeddings", str(tmp_path / "none"), "--one-image-per-file",
+                       "--delta", "1e-3", "--epsilon", "1", "--out", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "none" in one_line_error(err)

@@ -109,12 +109,12 @@ def test_large_epsilon_approaches_the_clipped_mean():
     assert (unclipped - want["clip_l"]).norm() > 10 * error  # the clipping really mattered
 
 
-@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
 def test_only_poisson_sampled_images_are_trained(tmp_path, sd1_backend, monkeypatch):
     images = _images(tmp_path, 10)
-    seed, q = 4, 0.5
+    q = 0.5
+    # A seed whose sample is neither empty, full, nor of the expected size qN (so /qN is told from /m).
+    seed = next(s for s in range(100) if len(poisson_sample(10, q, secure_generator(s))) in (3, 7))
     expected = poisson_sample(10, q, secure_generator(seed))  # the release generator's first draw
-    assert 0 < len(expected) < 10
     seen = {}
     real_encode, real_train = dpagg.encode_in_batches, dpagg.train_embeddings
 
@@ -130,19 +130,43 @@ def test_only_poisson_sampled_images_are_trained(tmp_path, sd1_backend, monkeypa
     monkeypatch.setattr(dpagg, "encode_in_batches", encode)
     monkeypatch.setattr(dpagg, "train_embeddings", train)
     config = TIConfig(steps=1, batch_size=8)
-    params = DPParams(epsilon=1e4, delta=1e-3, sample_rate=q, clip_norm=0.05, accountant="rdp")
+    # A given sigma (epsilon computed by PRV) keeps this fast: calibrating at q < 1 takes seconds.
+    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=q, clip_norm=0.05,
+                      accountant="prv")
     result = run_dpagg_ti(sd1_backend, images, params, config, seed=seed)
     assert seen["calls"] == 1 and seen["latents"] == len(expected)
     assert torch.equal(seen["images"], images[expected])
     assert result.report.sample_rate == q and not result.report.private
-    # With a huge epsilon the release is the clipped sum of the sampled offsets over the expected count qN.
+    # The release is the clipped sum of the sampled offsets plus N(0, sigma^2 C^2), over qN.
     init = initial_vectors(sd1_backend, config)
     clipped = _clipped_mean(seen["per_image"], init, 0.05)["clip_l"] - init["clip_l"]
     want = init["clip_l"] + clipped * len(expected) / (q * 10)
     got = result.embedding.vectors["clip_l"]
-    noise = result.report.noise_multiplier * 0.05 * 768**0.5 / (q * 10)  # expected norm of the noise
+    noise = 1.0 * 0.05 * 768**0.5 / (q * 10)  # expected norm of the noise
     assert (got - want).norm().item() == pytest.approx(noise, rel=0.15)
-    assert (got - want).norm() < 0.2 * (want - init["clip_l"]).norm()
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+def test_run_with_large_epsilon_releases_the_clipped_mean(tmp_path, sd1_backend, monkeypatch):
+    seen = {}
+    real_train = dpagg.train_embeddings
+
+    def train(*args, **kwargs):
+        seen["per_image"] = real_train(*args, **kwargs)
+        return seen["per_image"]
+
+    monkeypatch.setattr(dpagg, "train_embeddings", train)
+    config = TIConfig(steps=2, batch_size=4)
+    params = DPParams(epsilon=1e4, delta=1e-3, clip_norm=0.1, accountant="rdp")
+    result = run_dpagg_ti(sd1_backend, _images(tmp_path, 4), params, config)
+    init = initial_vectors(sd1_backend, config)
+    per_image = seen["per_image"]["clip_l"]
+    assert (per_image - init["clip_l"]).flatten(1).norm(dim=1).min() > 0.1  # every offset is clipped
+    want = _clipped_mean(seen["per_image"], init, 0.1)["clip_l"]
+    spread = (bound_vectors(per_image - init["clip_l"], 0.1) - (want - init["clip_l"])).flatten(1).norm(dim=1)
+    error = (result.embedding.vectors["clip_l"] - want).norm()
+    assert error < 0.1 * spread.mean()
+    assert error.item() == pytest.approx(result.report.noise_multiplier * 0.1 * 768**0.5 / 4, rel=0.2)
 
 
 def test_nothing_sampled_trains_nothing(tmp_path, sd1_backend, monkeypatch):
@@ -153,7 +177,7 @@ def test_nothing_sampled_trains_nothing(tmp_path, sd1_backend, monkeypatch):
         raise AssertionError("no image was sampled, nothing may be trained")
 
     monkeypatch.setattr(dpagg, "train_embeddings", train)
-    params = DPParams(epsilon=1.0, delta=1e-3, sample_rate=0.05, accountant="rdp")
+    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=0.05, accountant="rdp")
     result = run_dpagg_ti(sd1_backend, images, params, TIConfig(steps=1), seed=seed)
     vec = result.embedding.vectors["clip_l"]
     assert vec.shape == (1, 768) and torch.isfinite(vec).all()

@@ -117,8 +117,7 @@ def test_dpsgd_survives_empty_poisson_batches(tmp_path, sd1_backend):
     assert torch.isfinite(result.embedding.vectors["clip_l"]).all() and not result.report.private
 
 
-@pytest.mark.parametrize("family", ["sdxl"])
-def test_dpsgd_sdxl_widths(tmp_path, sdxl_backend, family):
+def test_dpsgd_sdxl_widths(tmp_path, sdxl_backend):
     write_style_images(tmp_path / "imgs", count=2, size=32)
     images = load_image_folder(tmp_path / "imgs", 32)[1]
     params = DPParams(epsilon=2.0, delta=1e-3, sample_rate=1.0, accountant="rdp")
