@@ -155,3 +155,12 @@ def test_cli_epsilon_and_sigma(capsys):
     assert main(["privacy", "epsilon", "--noise-multiplier", "-1", "--sample-rate", "0.01", "--steps", "10",
                  "--delta", "1e-5"]) == 2
     assert capsys.readouterr().err.strip() == "privdiff: error: noise_multiplier must be > 0, got -1.0"
+
+
+def test_pld_handles_very_large_epsilon():
+    # Small sigma: a default-spaced loss grid would not fit in memory; the widened grid stays an upper bound.
+    name, sigma = calibrate_noise_multiplier(1000.0, 1e-3, 1.0, 1, accountant="pld")
+    assert name == "pld" and 0 < sigma < 0.1
+    _, eps = epsilon_for(sigma, 1.0, 1, 1e-3, accountant="pld")
+    _, rdp = epsilon_for(sigma, 1.0, 1, 1e-3, accountant="rdp")
+    assert eps <= 1000.0 and eps <= rdp

@@ -64,7 +64,7 @@ def composed_epsilon(
         return name, 0.0
     try:
         eps = _EPSILON[name](checked, delta)
-    except (ValueError, ArithmeticError, MemoryError) as exc:
+    except (ValueError, ArithmeticError, MemoryError, RuntimeError) as exc:
         raise PrivdiffError(f"{name} accountant failed for events {checked} at delta={delta}: "
                             f"{_one_line(exc)}") from exc
     return name, float(eps)
@@ -84,7 +84,7 @@ def calibrate_noise_multiplier(
     steps = checks.count("steps", steps)
     try:
         sigma = float(_CALIBRATE[name](eps, delta, q, steps))
-    except (ValueError, ArithmeticError, MemoryError) as exc:
+    except (ValueError, ArithmeticError, MemoryError, RuntimeError) as exc:
         raise PrivdiffError(f"{name} accountant could not calibrate sigma for epsilon={eps}, delta={delta}, "
                             f"sample_rate={q}, steps={steps}: {_one_line(exc)}") from exc
     if name != "pld":  # _calibrate_pld only returns a sigma it has evaluated
@@ -141,10 +141,18 @@ def _pld_event(sigma: float, q: float, steps: int):  # -> dp_accounting.DpEvent
     return dp_accounting.SelfComposedDpEvent(event, steps)
 
 
+def _pld_interval(events: list[Event]) -> float:
+    """Grid spacing of the privacy-loss distribution: dp_accounting's default 1e-4, widened for small
+    sigma, whose per-step loss range (about 1/(2σ²) + 8/σ) would otherwise need a grid larger than
+    memory. The pessimistic estimate stays an upper bound at any spacing."""
+    widest = max(1 / (2 * sigma * sigma) + 8 / sigma for sigma, _, _ in events)
+    return max(1e-4, widest * 5e-6)
+
+
 def _pld_epsilon(events: list[Event], delta: float) -> float:
     from dp_accounting.pld import PLDAccountant
 
-    accountant = PLDAccountant()
+    accountant = PLDAccountant(value_discretization_interval=_pld_interval(events))
     for event in events:
         accountant.compose(_pld_event(*event))
     return accountant.get_epsilon(delta)
