@@ -270,3 +270,13 @@ def test_aggregate_files_refuses_mismatched_widths(tmp_path):
     bad = save_embedding(Embedding({"clip_h": torch.randn(1, 1024, generator=g)}), tmp_path / "b.safetensors")
     with pytest.raises(PrivdiffError, match=r"b\.safetensors has tensors"):
         aggregate_embedding_files([*files, bad], DPParams(epsilon=1.0, delta=1e-3, accountant="rdp"))
+
+
+def test_unknown_bound_is_refused_before_training(sd1_backend, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("training must not start")
+
+    monkeypatch.setattr(dpagg, "train_embeddings", never)
+    params = DPParams(epsilon=2.0, delta=1e-3, bound="squash", accountant="rdp")
+    with pytest.raises(PrivdiffError, match="bound 'squash'"):
+        run_dpagg_ti(sd1_backend, torch.rand(4, 3, 32, 32), params, TIConfig(steps=1))

@@ -20,7 +20,7 @@ from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import Progress, TIConfig, initial_vectors, train_embeddings
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.accountants import calibrate_noise_multiplier, epsilon_for
-from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample, secure_generator
+from privdiff.privacy.mechanism import BOUNDS, gaussian_aggregate, poisson_sample, secure_generator
 from privdiff.privacy.report import PrivacyReport, make_report
 
 log = logging.getLogger("privdiff")
@@ -76,6 +76,8 @@ def plan_release(
     σ is calibrated for the target ε, or, when ``params.noise_multiplier`` is given, ε is computed.
     """
     check_budget(params.epsilon, params.delta, dataset_size)
+    if params.bound not in BOUNDS:
+        raise PrivdiffError(f"bound {params.bound!r} is not one of {', '.join(BOUNDS)}")
     if params.noise_multiplier is not None:
         sigma = params.noise_multiplier
         accountant, epsilon = epsilon_for(
@@ -177,7 +179,6 @@ def run_dpagg_ti(
         per_image, init, dataset_size=n, sample_rate=params.sample_rate, clip_norm=params.clip_norm,
         noise_multiplier=sigma, generator=generator, bound=params.bound,
     )
-    del per_image
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
 
