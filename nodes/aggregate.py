@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from .common import (
     CATEGORY,
+    default_ledger,
     embeddings_dir,
     input_path,
     name_input,
@@ -41,6 +42,9 @@ class PrivdiffDPAggregateEmbeddings(io.ComfyNode):
                 *output_inputs(),
                 io.String.Input("center", default="", optional=True,
                                 tooltip="Public embedding file the offsets are measured from (empty: zero)."),
+                io.String.Input("images_folder", default="", optional=True,
+                                tooltip="Folder of the images the files were trained on, one per file: the ledger "
+                                        "charges these images (required, since a ledger is always kept)."),
                 *optional_release_inputs(),
             ],
             outputs=release_outputs(),
@@ -50,10 +54,11 @@ class PrivdiffDPAggregateEmbeddings(io.ComfyNode):
     @classmethod
     def execute(cls, folder: str, one_image_per_file: bool, name: str, epsilon: float, delta: float,
                 noise_multiplier: float, sample_rate: float, clip_norm: float, bound: str, prompt_template: str,
-                overwrite: bool, center: str = "", **optional) -> io.NodeOutput:
+                overwrite: bool, center: str = "", images_folder: str = "", **optional) -> io.NodeOutput:
         release = Release(name=name.strip(), epsilon=epsilon, delta=delta, sample_rate=sample_rate,
                           clip_norm=clip_norm, bound=bound, prompt_template=prompt_template, overwrite=overwrite,
                           noise_multiplier=noise_multiplier, **optional)
         center_path = str(input_path(center)) if center.strip() else ""
+        images_path = str(input_path(images_folder)) if images_folder.strip() else ""
         return io.NodeOutput(*aggregate_files(str(input_path(folder)), one_image_per_file, center_path, release,
-                                              embeddings_dir()))
+                                              embeddings_dir(), images_path, default_ledger()))

@@ -23,15 +23,17 @@ def name_input() -> io.String.Input:
 def privacy_inputs(noise_multiplier: bool = False) -> list:
     """epsilon, delta, (noise_multiplier,) sample_rate, clip_norm, bound."""
     inputs = [
-        io.Float.Input("epsilon", default=4.0, min=0.01, max=1000.0, step=0.01, round=False,
-                       tooltip="Privacy budget epsilon of this release (smaller = more private, noisier)."),
+        io.Float.Input("epsilon", default=4.0, min=0.0, max=1000.0, step=0.01, round=False,
+                       tooltip="Privacy budget epsilon of this release (smaller = more private, noisier)."
+                               + (" 0 when noise_multiplier is set." if noise_multiplier else "")),
         io.Float.Input("delta", default=1e-5, min=1e-12, max=0.1, step=1e-6, round=False,
                        tooltip="Privacy delta; must be below 1/N for N private images."),
     ]
     if noise_multiplier:
         inputs.append(io.Float.Input(
             "noise_multiplier", default=0.0, min=0.0, max=1000.0, step=0.01, round=False,
-            tooltip="0: calibrate the noise for epsilon. Otherwise use this sigma and report its epsilon."))
+            tooltip="0: calibrate the noise for epsilon. Otherwise use this sigma (with epsilon 0) and report "
+                    "its epsilon."))
     return inputs + [
         io.Float.Input("sample_rate", default=1.0, min=0.001, max=1.0, step=0.001, round=False,
                        tooltip="Poisson sampling rate q: each image is used with probability q."),
@@ -54,10 +56,20 @@ def output_inputs() -> list:
 def optional_release_inputs() -> list:
     """The optional ledger, label and seed inputs (the optional fields of nodes.logic.Release)."""
     return [
+        io.Boolean.Input("new_release", default=False, optional=True,
+                         tooltip="Off: queueing the same request again returns the earlier release without "
+                                 "training or spending budget. On: make a new release (charged again)."),
+        io.Int.Input("public_size", default=0, min=0, max=10**9, optional=True,
+                     tooltip="0: the guarantee is replace-one and N is public. A size you declare public makes it "
+                             "add-remove (the release then divides by this size)."),
         io.String.Input("ledger_path", default="", optional=True,
-                        tooltip="Budget ledger JSON kept by you, never shared (empty: no ledger)."),
+                        tooltip="Budget ledger JSON kept by you, never shared (empty: ComfyUI's "
+                                "user/privdiff/ledger.json)."),
         io.Float.Input("budget_epsilon", default=0.0, min=0.0, max=1000.0, step=0.01, round=False, optional=True,
-                       tooltip="Total epsilon budget of this dataset in the ledger (0: keep the ledger's)."),
+                       tooltip="Epsilon any one image may spend over all releases in the ledger (0: keep the "
+                               "ledger's)."),
+        io.Boolean.Input("change_budget", default=False, optional=True,
+                         tooltip="Allow budget_epsilon to replace a different budget already in the ledger."),
         io.Boolean.Input("force_budget", default=False, optional=True,
                          tooltip="Release even when the ledger's budget would be exceeded."),
         io.String.Input("dataset_label", default="", optional=True,
@@ -73,8 +85,16 @@ def release_outputs() -> list:
         io.String.Output("prompt", display_name="prompt",
                          tooltip="prompt_template with embedding:<name>; link it to CLIPTextEncode's text."),
         io.String.Output("report", display_name="privacy report", tooltip="The release's privacy report."),
-        io.String.Output("embedding_name", display_name="embedding name"),
+        io.String.Output("embedding_name", display_name="embedding name",
+                         tooltip="The file name in the embeddings folder, without extension."),
     ]
+
+
+def default_ledger() -> Path:
+    """The ledger used when the node names none: ComfyUI's user folder, never next to outputs."""
+    folder = Path(folder_paths.get_user_directory()) / "privdiff"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "ledger.json"
 
 
 def embeddings_dir() -> Path:

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from privdiff.images import load_private_dataset
 
 from .common import CATEGORY, Dataset, input_path
+from .logic import folder_state
 
 
 class PrivdiffLoadPrivateImages(io.ComfyNode):
@@ -26,8 +27,14 @@ class PrivdiffLoadPrivateImages(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
                              tooltip="Training resolution: 512 for SD1.x, 1024 for SDXL."),
             ],
-            outputs=[Dataset.Output("dataset", display_name="private dataset")],
+            outputs=[Dataset.Output("dataset", display_name="private dataset",
+                                    tooltip="The images and their files, for the DP nodes only.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, resolution: int) -> str:
+        """Changes whenever a file of the folder is added, removed, renamed or modified: ComfyUI reloads."""
+        return folder_state(input_path(folder))
 
     @classmethod
     def execute(cls, folder: str, resolution: int) -> io.NodeOutput:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +12,11 @@ from pathlib import Path
 from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES, DPParams, aggregate_embedding_files, per_image_files
 from privdiff.embeddings.files import load_embedding
-from privdiff.embeddings.release import LedgerEntry, Output, open_ledger, release_embedding
-from privdiff.embeddings.textual_inversion import Progress, TIConfig
+from privdiff.embeddings.release import LedgerRequest, open_ledger, release_embedding
+from privdiff.embeddings.textual_inversion import Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
-from privdiff.images import PrivateDataset
+from privdiff.images import PrivateDataset, list_images
+from privdiff.output_plan import plan_output
 from privdiff.privacy.report import PrivacyReport
 from privdiff.training import METHODS
 
@@ -34,16 +37,29 @@ class Release:
     overwrite: bool = False
     ledger_path: str = ""
     budget_epsilon: float = 0.0
+    change_budget: bool = False
     force_budget: bool = False
+    new_release: bool = False
+    public_size: int = 0
     dataset_label: str = ""
     reproducible_seed: int = -1
     noise_multiplier: float = 0.0
 
     def params(self) -> DPParams:
-        """The mechanism's parameters (a noise multiplier of 0 means: calibrate for epsilon)."""
-        sigma = self.noise_multiplier or None
-        return DPParams(epsilon=None if sigma else self.epsilon, delta=self.delta, sample_rate=self.sample_rate,
-                        clip_norm=self.clip_norm, bound=self.bound, noise_multiplier=sigma)
+        """The mechanism's parameters; 0 means "not set" for epsilon, noise_multiplier and public_size."""
+        if bool(self.epsilon) == bool(self.noise_multiplier):
+            raise PrivdiffError(f"set exactly one of epsilon ({self.epsilon}) and noise_multiplier "
+                                f"({self.noise_multiplier}); the other must be 0")
+        return DPParams(epsilon=self.epsilon or None, delta=self.delta, sample_rate=self.sample_rate,
+                        clip_norm=self.clip_norm, bound=self.bound, noise_multiplier=self.noise_multiplier or None,
+                        public_size=self.public_size or None)
+
+    def request(self, **extra: object) -> dict[str, object]:
+        """What makes two runs the same request, for recognising a repeated one (the seed included)."""
+        fields = {k: v for k, v in self.__dict__.items()
+                  if k not in ("overwrite", "ledger_path", "budget_epsilon", "change_budget", "force_budget",
+                               "new_release")}
+        return {**fields, **extra}
 
     def seed(self) -> int | None:
         """None (secure randomness) unless the user fixed a seed, which marks the release not private."""
@@ -78,7 +94,8 @@ def report_text(report: PrivacyReport) -> str:
         f"mechanism: {report.mechanism}",
         f"guarantee: (epsilon={report.epsilon:.4g}, delta={report.delta:.3g})-DP, {report.accountant} accountant",
         f"noise multiplier {report.noise_multiplier:.4g}, sample rate {report.sample_rate:.4g}, "
-        f"clip norm {report.clip_norm:.4g}, steps {report.steps}, N={report.dataset_size}",
+        f"clip norm {report.clip_norm:.4g} ({report.bound}, centre: {report.center}), steps {report.steps}",
+        f"neighbouring relation: {report.relation}, public size {report.public_size}",
         f"release {report.release_id}, privdiff {report.library_version}, {report.created}",
     ]
     if report.dataset_label:
@@ -86,12 +103,37 @@ def report_text(report: PrivacyReport) -> str:
     return "\n".join(lines + [f"note: {n}" for n in report.notes])
 
 
-def _ledger(release: Release, files: list[Path]) -> LedgerEntry | None:
-    if not release.ledger_path.strip():
+def _ledger(release: Release, files: list[Path], default_ledger: Path | None, request: dict) -> LedgerRequest | None:
+    path = Path(release.ledger_path.strip()).expanduser() if release.ledger_path.strip() else default_ledger
+    if path is None:
         return None
     budget = release.budget_epsilon or None
-    return open_ledger(Path(release.ledger_path).expanduser(), files, budget_epsilon=budget,
-                       budget_delta=release.delta if budget else None, force=release.force_budget)
+    return open_ledger(path, files, budget_epsilon=budget, budget_delta=release.delta if budget else None,
+                       change_budget=release.change_budget, force=release.force_budget, request=request)
+
+
+def model_identity(backend: SDBackend, config: TIConfig) -> str:
+    """A public fingerprint of the model for request keys: the hash of the init word's token vectors."""
+    vectors = initial_vectors(backend, config)
+    digest = hashlib.sha256()
+    for key in sorted(vectors):
+        digest.update(key.encode() + vectors[key].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _earlier_release(ledger: LedgerRequest | None, release: Release, target: Path) -> tuple[str, str, str] | None:
+    """The outputs of an identical earlier request whose file is still there, unless a new release is asked."""
+    if ledger is None or release.new_release:
+        return None
+    earlier = ledger.ledger.find(ledger.request)
+    if earlier is None or not target.is_file():
+        return None
+    report = PrivacyReport.from_metadata(load_embedding(target).metadata)
+    if report is None or report.release_id != earlier["release_id"]:
+        return None
+    text = report_text(report) + "\nnote: the same request was released before; returned without training " \
+                                 "or charging the budget again (set new_release for a new one)"
+    return prompt_for(release.prompt_template, release.name), text, release.name
 
 
 def _outputs(release: Release, report: PrivacyReport) -> tuple[str, str, str]:
@@ -106,42 +148,84 @@ def train_embedding(
     release: Release,
     embeddings_dir: Path,
     progress: Progress | None = None,
+    default_ledger: Path | None = None,
 ) -> tuple[str, str, str]:
-    """DP Textual Inversion node: (prompt, report text, embedding name); writes the embedding file."""
+    """DP Textual Inversion node: (prompt, report text, embedding name); writes the embedding file.
+
+    With a ledger (``ledger_path``, else ``default_ledger``) an identical earlier request is returned
+    without training or charging again, unless ``new_release`` is set.
+    """
     if method not in METHODS:
         raise PrivdiffError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     prompt_for(release.prompt_template, release.name)  # fail before training on a bad template
-    target = embedding_target(embeddings_dir, release.name, release.overwrite)
     params = release.params()
     if method == "dpsgd" and release.sample_rate >= 1.0:
         params = DPParams(**{**params.__dict__, "sample_rate": min(1.0, config.batch_size / len(dataset))})
+    target = embeddings_dir / f"{release.name}.safetensors"
+    ledger = _ledger(release, dataset.files, default_ledger,
+                     release.request(method=method, config=config.__dict__, model=model_identity(backend, config)))
+    if (earlier := _earlier_release(ledger, release, target)) is not None:
+        return earlier
+    output = plan_output(embedding_target(embeddings_dir, release.name, release.overwrite), "safetensors",
+                         release.name, release.overwrite)
     _, result = release_embedding(
         lambda check: METHODS[method](
             backend, dataset.images, params, config, seed=release.seed(), dataset_label=release.label(),
             progress=progress, before_training=check,
         ),
-        Output(target, token=release.name, force=release.overwrite),
-        _ledger(release, dataset.files),
+        output, ledger,
     )
     return _outputs(release, result.report)
 
 
 def aggregate_files(
-    folder: str, one_image_per_file: bool, center: str, release: Release, embeddings_dir: Path
+    folder: str, one_image_per_file: bool, center: str, release: Release, embeddings_dir: Path,
+    images_folder: str = "", default_ledger: Path | None = None,
 ) -> tuple[str, str, str]:
-    """DP Aggregate Embeddings node: (prompt, report text, embedding name)."""
-    files = per_image_files(folder, one_image_per_file)
-    target = embedding_target(embeddings_dir, release.name, release.overwrite)
+    """DP Aggregate Embeddings node: (prompt, report text, embedding name).
+
+    A ledger charges the images the files were trained on, so ``images_folder`` must name them.
+    """
+    if not one_image_per_file:
+        raise PrivdiffError("the guarantee needs each file to come from exactly one image: confirm it by "
+                            "enabling one_image_per_file")
+    files = per_image_files(folder)
     public_center = load_embedding(center) if center.strip() else None
+    params = release.params()
+    ledger_wanted = bool(release.ledger_path.strip()) or default_ledger is not None
+    sources: list[Path] = []
+    if images_folder.strip():
+        sources = list_images(images_folder)
+    elif ledger_wanted:
+        raise PrivdiffError("the ledger charges the images the embeddings were trained on: set images_folder "
+                            "to their folder")
+    if sources and len(sources) != len(files):
+        raise PrivdiffError(f"images_folder holds {len(sources)} images but folder holds {len(files)} embedding "
+                            "files; they must correspond one to one")
+    target = embeddings_dir / f"{release.name}.safetensors"
+    ledger = _ledger(release, sources, default_ledger, release.request(center=center)) if sources else None
+    if (earlier := _earlier_release(ledger, release, target)) is not None:
+        return earlier
+    output = plan_output(embedding_target(embeddings_dir, release.name, release.overwrite), "safetensors",
+                         release.name, release.overwrite)
     _, result = release_embedding(
         lambda check: aggregate_embedding_files(
-            files, release.params(), center=public_center, seed=release.seed(),
+            files, params, center=public_center, center_name=center.strip() or None, seed=release.seed(),
             dataset_label=release.label(), before_training=check,
         ),
-        Output(target, token=release.name, force=release.overwrite),
-        _ledger(release, files),
+        output, ledger,
     )
     return _outputs(release, result.report)
+def folder_state(folder: Path) -> str:
+    """A digest of a folder's entries (names, sizes, modification times): changes when its files change."""
+    digest = hashlib.sha256(str(folder).encode())
+    try:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            stat = entry.stat(follow_symlinks=True) if not entry.is_symlink() or os.path.exists(entry.path) else None
+            digest.update(f"{entry.name}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    except OSError as exc:
+        digest.update(str(exc).encode())  # the node itself reports a missing folder
+    return digest.hexdigest()
 
 
 def read_report(path: Path) -> str:

@@ -24,7 +24,8 @@ class PrivdiffPrivacyReport(io.ComfyNode):
                         "file. Link the output to a Preview Any node to read it in the graph.",
             inputs=[io.Combo.Input("embedding", options=folder_paths.get_filename_list("embeddings"),
                                    tooltip="An embedding file from ComfyUI's embeddings folders.")],
-            outputs=[io.String.Output("report", display_name="privacy report")],
+            outputs=[io.String.Output("report", display_name="privacy report",
+                                      tooltip="The report as text and JSON; link it to Preview Any to read it.")],
             is_output_node=True,
         )
 

@@ -10,6 +10,7 @@ from .comfy_backend import training_session
 from .common import (
     CATEGORY,
     Dataset,
+    default_ledger,
     embeddings_dir,
     name_input,
     optional_release_inputs,
@@ -71,7 +72,7 @@ class PrivdiffDPTextualInversion(io.ComfyNode):
                           **optional)
         with training_session(model, clip, vae) as backend:
             prompt, report, embedding = train_embedding(
-                backend, dataset, method, config, release, embeddings_dir(), progress_bar()
+                backend, dataset, method, config, release, embeddings_dir(), progress_bar(), default_ledger()
             )
         return io.NodeOutput(prompt, report, embedding)
 

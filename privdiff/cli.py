@@ -3,12 +3,115 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from privdiff.errors import PrivdiffError
+
+if TYPE_CHECKING:
+    from privdiff.output_plan import OutputPlan
+
+# Parse-time sanity ranges of the numeric options; the library checks the finer rules (e.g. delta < 1/N).
+MAX_STEPS = 1_000_000
+MAX_COMPOSITIONS = 1_000_000_000
+MAX_LR = 10.0
+MAX_CLIP_NORM = 1e4
+MAX_BATCH_SIZE = 4096
+MAX_VECTORS = 75  # CLIP's 77-token context minus BOS and EOS; check_config refuses more for the model's templates
+MAX_COUNT = 1_000_000_000
+MAX_SEED = 2**64 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (subcommands' too) are one line, ``privdiff: error: ...``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"privdiff: error: {_one_line(message)}\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _real(high: float = math.inf, high_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number > 0 and below ``high`` (open or closed), else one line naming the value."""
+    rule = "a finite number > 0" + ("" if high == math.inf else f" and {'<' if high_open else '<='} {high:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0 and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text.strip()}")
+        return value
+
+    return parse
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer in ``low..high``, else one line naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _resolution(text: str) -> int:
+    """argparse type for --resolution: a whole number of pixels that privdiff.images.check_resolution accepts."""
+    from privdiff.images import check_resolution
+
+    try:
+        return check_resolution(int(text))
+    except ValueError as exc:  # PrivdiffError is a ValueError
+        reason = exc if isinstance(exc, PrivdiffError) else f"must be a whole number of pixels, got {text!r}"
+        raise argparse.ArgumentTypeError(str(reason)) from None
+
+
+def _model(text: str) -> str:
+    """argparse type for --model: 'tiny', 'tiny-sdxl', or an existing diffusers folder or .safetensors/.ckpt file."""
+    from pathlib import Path
+
+    path = Path(text)
+    if text in ("tiny", "tiny-sdxl") or (text.strip() and (path.is_dir() or (
+            path.is_file() and path.suffix in (".safetensors", ".ckpt")))):
+        return text
+    raise argparse.ArgumentTypeError(f"model {text!r} not found: expected 'tiny', 'tiny-sdxl', a diffusers folder "
+                                     "or a .safetensors/.ckpt file")
+
+
+def _word(text: str) -> str:
+    """argparse type for --init-word: printable text with at least one non-space character."""
+    if not text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be a printable word, got {text!r}")
+    return text
+
+
+def _device(text: str) -> str:
+    """argparse type for --device: a torch device this machine has (privdiff.devices.check_device)."""
+    from privdiff.devices import check_device
+
+    try:
+        return check_device(text)
+    except PrivdiffError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+POSITIVE = _real()
+UNIT_OPEN = _real(1.0, high_open=True)  # delta
+RATE = _real(1.0)  # a Poisson sampling rate q in (0, 1]
 
 
 def _print_json(obj: object) -> None:
@@ -50,42 +153,53 @@ def _cmd_embedding_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_embedding_convert(args: argparse.Namespace) -> None:
-    from privdiff.embeddings.files import convert_embedding
+    from privdiff.embeddings.files import load_embedding
+    from privdiff.output_plan import plan_output, save_planned
 
-    out = convert_embedding(args.input, args.output, fmt=args.format, token=args.token, force=args.force)
-    _print_json({"written": str(out), "format": args.format})
+    plan = plan_output(args.output, args.format, args.token, args.force)  # before the input is read
+    out = save_planned(load_embedding(args.input), plan)
+    _print_json({"written": str(out), "format": plan.fmt})
 
 
-def _ledger_entry(args: argparse.Namespace, files: list) -> object:
-    """The LedgerEntry for ``--ledger`` (setting the budget when one is given), or None."""
+def _ledger_request(args: argparse.Namespace, files: list) -> object:
+    """The LedgerRequest for ``--ledger`` charging the images ``files``, or None without a ledger."""
     if not args.ledger:
+        if args.budget_epsilon is not None or args.change_budget or args.force_budget:
+            raise PrivdiffError("--budget-epsilon, --change-budget and --force-budget need --ledger")
         return None
     from privdiff.embeddings.release import open_ledger
 
     budget_delta = args.delta if args.budget_delta is None else args.budget_delta  # 0 is refused, not replaced
-    return open_ledger(args.ledger, files, budget_epsilon=args.budget_epsilon,
-                       budget_delta=budget_delta, force=args.force_budget,
-                       accountant=args.accountant)
+    return open_ledger(args.ledger, files, budget_epsilon=args.budget_epsilon, budget_delta=budget_delta,
+                       change_budget=args.change_budget, force=args.force_budget, accountant=args.accountant)
 
 
-def _output(args: argparse.Namespace) -> object:
-    from pathlib import Path
+def _output(args: argparse.Namespace) -> OutputPlan:
+    """The checked plan for --out/--format/--token/--force: call it before anything else."""
+    from privdiff.output_plan import plan_output
 
-    from privdiff.embeddings.release import Output
-
-    fmt = args.format or ("a1111-pt" if str(args.out).endswith(".pt") else "safetensors")
-    return Output(Path(args.out), fmt=fmt, token=args.token, force=args.force)
+    return plan_output(args.out, args.format, args.token, args.force)
 
 
 def _summary(path: object, result: object, ledger: object) -> dict:
-    report = result.report
-    summary = {"output": str(path), **json.loads(report.to_json())}
+    summary = {"output": str(path), **json.loads(result.report.to_json())}
     if result.expected_snr is not None:
         summary["expected_snr_best_case"] = round(result.expected_snr, 3)
     if ledger is not None:
-        name, spent = ledger.ledger.spent(ledger.fingerprint)
-        summary["ledger"] = {"path": str(ledger.ledger.path), "spent_epsilon": spent, "accountant": name}
+        spend = ledger.ledger.spent(ledger.digests)
+        summary["ledger"] = {"path": str(ledger.ledger.path)}
+        if spend is not None:
+            summary["ledger"].update(largest_image_epsilon=spend.epsilon, delta=spend.delta,
+                                     accountant=spend.accountant, relation=spend.relation)
     return summary
+
+
+def _params(args: argparse.Namespace, rate: float, noise_multiplier: float | None = None) -> object:
+    from privdiff.embeddings.dpagg import DPParams
+
+    return DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,
+                    bound=args.bound, accountant=args.accountant, noise_multiplier=noise_multiplier,
+                    public_size=args.public_size)
 
 
 def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
@@ -93,25 +207,33 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
 
     from privdiff.backends.diffusers_backend import DiffusersBackend
     from privdiff.backends.tiny import load_model
-    from privdiff.embeddings.dpagg import DPParams
+    from privdiff.devices import check_device
+    from privdiff.embeddings.dpagg import check_params
     from privdiff.embeddings.release import release_embedding
-    from privdiff.embeddings.textual_inversion import TIConfig
-    from privdiff.images import list_images, load_image_folder
+    from privdiff.embeddings.textual_inversion import TIConfig, check_config
+    from privdiff.images import check_image, list_images, load_image_folder
     from privdiff.progress import tqdm_progress
     from privdiff.training import METHODS
 
-    list_images(args.images)  # fail on an empty or missing folder before loading a model
+    output = _output(args)
+    files = list_images(args.images)  # fail on an empty or missing folder before loading a model
+    for file in files:
+        check_image(file)  # headers only: a corrupt or oversized image fails before the model loads
     config = TIConfig(n_vectors=args.vectors, init_word=args.init_word, steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, templates=args.templates)
-    output, device = _output(args), args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
-    backend.freeze()
-    files, images = load_image_folder(args.images, args.resolution or backend.resolution)
     default_rate = 1.0 if args.method == "dpagg" else min(1.0, args.batch_size / len(files))
     rate = default_rate if args.sample_rate is None else args.sample_rate  # --sample-rate 0 is refused
-    params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate,
-                      clip_norm=args.clip_norm, bound=args.bound, accountant=args.accountant)
-    ledger = _ledger_entry(args, files)
+    params = _params(args, rate)
+    check_params(params, len(files), n_public_by_convention=args.method == "dpsgd")
+    if args.method == "dpsgd" and args.bound != "clip":
+        raise PrivdiffError(f"--bound {args.bound} is not available for --method dpsgd (it clips gradients)")
+    ledger = _ledger_request(args, files)
+    device = check_device(args.device)
+    backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
+    backend.freeze()
+    check_config(backend, config)  # --vectors against the model's text context, before any image is read
+    resolution = backend.resolution if args.resolution is None else args.resolution  # checked by _resolution
+    _, images = load_image_folder(args.images, resolution, files=files)
     with tqdm_progress(f"{args.method}: training") as progress:
         path, result = release_embedding(
             lambda check: METHODS[args.method](
@@ -124,25 +246,55 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
-    from privdiff.embeddings.dpagg import DPParams, aggregate_embedding_files, per_image_files
+    from privdiff.embeddings.dpagg import aggregate_embedding_files, check_params, per_image_files
     from privdiff.embeddings.files import load_embedding
     from privdiff.embeddings.release import release_embedding
+    from privdiff.images import list_images
 
-    files = per_image_files(args.embeddings, args.one_image_per_file)
+    output = _output(args)
+    if not args.one_image_per_file:
+        raise PrivdiffError("the guarantee needs each file to come from exactly one image: confirm with "
+                            "--one-image-per-file")
+    files = per_image_files(args.embeddings)
     rate = 1.0 if args.sample_rate is None else args.sample_rate  # --sample-rate 0 is refused
-    params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate,
-                      clip_norm=args.clip_norm, bound=args.bound, accountant=args.accountant,
-                      noise_multiplier=args.noise_multiplier)
+    params = _params(args, rate, args.noise_multiplier)
+    check_params(params, len(files))
+    if args.ledger and not args.images:
+        raise PrivdiffError("--ledger charges the images the embeddings were trained on: name their folder "
+                            "with --images")
+    sources = list_images(args.images) if args.images else []
+    if sources and len(sources) != len(files):
+        raise PrivdiffError(f"--images holds {len(sources)} images but --embeddings holds {len(files)} files; "
+                            "they must correspond one to one")
     center = load_embedding(args.center) if args.center else None
-    ledger = _ledger_entry(args, files)
+    ledger = _ledger_request(args, sources)
     path, result = release_embedding(
         lambda check: aggregate_embedding_files(
-            files, params, center=center, seed=args.reproducible_seed,
+            files, params, center=center, center_name=args.center, seed=args.reproducible_seed,
             dataset_label=args.dataset_label, before_training=check,
         ),
-        _output(args), ledger,
+        output, ledger,
     )
     _print_json(_summary(path, result, ledger))
+
+
+def _cmd_ledger_show(args: argparse.Namespace) -> None:
+    from privdiff.privacy.ledger import BudgetLedger
+
+    ledger = BudgetLedger(args.ledger, accountant=args.accountant)
+    if not ledger.path.is_file():
+        raise PrivdiffError(f"ledger {ledger.path} does not exist")
+    _print_json(ledger.summary())
+
+
+def _cmd_ledger_clear(args: argparse.Namespace) -> None:
+    from privdiff.privacy.ledger import BudgetLedger
+
+    ledger = BudgetLedger(args.ledger)
+    if not ledger.path.is_file():
+        raise PrivdiffError(f"ledger {ledger.path} does not exist")
+    ledger.clear(args.release_id)
+    _print_json({"cleared": args.release_id, "ledger": str(ledger.path)})
 
 
 def _add_accountant(p: argparse.ArgumentParser) -> None:
@@ -157,29 +309,36 @@ def _add_accountant(p: argparse.ArgumentParser) -> None:
 def _add_release_options(p: argparse.ArgumentParser, rate_default: str, epsilon_required: bool = True) -> None:
     """Privacy, output and ledger options shared by the commands that release an embedding."""
     p.add_argument("--out", required=True, help="output embedding file (.safetensors or .pt)")
-    p.add_argument("--epsilon", type=float, required=epsilon_required, help="target epsilon of this release")
-    p.add_argument("--delta", type=float, required=True, help="target delta (must be below 1/N)")
-    p.add_argument("--sample-rate", type=float, default=None, help=f"Poisson sampling rate q (default {rate_default})")
-    p.add_argument("--clip-norm", type=float, default=1.0, help="bound C on each image's contribution (default 1.0)")
+    p.add_argument("--epsilon", type=POSITIVE, required=epsilon_required, help="target epsilon of this release")
+    p.add_argument("--delta", type=UNIT_OPEN, required=True, help="target delta (must be below 1/N)")
+    p.add_argument("--sample-rate", type=RATE, default=None, help=f"Poisson sampling rate q (default {rate_default})")
+    p.add_argument("--clip-norm", type=_real(MAX_CLIP_NORM), default=1.0,
+                   help="bound C on each image's contribution (default 1.0)")
     p.add_argument("--bound", choices=["clip", "normalize"], default="clip",
                    help="clip: scale longer vectors down to C; normalize: scale all to exactly C")
     _add_accountant(p)
     p.add_argument("--format", choices=["safetensors", "a1111-pt", "diffusers"], default=None,
                    help="file format (default: from the extension; safetensors loads everywhere)")
-    p.add_argument("--token", default=None, help="token name stored in the file (default: output stem)")
+    p.add_argument("--token", default=None,
+                   help="token stored in an a1111-pt or diffusers file (default: output stem); safetensors files "
+                        "store none (loaders use the file name)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
     p.add_argument("--ledger", default=None, help="budget ledger JSON file (kept by you, never shipped)")
-    p.add_argument("--budget-epsilon", type=float, default=None, help="set the dataset's total epsilon budget")
-    p.add_argument("--budget-delta", type=float, default=None, help="the budget's delta (default: --delta)")
+    p.add_argument("--budget-epsilon", type=POSITIVE, default=None, help="set the dataset's total epsilon budget")
+    p.add_argument("--budget-delta", type=UNIT_OPEN, default=None, help="the budget's delta (default: --delta)")
+    p.add_argument("--change-budget", action="store_true", help="replace a different budget stored in the ledger")
     p.add_argument("--force-budget", action="store_true", help="release even over the ledger's budget")
-    p.add_argument("--reproducible-seed", type=int, default=None,
+    p.add_argument("--public-size", type=_integer(1, MAX_COUNT), default=None,
+                   help="a dataset size you declare public: the guarantee becomes add-remove (default: the real N "
+                        "is used and the guarantee is replace-one)")
+    p.add_argument("--reproducible-seed", type=_integer(0, MAX_SEED), default=None,
                    help="fixed seed for debugging: the release is marked NOT private")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the CLI reference)."""
-    parser = argparse.ArgumentParser(prog="privdiff", description=__doc__)
+    parser = _Parser(prog="privdiff", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -187,18 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="privacy_command", metavar="SUBCOMMAND", required=True
     )
     p = privacy.add_parser("epsilon", help="epsilon spent by the subsampled Gaussian mechanism")
-    p.add_argument("--noise-multiplier", type=float, required=True, help="sigma (noise std / clip norm)")
-    p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
-    p.add_argument("--steps", type=int, required=True, help="number of compositions T")
-    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--noise-multiplier", type=POSITIVE, required=True, help="sigma (noise std / clip norm)")
+    p.add_argument("--sample-rate", type=RATE, required=True, help="Poisson sampling rate q")
+    p.add_argument("--steps", type=_integer(1, MAX_COMPOSITIONS), required=True, help="number of compositions T")
+    p.add_argument("--delta", type=UNIT_OPEN, required=True)
     _add_accountant(p)
     p.set_defaults(func=_cmd_privacy_epsilon)
 
     p = privacy.add_parser("sigma", help="noise multiplier that reaches a target (epsilon, delta)")
-    p.add_argument("--epsilon", type=float, required=True)
-    p.add_argument("--delta", type=float, required=True)
-    p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
-    p.add_argument("--steps", type=int, required=True, help="number of compositions T")
+    p.add_argument("--epsilon", type=POSITIVE, required=True)
+    p.add_argument("--delta", type=UNIT_OPEN, required=True)
+    p.add_argument("--sample-rate", type=RATE, required=True, help="Poisson sampling rate q")
+    p.add_argument("--steps", type=_integer(1, MAX_COMPOSITIONS), required=True, help="number of compositions T")
     _add_accountant(p)
     p.set_defaults(func=_cmd_privacy_sigma)
 
@@ -213,28 +372,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument(
-        "--format", choices=["safetensors", "a1111-pt", "diffusers"], default="safetensors",
-        help="output format (default: safetensors, which ComfyUI, A1111 and diffusers all load)",
+        "--format", choices=["safetensors", "a1111-pt", "diffusers"], default=None,
+        help="output format (default: from the extension: .safetensors is safetensors, which ComfyUI, A1111 "
+             "and diffusers all load; .pt is a1111-pt)",
     )
-    p.add_argument("--token", default=None, help="token name stored in the file (default: output stem)")
+    p.add_argument("--token", default=None,
+                   help="token stored in an a1111-pt or diffusers file (default: output stem); safetensors files "
+                        "store none (loaders use the file name)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_cmd_embedding_convert)
 
     p = sub.add_parser("ti-aggregate", help="DP textual-inversion embedding from a folder of private images")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", type=_model, required=True,
                    help="local diffusers folder, local single-file SD1.x/SDXL checkpoint, 'tiny' or 'tiny-sdxl'")
     p.add_argument("--images", required=True, help="folder of private images (png, jpg, webp, ...)")
     p.add_argument("--method", choices=["dpagg", "dpsgd"], default="dpagg",
                    help="dpagg: noisy aggregate of per-image embeddings (default); dpsgd: DP-SGD baseline")
     _add_release_options(p, "1.0 for dpagg, batch-size/N for dpsgd")
-    p.add_argument("--vectors", type=int, default=1, help="vectors per token (default 1)")
-    p.add_argument("--init-word", default="style", help="public word the embedding starts from")
+    p.add_argument("--vectors", type=_integer(1, MAX_VECTORS), default=1,
+                   help="vectors per token (default 1; the model's text context allows fewer with long templates)")
+    p.add_argument("--init-word", type=_word, default="style", help="public word the embedding starts from")
     p.add_argument("--templates", choices=["style", "object"], default="style", help="prompt templates")
-    p.add_argument("--steps", type=int, default=200, help="optimiser steps per embedding (default 200)")
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
-    p.add_argument("--batch-size", type=int, default=8, help="images trained together (default 8)")
-    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: model's)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--steps", type=_integer(1, MAX_STEPS), default=200,
+                   help="optimiser steps per embedding (default 200)")
+    p.add_argument("--lr", type=_real(MAX_LR), default=5e-3, help="Adam learning rate (default 5e-3)")
+    p.add_argument("--batch-size", type=_integer(1, MAX_BATCH_SIZE), default=8,
+                   help="images trained together (default 8)")
+    p.add_argument("--resolution", type=_resolution, default=None,
+                   help="training resolution in pixels, 8 to 4096 (default: the model's)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="model weights dtype (default float32)")
     p.set_defaults(func=_cmd_ti_aggregate)
@@ -243,19 +410,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True, help="folder of per-image embedding files")
     p.add_argument("--one-image-per-file", action="store_true",
                    help="confirm that every file was trained on exactly one image (required)")
-    p.add_argument("--noise-multiplier", type=float, default=None,
+    p.add_argument("--noise-multiplier", type=POSITIVE, default=None,
                    help="use this sigma and report its epsilon, instead of calibrating for --epsilon")
     p.add_argument("--center", default=None,
                    help="public embedding file the offsets are taken from (default: zero)")
+    p.add_argument("--images", default=None,
+                   help="folder of the images the files were trained on, one per file (needed with --ledger)")
     _add_release_options(p, "1.0", epsilon_required=False)
     p.set_defaults(func=_cmd_aggregate)
+
+    ledger = sub.add_parser("ledger", help="read or repair a budget ledger").add_subparsers(
+        dest="ledger_command", metavar="SUBCOMMAND", required=True
+    )
+    p = ledger.add_parser("show", help="budget, releases (reserved or committed) and the largest image spend")
+    p.add_argument("--ledger", required=True, help="budget ledger JSON file")
+    _add_accountant(p)
+    p.set_defaults(func=_cmd_ledger_show)
+    p = ledger.add_parser("clear", help="remove the reservation a killed run left (only if it released nothing)")
+    p.add_argument("--ledger", required=True, help="budget ledger JSON file")
+    p.add_argument("release_id", help="the reserved release's id (see ledger show)")
+    p.set_defaults(func=_cmd_ledger_clear)
     return parser
 
 
+@contextlib.contextmanager
+def _without_torchvision_notices() -> Iterator[None]:
+    """Drop transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back ..." notices.
+
+    Importing diffusers' pipelines prints them (transformers' lazy-import fallback, logger
+    ``transformers.utils.import_utils``); privdiff uses no image processor, so they are noise before every
+    message. Only those records of that logger are dropped, and only while a command runs.
+    """
+    logger = logging.getLogger("transformers.utils.import_utils")
+
+    def notice(record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def _error(message: object) -> int:
+    """Print the one-line error and return its exit code, 2."""
+    print(f"privdiff: error: {_one_line(message) or 'failed'}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``privdiff`` console script."""
+    """Entry point of the ``privdiff`` console script: 0 on success; on bad input one line ``privdiff: error:
+    ...`` on stderr and 2; 130 when interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed by _Parser.error (2)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     logging.basicConfig(format="privdiff: %(levelname)s: %(message)s", level=logging.INFO)
     if args.version:
         from privdiff import __version__
@@ -263,13 +474,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__version__)
         return 0
     if not hasattr(args, "func"):
-        parser.print_help()
-        return 2
+        return _error("a command is required; see privdiff --help")
     try:
-        args.func(args)
+        with _without_torchvision_notices():
+            args.func(args)
     except PrivdiffError as exc:
-        print(f"privdiff: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except OSError as exc:  # the system refused a read or write the checks could not foresee
+        from privdiff.atomic import os_reason
+
+        return _error(f"{exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc))
     except KeyboardInterrupt:
         print("privdiff: interrupted; no output written", file=sys.stderr)
         return 130

@@ -10,13 +10,21 @@ from tqdm import tqdm
 
 @contextmanager
 def tqdm_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress callback drawing a bar (steps, rate, ETA) on stderr."""
-    with tqdm(desc=description, unit="step", dynamic_ncols=True) as bar:
+    """A progress callback drawing a bar (steps, rate, ETA) on stderr from its first call on, so a run
+    refused before any work prints its one-line error alone."""
+    bar: tqdm | None = None
 
-        def progress(done: int, total: int) -> None:
-            if bar.total != total:
-                bar.total = total
-                bar.refresh()
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(desc=description, unit="step", dynamic_ncols=True, total=total)
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
 
+    try:
         yield progress
+    finally:
+        if bar is not None:
+            bar.close()

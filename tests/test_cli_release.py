@@ -10,10 +10,11 @@ from privdiff.cli import main
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 
-# RDP calibrates a q=1 release in milliseconds; PLD (the default) takes seconds at larger epsilons.
+# RDP calibrates a q=1 release in milliseconds; PLD (the default) takes seconds at larger epsilons. RDP serves
+# the add-remove relation only, which a declared public size gives.
 FAST = ["--model", "tiny", "--steps", "1", "--batch-size", "8", "--epsilon", "2", "--delta", "1e-3",
-        "--accountant", "rdp"]
-DEFAULT_ACCOUNTANT = FAST[:-2]
+        "--public-size", "10", "--accountant", "rdp"]
+DEFAULT_ACCOUNTANT = FAST[:-4]
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ def test_release_writes_only_the_embedding_with_its_report(tmp_path, images, cap
                          *DEFAULT_ACCOUNTANT, "--dataset-label", "unit")
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["epsilon"] == 2.0 and summary["dataset_size"] == 8 and summary["private"] is True
+    assert summary["epsilon"] == 2.0 and summary["private"] is True
+    assert summary["relation"] == "replace-one" and summary["public_size"] == 8  # N is public under replace-one
     assert summary["accountant"] == "pld"
     assert [p.name for p in out_dir.iterdir()] == ["s.safetensors"]  # no per-image intermediates
     code, out, _ = run(capsys, "embedding", "inspect", str(out_dir / "s.safetensors"))
@@ -59,8 +61,8 @@ def test_a1111_pt_output_gets_a_sidecar(tmp_path, images, capsys):
 
 
 @pytest.mark.parametrize(("change", "needle"), [
-    (["--epsilon", "0"], "epsilon 0.0"),
-    (["--epsilon", "-1"], "epsilon -1.0"),
+    (["--epsilon", "0"], "argument --epsilon: must be a finite number > 0, got 0"),
+    (["--epsilon", "-1"], "argument --epsilon: must be a finite number > 0, got -1"),
     (["--delta", "0.5"], "delta 0.5"),
 ])
 def test_impossible_budgets_are_refused(tmp_path, images, capsys, change, needle):
@@ -111,7 +113,7 @@ def test_ledger_composes_and_refuses_over_budget(tmp_path, images, capsys):
                              str(tmp_path / f"{name}.safetensors"), *FAST, "--ledger", ledger,
                              "--budget-epsilon", "3.5")
         assert code == 0, err
-        spent.append(json.loads(out)["ledger"]["spent_epsilon"])
+        spent.append(json.loads(out)["ledger"]["largest_image_epsilon"])
     # calibrated to at most 2 (σ=1.609); RDP composes two such releases (q=1) to 3.03, under 2+2, and a third
     # would reach 3.87 > 3.5
     assert 1.99 <= spent[0] <= 2.0 and 3.0 < spent[1] < 3.05
@@ -122,8 +124,15 @@ def test_ledger_composes_and_refuses_over_budget(tmp_path, images, capsys):
     code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out",
                          str(tmp_path / "three.safetensors"), *FAST, "--ledger", ledger, "--force-budget")
     assert code == 0, err
-    releases = next(iter(json.loads((tmp_path / "owner" / "ledger.json").read_text())["datasets"].values()))
-    assert [r["forced"] for r in releases["releases"]] == [False, False, True]
+    releases = json.loads((tmp_path / "owner" / "ledger.json").read_text())["releases"]
+    assert [r["forced"] for r in releases.values()] == [False, False, True]
+    more = write_style_images(tmp_path / "more", count=6, size=32)  # the same 5 images and a new one
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(more), "--out", str(tmp_path / "four.safetensors"),
+                       *FAST, "--ledger", ledger)
+    assert code == 2 and "refused" in one_line_error(err)
+    code, _, err = run(capsys, "ti-aggregate", "--images", str(more), "--out", str(tmp_path / "four.safetensors"),
+                       *FAST, "--ledger", ledger, "--budget-epsilon", "100")
+    assert code == 2 and "--change-budget" in one_line_error(err)
 
 
 def test_interrupted_run_leaves_no_file_and_no_ledger_entry(tmp_path, images, capsys, monkeypatch):
@@ -139,7 +148,7 @@ def test_interrupted_run_leaves_no_file_and_no_ledger_entry(tmp_path, images, ca
                        "--ledger", str(ledger), "--budget-epsilon", "20")
     assert code == 130 and "no output written" in err
     assert list(tmp_path.glob("*.safetensors*")) == [] and list(tmp_path.glob(".*.tmp")) == []
-    assert all(not d["releases"] for d in json.loads(ledger.read_text())["datasets"].values())
+    assert not ledger.exists()  # the run had created it; cancelling its reservation removed it again
 
 
 def test_aggregate_command(tmp_path, capsys):
@@ -152,7 +161,7 @@ def test_aggregate_command(tmp_path, capsys):
                        "--delta", "1e-3")
     assert code == 2 and "--one-image-per-file" in one_line_error(err)
     code, out, err = run(capsys, "aggregate", "--embeddings", str(folder), "--out", str(target), "--one-image-per-file",
-                         "--noise-multiplier", "2", "--delta", "1e-3", "--accountant", "rdp")
+                         "--noise-multiplier", "2", "--delta", "1e-3", "--accountant", "rdp", "--public-size", "6")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["noise_multiplier"] == 2.0 and summary["accountant"] == "rdp" and summary["epsilon"] > 0
@@ -164,17 +173,18 @@ def test_few_images_warn_with_the_signal_to_noise_ratio(tmp_path, capsys, caplog
     code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(tmp_path / "s.safetensors"),
                          *FAST)
     assert code == 0, err
-    snr = 3 / (json.loads(out)["noise_multiplier"] * 768**0.5)
+    snr = 10 / (json.loads(out)["noise_multiplier"] * 768**0.5)  # q * public size over sigma * sqrt(d)
     assert json.loads(out)["expected_snr_best_case"] == round(snr, 3)
     assert f"signal-to-noise ratio of the release is {snr:.2f}" in caplog.text
 
 
 @pytest.mark.parametrize(("change", "needle"), [
-    (["--sample-rate", "0"], "sample_rate must be in (0, 1], got 0.0"),
-    (["--sample-rate", "1.5"], "sample_rate must be in (0, 1], got 1.5"),
+    (["--sample-rate", "0"], "argument --sample-rate: must be a finite number > 0 and <= 1, got 0"),
+    (["--sample-rate", "1.5"], "argument --sample-rate: must be a finite number > 0 and <= 1, got 1.5"),
     (["--delta", "0.2"], "delta 0.2 must be in (0, 1/N)"),  # 1/N = 1/5
-    (["--budget-delta", "0", "--ledger", "LEDGER", "--budget-epsilon", "3"], "delta must be in (0, 1), got 0.0"),
-    (["--steps", "0"], "invalid --steps 0"),
+    (["--budget-delta", "0", "--ledger", "LEDGER", "--budget-epsilon", "3"],
+     "argument --budget-delta: must be a finite number > 0 and < 1, got 0"),
+    (["--steps", "0"], "argument --steps: must be an integer from 1 to 1000000, got 0"),
 ])
 def test_bad_values_are_named_and_nothing_is_written(tmp_path, images, capsys, change, needle):
     target = tmp_path / "out" / "s.safetensors"
@@ -210,8 +220,7 @@ def test_cancel_from_the_progress_callback(tmp_path, images, capsys, monkeypatch
     code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(out_dir / "s.safetensors"),
                        *FAST, "--steps", "3", "--ledger", str(ledger), "--budget-epsilon", "5")
     assert code == 130 and "interrupted" in err and calls == [1, 2]
-    assert list(out_dir.iterdir()) == []
-    assert all(not d["releases"] for d in json.loads(ledger.read_text())["datasets"].values())
+    assert list(out_dir.iterdir()) == [] and list(ledger.parent.iterdir()) == []
 
 
 def test_aggregate_reports_the_accountants_epsilon_and_names_a_bad_file(tmp_path, capsys):
@@ -225,12 +234,12 @@ def test_aggregate_reports_the_accountants_epsilon_and_names_a_bad_file(tmp_path
         save_embedding(Embedding(vectors), folder / f"i{i}.pt", fmt="a1111-pt")
     target = tmp_path / "agg.safetensors"
     common = ["aggregate", "--embeddings", str(folder), "--one-image-per-file", "--delta", "1e-3",
-              "--accountant", "prv", "--out", str(target)]
+              "--accountant", "prv", "--public-size", "40", "--out", str(target)]
     code, out, err = run(capsys, *common, "--noise-multiplier", "1.5", "--sample-rate", "0.5")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["epsilon"] == pytest.approx(epsilon_for(1.5, 0.5, 1, 1e-3, accountant="prv")[1], rel=1e-9)
-    assert summary["sample_rate"] == 0.5 and summary["dataset_size"] == 4
+    assert summary["sample_rate"] == 0.5 and summary["public_size"] == 40 and summary["relation"] == "add-remove"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["agg.safetensors"]
     save_embedding(Embedding({"clip_h": torch.zeros(1, 1024)}), folder / "z_wide.safetensors")
     code, _, err = run(capsys, *common, "--noise-multiplier", "1.5", "--force")
@@ -238,3 +247,23 @@ def test_aggregate_reports_the_accountants_epsilon_and_names_a_bad_file(tmp_path
     code, _, err = run(capsys, "aggregate", "--embeddings", str(tmp_path / "none"), "--one-image-per-file",
                        "--delta", "1e-3", "--epsilon", "1", "--out", str(tmp_path / "x.safetensors"))
     assert code == 2 and "none" in one_line_error(err)
+
+
+def test_aggregate_charges_the_source_images_in_the_same_ledger(tmp_path, images, capsys):
+    ledger = str(tmp_path / "ledger.json")
+    code, out, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(tmp_path / "a.safetensors"),
+                         *FAST, "--ledger", ledger, "--budget-epsilon", "3.5")
+    assert code == 0, err
+    first = json.loads(out)["ledger"]["largest_image_epsilon"]
+    folder = tmp_path / "per_image"
+    folder.mkdir()
+    for i in range(5):
+        save_embedding(Embedding({"clip_l": torch.randn(1, 768) * 0.05}), folder / f"i{i}.safetensors")
+    common = ["aggregate", "--embeddings", str(folder), "--one-image-per-file", "--epsilon", "2", "--delta", "1e-3",
+              "--public-size", "10", "--accountant", "rdp", "--ledger", ledger,
+              "--out", str(tmp_path / "b.safetensors")]
+    code, _, err = run(capsys, *common)
+    assert code == 2 and "--images" in one_line_error(err)
+    code, out, err = run(capsys, *common, "--images", str(images))
+    assert code == 0, err
+    assert json.loads(out)["ledger"]["largest_image_epsilon"] > first  # composed with the ti-aggregate release

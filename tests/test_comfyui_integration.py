@@ -260,7 +260,7 @@ def per_image_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("per_image_embeddings")
     gen = torch.Generator().manual_seed(0)
-    for i in range(6):
+    for i in range(N_IMAGES):  # one per private image: the ledger charges those images
         vectors = {"clip_l": torch.randn(1, 768, generator=gen) * 0.02}
         save_embedding(Embedding(vectors), folder / f"img_{i}.safetensors")
     return folder
@@ -334,13 +334,16 @@ def test_pack_loads_with_node_definitions(comfy: Comfy):
             for input_name, spec in node["input"].get(section, {}).items():
                 opts = spec[1] if len(spec) > 1 else {}
                 assert opts.get("tooltip", "").strip(), f"{name}.{input_name} has no tooltip"
+        tooltips = node.get("output_tooltips") or []
+        assert len(tooltips) == len(outputs) and all(t and t.strip() for t in tooltips), f"{name} output tooltips"
     assert info["PrivdiffPrivacyReport"]["output_node"] is True
 
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings: Path, released_embedding: str,
                        workflow: Path):
-    prompt = prepare(workflow, PrivdiffDPAggregateEmbeddings={"folder": str(per_image_embeddings)},
+    prompt = prepare(workflow, PrivdiffDPAggregateEmbeddings={"folder": str(per_image_embeddings),
+                                                              "images_folder": str(private_images)},
                      PrivdiffPrivacyReport={"embedding": released_embedding})
     outputs = comfy.run(prompt)
 
@@ -415,3 +418,18 @@ def test_interrupt_during_training(comfy: Comfy, private_images: Path):
     assert not _messages(entry, "execution_error"), _describe_failure(entry)
     assert not list(comfy.embeddings.glob(f"{name}*")), "an interrupted run must not leave an embedding"
     assert not [p for p in comfy.embeddings.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_requeueing_after_another_graph_does_not_release_again(comfy: Comfy, private_images: Path):
+    name = "pdtest_requeue"
+    train = prepare(ROOT / "workflows" / "api" / "dp_textual_inversion.json", PrivdiffDPTextualInversion={"name": name})
+    first = comfy.run(train)
+    written = (comfy.embeddings / f"{name}.safetensors").read_bytes()
+    comfy.run(prepare(ROOT / "workflows" / "api" / "privacy_report.json",
+                      PrivdiffPrivacyReport={"embedding": f"{name}.safetensors"}))  # ComfyUI's cache now holds this
+    again = comfy.run(train)
+    assert (comfy.embeddings / f"{name}.safetensors").read_bytes() == written
+    texts = [t for out in again.values() for t in out.get("text", [])]
+    assert any("released before" in t for t in texts), (texts, first)
+    ledger = json.loads((comfy.base / "user" / "privdiff" / "ledger.json").read_text())
+    assert sum(r["output"].endswith(f"{name}.safetensors") for r in ledger["releases"].values()) == 1

@@ -23,7 +23,8 @@ from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.images import load_image_folder
-from privdiff.privacy.mechanism import bound_vectors, poisson_sample, secure_generator
+from privdiff.privacy.mechanism import bound_vectors, poisson_sample
+from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 
 TOKEN = "<dp-style>"
@@ -54,9 +55,9 @@ def test_noise_std_of_the_release(sample_rate):
     center = {k: torch.randn(8, w, generator=g) for k, w in WIDTHS.items()}  # 16384 coordinates
     offset = {k: 0.001 * torch.randn(1, 8, w, generator=g) for k, w in WIDTHS.items()}
     per_image = {k: center[k] + offset[k].expand(n, -1, -1) for k in WIDTHS}
-    kwargs = dict(dataset_size=n, sample_rate=sample_rate, clip_norm=clip, noise_multiplier=sigma)
-    a = aggregate_embeddings(per_image, center, generator=secure_generator(seed=11), **kwargs)
-    b = aggregate_embeddings(per_image, center, generator=secure_generator(seed=12), **kwargs)
+    kwargs = dict(divisor=sample_rate * n, clip_norm=clip, noise_multiplier=sigma)
+    a = aggregate_embeddings(per_image, center, rng=SecureRandom(11), **kwargs)
+    b = aggregate_embeddings(per_image, center, rng=SecureRandom(12), **kwargs)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in center.items()}
     diff = _flat(a) - _flat(b)
     expected = 2**0.5 * sigma * clip / (sample_rate * n)
@@ -76,14 +77,14 @@ def test_noise_std_of_aggregated_files(tmp_path):
     folder = tmp_path / "per_image"
     folder.mkdir()
     files = [save_embedding(Embedding({"clip_l": vec}), folder / f"img{i}.safetensors") for i in range(n)]
-    params = DPParams(epsilon=1.0, delta=1e-3, clip_norm=0.5, accountant="rdp")
+    params = DPParams(epsilon=1.0, delta=1e-3, clip_norm=0.5)
     a = aggregate_embedding_files(files, params, seed=1)
     b = aggregate_embedding_files(files, params, seed=2)
     sigma = a.report.noise_multiplier
-    assert sigma == b.report.noise_multiplier and 2 < sigma < 4
+    assert sigma == b.report.noise_multiplier and 5 < sigma < 8  # replace-one: about twice add-remove's sigma
     diff = a.embedding.vectors["clip_l"] - b.embedding.vectors["clip_l"]
     assert diff.std().item() == pytest.approx(2**0.5 * sigma * 0.5 / n, rel=0.03)
-    assert not a.report.private and a.report.steps == 1 and a.report.dataset_size == n
+    assert not a.report.private and a.report.steps == 1 and a.report.public_size == n
 
 
 # RDP at epsilon 1e4 finds its optimum at the smallest order: a valid, slightly conservative sigma.
@@ -94,11 +95,11 @@ def test_large_epsilon_approaches_the_clipped_mean():
     center = {"clip_l": torch.randn(2, 768, generator=g)}
     scales = torch.linspace(0.3, 3.0, n)[:, None, None]  # half of the offsets are clipped
     per_image = {"clip_l": center["clip_l"] + scales * torch.randn(n, 2, 768, generator=g) / 768**0.5}
-    report = plan_release("test", DPParams(epsilon=1e4, delta=1e-5, accountant="rdp"), n, 1)
+    report = plan_release("test", DPParams(epsilon=1e4, delta=1e-5, public_size=n), n, 1, center="zero")
     assert report.noise_multiplier < 0.05
     released = aggregate_embeddings(
-        per_image, center, dataset_size=n, sample_rate=1.0, clip_norm=clip,
-        noise_multiplier=report.noise_multiplier, generator=secure_generator(seed=3),
+        per_image, center, divisor=1.0 * n, clip_norm=clip,
+        noise_multiplier=report.noise_multiplier, rng=SecureRandom(3),
     )
     want = _clipped_mean(per_image, center, clip)
     spread = (per_image["clip_l"] - want["clip_l"]).flatten(1).norm(dim=1).mean()
@@ -113,8 +114,8 @@ def test_only_poisson_sampled_images_are_trained(tmp_path, sd1_backend, monkeypa
     images = _images(tmp_path, 10)
     q = 0.5
     # A seed whose sample is neither empty, full, nor of the expected size qN (so /qN is told from /m).
-    seed = next(s for s in range(100) if len(poisson_sample(10, q, secure_generator(s))) in (3, 7))
-    expected = poisson_sample(10, q, secure_generator(seed))  # the release generator's first draw
+    seed = next(s for s in range(100) if len(poisson_sample(10, q, SecureRandom(s))) in (3, 7))
+    expected = poisson_sample(10, q, SecureRandom(seed))  # the release stream's first draw
     seen = {}
     real_encode, real_train = dpagg.encode_in_batches, dpagg.train_embeddings
 
@@ -130,9 +131,9 @@ def test_only_poisson_sampled_images_are_trained(tmp_path, sd1_backend, monkeypa
     monkeypatch.setattr(dpagg, "encode_in_batches", encode)
     monkeypatch.setattr(dpagg, "train_embeddings", train)
     config = TIConfig(steps=1, batch_size=8)
-    # A given sigma (epsilon computed by PRV) keeps this fast: calibrating at q < 1 takes seconds.
+    # A given sigma keeps this fast (calibrating at q < 1 takes seconds); PRV needs the add-remove relation.
     params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=q, clip_norm=0.05,
-                      accountant="prv")
+                      accountant="prv", public_size=10)
     result = run_dpagg_ti(sd1_backend, images, params, config, seed=seed)
     assert seen["calls"] == 1 and seen["latents"] == len(expected)
     assert torch.equal(seen["images"], images[expected])
@@ -157,7 +158,7 @@ def test_run_with_large_epsilon_releases_the_clipped_mean(tmp_path, sd1_backend,
 
     monkeypatch.setattr(dpagg, "train_embeddings", train)
     config = TIConfig(steps=2, batch_size=4)
-    params = DPParams(epsilon=1e4, delta=1e-3, clip_norm=0.1, accountant="rdp")
+    params = DPParams(epsilon=1e4, delta=1e-3, clip_norm=0.1, public_size=4)
     result = run_dpagg_ti(sd1_backend, _images(tmp_path, 4), params, config)
     init = initial_vectors(sd1_backend, config)
     per_image = seen["per_image"]["clip_l"]
@@ -171,13 +172,13 @@ def test_run_with_large_epsilon_releases_the_clipped_mean(tmp_path, sd1_backend,
 
 def test_nothing_sampled_trains_nothing(tmp_path, sd1_backend, monkeypatch):
     images = _images(tmp_path, 3)
-    seed = next(s for s in range(100) if len(poisson_sample(3, 0.05, secure_generator(s))) == 0)
+    seed = next(s for s in range(100) if len(poisson_sample(3, 0.05, SecureRandom(s))) == 0)
 
     def train(*args, **kwargs):
         raise AssertionError("no image was sampled, nothing may be trained")
 
     monkeypatch.setattr(dpagg, "train_embeddings", train)
-    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=0.05, accountant="rdp")
+    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=0.05)
     result = run_dpagg_ti(sd1_backend, images, params, TIConfig(steps=1), seed=seed)
     vec = result.embedding.vectors["clip_l"]
     assert vec.shape == (1, 768) and torch.isfinite(vec).all()
@@ -185,7 +186,7 @@ def test_nothing_sampled_trains_nothing(tmp_path, sd1_backend, monkeypatch):
 
 def test_few_images_warn_with_the_expected_snr(tmp_path, sd1_backend, caplog):
     images = _images(tmp_path, 3)
-    params = DPParams(epsilon=1.0, delta=1e-3, accountant="rdp")
+    params = DPParams(epsilon=1.0, delta=1e-3)
     with caplog.at_level(logging.WARNING, logger="privdiff"):
         result = run_dpagg_ti(sd1_backend, images, params, TIConfig(steps=1))
     snr = 3 / (result.report.noise_multiplier * 768**0.5)
@@ -203,7 +204,7 @@ def test_few_images_warn_with_the_expected_snr(tmp_path, sd1_backend, caplog):
 ])
 def test_impossible_budgets_are_refused(epsilon, delta, match):
     with pytest.raises(PrivdiffError, match=match):
-        plan_release("test", DPParams(epsilon=epsilon, delta=delta), 4, 1)
+        plan_release("test", DPParams(epsilon=epsilon, delta=delta), 4, 1, center="zero")
 
 
 def _generate(pipe) -> np.ndarray:
@@ -213,7 +214,7 @@ def _generate(pipe) -> np.ndarray:
 
 def test_sd1_end_to_end(tmp_path, sd1_backend):
     images = _images(tmp_path, 4)
-    params = DPParams(epsilon=2.0, delta=1e-3, clip_norm=0.1, accountant="rdp")
+    params = DPParams(epsilon=2.0, delta=1e-3, clip_norm=0.1)
     result = run_dpagg_ti(sd1_backend, images, params, TIConfig(steps=2, batch_size=4, n_vectors=2),
                           dataset_label="demo")
     out = tmp_path / "out"
@@ -226,7 +227,7 @@ def test_sd1_end_to_end(tmp_path, sd1_backend):
     assert torch.equal(loaded.vectors["clip_l"], result.embedding.vectors["clip_l"])
     report = PrivacyReport.from_metadata(loaded.metadata)
     assert report.private and report.dataset_label == "demo" and report.epsilon == 2.0
-    assert report.release_id == result.report.release_id and report.dataset_size == 4
+    assert report.release_id == result.report.release_id and report.public_size == 4
     pipe = tiny_pipeline("sd1")
     pipe.load_textual_inversion(str(path), token=TOKEN)
     ids = pipe.tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"])
@@ -238,7 +239,7 @@ def test_sd1_end_to_end(tmp_path, sd1_backend):
 
 def test_sdxl_end_to_end(tmp_path, sdxl_backend):
     images = _images(tmp_path, 3)
-    params = DPParams(epsilon=2.0, delta=1e-3, clip_norm=0.1, accountant="rdp")
+    params = DPParams(epsilon=2.0, delta=1e-3, clip_norm=0.1)
     result = run_dpagg_ti(sdxl_backend, images, params, TIConfig(steps=2, batch_size=3))
     vectors = result.embedding.vectors
     assert {k: tuple(v.shape) for k, v in vectors.items()} == {"clip_l": (1, 768), "clip_g": (1, 1280)}
@@ -269,7 +270,7 @@ def test_aggregate_files_refuses_mismatched_widths(tmp_path):
              for i in range(3)]
     bad = save_embedding(Embedding({"clip_h": torch.randn(1, 1024, generator=g)}), tmp_path / "b.safetensors")
     with pytest.raises(PrivdiffError, match=r"b\.safetensors has tensors"):
-        aggregate_embedding_files([*files, bad], DPParams(epsilon=1.0, delta=1e-3, accountant="rdp"))
+        aggregate_embedding_files([*files, bad], DPParams(epsilon=1.0, delta=1e-3))
 
 
 def test_unknown_bound_is_refused_before_training(sd1_backend, monkeypatch):
@@ -277,6 +278,30 @@ def test_unknown_bound_is_refused_before_training(sd1_backend, monkeypatch):
         raise AssertionError("training must not start")
 
     monkeypatch.setattr(dpagg, "train_embeddings", never)
-    params = DPParams(epsilon=2.0, delta=1e-3, bound="squash", accountant="rdp")
+    params = DPParams(epsilon=2.0, delta=1e-3, bound="squash")
     with pytest.raises(PrivdiffError, match="bound 'squash'"):
         run_dpagg_ti(sd1_backend, torch.rand(4, 3, 32, 32), params, TIConfig(steps=1))
+
+
+def test_relation_follows_the_declared_public_size():
+    replace = plan_release("test", DPParams(epsilon=1.0, delta=1e-3), 10, 1, center="zero")
+    assert replace.relation == "replace-one" and replace.public_size == 10 and replace.accountant == "pld"
+    add = plan_release("test", DPParams(epsilon=1.0, delta=1e-3, public_size=25), 10, 1, center="zero")
+    assert add.relation == "add-remove" and add.public_size == 25
+    assert replace.noise_multiplier > 1.8 * add.noise_multiplier  # replace-one moves the sum by up to 2C
+    with pytest.raises(PrivdiffError, match="not both"):
+        plan_release("test", DPParams(epsilon=1.0, noise_multiplier=2.0, delta=1e-3), 10, 1, center="zero")
+    with pytest.raises(PrivdiffError, match="supports only the add-remove relation"):
+        plan_release("test", DPParams(epsilon=1.0, delta=1e-3, accountant="rdp"), 10, 1, center="zero")
+
+
+def test_progress_shows_a_public_total_whatever_was_sampled(tmp_path, sd1_backend):
+    images = _images(tmp_path, 6)
+    config = TIConfig(steps=2, batch_size=2)
+    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=0.5)
+    sizes = {len(poisson_sample(6, 0.5, SecureRandom(s))): s for s in range(200)}
+    assert len(sizes) > 2
+    for seed in list(sizes.values())[:3]:  # different sample sizes, same public total (every image sampled)
+        calls: list[tuple[int, int]] = []
+        run_dpagg_ti(sd1_backend, images, params, config, seed=seed, progress=lambda d, t, c=calls: c.append((d, t)))
+        assert {t for _, t in calls} == {3 * config.steps} and calls[-1] == (6, 6)

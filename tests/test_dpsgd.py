@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -10,11 +12,14 @@ from opacus.optimizers import DPOptimizer
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings import dpsgd_ti
 from privdiff.embeddings.dpagg import DPParams
-from privdiff.embeddings.dpsgd_ti import SharedVectors, run_dpsgd_ti
+from privdiff.embeddings.dpsgd_ti import PrivdiffDPOptimizer, SharedVectors, run_dpsgd_ti
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, diffusion_loss, initial_vectors
+from privdiff.errors import PrivdiffError
 from privdiff.images import load_image_folder
 from privdiff.privacy.accountants import epsilon_for
+from privdiff.privacy.mechanism import bound_vectors
+from privdiff.privacy.randomness import SecureRandom
 
 B = 3
 
@@ -28,8 +33,9 @@ def _batch(backend, seed=0):
     return x0, t, noise, prompts
 
 
-# opacus hooks a module whose input (the latents) needs no gradient; torch says so each time.
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+# opacus hooks a module whose input (the latents) needs no gradient; torch says so each time. run_dpsgd_ti
+# silences it itself; only the tests that drive GradSampleModule directly filter it.
+hook_warning_ignored = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
 def _per_sample_grads(backend, weight, seed=0):
@@ -41,6 +47,7 @@ def _per_sample_grads(backend, weight, seed=0):
     return module
 
 
+@hook_warning_ignored
 def test_grad_sampler_gives_each_examples_own_gradient(sd1_backend):
     init = initial_vectors(sd1_backend, TIConfig(n_vectors=2))["clip_l"]
     module = _per_sample_grads(sd1_backend, init)
@@ -58,6 +65,7 @@ def test_grad_sampler_gives_each_examples_own_gradient(sd1_backend):
     torch.testing.assert_close(module._module.weight.grad, grad_sample.mean(0), rtol=1e-5, atol=1e-8)
 
 
+@hook_warning_ignored
 def test_dp_optimizer_clips_each_example_to_c(sd1_backend):
     init = initial_vectors(sd1_backend, TIConfig())["clip_l"]
     module = _per_sample_grads(sd1_backend, init, seed=1)
@@ -78,17 +86,47 @@ def test_dp_optimizer_clips_each_example_to_c(sd1_backend):
     assert bool((clipped.flatten(1).norm(dim=1) <= clip * (1 + 1e-5)).all())
 
 
-def test_run_dpsgd_ti(tmp_path, sd1_backend, monkeypatch):
+@hook_warning_ignored
+def test_privdiff_optimizer_clips_in_float64_and_adds_grid_noise(sd1_backend):
+    init = initial_vectors(sd1_backend, TIConfig())["clip_l"]
+    module = _per_sample_grads(sd1_backend, init, seed=1)
+    weight = module._module.weight
+    grad_sample = weight.grad_sample.clone()
+    clip = float(grad_sample.flatten(1).norm(dim=1).median())
+    sigma = 2.0
+    optimizer = PrivdiffDPOptimizer(torch.optim.SGD(module.parameters(), lr=1.0), rng=SecureRandom(3),
+                                     noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=B)
+    optimizer.pre_step()
+    want = bound_vectors(grad_sample.flatten(1), clip).sum(0).view_as(weight)
+    assert weight.summed_grad.dtype == torch.float64
+    torch.testing.assert_close(weight.summed_grad, want, rtol=0, atol=0)
+    assert weight.grad.dtype == weight.dtype
+    noisy = weight.grad.double() * B  # scale_grad divided by the expected batch size
+    assert (noisy - want).std().item() == pytest.approx(sigma * clip, rel=0.1)
+
+
+def test_run_dpsgd_ti(tmp_path, sd1_backend, monkeypatch, recwarn):
     write_style_images(tmp_path / "imgs", count=4, size=32)
     images = load_image_folder(tmp_path / "imgs", 32)[1]
-    made = []
+    made, noised, sampled = [], [], []
 
-    class SpyOptimizer(DPOptimizer):
+    class SpyOptimizer(PrivdiffDPOptimizer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(dpsgd_ti, "DPOptimizer", SpyOptimizer)
+    def spy_noisy_sum(total, clip_norm, noise_multiplier, rng):
+        noised.append((total.dtype, clip_norm, noise_multiplier, type(rng)))
+        return real_noisy_sum(total, clip_norm, noise_multiplier, rng)
+
+    def spy_poisson(n, q, rng):
+        sampled.append(type(rng))
+        return real_poisson(n, q, rng)
+
+    real_noisy_sum, real_poisson = dpsgd_ti.noisy_sum, dpsgd_ti.poisson_sample
+    monkeypatch.setattr(dpsgd_ti, "PrivdiffDPOptimizer", SpyOptimizer)
+    monkeypatch.setattr(dpsgd_ti, "noisy_sum", spy_noisy_sum)
+    monkeypatch.setattr(dpsgd_ti, "poisson_sample", spy_poisson)
     steps = []
     # A given sigma (its epsilon computed) keeps the test fast: calibrating at q < 1 takes seconds.
     params = DPParams(epsilon=None, delta=1e-3, sample_rate=0.5, clip_norm=0.3, accountant="prv",
@@ -102,11 +140,33 @@ def test_run_dpsgd_ti(tmp_path, sd1_backend, monkeypatch):
     assert steps == [(1, 3), (2, 3), (3, 3)]
     (opt,) = made
     assert opt.max_grad_norm == 0.3 and opt.noise_multiplier == report.noise_multiplier
-    assert opt.expected_batch_size == 2
+    assert opt.expected_batch_size == 2 and isinstance(opt.rng, SecureRandom) and not opt.rng.reproducible
+    assert noised == [(torch.float64, 0.3, 1.0, SecureRandom)] * 3  # every step's noise: one noisy_sum
+    assert sampled == [SecureRandom] * 3
     vec = result.embedding.vectors["clip_l"]
     init = initial_vectors(sd1_backend, config)["clip_l"]
     assert vec.shape == (1, 768) and torch.isfinite(vec).all()
     assert (vec - init).abs().max() > 1e-3  # three Adam steps moved it
+    assert not [w for w in recwarn if "Full backward hook" in str(w.message)]
+
+
+def test_dpsgd_silences_only_the_hook_warning(tmp_path, sd1_backend):
+    write_style_images(tmp_path / "imgs", count=2, size=32)
+    images = load_image_folder(tmp_path / "imgs", 32)[1]
+    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=1.0, accountant="rdp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_dpsgd_ti(sd1_backend, images, params, TIConfig(steps=1), seed=0)
+        warnings.warn("still shown", UserWarning, stacklevel=1)  # the filter is scoped to the training loop
+    messages = [str(w.message) for w in caught]
+    assert "still shown" in messages
+    assert not [m for m in messages if "Full backward hook" in m]
+
+
+def test_dpsgd_refuses_normalize_before_any_work():
+    params = DPParams(epsilon=1.0, delta=1e-3, bound="normalize")
+    with pytest.raises(PrivdiffError, match="bound 'normalize' is not available for dpsgd"):
+        run_dpsgd_ti(object(), torch.zeros(0), params)  # a backend that cannot do anything
 
 
 def test_dpsgd_survives_empty_poisson_batches(tmp_path, sd1_backend):

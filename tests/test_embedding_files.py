@@ -34,12 +34,12 @@ def report_metadata() -> dict[str, str]:
     from privdiff.privacy.report import PrivacyReport
 
     assert KEY == REPORT_KEY
-    report = PrivacyReport(
-        mechanism="test", epsilon=1.5, delta=1e-5, noise_multiplier=1.2, sample_rate=0.5, clip_norm=1.0,
-        steps=1, accountant="prv", dataset_size=20, library_version="0.1.0", release_id="0" * 32,
-        dataset_label="pets", private=True, notes=["dataset size N is treated as public"],
-        created="2024-01-01T00:00:00+00:00",
-    )
+    report = PrivacyReport.from_json(json.dumps({  # a privdiff 0.1 report, which every later version reads
+        "mechanism": "test", "epsilon": 1.5, "delta": 1e-5, "noise_multiplier": 1.2, "sample_rate": 0.5,
+        "clip_norm": 1.0, "steps": 1, "accountant": "prv", "dataset_size": 20, "library_version": "0.1.0",
+        "release_id": "0" * 32, "dataset_label": "pets", "private": True,
+        "notes": ["dataset size N is treated as public"], "created": "2024-01-01T00:00:00+00:00",
+    }))
     return report.to_metadata()
 
 
@@ -200,26 +200,86 @@ def test_a1111_sidecar_overwrite_rules(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
     def broken(tensors, metadata, tmp):
         tmp.write_bytes(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(files, "write_safetensors", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PrivdiffError, match="No space left on device") as exc:
         save_embedding(make("SD1"), tmp_path / "e.safetensors")
+    assert_one_line_error(exc, "e.safetensors")
     assert listing(tmp_path) == []
 
 
-def test_failed_sidecar_removes_the_pt(tmp_path, monkeypatch):
-    from privdiff.privacy.report import PrivacyReport
+def test_failed_sidecar_write_leaves_nothing(tmp_path, monkeypatch):
+    from pathlib import Path as _Path
 
-    def broken(self, artifact_path, force=False):
-        raise OSError("no space for sidecar")
+    real = _Path.write_text
 
-    monkeypatch.setattr(PrivacyReport, "write_sidecar", broken)
-    with pytest.raises(OSError, match="no space"):
+    def broken(self, *args, **kwargs):
+        if ".privacy.json." in self.name:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_Path, "write_text", broken)
+    with pytest.raises(PrivdiffError, match="e.pt.privacy.json: No space left on device"):
         save_embedding(make("SD1"), tmp_path / "e.pt", fmt="a1111-pt")
     assert listing(tmp_path) == []
+
+
+def test_failed_rename_puts_back_the_replaced_files(tmp_path, monkeypatch):
+    """--force onto e.pt and its sidecar: a failure after the .pt was replaced restores both old files."""
+    import os
+
+    from privdiff import atomic
+
+    old = save_embedding(make("SD1", seed=1, metadata={}), tmp_path / "e.pt", fmt="a1111-pt")
+    (tmp_path / "e.pt.privacy.json").write_text("old report")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real, calls = os.replace, []
+
+    def failing_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(30, "Read-only file system")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_second)
+    with pytest.raises(PrivdiffError, match="Read-only file system"):
+        save_embedding(make("SD1", seed=2), old, fmt="a1111-pt", force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_output_plan_refuses_before_writing(tmp_path):
+    from privdiff.output_plan import plan_output
+
+    (tmp_path / "d.safetensors").mkdir()
+    (tmp_path / "s.pt.privacy.json").mkdir()
+    (tmp_path / "x.pt.privacy.json").write_text("{}")
+    for args, needle in [
+        ((tmp_path / "d.safetensors",), "is a directory"),
+        ((tmp_path / "d.safetensors", "safetensors", None, True), "is a directory"),
+        ((tmp_path / "s.pt", None, None, True), "s.pt.privacy.json (the report sidecar of s.pt) is a directory"),
+        ((tmp_path / "x.pt",), "x.pt.privacy.json already exists"),
+        ((tmp_path / "e.pt", "safetensors"), "must end in .safetensors"),
+        ((tmp_path / "e.safetensors", "a1111-pt"), "must end in .pt"),
+        ((tmp_path / "e.txt",), "unsupported extension"),
+        ((tmp_path / "e.safetensors", None, "tok"), "only a1111-pt and diffusers files store a token"),
+        ((tmp_path / "e.safetensors", "diffusers", "two words"), "without spaces"),
+        ((tmp_path / "e.safetensors", "diffusers", ""), "without spaces"),
+        ((tmp_path / "my concept.pt",), "from the file name"),
+        ((tmp_path / "no" / "e.pt",), "does not exist"),
+    ]:
+        with pytest.raises(PrivdiffError, match=re.escape(needle)) as exc:
+            plan_output(*args)
+        assert "\n" not in str(exc.value)
+    plan = plan_output(tmp_path / "x.pt", token="<x>", force=True)
+    assert (plan.fmt, plan.token, plan.sidecar) == ("a1111-pt", "<x>", tmp_path / "x.pt.privacy.json")
+    assert plan_output(tmp_path / "e.safetensors", token="e").token is None  # the stem is what loaders use
+    assert listing(tmp_path) == ["d.safetensors", "s.pt.privacy.json", "x.pt.privacy.json"]
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,100 +1,186 @@
-"""Budget ledger: fingerprints, composition of releases, refusal over budget, force, corrupt files."""
+"""Budget ledger: per-image charges, reservations under a lock, budgets, crashes, concurrency, corrupt files."""
 
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.accountants import composed_epsilon, epsilon_for
-from privdiff.privacy.ledger import BudgetLedger, dataset_fingerprint
+from privdiff.privacy.accountants import composed_epsilon
+from privdiff.privacy.ledger import BudgetLedger, image_digests, request_key
 from privdiff.privacy.report import make_report
 
-# Full-batch Gaussian releases keep the PLD accountant fast: one release is epsilon ~0.93 at delta 1e-5,
-# two compose to ~1.36, three to ~1.70.
+# Full-batch Gaussian releases keep the PLD accountant fast: under add-remove one release is epsilon ~0.93 at
+# delta 1e-5, two compose to ~1.36, three to ~1.70.
 SIGMA, Q, STEPS, DELTA, BUDGET = 4.0, 1.0, 1, 1e-5, 1.5
 
 
-def release(label=None):
-    _, eps = epsilon_for(SIGMA, Q, STEPS, DELTA)
-    return make_report(mechanism="gaussian", epsilon=eps, delta=DELTA, noise_multiplier=SIGMA, sample_rate=Q,
-                       clip_norm=1.0, steps=STEPS, accountant="pld", dataset_size=10, dataset_label=label)
+def release(label=None, relation="add-remove"):
+    return make_report(mechanism="gaussian", epsilon=0.93, delta=DELTA, noise_multiplier=SIGMA, sample_rate=Q,
+                       clip_norm=1.0, steps=STEPS, accountant="pld", relation=relation, public_size=10,
+                       dataset_label=label)
 
 
-@pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, content in enumerate([b"cat", b"dog", b"bird"]):
+def write_images(folder, contents):
+    folder.mkdir(exist_ok=True)
+    for i, content in enumerate(contents):
         (folder / f"{i}.png").write_bytes(content)
     return sorted(folder.iterdir())
 
 
-def test_fingerprint_depends_on_contents_only(images, tmp_path):
-    fp = dataset_fingerprint(images)
-    assert len(fp) == 64
-    assert dataset_fingerprint(list(reversed(images))) == fp
+@pytest.fixture
+def digests(tmp_path):
+    return image_digests(write_images(tmp_path / "data", [b"cat", b"dog", b"bird"]))
+
+
+def test_digests_depend_on_contents_only_and_refuse_duplicates(tmp_path):
+    files = write_images(tmp_path / "a", [b"cat", b"dog"])
     renamed = tmp_path / "elsewhere.jpg"
-    renamed.write_bytes(images[0].read_bytes())
-    assert dataset_fingerprint([renamed, *images[1:]]) == fp
-    images[0].write_bytes(b"cat, edited")
-    assert dataset_fingerprint(images) != fp
-    assert dataset_fingerprint(images[:2]) != dataset_fingerprint(images)
+    renamed.write_bytes(b"cat")
+    assert sorted(image_digests([renamed, files[1]])) == sorted(image_digests(files))
+    with pytest.raises(PrivdiffError, match="is identical to .*counts twice"):
+        image_digests([*files, renamed])
+    with pytest.raises(PrivdiffError, match="cannot read image file"):
+        image_digests([tmp_path / "missing.png"])
+    assert request_key(["a" * 64, "b" * 64], {"x": 1}) == request_key(["b" * 64, "a" * 64], {"x": 1})
+    assert request_key(["a" * 64], {"x": 1}) != request_key(["a" * 64], {"x": 2})
 
 
-def test_fingerprint_errors(tmp_path):
-    with pytest.raises(PrivdiffError, match="without files"):
-        dataset_fingerprint([])
-    missing = tmp_path / "missing.png"
-    with pytest.raises(PrivdiffError, match=f"cannot read dataset file {missing}"):
-        dataset_fingerprint([missing])
-
-
-def test_ledger_composes_refuses_and_forces(images, tmp_path):
+def test_reservations_compose_refuse_and_force(digests, tmp_path):
     path = tmp_path / "ledger.json"
-    fp = dataset_fingerprint(images)
     ledger = BudgetLedger(path)
-    ledger.set_budget(fp, BUDGET, DELTA)
-    assert ledger.budget(fp) == (BUDGET, DELTA)
-    assert ledger.spent(fp) == ("pld", 0.0)
-
-    first, second, third = release("cats"), release("cats"), release("cats")
-    ledger.check(fp, first)
-    ledger.record(fp, first)
-    ledger.check(fp, second)
-    name, total = ledger.record(fp, second)
-    assert (name, total) == ledger.spent(fp)
-    assert total == composed_epsilon([(SIGMA, Q, STEPS)] * 2, DELTA)[1]
-    assert first.epsilon < total < BUDGET
+    first = ledger.reserve(digests, release("cats"), budget=(BUDGET, DELTA))
+    first.commit()
+    ledger.reserve(digests, release("cats")).commit()
+    spend = ledger.spent(digests)
+    assert spend.epsilon == composed_epsilon([(SIGMA, Q, STEPS)] * 2, DELTA)[1] < BUDGET
+    assert spend.relation == "add-remove" and spend.releases == 2
 
     before = path.read_bytes()
     with pytest.raises(PrivdiffError) as info:
-        ledger.check(fp, third)
+        ledger.reserve(digests, release("cats"))
     message = str(info.value)
-    assert "\n" not in message
-    assert "with 2 earlier release(s) of this dataset (cats)" in message
-    assert "budget epsilon=1.5 at delta=1e-05" in message and "force" in message
+    assert "\n" not in message and "over 3 release(s)" in message and "budget epsilon=1.5" in message
     assert path.read_bytes() == before  # a refusal writes nothing
 
-    _, forced_total = ledger.check(fp, third, force=True)
-    assert forced_total > BUDGET
-    assert ledger.record(fp, third)[1] == forced_total
-    releases = json.loads(path.read_text())["datasets"][fp]["releases"]
-    assert [r["forced"] for r in releases] == [False, False, True]
-    assert [r["release_id"] for r in releases] == [first.release_id, second.release_id, third.release_id]
-    assert fp not in third.to_json()  # the fingerprint stays in the ledger
-    with pytest.raises(PrivdiffError, match="already recorded"):
-        ledger.record(fp, third)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ledger.json"]  # no temporary files
+    forced = release()
+    ledger.reserve(digests, forced, force=True).commit()
+    entries = json.loads(path.read_text())["releases"]
+    assert [e["forced"] for e in entries.values()] == [False, False, True]
+    assert all(e["status"] == "committed" for e in entries.values())
+    assert not any(d in forced.to_json() for d in digests)  # image digests stay in the ledger
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ledger.json"]  # no temporary or lock files
 
 
-def test_ledger_needs_a_budget(images, tmp_path):
+def test_a_folder_plus_one_image_inherits_the_spend(tmp_path):
+    old = image_digests(write_images(tmp_path / "old", [b"a", b"b", b"c"]))
     ledger = BudgetLedger(tmp_path / "ledger.json")
-    with pytest.raises(PrivdiffError, match="no privacy budget set for this dataset"):
-        ledger.check(dataset_fingerprint(images), release())
-    with pytest.raises(PrivdiffError, match="dataset fingerprint must be 64 lowercase hex digits"):
-        ledger.set_budget("cats", 1.0, 1e-5)
-    with pytest.raises(PrivdiffError, match="epsilon must be > 0, got 0"):
-        ledger.set_budget(dataset_fingerprint(images), 0, 1e-5)
+    for _ in range(3):
+        ledger.reserve(old, release(), budget=(1.8, DELTA)).commit()  # three releases: ~1.70 of 1.8
+    grown = image_digests(write_images(tmp_path / "grown", [b"a", b"b", b"c", b"new"]))
+    with pytest.raises(PrivdiffError, match="release refused"):
+        ledger.reserve(grown, release())
+    fresh = image_digests(write_images(tmp_path / "fresh", [b"x", b"y", b"z"]))
+    ledger.reserve(fresh, release()).commit()  # other images have their own spend
+
+
+def test_replace_one_releases_compose_under_replace_one(digests, tmp_path):
+    ledger = BudgetLedger(tmp_path / "ledger.json")
+    ledger.reserve(digests, release(), budget=(10.0, DELTA)).commit()
+    ledger.reserve(digests, release(relation="replace-one")).commit()
+    spend = ledger.spent(digests)
+    assert spend.relation == "replace-one" and spend.accountant == "pld"
+    assert spend.epsilon == composed_epsilon([(SIGMA, Q, STEPS)] * 2, DELTA, "pld", relation="replace-one")[1]
+
+
+def test_budget_rules(digests, tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = BudgetLedger(path)
+    with pytest.raises(PrivdiffError, match=r"budget delta 0.5 must be below 1/N = 0.333 for N=3 images"):
+        ledger.reserve(digests, release(), budget=(1.0, 0.5))
+    assert not path.exists()
+    ledger.reserve(digests, release(), budget=(BUDGET, DELTA)).commit()
+    ledger.reserve(digests, release(), budget=(BUDGET, DELTA)).commit()  # the same budget again is fine
+    before = path.read_bytes()
+    with pytest.raises(PrivdiffError, match="already has the budget epsilon=1.5.*change_budget"):
+        ledger.reserve(digests, release(), budget=(100.0, DELTA))
+    assert path.read_bytes() == before
+    ledger.reserve(digests, release(), budget=(100.0, DELTA), change_budget=True).commit()
+    assert json.loads(path.read_text())["budget"] == {"epsilon": 100.0, "delta": DELTA}
+
+
+def test_without_a_budget_the_ledger_only_records(digests, tmp_path):
+    ledger = BudgetLedger(tmp_path / "ledger.json")
+    for _ in range(3):
+        ledger.reserve(digests, release()).commit()
+    assert ledger.spent(digests) is None and len(ledger.summary()["releases"]) == 3
+
+
+def test_cancel_restores_the_ledger(digests, tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = BudgetLedger(path)
+    ledger.reserve(digests, release(), budget=(BUDGET, DELTA)).cancel()
+    assert not path.exists()  # the cancelled reservation had created it
+    ledger.reserve(digests, release(), budget=(BUDGET, DELTA)).commit()
+    before = path.read_text()
+    ledger.reserve(digests, release(), budget=(5.0, DELTA), change_budget=True).cancel()
+    assert path.read_text() == before  # budget and images restored
+    committed = next(iter(json.loads(before)["releases"]))
+    with pytest.raises(PrivdiffError, match="was committed"):
+        ledger.clear(committed)
+
+
+def _reserve_and_commit(path, contents, budget):
+    from privdiff.privacy.ledger import BudgetLedger as Ledger
+
+    ledger = Ledger(path)
+    digests = [__import__("hashlib").sha256(c).hexdigest() for c in contents]
+    try:
+        ledger.reserve(digests, release(), budget=budget).commit()
+        return True
+    except PrivdiffError:
+        return False
+
+
+@pytest.mark.parametrize(("workers", "budget", "allowed"), [(30, None, 30), (8, (BUDGET, DELTA), 2)])
+def test_concurrent_processes_never_exceed_the_budget_nor_lose_entries(tmp_path, workers, budget, allowed):
+    path = tmp_path / "ledger.json"
+    contents = [b"cat", b"dog", b"bird"]
+    with multiprocessing.get_context("fork").Pool(min(workers, 8)) as pool:
+        results = pool.starmap(_reserve_and_commit, [(path, contents, budget)] * workers)
+    entries = json.loads(path.read_text())["releases"]
+    assert sum(results) == allowed == len(entries)
+    assert all(e["status"] == "committed" for e in entries.values())
+
+
+def test_a_killed_run_keeps_its_reservation_until_cleared(digests, tmp_path):
+    path = tmp_path / "ledger.json"
+    BudgetLedger(path).reserve(digests, release(), budget=(BUDGET, DELTA)).commit()
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_ledger import release
+        from privdiff.privacy.ledger import BudgetLedger
+        BudgetLedger({str(path)!r}).reserve({digests!r}, release())
+        os.kill(os.getpid(), signal.SIGKILL)  # killed before writing or committing
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ledger = BudgetLedger(path)
+    entries = json.loads(path.read_text())["releases"]
+    reserved = [i for i, e in entries.items() if e["status"] == "reserved"]
+    assert len(reserved) == 1 and ledger.spent(digests).releases == 2  # counted, conservatively
+    with pytest.raises(PrivdiffError, match="release refused"):
+        ledger.reserve(digests, release())  # a third would exceed 1.5
+    ledger.clear(reserved[0])
+    assert ledger.spent(digests).releases == 1
+    with pytest.raises(PrivdiffError, match="is not in ledger"):
+        ledger.clear(reserved[0])
 
 
 @pytest.mark.parametrize(
@@ -102,17 +188,20 @@ def test_ledger_needs_a_budget(images, tmp_path):
     [
         ("{not json", "not JSON"),
         ("[]", "not a privdiff-budget-ledger file"),
-        ('{"format": "privdiff-budget-ledger", "version": 1}', "missing key 'datasets'"),
-        ('{"format": "privdiff-budget-ledger", "version": 1, "datasets": {"%s": {"budget": null, '
-         '"releases": [{"release_id": "a", "noise_multiplier": -1, "sample_rate": 1, "steps": 1}]}}}' % ("0" * 64),
+        ('{"format": "privdiff-budget-ledger", "version": 1, "datasets": {}}', "version 1 is not 2"),
+        ('{"format": "privdiff-budget-ledger", "version": 2, "budget": null, "images": {}}', "missing key 'releases'"),
+        ('{"format": "privdiff-budget-ledger", "version": 2, "budget": null, "images": {}, "releases": {"a": '
+         '{"status": "committed", "relation": "add-remove", "noise_multiplier": -1, "sample_rate": 1, "steps": 1}}}',
          "noise_multiplier must be > 0, got -1"),
+        ('{"format": "privdiff-budget-ledger", "version": 2, "budget": {"epsilon": 1, "delta": 2}, "images": {}, '
+         '"releases": {}}', "budget delta must be in (0, 1)"),
     ],
 )
-def test_corrupt_ledger_is_named(tmp_path, content, reason):
+def test_corrupt_ledger_is_named(tmp_path, content, reason, digests):
     path = tmp_path / "ledger.json"
     path.write_text(content)
     with pytest.raises(PrivdiffError) as info:
-        BudgetLedger(path).spent("0" * 64)
+        BudgetLedger(path).spent(digests)
     message = str(info.value)
     assert message.startswith(f"budget ledger {path} is corrupt (") and reason in message
     assert "\n" not in message

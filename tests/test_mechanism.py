@@ -1,69 +1,84 @@
-"""The subsampled Gaussian mechanism: generator seeding, bounding, Poisson sampling, noise scale."""
+"""The subsampled Gaussian mechanism: bounding, Poisson sampling, grid noise (noisy_sum), the aggregate."""
 
+import logging
+import math
+
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from privdiff.errors import PrivdiffError
-from privdiff.privacy import mechanism
-from privdiff.privacy.mechanism import bound_vectors, gaussian_aggregate, poisson_sample, secure_generator
+from privdiff.privacy.mechanism import bound_vectors, gaussian_aggregate, noise_grid, noisy_sum, poisson_sample
+from privdiff.privacy.randomness import SecureRandom
 
 
-def test_unseeded_generators_differ():
-    a = torch.randn(16, generator=secure_generator())
-    b = torch.randn(16, generator=secure_generator())
-    assert not torch.equal(a, b)
-
-
-def test_unseeded_generator_is_seeded_from_secrets(monkeypatch):
-    monkeypatch.setattr(mechanism.secrets, "randbits", lambda bits: 1234)
-    a = torch.randn(4, generator=secure_generator())
-    assert torch.equal(a, torch.randn(4, generator=torch.Generator().manual_seed(1234)))
-
-
-def test_seeded_generators_reproduce():
-    assert torch.equal(torch.randn(8, generator=secure_generator(7)), torch.randn(8, generator=secure_generator(7)))
-
-
-@pytest.mark.parametrize("seed", [-1, 1.5, 2**64, True])
-def test_bad_seed(seed):
-    with pytest.raises(PrivdiffError, match="seed"):
-        secure_generator(seed)
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def test_clip_scales_only_long_rows():
-    directions = torch.nn.functional.normalize(torch.randn(4, 2, 3, generator=secure_generator(0)), dim=(1, 2))
+    directions = torch.nn.functional.normalize(_randn(4, 2, 3), dim=(1, 2))
     vectors = directions * torch.tensor([0.0, 0.5, 2.0, 10.0])[:, None, None]
     out = bound_vectors(vectors, 1.0)
+    assert out.shape == vectors.shape and out.dtype == torch.float64
     norms = out.flatten(1).norm(dim=1)
-    assert torch.allclose(norms, torch.tensor([0.0, 0.5, 1.0, 1.0]), atol=1e-6)
-    assert torch.allclose(out[1:], directions[1:] * norms[1:, None, None], atol=1e-6)  # directions kept
-    assert out.shape == vectors.shape and out.dtype == vectors.dtype
+    assert torch.allclose(norms, torch.tensor([0.0, 0.5, 1.0, 1.0], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(out[1:], directions[1:].double() * norms[1:, None, None], atol=1e-6)  # directions kept
 
 
 def test_normalize_sets_every_norm():
-    vectors = torch.randn(5, 768, generator=secure_generator(1), dtype=torch.float64) * torch.arange(1, 6)[:, None]
+    vectors = _randn(5, 768, seed=1, dtype=torch.float64) * torch.arange(1, 6)[:, None]
     out = bound_vectors(vectors, 2.5, bound="normalize")
     assert torch.allclose(out.norm(dim=1), torch.full((5,), 2.5, dtype=torch.float64))
     assert torch.allclose(torch.nn.functional.normalize(out), torch.nn.functional.normalize(vectors))
 
 
-def test_bounded_norm_never_exceeds_clip_norm_in_float32():
-    vectors = torch.randn(1000, 768, generator=secure_generator(2)) * 50
-    assert bound_vectors(vectors, 0.1).norm(dim=1).max() <= 0.1 * (1 + 1e-6)
+@pytest.mark.parametrize("bound", ["clip", "normalize"])
+@pytest.mark.parametrize("clip", [1e-3, 0.1, 1.0, 3.7, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounded_norm_never_exceeds_clip_norm(bound, clip, dtype):
+    """1000 rows at scales 1e-3..1e6: no float64 norm above C, not even by one ulp."""
+    scales = torch.logspace(-3, 6, 1000, dtype=torch.float64)[:, None]
+    vectors = (_randn(1000, 768, seed=2, dtype=torch.float64) / 768**0.5 * scales).to(dtype)
+    out = bound_vectors(vectors, clip, bound=bound)
+    assert out.dtype == torch.float64
+    assert float(out.norm(dim=1).max()) <= clip
+    assert float(out.flatten(1).norm(dim=1).max()) <= clip
+    if bound == "normalize":
+        assert torch.allclose(out.norm(dim=1), torch.full((1000,), clip, dtype=torch.float64), rtol=1e-12)
+
+
+@pytest.mark.parametrize("bound", ["clip", "normalize"])
+def test_bad_rows_become_zero_with_one_anonymous_warning(bound, caplog):
+    vectors = torch.tensor([[3.0, 4.0], [float("nan"), 0.0], [0.0, float("inf")], [0.0, 0.0], [0.3, 0.4]])
+    with caplog.at_level(logging.WARNING, logger="privdiff"):
+        out = bound_vectors(vectors, 1.0, bound=bound)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1:4], torch.zeros(3, 2, dtype=torch.float64))
+    assert torch.allclose(out[0], torch.tensor([0.6, 0.8], dtype=torch.float64))
+    want_last = [0.6, 0.8] if bound == "normalize" else [0.3, 0.4]
+    assert torch.allclose(out[4], torch.tensor(want_last, dtype=torch.float64))
+    (record,) = caplog.records
+    replaced = 3 if bound == "normalize" else 2  # a zero row is only refused by normalize
+    assert record.getMessage().startswith(f"{replaced} of 5 vectors")
+    assert "row" not in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="privdiff"):
+        bound_vectors(vectors[[0, 4]], 1.0, bound=bound)
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(
     ("vectors", "kwargs", "fragment"),
     [
-        (torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]), {}, "vectors contain NaN or inf (row 1)"),
-        (torch.tensor([[1.0, 2.0], [0.0, 1.0], [float("inf"), 0.0]]), {}, "vectors contain NaN or inf (row 2)"),
         (torch.ones(2, 3), {"clip_norm": 0.0}, "clip_norm must be > 0, got 0.0"),
         (torch.ones(2, 3), {"clip_norm": -1.0}, "clip_norm must be > 0, got -1.0"),
         (torch.ones(2, 3), {"clip_norm": float("nan")}, "clip_norm must be a finite number, got nan"),
         (torch.ones(2, 3), {"bound": "scale"}, "bound='scale' is not one of clip, normalize"),
         (torch.ones(2, 3, dtype=torch.long), {}, "vectors must be floating point"),
         (torch.tensor(1.0), {}, "vectors must have a leading row dimension"),
-        (torch.tensor([[1.0, 0.0], [0.0, 0.0]]), {"bound": "normalize"}, "row 1 of the vectors is zero"),
+        ([[1.0]], {}, "vectors must be a torch tensor, got list"),
     ],
 )
 def test_bound_vectors_bad_input(vectors, kwargs, fragment):
@@ -74,65 +89,137 @@ def test_bound_vectors_bad_input(vectors, kwargs, fragment):
 
 def test_poisson_sample_rate():
     n, q = 200_000, 0.1
-    idx = poisson_sample(n, q, secure_generator(3))
-    assert idx.dtype == torch.long
+    idx = poisson_sample(n, q, SecureRandom(3))
+    assert idx.dtype == torch.long and idx.device.type == "cpu"
     assert torch.equal(idx, torch.unique(idx))  # sorted, no repeats
     assert int(idx.min()) >= 0 and int(idx.max()) < n
     assert abs(len(idx) - n * q) < 5 * (n * q * (1 - q)) ** 0.5
 
 
 def test_poisson_sample_edges():
-    assert torch.equal(poisson_sample(50, 1.0, secure_generator()), torch.arange(50))
-    assert poisson_sample(0, 0.5, secure_generator()).numel() == 0
+    assert torch.equal(poisson_sample(50, 1.0, SecureRandom()), torch.arange(50))
+    assert poisson_sample(0, 0.5, SecureRandom()).numel() == 0
     for bad, fragment in [(0.0, "sample_rate must be in (0, 1], got 0.0"), (1.01, "got 1.01")]:
         with pytest.raises(PrivdiffError, match=fragment.replace("(", r"\(").replace("]", r"\]")):
-            poisson_sample(10, bad, secure_generator())
+            poisson_sample(10, bad, SecureRandom())
     with pytest.raises(PrivdiffError, match="n must be an integer >= 0, got -1"):
-        poisson_sample(-1, 0.5, secure_generator())
+        poisson_sample(-1, 0.5, SecureRandom())
+    with pytest.raises(PrivdiffError, match="rng must be a SecureRandom, got Generator"):
+        poisson_sample(10, 0.5, torch.Generator())
 
 
-def test_gaussian_aggregate_noise_scale():
-    gen = secure_generator(seed=20240611)  # fixed *test* seed: stable statistics
-    m, dim, clip, sigma, expected = 30, 64, 2.0, 1.5, 25.0
-    vectors = torch.randn(m, dim, generator=gen, dtype=torch.float64) * 3  # norms ~24 > clip: clipped
-    mean = bound_vectors(vectors, clip).sum(dim=0) / expected
-    draws = torch.stack([gaussian_aggregate(vectors, clip, sigma, expected, gen) for _ in range(3000)])
+@pytest.mark.parametrize(("clip", "sigma"), [(1.0, 1.0), (0.3, 0.7), (5.0, 3000.0), (2.0**-20, 2.0**25)])
+def test_noisy_sum_lies_on_a_power_of_two_grid(clip, sigma):
+    gamma = noise_grid(clip, sigma)
+    assert math.frexp(gamma)[0] == 0.5  # a power of two
+    assert gamma <= clip * 2.0**-10 and gamma > clip * 2.0**-31
+    total = _randn(4, 300, seed=3, dtype=torch.float64) * clip * 7
+    out = noisy_sum(total, clip, sigma, SecureRandom(4))
+    assert out.shape == total.shape and out.dtype == torch.float64
+    steps = out / gamma
+    assert torch.equal(steps, torch.round(steps))
+    noise = out - total
+    assert noise.std().item() == pytest.approx(sigma * clip, rel=0.1)
+
+
+def test_noisy_sum_snaps_to_the_grid_before_adding_noise(monkeypatch):
+    gamma = noise_grid(1.0, 1.0)
+    rng = SecureRandom(5)
+    monkeypatch.setattr(rng, "discrete_gaussian", lambda size, sigma: np.zeros(size, dtype=np.int64))
+    total = torch.tensor([0.3 * gamma, 0.7 * gamma, -2.5 * gamma, 1.0], dtype=torch.float64)
+    assert torch.equal(noisy_sum(total, 1.0, 1.0, rng), torch.tensor([0.0, gamma, -2 * gamma, 1.0],
+                                                                      dtype=torch.float64))
+
+
+def test_noisy_sum_grid_noise_covers_the_rounding(monkeypatch):
+    """The discrete Gaussian's std is sigma (C + 2 gamma sqrt(d)) / gamma grid steps, never less."""
+    rng, seen = SecureRandom(6), []
+    monkeypatch.setattr(rng, "discrete_gaussian", lambda size, sigma: seen.append(sigma) or np.zeros(size, np.int64))
+    clip, sigma, d = 0.8, 1.3, 16384
+    gamma = noise_grid(clip, sigma)
+    noisy_sum(torch.zeros(d, dtype=torch.float64), clip, sigma, rng)
+    (grid_sigma,) = seen
+    assert grid_sigma >= sigma * (clip + 2 * gamma * d**0.5) / gamma
+    assert grid_sigma == pytest.approx(sigma * clip / gamma, rel=1e-5)
+
+
+def test_noisy_sum_bad_input():
+    for total, fragment in [(torch.tensor([1.0, float("nan")]), "total contains NaN or inf"),
+                            (torch.ones(3, dtype=torch.long), "total must be a floating-point torch tensor")]:
+        with pytest.raises(PrivdiffError, match=fragment):
+            noisy_sum(total, 1.0, 1.0, SecureRandom())
+    with pytest.raises(PrivdiffError, match="rng must be a SecureRandom"):
+        noisy_sum(torch.ones(3), 1.0, 1.0, torch.Generator())
+
+
+def test_gaussian_aggregate_noise_scale_and_normality():
+    rng = SecureRandom(20240611)  # fixed *test* seed: stable statistics
+    m, dim, clip, sigma, divisor = 30, 64, 2.0, 1.5, 25.0
+    vectors = _randn(m, dim, seed=7, dtype=torch.float64) * 3  # norms ~24 > clip: clipped
+    mean = bound_vectors(vectors, clip).sum(dim=0) / divisor
+    draws = torch.stack([gaussian_aggregate(vectors, clip, sigma, divisor, rng) for _ in range(3000)])
     noise = draws - mean
-    target = sigma * clip / expected
+    target = sigma * clip / divisor
     assert noise.std().item() == pytest.approx(target, rel=0.02)  # pooled over 192k values
     per_coordinate = noise.std(dim=0)
     assert ((per_coordinate / target - 1).abs() < 0.1).all()  # each coordinate from 3000 draws
     assert noise.mean().abs().item() < 0.02 * target
+    assert stats.kstest((noise / target).flatten().numpy(), "norm").pvalue > 1e-3
+
+
+def test_gaussian_aggregate_with_bad_rows_keeps_its_distribution(caplog):
+    """A NaN, inf or zero row adds nothing: same mean (the clean rows' sum / divisor), same noise std."""
+    clip, sigma, divisor, draws = 1.0, 2.0, 4.0, 2000
+    clean = _randn(3, 32, seed=8, dtype=torch.float64) * 0.1
+    dirty = torch.cat([clean, torch.full((1, 32), float("nan"), dtype=torch.float64)])
+    dirty[-1, 5] = float("inf")
+    rng = SecureRandom(11)
+    with caplog.at_level(logging.WARNING, logger="privdiff"):
+        with_bad = torch.stack([gaussian_aggregate(dirty, clip, sigma, divisor, rng) for _ in range(draws)])
+    without = torch.stack([gaussian_aggregate(clean, clip, sigma, divisor, rng) for _ in range(draws)])
+    want = clean.sum(dim=0) / divisor
+    target = sigma * clip / divisor
+    for release in (with_bad, without):
+        assert torch.isfinite(release).all()
+        assert release.std().item() == pytest.approx(target, rel=0.03)
+        assert (release.mean(dim=0) - want).abs().max().item() < 5 * target / draws**0.5
+    assert with_bad.std().item() == pytest.approx(without.std().item(), rel=0.04)
+    assert len(caplog.records) == draws and "row" not in caplog.records[0].getMessage()
 
 
 def test_gaussian_aggregate_empty_sample_and_shape():
-    gen = secure_generator(5)
-    out = gaussian_aggregate(torch.empty(0, 4, 768), 1.0, 2.0, 10.0, gen)
+    out = gaussian_aggregate(torch.empty(0, 4, 768), 1.0, 2.0, 10.0, SecureRandom(5))
     assert out.shape == (4, 768) and out.dtype == torch.float32
     assert out.std().item() == pytest.approx(2.0 * 1.0 / 10.0, rel=0.05)
 
 
 def test_gaussian_aggregate_is_reproducible_only_with_a_seed():
     vectors = torch.ones(3, 8)
-    assert torch.equal(gaussian_aggregate(vectors, 1.0, 1.0, 3.0, secure_generator(9)),
-                       gaussian_aggregate(vectors, 1.0, 1.0, 3.0, secure_generator(9)))
-    assert not torch.equal(gaussian_aggregate(vectors, 1.0, 1.0, 3.0, secure_generator()),
-                           gaussian_aggregate(vectors, 1.0, 1.0, 3.0, secure_generator()))
+    assert torch.equal(gaussian_aggregate(vectors, 1.0, 1.0, 3.0, SecureRandom(9)),
+                       gaussian_aggregate(vectors, 1.0, 1.0, 3.0, SecureRandom(9)))
+    assert not torch.equal(gaussian_aggregate(vectors, 1.0, 1.0, 3.0, SecureRandom()),
+                           gaussian_aggregate(vectors, 1.0, 1.0, 3.0, SecureRandom()))
+
+
+def test_seeds_differing_in_high_bits_give_different_noise():
+    vectors = torch.ones(3, 8)
+    releases = [gaussian_aggregate(vectors, 1.0, 1.0, 3.0, SecureRandom(s)) for s in (5, 5 + 2**32, 5 + 2**40)]
+    assert len({tuple(r.tolist()) for r in releases}) == 3
 
 
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
         ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0, got 0.0"),
-        ({"expected_count": 0.0}, "expected_count must be > 0, got 0.0"),
-        ({"expected_count": float("inf")}, "expected_count must be a finite number, got inf"),
+        ({"divisor": 0.0}, "divisor must be > 0, got 0.0"),
+        ({"divisor": float("inf")}, "divisor must be a finite number, got inf"),
         ({"clip_norm": -2.0}, "clip_norm must be > 0, got -2.0"),
-        ({"vectors": torch.tensor([[0.0, float("nan")]])}, "vectors contain NaN or inf (row 0)"),
+        ({"rng": torch.Generator()}, "rng must be a SecureRandom, got Generator"),
     ],
 )
 def test_gaussian_aggregate_bad_values(kwargs, fragment):
-    args = {"vectors": torch.ones(2, 3), "clip_norm": 1.0, "noise_multiplier": 1.0, "expected_count": 2.0,
-            "generator": secure_generator()} | kwargs
+    args = {"vectors": torch.ones(2, 3), "clip_norm": 1.0, "noise_multiplier": 1.0, "divisor": 2.0,
+            "rng": SecureRandom()} | kwargs
     with pytest.raises(PrivdiffError) as info:
         gaussian_aggregate(**args)
     assert fragment in str(info.value)

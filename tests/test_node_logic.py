@@ -60,8 +60,12 @@ def test_prompt_template_needs_one_placeholder():
 def test_release_options_map_to_mechanism_parameters():
     assert release().seed() is None and release(reproducible_seed=5).seed() == 5
     assert release().params().noise_multiplier is None and release().params().epsilon == 8.0
-    fixed = release(noise_multiplier=2.0).params()
+    fixed = release(noise_multiplier=2.0, epsilon=0.0).params()
     assert fixed.noise_multiplier == 2.0 and fixed.epsilon is None
+    for both_or_neither in (release(noise_multiplier=2.0), release(epsilon=0.0)):
+        with pytest.raises(PrivdiffError, match="set exactly one of epsilon"):
+            both_or_neither.params()
+    assert release().params().public_size is None and release(public_size=40).params().public_size == 40
     assert release(dataset_label="  ").label() is None
 
 
@@ -88,8 +92,8 @@ def test_cancelled_training_writes_nothing(sd1_backend, dataset, tmp_path):
         logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG,
                               release(ledger_path=str(ledger), budget_epsilon=20.0), tmp_path, progress=cancel)
     assert not (tmp_path / "unit_style.safetensors").exists()
-    assert json.loads(ledger.read_text())["datasets"] and not any(
-        entry["releases"] for entry in json.loads(ledger.read_text())["datasets"].values())
+    assert not ledger.exists()  # the cancelled reservation had created it: nothing is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_ledger_refuses_a_release_over_budget(sd1_backend, dataset, tmp_path):
@@ -119,10 +123,61 @@ def test_aggregate_files_and_read_report(tmp_path):
         save_embedding(Embedding({"clip_l": torch.randn(1, 768) * 0.1}), per_image / f"img{i}.safetensors")
     out = tmp_path / "embeddings"
     out.mkdir()
-    with pytest.raises(PrivdiffError, match="one_image_per_file"):
+    with pytest.raises(PrivdiffError, match="confirm it by enabling one_image_per_file"):
         logic.aggregate_files(str(per_image), False, "", release(), out)
-    prompt, report, name = logic.aggregate_files(str(per_image), True, "", release(noise_multiplier=3.0), out)
+    with pytest.raises(PrivdiffError, match="set images_folder"):
+        logic.aggregate_files(str(per_image), True, "", release(), out, default_ledger=tmp_path / "ledger.json")
+    prompt, report, name = logic.aggregate_files(str(per_image), True, "", release(noise_multiplier=3.0, epsilon=0),
+                                                 out)
     assert "embedding:unit_style" in prompt and "noise multiplier 3" in report
     text = logic.read_report(out / "unit_style.safetensors")
     assert "PRIVATE release" in text and '"noise_multiplier": 3.0' in text
     assert "carries no privdiff privacy report" in logic.read_report(per_image / "img0.safetensors")
+
+
+def test_an_identical_request_is_returned_not_released_again(sd1_backend, dataset, tmp_path, monkeypatch):
+    ledger = tmp_path / "user" / "ledger.json"
+    ledger.parent.mkdir()
+    out = tmp_path / "embeddings"
+    out.mkdir()
+    first = logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(), out, default_ledger=ledger)
+    written = (out / "unit_style.safetensors").read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an identical request must not train again")
+
+    monkeypatch.setitem(logic.METHODS, "dpagg", no_training)
+    again = logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(), out, default_ledger=ledger)
+    assert again[0] == first[0] and again[2] == first[2] and "released before" in again[1]
+    assert (out / "unit_style.safetensors").read_bytes() == written
+    assert len(json.loads(ledger.read_text())["releases"]) == 1  # charged once
+    with pytest.raises(AssertionError, match="must not train"):  # other parameters: a new request
+        logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(epsilon=7.0, overwrite=True), out,
+                              default_ledger=ledger)
+    monkeypatch.undo()
+    with pytest.raises(PrivdiffError, match="already exists"):  # a new release must also choose to overwrite
+        logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(new_release=True), out,
+                              default_ledger=ledger)
+    logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(new_release=True, overwrite=True), out,
+                          default_ledger=ledger)
+    assert len(json.loads(ledger.read_text())["releases"]) == 2  # the ledger sees the explicit new release
+
+
+def test_folder_state_follows_the_files(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"a")
+    state = logic.folder_state(folder)
+    assert logic.folder_state(folder) == state
+    (folder / "b.png").write_bytes(b"b")
+    assert logic.folder_state(folder) != state
+    state = logic.folder_state(folder)
+    (folder / "b.png").write_bytes(b"bb")
+    assert logic.folder_state(folder) != state
+    assert logic.folder_state(tmp_path / "missing") != logic.folder_state(folder)
+
+
+def test_report_text_names_relation_bound_and_centre(sd1_backend, dataset, tmp_path):
+    _, text, _ = logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(public_size=50), tmp_path)
+    assert "neighbouring relation: add-remove, public size 50" in text
+    assert "(clip, centre: init word 'style'" in text

@@ -3,7 +3,7 @@
 import dataclasses
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ import privdiff
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.report import (
     NOT_PRIVATE_NOTE,
-    PUBLIC_N_NOTE,
+    RELATION_NOTES,
     REPORT_KEY,
     PrivacyReport,
     make_report,
@@ -22,15 +22,17 @@ from privdiff.privacy.report import (
 )
 
 FIELDS = {
-    "mechanism", "epsilon", "delta", "noise_multiplier", "sample_rate", "clip_norm", "steps", "accountant",
-    "dataset_size", "library_version", "release_id", "dataset_label", "private", "notes", "created",
+    "mechanism", "epsilon", "delta", "noise_multiplier", "sample_rate", "clip_norm", "bound", "center", "steps",
+    "accountant", "relation", "public_size", "library_version", "release_id", "dataset_label", "private", "notes",
+    "created",
 }
 
 
 def report(**overrides) -> PrivacyReport:
     args = {
         "mechanism": "dpagg-ti", "epsilon": 1.828, "delta": 1e-5, "noise_multiplier": 1.0,
-        "sample_rate": 0.01, "clip_norm": 0.5, "steps": 1000, "accountant": "pld", "dataset_size": 400,
+        "sample_rate": 0.01, "clip_norm": 0.5, "steps": 1000, "accountant": "pld", "relation": "replace-one",
+        "public_size": 400, "bound": "normalize", "center": "init word 'style'",
     } | overrides
     return make_report(**args)
 
@@ -43,15 +45,27 @@ def test_make_report_fills_public_fields_only():
     assert re.fullmatch(r"[0-9a-f]{32}", r.release_id)
     assert r.release_id != report().release_id
     created = datetime.fromisoformat(r.created)
-    assert created.utcoffset() == timezone.utc.utcoffset(None)
-    assert r.private and r.notes == [PUBLIC_N_NOTE]
-    assert "treated as public" in PUBLIC_N_NOTE
+    assert created.utcoffset() == UTC.utcoffset(None)
+    assert r.private and r.notes == [RELATION_NOTES["replace-one"]]
+    assert r.relation == "replace-one" and r.bound == "normalize" and r.center == "init word 'style'"
+    assert "N is public under this relation" in RELATION_NOTES["replace-one"]
+    assert "not the dataset's size" in report(relation="add-remove").notes[0]
+    assert "DP-SGD convention" in report(relation="add-remove (N public)").notes[0]
+
+
+def test_a_privdiff_0_1_report_still_reads():
+    old = json.loads(report().to_json())
+    for key in ("relation", "public_size", "bound", "center"):
+        del old[key]
+    old["dataset_size"] = 12
+    parsed = PrivacyReport.from_json(json.dumps(old))
+    assert parsed.public_size == 12 and parsed.relation == "add-remove (N public)" and "0.1" in parsed.center
 
 
 def test_reproducible_seed_is_marked_not_private():
     r = report(private=False, notes=["seed 7"])
     assert not r.private
-    assert r.notes == [PUBLIC_N_NOTE, NOT_PRIVATE_NOTE, "seed 7"]
+    assert r.notes == [RELATION_NOTES["replace-one"], NOT_PRIVATE_NOTE, "seed 7"]
 
 
 def test_json_round_trip():
@@ -116,7 +130,8 @@ def test_from_json_checks_types(field, value):
         ({"delta": 0.0}, "delta must be in (0, 1), got 0.0"),
         ({"sample_rate": 2.0}, "sample_rate must be in (0, 1], got 2.0"),
         ({"steps": 0}, "steps must be an integer >= 1, got 0"),
-        ({"dataset_size": 0}, "dataset_size must be an integer >= 1, got 0"),
+        ({"public_size": 0}, "public_size must be an integer >= 1, got 0"),
+        ({"relation": "swap"}, "relation must be one of add-remove, replace-one"),
         ({"mechanism": ""}, "mechanism must be a non-empty string"),
         ({"dataset_label": 5}, "dataset_label must be a string or None, got 5"),
     ],
@@ -125,3 +140,16 @@ def test_make_report_bad_values(overrides, fragment):
     with pytest.raises(PrivdiffError) as info:
         report(**overrides)
     assert fragment in str(info.value)
+
+
+def test_version_of_a_plain_checkout_comes_from_pyproject(monkeypatch):
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(privdiff, "version", not_installed)
+    pyproject = tomllib.loads((Path(privdiff.__file__).parents[1] / "pyproject.toml").read_text())
+    assert privdiff._version() == pyproject["project"]["version"] != "0.0.0+local"

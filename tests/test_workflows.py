@@ -25,7 +25,8 @@ TITLE_HEIGHT = 30  # LiteGraph draws the title bar above a node's pos
 # Inputs in declared order (required, then optional) and output types, per node type.
 _RELEASE_HEAD = [("epsilon", "FLOAT"), ("delta", "FLOAT")]
 _RELEASE_TAIL = [("sample_rate", "FLOAT"), ("clip_norm", "FLOAT"), ("bound", "COMBO")]
-_RELEASE_OPTIONAL = [("ledger_path", "STRING"), ("budget_epsilon", "FLOAT"), ("force_budget", "BOOLEAN"),
+_RELEASE_OPTIONAL = [("new_release", "BOOLEAN"), ("public_size", "INT"), ("ledger_path", "STRING"),
+                     ("budget_epsilon", "FLOAT"), ("change_budget", "BOOLEAN"), ("force_budget", "BOOLEAN"),
                      ("dataset_label", "STRING"), ("reproducible_seed", "INT")]
 _RELEASE_OUTPUTS = ["STRING", "STRING", "STRING"]
 
@@ -43,7 +44,7 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
     "PrivdiffDPAggregateEmbeddings": (
         [("folder", "STRING"), ("one_image_per_file", "BOOLEAN"), ("name", "STRING"), *_RELEASE_HEAD,
          ("noise_multiplier", "FLOAT"), *_RELEASE_TAIL, ("prompt_template", "STRING"), ("overwrite", "BOOLEAN")],
-        [("center", "STRING"), *_RELEASE_OPTIONAL],
+        [("center", "STRING"), ("images_folder", "STRING"), *_RELEASE_OPTIONAL],
         _RELEASE_OUTPUTS,
     ),
     "PrivdiffPrivacyReport": ([("embedding", "COMBO")], [], ["STRING"]),
@@ -207,3 +208,10 @@ def test_user_facing_defaults():
             if "epsilon" in inputs and node["class_type"].startswith("Privdiff"):
                 assert 0 < inputs["epsilon"] <= 10 and 0 < inputs["delta"] <= 1e-4
                 assert inputs.get("reproducible_seed", -1) == -1, "shipped workflows must use secure randomness"
+
+
+def test_shipped_aggregate_workflow_runs_as_shipped():
+    """Its DP node confirms one file per image and names the images' folder that the ledger charges."""
+    prompt = json.loads((API / "dp_aggregate_embeddings.json").read_text())
+    (node,) = [n for n in prompt.values() if n["class_type"] == "PrivdiffDPAggregateEmbeddings"]
+    assert node["inputs"]["one_image_per_file"] is True and node["inputs"]["images_folder"]

@@ -1,8 +1,10 @@
 """DPAgg-TI (arXiv 2411.14639): per-image textual inversion, clipped and averaged with Gaussian noise.
 
-One release of the subsampled Gaussian mechanism (DESIGN.md §3): Poisson-sample the images with
+One release of the subsampled Gaussian mechanism (docs/privacy.md): Poisson-sample the images with
 rate q, train one embedding per sampled image, bound each offset from the public initialisation
-to norm C, sum, add N(0, σ²C²I) and divide by the public expected count q·N.
+to norm C, sum, add Gaussian noise of std σC and divide by a public expected count q·n. With a size n
+the user declares public the guarantee is add-remove; otherwise n is the dataset's size N and the
+guarantee (calibrated accordingly) is replace-one, under which N is public.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import Progress, TIConfig, initial_vectors, train_embeddings
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.accountants import calibrate_noise_multiplier, epsilon_for
-from privdiff.privacy.mechanism import BOUNDS, gaussian_aggregate, poisson_sample, secure_generator
+from privdiff.privacy import checks
+from privdiff.privacy.accountants import ADD_REMOVE, REPLACE_ONE, calibrate_noise_multiplier, epsilon_for
+from privdiff.privacy.mechanism import BOUNDS, gaussian_aggregate, poisson_sample
+from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport, make_report
 
 log = logging.getLogger("privdiff")
@@ -30,7 +34,11 @@ MECHANISM = "DPAgg-TI: subsampled Gaussian mean of per-image textual-inversion e
 
 @dataclass(frozen=True)
 class DPParams:
-    """The privacy parameters of one release: a target ε, or a noise multiplier whose ε is reported."""
+    """The privacy parameters of one release: a target ε, or a noise multiplier whose ε is reported.
+
+    ``public_size``: a dataset size the user declares public (e.g. a published count); it makes the
+    guarantee add-remove. Without it the release divides by the real N and its guarantee is replace-one.
+    """
 
     epsilon: float | None
     delta: float
@@ -39,6 +47,7 @@ class DPParams:
     bound: str = "clip"
     accountant: str | None = None
     noise_multiplier: float | None = None
+    public_size: int | None = None
 
 
 @dataclass
@@ -62,38 +71,62 @@ def check_budget(epsilon: float | None, delta: float, dataset_size: int) -> None
         )
 
 
+def check_params(params: DPParams, dataset_size: int, n_public_by_convention: bool = False) -> None:
+    """Refuse contradictory or impossible parameters before any work (one line naming the value)."""
+    check_budget(params.epsilon, params.delta, dataset_size)
+    if params.bound not in BOUNDS:
+        raise PrivdiffError(f"bound {params.bound!r} is not one of {', '.join(BOUNDS)}")
+    if params.epsilon is not None and params.noise_multiplier is not None:
+        raise PrivdiffError(f"give a target epsilon ({params.epsilon}) or a noise multiplier "
+                            f"({params.noise_multiplier}), not both")
+    if params.epsilon is None and params.noise_multiplier is None:
+        raise PrivdiffError("give a target epsilon or a noise multiplier")
+    if params.public_size is not None:
+        checks.count("public_size", params.public_size)
+    elif not n_public_by_convention and params.accountant not in (None, "pld"):
+        raise PrivdiffError(f"accountant {params.accountant!r} supports only the add-remove relation: use the pld "
+                            "accountant for this replace-one release, or declare a public_size")
+
+
 def plan_release(
     mechanism: str,
     params: DPParams,
     dataset_size: int,
     steps: int,
     *,
+    center: str,
     dataset_label: str | None = None,
     private: bool = True,
+    n_public_by_convention: bool = False,
 ) -> PrivacyReport:
-    """Check the budget, fix σ and ε for ``steps`` compositions and write the release's report.
+    """Check the parameters, fix σ and ε for ``steps`` compositions and write the release's report.
 
-    σ is calibrated for the target ε, or, when ``params.noise_multiplier`` is given, ε is computed.
+    σ is calibrated for the target ε, or, when ``params.noise_multiplier`` is given, ε is computed, under
+    the release's relation: add-remove with a declared ``public_size``; otherwise replace-one, or
+    add-remove with N public when ``n_public_by_convention`` (DP-SGD's convention).
     """
-    check_budget(params.epsilon, params.delta, dataset_size)
-    if params.bound not in BOUNDS:
-        raise PrivdiffError(f"bound {params.bound!r} is not one of {', '.join(BOUNDS)}")
+    check_params(params, dataset_size, n_public_by_convention)
+    if params.public_size is not None:
+        relation, public_size, accounted = "add-remove", params.public_size, ADD_REMOVE
+    elif n_public_by_convention:
+        relation, public_size, accounted = "add-remove (N public)", dataset_size, ADD_REMOVE
+    else:
+        relation, public_size, accounted = REPLACE_ONE, dataset_size, REPLACE_ONE
     if params.noise_multiplier is not None:
         sigma = params.noise_multiplier
         accountant, epsilon = epsilon_for(
-            sigma, params.sample_rate, steps, params.delta, accountant=params.accountant
-        )
-    elif params.epsilon is not None:
-        epsilon = params.epsilon
-        accountant, sigma = calibrate_noise_multiplier(
-            epsilon, params.delta, params.sample_rate, steps, accountant=params.accountant
+            sigma, params.sample_rate, steps, params.delta, accountant=params.accountant, relation=accounted
         )
     else:
-        raise PrivdiffError("give a target epsilon or a noise multiplier")
+        epsilon = params.epsilon
+        accountant, sigma = calibrate_noise_multiplier(
+            epsilon, params.delta, params.sample_rate, steps, accountant=params.accountant, relation=accounted
+        )
     return make_report(
         mechanism=mechanism, epsilon=epsilon, delta=params.delta, noise_multiplier=sigma,
-        sample_rate=params.sample_rate, clip_norm=params.clip_norm, steps=steps, accountant=accountant,
-        dataset_size=dataset_size, dataset_label=dataset_label, private=private,
+        sample_rate=params.sample_rate, clip_norm=params.clip_norm, bound=params.bound, center=center,
+        steps=steps, accountant=accountant, relation=relation, public_size=public_size,
+        dataset_label=dataset_label, private=private,
     )
 
 
@@ -117,29 +150,33 @@ def aggregate_embeddings(
     per_image: dict[str, torch.Tensor],
     center: dict[str, torch.Tensor],
     *,
-    dataset_size: int,
-    sample_rate: float,
+    divisor: float,
     clip_norm: float,
     noise_multiplier: float,
-    generator: torch.Generator,
+    rng: SecureRandom,
     bound: str = "clip",
 ) -> dict[str, torch.Tensor]:
     """The noisy mean of per-image embeddings {enc: [m, n, dim]} around a public ``center``.
 
     The offsets of all encoders form one vector per image, so the bound C holds for the whole
-    embedding (clip_l and clip_g together for SDXL).
+    embedding (clip_l and clip_g together for SDXL). ``divisor`` is the public expected count q·n.
     """
     keys = sorted(center)
     flat = torch.cat([(per_image[k] - center[k]).flatten(1) for k in keys], dim=1)
-    mean = gaussian_aggregate(
-        flat, clip_norm, noise_multiplier, sample_rate * dataset_size, generator, bound=bound
-    )
+    mean = gaussian_aggregate(flat, clip_norm, noise_multiplier, divisor, rng, bound=bound)
     parts = mean.split([center[k].numel() for k in keys])
     return {k: center[k] + part.view_as(center[k]) for k, part in zip(keys, parts, strict=True)}
 
 
 def _embedding_dim(init: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in init.values())
+
+
+def _public_progress(progress: Progress | None, public_total: int) -> Progress | None:
+    """Progress over a public total (every image sampled), so the bar does not show how many were sampled."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(min(done, public_total), public_total)
 
 
 def run_dpagg_ti(
@@ -156,28 +193,34 @@ def run_dpagg_ti(
     """Release one DP embedding from private ``images`` [N, 3, H, W] in 0..1.
 
     ``seed`` makes the run reproducible and marks the release as not private.
-    ``before_training`` sees the release's report before any work (e.g. a budget check).
+    ``before_training`` sees the release's report before any work (e.g. a ledger reservation).
+    Progress counts optimiser steps against the public total ceil(N / batch_size)·steps; the bar
+    completes when training ends (its duration still reflects how many images were sampled).
     """
     n = len(images)
     config = config or TIConfig()
-    report = plan_release(MECHANISM, params, n, 1, dataset_label=dataset_label, private=seed is None)
+    init = initial_vectors(backend, config)
+    center = f"init word {config.init_word!r} ({config.n_vectors} vector(s)) of the model's token embeddings"
+    report = plan_release(MECHANISM, params, n, 1, center=center, dataset_label=dataset_label,
+                          private=seed is None)
     sigma = report.noise_multiplier
     if before_training is not None:
         before_training(report)
-    init = initial_vectors(backend, config)
-    snr = expected_snr(n, params.sample_rate, sigma, _embedding_dim(init))
-    generator = secure_generator(seed)
-    sampled = poisson_sample(n, params.sample_rate, generator)
-    # Training streams are derived from the (secure or reproducible) release generator.
-    streams = [secure_generator(int(torch.randint(2**62, (), generator=generator))) for _ in sampled]
+    snr = expected_snr(report.public_size, params.sample_rate, sigma, _embedding_dim(init))
+    rng = SecureRandom(seed)
+    sampled = poisson_sample(n, params.sample_rate, rng)
+    public_total = math.ceil(n / config.batch_size) * config.steps
     if len(sampled):
-        latents = encode_in_batches(backend, images[sampled], config.batch_size, generator)
-        per_image = train_embeddings(backend, latents, init, config, streams, progress)
+        latents = encode_in_batches(backend, images[sampled], config.batch_size, rng.torch_generator())
+        streams = [rng.torch_generator() for _ in sampled]  # training randomness, not relied on by the guarantee
+        per_image = train_embeddings(backend, latents, init, config, streams, _public_progress(progress, public_total))
     else:
         per_image = {k: torch.empty(0, *v.shape) for k, v in init.items()}
+    if progress is not None:
+        progress(public_total, public_total)
     released = aggregate_embeddings(
-        per_image, init, dataset_size=n, sample_rate=params.sample_rate, clip_norm=params.clip_norm,
-        noise_multiplier=sigma, generator=generator, bound=params.bound,
+        per_image, init, divisor=params.sample_rate * report.public_size, clip_norm=params.clip_norm,
+        noise_multiplier=sigma, rng=rng, bound=params.bound,
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
@@ -201,11 +244,8 @@ FILES_MECHANISM = "subsampled Gaussian mean of per-image embedding files (one im
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-def per_image_files(folder: str | Path, one_image_per_file: bool) -> list[Path]:
-    """The embedding files of ``folder`` for aggregation; the user must confirm one image per file."""
-    if not one_image_per_file:
-        raise PrivdiffError("the guarantee needs each file to come from exactly one image: "
-                            "confirm with --one-image-per-file (one_image_per_file)")
+def per_image_files(folder: str | Path) -> list[Path]:
+    """The embedding files of ``folder`` for aggregation (the caller has confirmed one image per file)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise PrivdiffError(f"embedding folder {root} does not exist or is not a folder")
@@ -215,42 +255,51 @@ def per_image_files(folder: str | Path, one_image_per_file: bool) -> list[Path]:
     return files
 
 
+def _shapes(embedding: Embedding) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in embedding.vectors.items()}
+
+
 def aggregate_embedding_files(
     files: list[Path],
     params: DPParams,
     *,
     center: Embedding | None = None,
+    center_name: str | None = None,
     seed: int | None = None,
     dataset_label: str | None = None,
     before_training: Callable[[PrivacyReport], None] | None = None,
 ) -> DPAggResult:
     """Aggregate per-image embedding files trained elsewhere, each from exactly one image.
 
-    Offsets are taken from the public ``center`` (e.g. the init word's vectors) or from zero.
+    Offsets are taken from the public ``center`` (e.g. the init word's vectors; ``center_name`` names it
+    in the report) or from zero.
     """
-    embeddings = [load_embedding(f) for f in files]
-    if not embeddings:
+    if not files:
         raise PrivdiffError("no embedding files to aggregate")
-    reference = center or embeddings[0]
-    shapes = {k: tuple(v.shape) for k, v in reference.vectors.items()}
+    check_params(params, len(files))
+    embeddings = [load_embedding(f) for f in files]
+    shapes = _shapes(embeddings[0])
     for path, emb in zip(files, embeddings, strict=True):
-        got = {k: tuple(v.shape) for k, v in emb.vectors.items()}
-        if got != shapes:
-            raise PrivdiffError(f"{path} has tensors {got}, expected {shapes} like the others")
-    report = plan_release(FILES_MECHANISM, params, len(files), 1, dataset_label=dataset_label,
+        if _shapes(emb) != shapes:
+            raise PrivdiffError(f"{path} has tensors {_shapes(emb)}, expected {shapes} like {files[0].name}")
+    if center is not None and _shapes(center) != shapes:
+        raise PrivdiffError(f"center {center_name or ''} is a {center.family} embedding with tensors "
+                            f"{_shapes(center)}, but the files are {embeddings[0].family} with {shapes}")
+    described = f"public embedding file {Path(center_name).name}" if center is not None and center_name else (
+        "a public embedding" if center is not None else "zero")
+    report = plan_release(FILES_MECHANISM, params, len(files), 1, center=described, dataset_label=dataset_label,
                           private=seed is None)
     if before_training is not None:
         before_training(report)
     origin = center.vectors if center else {k: torch.zeros(s) for k, s in shapes.items()}
-    snr = expected_snr(len(files), params.sample_rate, report.noise_multiplier, _embedding_dim(origin))
-    generator = secure_generator(seed)
-    sampled = poisson_sample(len(files), params.sample_rate, generator).tolist()
+    snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, _embedding_dim(origin))
+    rng = SecureRandom(seed)
+    sampled = poisson_sample(len(files), params.sample_rate, rng).tolist()
     per_image = {k: torch.stack([embeddings[i].vectors[k] for i in sampled]) if sampled
                  else torch.empty(0, *shapes[k]) for k in shapes}
     released = aggregate_embeddings(
-        per_image, origin, dataset_size=len(files), sample_rate=params.sample_rate,
-        clip_norm=params.clip_norm, noise_multiplier=report.noise_multiplier, generator=generator,
-        bound=params.bound,
+        per_image, origin, divisor=params.sample_rate * report.public_size, clip_norm=params.clip_norm,
+        noise_multiplier=report.noise_multiplier, rng=rng, bound=params.bound,
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)

@@ -1,17 +1,21 @@
 """The DP-SGD baseline of DPAgg-TI: one embedding over all images, per-sample clipped noisy gradients.
 
-Opacus does the per-sample clipping and noising (``DPOptimizer``); the trainable vectors live in a
-tiny module whose per-sample gradient is simply the gradient of its broadcast output.
+Opacus computes the per-sample gradients; the trainable vectors live in a tiny module whose per-sample
+gradient is simply the gradient of its broadcast output. Clipping and noise are privdiff's own
+(``PrivdiffDPOptimizer``): per-sample gradients bounded in float64 by ``bound_vectors`` and noised by
+``noisy_sum`` from a ``SecureRandom``, the same noise as every other DP path.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from privdiff.backends.protocol import SDBackend
@@ -25,10 +29,14 @@ from privdiff.embeddings.textual_inversion import (
     diffusion_loss,
     initial_vectors,
 )
-from privdiff.privacy.mechanism import poisson_sample, secure_generator
+from privdiff.errors import PrivdiffError
+from privdiff.privacy.mechanism import bound_vectors, noisy_sum, poisson_sample
+from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 
 MECHANISM = "DP-SGD textual inversion (opacus): per-sample clipped gradients with Gaussian noise"
+# torch warns on every backward through opacus' hooks, as the hooked module's input (the latents) needs no grad.
+_HOOK_WARNING = "Full backward hook is firing"
 
 
 class SharedVectors(nn.Module):
@@ -51,6 +59,42 @@ def _shared_vectors_grad_sample(
     return {layer.weight: backprops}
 
 
+class PrivdiffDPOptimizer(DPOptimizer):
+    """opacus' ``DPOptimizer`` with privdiff's bounding and noise instead of opacus' float32 clip and torch noise.
+
+    Each example's gradient (all parameters together) is clipped to ``max_grad_norm`` by ``bound_vectors``
+    in float64 and summed in float64; the noise is one ``noisy_sum`` over all parameters from ``rng``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.rng = rng
+
+    def _sizes(self) -> list[int]:
+        return [p.numel() for p in self.params]
+
+    def clip_and_accumulate(self) -> None:
+        """``p.summed_grad`` (float64) += the sum of the float64-clipped per-sample gradients."""
+        samples = zip(self.grad_samples, self._sizes(), strict=True)
+        flat = torch.cat([g.reshape(len(g), size).to(torch.float64) for g, size in samples], dim=1)
+        summed = bound_vectors(flat, self.max_grad_norm).sum(dim=0)
+        for p, part in zip(self.params, summed.split(self._sizes()), strict=True):
+            _check_processed_flag(p.grad_sample)
+            grad = part.view_as(p)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        """``p.grad`` = the noisy sum (``noisy_sum``, sensitivity ``max_grad_norm``) in the parameter's dtype."""
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+        total = torch.cat([p.summed_grad.reshape(-1).to(torch.float64) for p in self.params])
+        noisy = noisy_sum(total, self.max_grad_norm, self.noise_multiplier, self.rng)
+        for p, part in zip(self.params, noisy.split(self._sizes()), strict=True):
+            p.grad = part.view_as(p).to(p.dtype)
+            _mark_as_processed(p.summed_grad)
+
+
 def run_dpsgd_ti(
     backend: SDBackend,
     images: torch.Tensor,
@@ -62,46 +106,55 @@ def run_dpsgd_ti(
     progress: Progress | None = None,
     before_training: Callable[[PrivacyReport], None] | None = None,
 ) -> DPAggResult:
-    """Train one embedding on all ``images`` with DP-SGD for ``config.steps`` Poisson-sampled steps."""
+    """Train one embedding on all ``images`` with DP-SGD for ``config.steps`` Poisson-sampled steps.
+
+    ``seed`` makes the run reproducible and marks the release as not private. Only ``bound="clip"``:
+    gradients cannot be normalized meaningfully, so ``"normalize"`` is refused before any work.
+    """
+    if params.bound == "normalize":
+        raise PrivdiffError("bound 'normalize' is not available for dpsgd: DP-SGD clips per-sample gradients; "
+                            "use bound 'clip'")
     n = len(images)
     config = config or TIConfig()
-    report = plan_release(
-        MECHANISM, params, n, config.steps, dataset_label=dataset_label, private=seed is None
-    )
+    center = f"none: per-sample gradients are clipped (training starts from init word {config.init_word!r})"
+    report = plan_release(MECHANISM, params, n, config.steps, center=center, dataset_label=dataset_label,
+                          private=seed is None, n_public_by_convention=True)
     if before_training is not None:
         before_training(report)
     init = initial_vectors(backend, config)
     keys = sorted(init)
     widths = [init[k].shape[-1] for k in keys]
     device = backend.device
-    generator = secure_generator(seed)
-    latents = encode_in_batches(backend, images, config.batch_size, generator).to(device)
+    rng = SecureRandom(seed)
+    latents = encode_in_batches(backend, images, config.batch_size, rng.torch_generator()).to(device)
+    generator = rng.torch_generator()  # templates, timesteps, diffusion noise: not relied on by the guarantee
     shared = SharedVectors(torch.cat([init[k] for k in keys], dim=-1)).to(device)
     module = GradSampleModule(shared)  # wraps `shared`; it does not forward attributes such as .weight
-    noise_generator = secure_generator(int(torch.randint(2**62, (), generator=generator)), device=device)
-    optimizer = DPOptimizer(
-        torch.optim.Adam(module.parameters(), lr=config.lr),
+    optimizer = PrivdiffDPOptimizer(
+        torch.optim.Adam(module.parameters(), lr=config.lr), rng=rng,
         noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm,
-        expected_batch_size=max(1, round(params.sample_rate * n)), generator=noise_generator,
+        expected_batch_size=max(1, round(params.sample_rate * report.public_size)),
     )
     templates = TEMPLATES[config.templates]
-    for step in range(config.steps):
-        optimizer.zero_grad(set_to_none=True)
-        batch = poisson_sample(n, params.sample_rate, generator)
-        if len(batch) == 0:
-            shared.weight.grad_sample = torch.zeros(0, *shared.weight.shape, device=device)
-        else:
-            x0 = latents[batch]
-            rows = module(x0).split(widths, dim=-1)
-            vectors = {k: r.to(backend.dtype) for k, r in zip(keys, rows, strict=True)}
-            prompts = [templates[int(i)].format(PLACEHOLDER)
-                       for i in torch.randint(len(templates), (len(batch),), generator=generator)]
-            t = torch.randint(len(backend.alphas_cumprod), (len(batch),), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
-            diffusion_loss(backend, x0, t, noise, prompts, vectors).mean().backward()
-        optimizer.step()
-        if progress is not None:
-            progress(step + 1, config.steps)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+        for step in range(config.steps):
+            optimizer.zero_grad(set_to_none=True)
+            batch = poisson_sample(n, params.sample_rate, rng)
+            if len(batch) == 0:
+                shared.weight.grad_sample = torch.zeros(0, *shared.weight.shape, device=device)
+            else:
+                x0 = latents[batch]
+                rows = module(x0).split(widths, dim=-1)
+                vectors = {k: r.to(backend.dtype) for k, r in zip(keys, rows, strict=True)}
+                prompts = [templates[int(i)].format(PLACEHOLDER)
+                           for i in torch.randint(len(templates), (len(batch),), generator=generator)]
+                t = torch.randint(len(backend.alphas_cumprod), (len(batch),), generator=generator)
+                noise = torch.randn(x0.shape, generator=generator)
+                diffusion_loss(backend, x0, t, noise, prompts, vectors).mean().backward()
+            optimizer.step()
+            if progress is not None:
+                progress(step + 1, config.steps)
 
     trained = shared.weight.detach().cpu().split(widths, dim=-1)
     vectors = dict(zip(keys, trained, strict=True))

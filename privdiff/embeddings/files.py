@@ -25,24 +25,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from privdiff.atomic import atomic_write
+from privdiff.atomic import Writer
 from privdiff.embeddings.formats import (
     A1111_REPORT_KEY,
-    PICKLE_SUFFIXES,
     REPORT_KEY,
-    SAFETENSORS_SUFFIX,
     a1111_pt_bytes,
     check_vectors,
     read_file,
     write_safetensors,
 )
 from privdiff.errors import PrivdiffError
+from privdiff.output_plan import FORMATS as FORMATS  # re-exported: the formats save_embedding writes
+from privdiff.output_plan import TOKEN_FORMATS, OutputPlan, plan_output, save_planned
 
 if TYPE_CHECKING:
     from privdiff.privacy.report import PrivacyReport
-
-FORMATS = ("safetensors", "a1111-pt", "diffusers")
-
 
 @dataclass
 class Embedding:
@@ -92,33 +89,53 @@ def save_embedding(
 ) -> Path:
     """Write ``emb`` atomically as ``fmt`` (see module doc); an existing file needs ``force``.
 
-    ``token`` (default: the file stem) is stored where the format has a place for it.
+    ``token`` (default: the file stem) is stored where the format has a place for it and ignored by
+    the others; :func:`privdiff.output_plan.plan_output` refuses it there instead.
     """
-    target = Path(path)
-    if fmt not in FORMATS:
-        raise PrivdiffError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    suffixes = PICKLE_SUFFIXES if fmt == "a1111-pt" else (SAFETENSORS_SUFFIX,)
-    if target.suffix.lower() not in suffixes:
-        raise PrivdiffError(f"{target}: a {fmt} embedding file must end in {' or '.join(suffixes)}")
+    return save_planned(emb, plan_output(path, fmt, token if fmt in TOKEN_FORMATS else None, force))
+
+
+def encode_files(emb: Embedding, plan: OutputPlan) -> dict[Path, Writer | None]:
+    """The files ``plan`` writes for ``emb``: {path: writer of its content}, None for a stale report
+    sidecar to remove. Bad vectors or metadata, or SDXL in a one-tensor format, raise PrivdiffError."""
+    target, fmt = plan.path, plan.fmt
     vectors = check_vectors(emb.vectors, f"embedding for {target}")
     bad = [k for k, v in emb.metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise PrivdiffError(f"embedding for {target}: metadata {bad[0]!r} must map a string to a string")
-    token = token or target.stem
     sdxl = "clip_g" in vectors
     if sdxl and fmt != "safetensors":
         raise PrivdiffError(
             f"{target}: SDXL embeddings (clip_l + clip_g) cannot be saved as {fmt}, which holds one tensor; "
             "save them as safetensors (diffusers loads that file with two load_textual_inversion calls)"
         )
+    metadata, first = dict(emb.metadata), next(iter(vectors.values()))
     if fmt == "safetensors":
-        tensors = vectors if sdxl else {"emb_params": next(iter(vectors.values()))}
-        return atomic_write(target, lambda tmp: write_safetensors(tensors, emb.metadata, tmp), force=force)
-    (single,) = vectors.values()
+        tensors = vectors if sdxl else {"emb_params": first}
+        return {target: lambda tmp: write_safetensors(tensors, metadata, tmp)}
+    token = plan.token or target.stem
     if fmt == "diffusers":
-        tensors = {token: single}
-        return atomic_write(target, lambda tmp: write_safetensors(tensors, emb.metadata, tmp), force=force)
-    return _save_a1111(single, emb.metadata, target, token, force)
+        return {target: lambda tmp: write_safetensors({token: first}, metadata, tmp)}
+    report = _report(metadata, f"embedding for {target}")
+    data: dict[str, object] = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": first},
+        "name": token,
+        "step": None,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+    if report is not None:
+        data[A1111_REPORT_KEY] = metadata[REPORT_KEY]
+    blob = a1111_pt_bytes(data)
+    out: dict[Path, Writer | None] = {target: lambda tmp: tmp.write_bytes(blob)}
+    sidecar = plan.sidecar
+    if report is not None:
+        text = report.to_json() + "\n"
+        out[sidecar] = lambda tmp: tmp.write_text(text, encoding="utf-8")
+    elif os.path.lexists(sidecar):
+        out[sidecar] = None  # a report of the file being replaced must not describe this one
+    return out
 
 
 def _report(metadata: dict[str, str], where: Path | str) -> PrivacyReport | None:
@@ -128,38 +145,6 @@ def _report(metadata: dict[str, str], where: Path | str) -> PrivacyReport | None
         return PrivacyReport.from_metadata(metadata)
     except PrivdiffError as exc:
         raise PrivdiffError(f"{where}: {exc}") from exc
-
-
-def _save_a1111(vec: torch.Tensor, metadata: dict[str, str], target: Path, token: str, force: bool) -> Path:
-    from privdiff.privacy.report import sidecar_path
-
-    report = _report(metadata, f"embedding for {target}")
-    sidecar = sidecar_path(target)
-    if report is not None and not force:
-        for existing in (target, sidecar):
-            if existing.exists():
-                raise PrivdiffError(f"{existing} already exists; pass --force (force=True) to overwrite it")
-    data: dict[str, object] = {
-        "string_to_token": {"*": 265},
-        "string_to_param": {"*": vec},
-        "name": token,
-        "step": None,
-        "sd_checkpoint": None,
-        "sd_checkpoint_name": None,
-    }
-    if report is not None:
-        data[A1111_REPORT_KEY] = metadata[REPORT_KEY]
-    blob = a1111_pt_bytes(data)
-    atomic_write(target, lambda tmp: tmp.write_bytes(blob), force=force)
-    if report is not None:
-        try:
-            report.write_sidecar(target, force=True)
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
-    elif force:
-        sidecar.unlink(missing_ok=True)  # a report of the file just replaced must not describe this one
-    return target
 
 
 def inspect_embedding(path: str | os.PathLike) -> dict:
@@ -182,9 +167,14 @@ def inspect_embedding(path: str | os.PathLike) -> dict:
 def convert_embedding(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    fmt: str = "safetensors",
+    fmt: str | None = "safetensors",
     token: str | None = None,
     force: bool = False,
 ) -> Path:
-    """Re-write ``src`` as ``fmt`` at ``dst`` (metadata, including the privacy report, is kept)."""
-    return save_embedding(load_embedding(src), dst, fmt=fmt, token=token, force=force)
+    """Re-write ``src`` as ``fmt`` at ``dst`` (metadata, including the privacy report, is kept).
+
+    ``fmt`` None takes the format from ``dst``'s extension. The output is planned (and refused, e.g. for a
+    ``token`` the format cannot store) before ``src`` is read.
+    """
+    plan = plan_output(dst, fmt, token, force)
+    return save_planned(load_embedding(src), plan)

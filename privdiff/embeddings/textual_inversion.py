@@ -7,6 +7,7 @@ gradients, and Adam exactly the updates, of training image ``i`` alone with the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class TIConfig:
         for flag, value, ok in (
             ("--vectors", self.n_vectors, self.n_vectors >= 1),
             ("--steps", self.steps, self.steps >= 1),
-            ("--lr", self.lr, self.lr > 0),
+            ("--lr", self.lr, self.lr > 0 and math.isfinite(self.lr)),
             ("--batch-size", self.batch_size, self.batch_size >= 1),
             ("--templates", self.templates, self.templates in TEMPLATES),
         ):
@@ -45,8 +46,39 @@ class TIConfig:
                 raise PrivdiffError(f"invalid {flag} {value!r}")
 
 
+def check_config(backend: SDBackend, config: TIConfig) -> None:
+    """Refuse a config the model cannot train, before any image is read.
+
+    Every training prompt is BOS, a template's words around ``n_vectors`` placeholder slots, and EOS;
+    it must fit in each text encoder's context (``model_max_length``: 77 tokens for SD's CLIP encoders).
+    Backends that expose no diffusers tokenizers are not checked here.
+    """
+    words = [template.format(PLACEHOLDER).split(PLACEHOLDER) for template in TEMPLATES[config.templates]]
+    for tokenizer in _tokenizers(backend):
+        context = int(tokenizer.model_max_length)
+        longest = max(sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in parts if p.strip())
+                      for parts in words)
+        room = context - 2 - longest
+        if config.n_vectors > room:
+            raise PrivdiffError(
+                f"--vectors {config.n_vectors} is too many for this model: its text encoder reads {context} "
+                f"tokens, and BOS, EOS and the longest {config.templates!r} prompt template ({longest} tokens) "
+                f"leave room for at most {room} vectors"
+            )
+
+
+def _tokenizers(backend: SDBackend) -> list:
+    """The tokenizers of a backend over a diffusers pipeline (SDXL has two); [] for other backends."""
+    pipe = getattr(backend, "pipe", None)
+    return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
 def initial_vectors(backend: SDBackend, config: TIConfig) -> dict[str, torch.Tensor]:
-    """The public starting point: the init word's token vectors {encoder: [n_vectors, dim]}, CPU float32."""
+    """The public starting point: the init word's token vectors {encoder: [n_vectors, dim]}, CPU float32.
+
+    The config is checked against the model first (:func:`check_config`).
+    """
+    check_config(backend, config)
     vectors = backend.token_vectors(config.init_word, config.n_vectors)
     return {k: v.detach().float().cpu() for k, v in vectors.items()}
 

@@ -1,8 +1,9 @@
-"""Differential privacy core (DESIGN.md §3), one implementation used by every feature.
+"""Differential privacy core (docs/privacy.md), one implementation used by every feature.
 
 - ``accountants``: epsilon of, and sigma calibration for, the Poisson-subsampled Gaussian mechanism
   (dp_accounting PLD, opacus PRV and RDP);
-- ``mechanism``: CSPRNG-seeded generators, bounding, Poisson sampling, the Gaussian aggregate;
+- ``randomness``: the ChaCha20 CSPRNG (256-bit key) and the exact discrete Gaussian sampler;
+- ``mechanism``: bounding, Poisson sampling, the noisy sum on a fixed grid, the Gaussian aggregate;
 - ``report``: the privacy report carried by every DP artifact;
 - ``ledger``: the data owner's local budget ledger;
 - ``checks``: the shared input checks (one-line PrivdiffError naming the value).

@@ -6,9 +6,17 @@ Thin wrappers over well-kept accountants; no formula is re-derived here:
 - ``prv``: opacus' PRV accountant (its upper bound);
 - ``rdp``: opacus' RDP accountant (looser, but fast).
 
-Neighbouring datasets differ by adding or removing one record. An event ``(sigma, q, steps)`` is
-``steps`` compositions of the Gaussian mechanism with noise multiplier ``sigma`` on a Poisson sample
-of rate ``q`` (``q == 1``: no sampling).
+An event ``(sigma, q, steps)`` is ``steps`` compositions of the Gaussian mechanism with noise multiplier
+``sigma`` on a Poisson sample of rate ``q`` (``q == 1``: no sampling). Neighbouring datasets differ by adding or
+removing one record (``add-remove``, every accountant) or by replacing one record with another
+(``replace-one``, pld only: dp_accounting's REPLACE_ONE pair (1-q)N(0, σ²) + qN(∓1, σ²), i.e. the sampled
+record's clipped contribution moves between two vectors of norm <= C; at q = 1 that is sensitivity 2C).
+
+Every call answers within seconds (2 CPU cores) or refuses with a one-line PrivdiffError. The served ranges:
+steps <= MAX_STEPS in all (DP-SGD never needs more), at most MAX_EVENTS distinct (sigma, q) pairs in one
+composition, NOISE_MULTIPLIERS, DELTAS and, as calibration targets, EPSILONS. Inside them the grids of pld and
+prv are sized to a fixed work budget: a coarser grid only loosens their upper bound, never breaks it, and prv
+refuses events whose grid cannot be made small enough (use pld there).
 """
 
 from __future__ import annotations
@@ -26,18 +34,36 @@ from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
 
 ACCOUNTANTS = ("pld", "prv", "rdp")
+ADD_REMOVE = "add-remove"
+REPLACE_ONE = "replace-one"
+RELATIONS = (ADD_REMOVE, REPLACE_ONE)
+
+MAX_STEPS = 10**6
+MAX_EVENTS = 100
+NOISE_MULTIPLIERS = (1e-3, 1e6)
+DELTAS = (1e-12, 0.5)  # pld's truncated tails hold ~1e-15 per composition; prv needs delta above its grid's rounding
+EPSILONS = (0.01, 1e4)  # calibration targets: rdp's optimal order grows like 2 log(1/delta) / epsilon
+PRV_EPSILONS = (0.05, 500.0)  # prv adds its eps_error (>= 0.01) and represents epsilon up to ~700 only
 
 Event = tuple[float, float, int]
 
-# opacus' default RDP orders and a few larger ones; widened on demand. (Orders below 1.1 would only
-# matter for epsilon above ~log(1/delta) / 0.1 and are slow to evaluate.)
-_RDP_ORDERS = tuple(
-    [1 + x / 10 for x in range(1, 100)]
-    + list(range(12, 64))
-    + [round(64 * 2 ** (k / 4)) for k in range(1, 9)]
-)
-_RDP_MAX_ORDER = 2**14
-_LARGEST_ALPHA = "Optimal order is the largest alpha"
+
+class _Unservable(PrivdiffError):
+    """Events whose epsilon lies beyond every target the accountant serves, which it cannot compute."""
+
+
+# PLD work budgets: points of the single-step loss grids, points of the composed grid times the number of events,
+# spacing snapped to powers of two. ~1-2 s per evaluation; ~0.1 s in a calibration's coarse search, whose spacing
+# follows sigma continuously so that its epsilon stays continuous for the root finder.
+_PLD_BUDGET = (120_000, 1_000_000, True)
+_PLD_COARSE = (10_000, 100_000, False)
+_PLD_SPACING = 1e-4  # dp_accounting's default; scaled by powers of two, 2**-10 finer to 2**20 coarser
+_PRV_POINTS = 1_000_000  # ~1.3 s
+_PRV_MAX_EPS_ERROR = 0.5  # opacus' domain rule is only vouched for below eps_error = 1
+_RDP_FRACTIONAL = tuple(1 + x / 10 for x in range(1, 100))
+_RDP_INTEGER = tuple(list(range(2, 64)) + [round(64 * 2 ** (k / 4)) for k in range(1, 9)])
+_RDP_MAX_ORDER = 2**14  # at q < 1 opacus' binomials overflow (NaN) past order 1024
+_CALIBRATION_TOLERANCE = 1e-3
 
 
 def default_accountant() -> str:
@@ -46,73 +72,117 @@ def default_accountant() -> str:
 
 
 def epsilon_for(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str | None = None
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str | None = None,
+    *, relation: str = ADD_REMOVE,
 ) -> tuple[str, float]:
     """Upper bound on epsilon at ``delta`` after ``steps`` subsampled Gaussian releases; (accountant, eps)."""
-    return composed_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)
+    return composed_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant, relation=relation)
 
 
 def composed_epsilon(
-    events: Sequence[Event], delta: float, accountant: str | None = None
+    events: Sequence[Event], delta: float, accountant: str | None = None, *, relation: str = ADD_REMOVE
 ) -> tuple[str, float]:
     """Upper bound on epsilon at ``delta`` of the composition of ``events`` [(sigma, q, steps)]."""
-    name = _resolve(accountant)
-    delta = checks.open_unit("delta", delta)
-    checked = [_check_event(event, f" (event {i})" if len(events) > 1 else "") for i, event in
-               enumerate(events)]
-    if not checked:
+    name = _resolve(accountant, relation)
+    delta = _delta(delta)
+    many = len(events) > 1
+    merged = _merge([_check_event(event, f" (event {i})" if many else "") for i, event in enumerate(events)])
+    if not merged:
         return name, 0.0
-    try:
-        eps = _EPSILON[name](checked, delta)
-    except (ValueError, ArithmeticError, MemoryError, RuntimeError) as exc:
-        raise PrivdiffError(f"{name} accountant failed for events {checked} at delta={delta}: "
-                            f"{_one_line(exc)}") from exc
-    return name, float(eps)
+    checks.served("total steps" if many else "steps", sum(steps for _, _, steps in merged), high=MAX_STEPS)
+    checks.served("distinct (noise_multiplier, sample_rate) events", len(merged), high=MAX_EVENTS)
+    return name, _run(name, f"events {merged} at delta={delta}", lambda: _epsilon(name, merged, delta, relation))
 
 
 def calibrate_noise_multiplier(
-    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str | None = None
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str | None = None,
+    *, relation: str = ADD_REMOVE,
 ) -> tuple[str, float]:
-    """Smallest noise multiplier (within ~0.1%) whose epsilon at ``delta`` is <= ``epsilon``.
+    """Smallest noise multiplier (within ~0.1%, at least NOISE_MULTIPLIERS[0]) whose epsilon at ``delta`` is <=
+    ``epsilon``.
 
-    The answer is always checked against the same accountant before it is returned.
+    A coarse search (pld on a small grid; rdp on integer orders) is refined with the accountant's own
+    evaluation, which ``epsilon_for`` repeats: the answer is one whose epsilon was computed.
     """
-    name = _resolve(accountant)
-    eps = checks.positive("epsilon", epsilon)
-    delta = checks.open_unit("delta", delta)
+    name = _resolve(accountant, relation)
+    eps = checks.served("epsilon", checks.positive("epsilon", epsilon), *EPSILONS, what="target")
+    if name == "prv":
+        checks.served("epsilon", eps, *PRV_EPSILONS, what="target", who="the prv accountant (use pld)")
+    delta = _delta(delta)
     q = checks.sample_rate(sample_rate)
-    steps = checks.count("steps", steps)
-    try:
-        sigma = float(_CALIBRATE[name](eps, delta, q, steps))
-    except (ValueError, ArithmeticError, MemoryError, RuntimeError) as exc:
-        raise PrivdiffError(f"{name} accountant could not calibrate sigma for epsilon={eps}, delta={delta}, "
-                            f"sample_rate={q}, steps={steps}: {_one_line(exc)}") from exc
-    if name != "pld":  # _calibrate_pld only returns a sigma it has evaluated
-        _, reached = composed_epsilon([(sigma, q, steps)], delta, name)
-        if reached > eps:
-            raise PrivdiffError(f"calibrated noise_multiplier={sigma} gives epsilon={reached} > {eps} "
-                                f"({name}); please report this bug")
-    return name, sigma
+    steps = checks.served("steps", checks.count("steps", steps), high=MAX_STEPS)
+
+    def exact(sigma: float) -> float:
+        try:
+            return _epsilon(name, [(sigma, q, steps)], delta, relation)
+        except _Unservable:  # far above any target
+            return math.inf
+
+    def coarse(sigma: float) -> float:
+        if name != "pld":
+            return _rdp_epsilon([(sigma, q, steps)], delta, fractional=False)
+        try:
+            return _pld_epsilon([(sigma, q, steps)], delta, relation, _PLD_COARSE)
+        except _Unservable:
+            return math.inf
+
+    def search() -> float:
+        start = q * math.sqrt(2 * steps * math.log(1.25 / delta)) / eps * (2 if relation == REPLACE_ONE else 1)
+        sigma, slope = _solve(coarse, eps, start)
+        return _solve(exact, eps, sigma, slope)[0]
+
+    return name, _run(name, f"epsilon={eps}, delta={delta}, sample_rate={q}, steps={steps}", search)
 
 
-def _resolve(accountant: str | None) -> str:
-    name = default_accountant() if accountant is None else accountant
+def _resolve(accountant: str | None, relation: str) -> str:
+    if relation not in RELATIONS:
+        raise PrivdiffError(f"relation={relation!r} is not one of {', '.join(RELATIONS)}")
+    name = ("pld" if relation == REPLACE_ONE else default_accountant()) if accountant is None else accountant
     if name not in ACCOUNTANTS:
         raise PrivdiffError(f"accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+    if relation == REPLACE_ONE and name != "pld":
+        raise PrivdiffError(f"accountant {name!r} supports only the {ADD_REMOVE} relation; use pld for {relation}")
     if name == "pld" and importlib.util.find_spec("dp_accounting") is None:
         raise PrivdiffError("accountant='pld' needs the dp-accounting package; install it or use 'prv'")
     return name
+
+
+def _delta(delta: object) -> float:
+    return checks.served("delta", checks.open_unit("delta", delta), *DELTAS, what="delta")
 
 
 def _check_event(event: Sequence[object], where: str) -> Event:
     if len(event) != 3:
         raise PrivdiffError(f"event{where} must be (noise_multiplier, sample_rate, steps), got {event!r}")
     sigma, q, steps = event
+    sigma = checks.positive(f"noise_multiplier{where}", sigma)
     return (
-        checks.positive(f"noise_multiplier{where}", sigma),
+        checks.served(f"noise_multiplier{where}", sigma, *NOISE_MULTIPLIERS, what="noise multiplier"),
         checks.sample_rate(q, f"sample_rate{where}"),
-        checks.count(f"steps{where}", steps),
+        checks.served(f"steps{where}", checks.count(f"steps{where}", steps), high=MAX_STEPS),
     )
+
+
+def _merge(events: list[Event]) -> list[Event]:
+    """Events with the same (sigma, q) joined into one: composition does not depend on the order."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, count in events:
+        steps[sigma, q] = steps.get((sigma, q), 0) + count
+    return [(sigma, q, count) for (sigma, q), count in steps.items()]
+
+
+def _run(name: str, what: str, compute: Callable[[], float]) -> float:
+    """``compute()`` with the libraries' harmless warnings silenced; their failures become one-line errors."""
+    try:
+        with _quiet():
+            value = float(compute())
+    except PrivdiffError:
+        raise
+    except (ValueError, ArithmeticError, MemoryError, RuntimeError) as exc:
+        raise PrivdiffError(f"{name} accountant failed for {what}: {_one_line(exc)}") from exc
+    if not math.isfinite(value) or value < 0:
+        raise PrivdiffError(f"{name} accountant gave {value} for {what}; please report this bug")
+    return value
 
 
 def _one_line(exc: BaseException) -> str:
@@ -121,128 +191,224 @@ def _one_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _opacus_quiet() -> Iterator[None]:
-    """Silence two harmless warnings from opacus' PRV code.
+def _quiet() -> Iterator[None]:
+    """Silence harmless numerical warnings of the libraries.
 
-    log(1 - q) at q == 1 is -inf, which is the value that code needs; and the PRV accountant sizes its
-    truncation domain with an internal RDP bound over fixed orders: a looser bound there only widens
-    the domain, it never loosens the reported epsilon.
+    opacus' PRV code takes log(1 - q) = -inf at q == 1 and overflows exp() far in the tails, where the density
+    is zero anyway; an RDP optimum on the end of the orders only means a looser (still valid) bound. Results are
+    checked for being finite instead.
     """
-    with np.errstate(divide="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_LARGEST_ALPHA)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
         yield
 
 
-def _pld_event(sigma: float, q: float, steps: int):  # -> dp_accounting.DpEvent
+def _epsilon(name: str, events: list[Event], delta: float, relation: str) -> float:
+    if name == "pld":
+        return _pld_epsilon(events, delta, relation)
+    return _prv_epsilon(events, delta) if name == "prv" else _rdp_epsilon(events, delta)
+
+
+def _solve(
+    eps_of: Callable[[float], float], target: float, start: float, slope: float = -1.0, tries: int = 10
+) -> tuple[float, float]:
+    """Smallest noise multiplier in NOISE_MULTIPLIERS whose ``eps_of`` (decreasing) is <= ``target``, to within
+    _CALIBRATION_TOLERANCE, and the slope of log eps against log sigma there.
+
+    Secant steps on log eps against log sigma from ``start``, then a bracket widened geometrically (so it ends
+    within the range: unreachable targets are refused, a target the smallest sigma meets returns it), then Brent.
+    Only evaluated sigmas are returned.
+    """
+    rel, (low, high) = _CALIBRATION_TOLERANCE, NOISE_MULTIPLIERS
+    seen: dict[float, float] = {}
+
+    def ev(sigma: float) -> tuple[float, float]:
+        sigma = min(max(sigma, low), high)
+        if sigma not in seen:
+            seen[sigma] = min(float(eps_of(sigma)), 1e300)
+        return sigma, seen[sigma]
+
+    sigma, eps = ev(start)
+    for _ in range(tries):
+        step = math.log(target / eps) / slope if eps > 0 else -3.0
+        step = max(-3.0, min(3.0, step))
+        if abs(step) < rel / 2:
+            break
+        new, new_eps = ev(sigma * math.exp(step))
+        if new == sigma:
+            break
+        if min(eps, new_eps) > 0 and max(eps, new_eps) < 1e300 and (new_eps - eps) * (new - sigma) < 0:
+            slope = max(-1000.0, math.log(new_eps / eps) / math.log(new / sigma))
+        sigma, eps = new, new_eps
+    width = rel / 2
+    if eps > target:
+        lo = sigma
+        while (hi := ev(lo * math.exp(width)))[1] > target:
+            if hi[0] >= high:
+                raise PrivdiffError(f"no noise multiplier up to {high:g} reaches epsilon={target} "
+                                    f"(it gives {hi[1]:.4g})")
+            lo, width = hi[0], width * 4
+        hi = hi[0]
+    else:
+        hi = sigma
+        while (lo := ev(hi * math.exp(-width)))[1] <= target and lo[0] > low:
+            hi, width = lo[0], width * 4
+        lo = lo[0]
+    if seen[lo] > target and hi > lo * (1 + rel):
+        optimize.brentq(lambda s: ev(s)[1] - target, lo, hi, xtol=rel * lo)
+    return min(s for s, e in seen.items() if e <= target), slope
+
+
+def _pld_epsilon(
+    events: list[Event], delta: float, relation: str = ADD_REMOVE, budget: tuple[int, int, bool] = _PLD_BUDGET
+) -> float:
+    """dp_accounting's PLD epsilon, composed as its PLDAccountant does, on a grid sized by ``budget``."""
+    from dp_accounting.pld import privacy_loss_distribution as lib
+
+    spacing, neighbours = _pld_spacing(events, relation, *budget), _pld_relation(relation)
+    pld = None
+    for sigma, q, steps in events:
+        if q == 1:  # steps full-batch Gaussians are one with sigma / sqrt(steps)
+            one = lib.from_gaussian_mechanism(sigma / math.sqrt(steps), value_discretization_interval=spacing,
+                                              neighboring_relation=neighbours)
+        else:
+            one = _dense(lib.from_gaussian_mechanism(sigma, value_discretization_interval=spacing, sampling_prob=q,
+                                                     neighboring_relation=neighbours)).self_compose(steps)
+        pld = one if pld is None else pld.compose(one)
+    return _pld_epsilon_for_delta(pld, delta)
+
+
+def _dense(pld):  # dp_accounting PrivacyLossDistribution -> the same with dense pmfs
+    """``pld`` with dense pmfs: self-composing a sparse one first computes size**steps exactly (seconds at 10**6)."""
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
+
+    remove, add = pld._pmf_remove.to_dense_pmf(), pld._pmf_add.to_dense_pmf()
+    return PrivacyLossDistribution(remove, None if pld._symmetric else add)
+
+
+def _pld_epsilon_for_delta(pld, delta: float) -> float:  # pld: dp_accounting PrivacyLossDistribution
+    """Smallest epsilon >= 0 whose hockey-stick divergence ``pld.get_delta_for_epsilon`` is <= ``delta``, by
+    Brent's method, rounded up. (dp_accounting's own get_epsilon_for_delta walks the grid in Python and
+    overflows exp() on losses below -709, which small sigma produces.)"""
+
+    def excess(eps: float) -> float:
+        return float(pld.get_delta_for_epsilon(eps)) - delta
+
+    if excess(0.0) <= 0:
+        return 0.0
+    top = 1.0
+    while excess(top) > 0:
+        if top > 1e12:
+            return math.inf
+        top *= 4
+    eps = optimize.brentq(excess, 0.0, top, xtol=1e-12, rtol=1e-12)
+    return eps + 4e-12 * (1 + eps)  # past the root, where the divergence (decreasing) is <= delta
+
+
+def _pld_relation(relation: str):  # -> dp_accounting.NeighboringRelation
     import dp_accounting
 
-    gaussian = dp_accounting.GaussianDpEvent(sigma)
-    event = gaussian if q == 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
-    return dp_accounting.SelfComposedDpEvent(event, steps)
+    return dp_accounting.NeighboringRelation[{ADD_REMOVE: "ADD_OR_REMOVE_ONE", REPLACE_ONE: "REPLACE_ONE"}[relation]]
 
 
-def _pld_interval(events: list[Event]) -> float:
-    """Grid spacing of the privacy-loss distribution: dp_accounting's default 1e-4, widened for small
-    sigma, whose per-step loss range (about 1/(2σ²) + 8/σ) would otherwise need a grid larger than
-    memory. The pessimistic estimate stays an upper bound at any spacing."""
-    widest = max(1 / (2 * sigma * sigma) + 8 / sigma for sigma, _, _ in events)
-    return max(1e-4, widest * 5e-6)
+def _pld_spacing(events: list[Event], relation: str, points: int, grid: int, snap: bool = True) -> float:
+    """Grid spacing of the privacy-loss distributions: the smallest (down to dp_accounting's default times 2**-10:
+    finer pays off for large sigma) at which the single-step grids hold at most ``points`` points and the composed
+    grid, times the number of events (each is convolved in turn), at most ``grid``; with ``snap``, the default
+    times a power of two.
+
+    The pessimistic estimate stays an upper bound at any spacing.
+    """
+    widths = [_pld_widths(*event, relation) for event in events]
+    single, composed = sum(w[0] for w in widths), sum(w[1] for w in widths)
+    needed = max(single / points, composed * len(events) / grid, _PLD_SPACING * 2.0**-10)
+    if needed > _PLD_SPACING * 2.0**20:  # dp_accounting overflows exp() near 709
+        raise _Unservable(f"pld accountant cannot serve events {events}: its loss grid would need a spacing of "
+                          f"{needed:.3g}; epsilon there is far above {EPSILONS[1]:g} (rdp can bound it)")
+    return _PLD_SPACING * 2.0 ** math.ceil(math.log2(needed / _PLD_SPACING)) if snap else needed
 
 
-def _pld_epsilon(events: list[Event], delta: float) -> float:
-    from dp_accounting.pld import PLDAccountant
+def _pld_widths(sigma: float, q: float, steps: int, relation: str) -> tuple[float, float]:
+    """Widths (in loss units, summed over the event's loss distributions) of the single-step loss grid and of the
+    ``steps``-fold composition that dp_accounting builds for an event (its Chernoff bound for the tails).
 
-    accountant = PLDAccountant(value_discretization_interval=_pld_interval(events))
-    for event in events:
-        accountant.compose(_pld_event(*event))
-    return accountant.get_epsilon(delta)
+    They scale as 1 / spacing, so they are measured once on a grid of ~1000 points.
+    """
+    from dp_accounting.pld import common, privacy_loss_distribution, privacy_loss_mechanism
+
+    if q == 1:  # dp_accounting composes full-batch Gaussians into one with sigma / sqrt(steps)
+        sigma, steps = sigma / math.sqrt(steps), 1
+    kinds = privacy_loss_mechanism.AdjacencyType
+    adjacencies = [kinds.REPLACE] if relation == REPLACE_ONE else [kinds.REMOVE, kinds.ADD][: 1 if q == 1 else 2]
+    bounds = [privacy_loss_mechanism.GaussianPrivacyLoss(sigma, sampling_prob=q, adjacency_type=a).connect_dots_bounds()
+              for a in adjacencies]
+    single = sum(b.epsilon_upper - b.epsilon_lower for b in bounds)
+    if steps == 1:
+        return single, single
+    probe = min(max(single / 1000, 1e-12), 64.0)  # dp_accounting overflows exp() near 709
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, value_discretization_interval=probe, sampling_prob=q, neighboring_relation=_pld_relation(relation))
+    pmfs = {id(pmf): pmf for pmf in (pld._pmf_remove, pld._pmf_add)}.values()  # private: sizes only
+    spans = [common.compute_self_convolve_bounds(pmf.to_dense_pmf()._probs, steps, 1e-15) for pmf in pmfs]
+    return single, sum(hi - lo + 1 for lo, hi in spans) * probe
 
 
 def _prv_epsilon(events: list[Event], delta: float) -> float:
-    from opacus.accountants import PRVAccountant
+    """opacus' PRVAccountant.get_epsilon (its eps_error 0.01, delta_error delta / 1000, safe domain from RDP), with
+    this module's faster RDP for the domain and eps_error widened when the grid would exceed _PRV_POINTS."""
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        discretize,
+    )
 
-    accountant = PRVAccountant()
-    accountant.history = list(events)
-    with _opacus_quiet():
-        return accountant.get_epsilon(delta)  # the upper end of PRV's error bars
+    total = sum(steps for _, _, steps in events)
+    delta_error = delta / 1000
+    tail = max(_rdp_epsilon(events, delta_error / 4),
+               *(_rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total)) for sigma, q, _ in events))
+    scale = math.sqrt(total * math.log(12 / delta_error) / 2)
+    eps_error = max(0.01, 2 * (max(tail, 0.01) + 3) * scale * len(events) / _PRV_POINTS)
+    if eps_error > _PRV_MAX_EPS_ERROR:
+        raise PrivdiffError(f"prv accountant cannot serve events {events} at delta={delta}: its grid would need "
+                            f"{eps_error / 0.01 * _PRV_POINTS:.3g} points at eps_error=0.01; use pld")
+    half = max(tail, eps_error) + 3
+    domain = Domain.create_aligned(-half, half, eps_error / scale)
+    try:
+        dprvs = [discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min,
+                                                           domain.t_max), domain) for sigma, q, _ in events]
+    except RuntimeError as exc:  # "Discrete mean differs significantly from continuous mean" (tiny sigma)
+        raise PrivdiffError(f"prv accountant cannot serve events {events}: {_one_line(exc)}; use pld") from exc
+    composed = compose_heterogeneous(dprvs, [steps for _, _, steps in events])
+    eps = composed.compute_epsilon(delta, delta_error, eps_error)[2]  # the upper end of PRV's error bars
+    if not math.isfinite(eps):  # exp(-loss) underflows past ~745, which epsilon (<= its bound) then crosses
+        raise _Unservable(f"prv accountant cannot serve events {events} at delta={delta}: epsilon is beyond "
+                          "the ~700 its grid can represent; use pld")
+    return max(0.0, eps)  # a negative bound means (0, delta)-DP
 
 
-def _rdp_epsilon(events: list[Event], delta: float) -> float:
-    """RDP epsilon; the orders are widened while the optimum sits on the largest one."""
-    from opacus.accountants import RDPAccountant
+def _rdp_epsilon(events: list[Event], delta: float, fractional: bool = True) -> float:
+    """opacus' RDP epsilon over integer orders, widened while the optimum sits on the largest one (up to
+    _RDP_MAX_ORDER, or 1024 when sampling), then over the fractional orders within 1 of the best (opacus' series
+    for those is slow near q = 0.5, and further ones cannot win when epsilon is unimodal in the order)."""
+    from opacus.accountants.analysis import rdp as analysis
 
-    accountant = RDPAccountant()
-    accountant.history = list(events)
-    orders = list(_RDP_ORDERS)
+    def rdp(orders: Sequence[float]) -> np.ndarray:
+        return sum(analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
+                   for sigma, q, steps in events)
+
+    top = _RDP_MAX_ORDER if all(q == 1 for _, q, _ in events) else 1024
+    orders, values = list(_RDP_INTEGER), rdp(_RDP_INTEGER)
     while True:
-        final = orders[-1] >= _RDP_MAX_ORDER
-        with warnings.catch_warnings():
-            if not final:  # not the answer yet: the orders are widened below
-                warnings.filterwarnings("ignore", message=_LARGEST_ALPHA)
-            eps, best = accountant.get_privacy_spent(delta=delta, alphas=orders)
-        if final or best < orders[-1]:
-            return eps
-        orders = _widen(orders, 4 * orders[-1])
-
-
-def _widen(orders: list[int | float], top: float) -> list[int | float]:
-    """``orders`` extended geometrically (integer orders, 4 per doubling) up to about ``top``."""
-    last = orders[-1]
-    return orders + [round(last * 2 ** (k / 4)) for k in range(1, 80) if last * 2 ** (k / 4) <= top]
-
-
-def _calibrate_opacus(
-    name: str, eps: float, delta: float, q: float, steps: int, rel_tol: float = 0.002, fast: bool = False
-) -> float:
-    """opacus' bisection for sigma; ``fast`` (RDP only) uses integer orders, whose bound is a bit looser."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    kwargs: dict[str, object] = {}
-    if name == "rdp":
-        # Orders reaching well past the optimum near the answer, where alpha - 1 >= log(1/delta) / eps.
-        base = list(range(2, 64)) if fast else list(_RDP_ORDERS)
-        kwargs["alphas"] = _widen(base, 4 * (1 + math.log(1 / delta) / eps))
-    with _opacus_quiet():
-        # The bisection also visits sigmas far from the answer whose optimal order is off the grid; their
-        # epsilons are then overestimated, which only makes the search conservative.
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-        return get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps,
-                                    accountant=name, epsilon_tolerance=rel_tol * eps, **kwargs)
-
-
-def _calibrate_pld(eps: float, delta: float, q: float, steps: int) -> float:
-    """Brent's method on dp_accounting's PLD epsilon, each sigma evaluated once (0.1-3 s apiece).
-
-    Returns the smallest evaluated sigma whose PLD epsilon is <= ``eps``, so the answer is checked by
-    construction; Brent's bracket shrinks to 0.1% of sigma.
-    """
-    gaps: dict[float, float] = {}
-
-    def gap(sigma: float) -> float:
-        if sigma not in gaps:
-            gaps[sigma] = _pld_epsilon([(sigma, q, steps)], delta) - eps
-        return gaps[sigma]
-
-    # RDP is looser than PLD, so a sigma meeting the target under RDP (fast to find) bounds PLD's from
-    # above; step down from it until the target is missed, which brackets the answer.
-    hi = _calibrate_opacus("rdp", eps, delta, q, steps, rel_tol=0.02, fast=True)
-    while gap(hi) > 0:
-        hi *= 1.25
-    lo = 0.85 * hi
-    while gap(lo) <= 0:
-        hi, lo = lo, 0.85 * lo
-    optimize.brentq(gap, lo, hi, xtol=1e-3 * lo)
-    return min(sigma for sigma, g in gaps.items() if g <= 0)
-
-
-_EPSILON: dict[str, Callable[[list[Event], float], float]] = {
-    "pld": _pld_epsilon,
-    "prv": _prv_epsilon,
-    "rdp": _rdp_epsilon,
-}
-
-_CALIBRATE: dict[str, Callable[[float, float, float, int], float]] = {
-    "pld": _calibrate_pld,
-    "prv": lambda eps, delta, q, steps: _calibrate_opacus("prv", eps, delta, q, steps),
-    "rdp": lambda eps, delta, q, steps: _calibrate_opacus("rdp", eps, delta, q, steps),
-}
+        eps, best = analysis.get_privacy_spent(orders=orders, rdp=values, delta=delta)
+        if best < orders[-1] or orders[-1] >= top:
+            break
+        last = orders[-1]
+        new = [round(last * 2 ** (k / 4)) for k in range(1, 9) if last * 2 ** (k / 4) <= top]
+        orders, values = orders + new, np.concatenate([values, rdp(new)])
+    near = [a for a in _RDP_FRACTIONAL if abs(a - best) < 1] if fractional else []
+    if near:
+        eps = min(eps, analysis.get_privacy_spent(orders=near, rdp=rdp(near), delta=delta)[0])
+    return max(0.0, eps)  # a negative bound means (0, delta)-DP

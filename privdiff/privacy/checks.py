@@ -44,3 +44,19 @@ def count(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise PrivdiffError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def served(
+    name: str, value: float, low: float | None = None, high: float | None = None, what: str = "value",
+    who: str = "the accountants",
+) -> float:
+    """``value`` (already checked) if it lies in [low, high], the range ``who`` answer within seconds."""
+    if low is not None and value < low:
+        raise PrivdiffError(f"{name}={value!r} is below the smallest {what} {who} can serve ({_show(low)})")
+    if high is not None and value > high:
+        raise PrivdiffError(f"{name}={value!r} is over the {_show(high)} {who} can serve")
+    return value
+
+
+def _show(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"

@@ -1,14 +1,20 @@
-"""Privacy budget ledger: a local JSON file the data owner keeps and never ships (DESIGN.md §3).
+"""Privacy budget ledger: a local JSON file the data owner keeps and never ships (DESIGN: docs/privacy.md).
 
-A dataset is identified by ``dataset_fingerprint`` of its files' contents; the fingerprint stays in the
-ledger and never goes into a report or artifact. Every release recorded for a dataset is composed with
-``accountants.composed_epsilon`` at the budget's delta. The protocol around a release is::
+The ledger charges **each image** (identified by the SHA-256 of its file's bytes) for every release it could
+have taken part in, so a folder that shares images with earlier releases inherits their spend. A budget
+(epsilon, delta) bounds what any single image may spend; an image's spend is the accountant's composition
+of all its releases at the budget's delta.
 
-    ledger.check(fp, report)    # before the work: refuses a release that would exceed the budget
-    ...                         # train / aggregate, write the artifact
-    ledger.record(fp, report)   # after the artifact is written
+A release goes through three steps, each under an exclusive file lock (so concurrent runs never exceed
+the budget nor lose an entry)::
 
-Writes are atomic; the ledger is meant for one process at a time.
+    reservation = ledger.reserve(digests, report)   # before any private computation; refuses over budget
+    ...                                            # train / aggregate, write the artifact
+    reservation.commit()                           # or reservation.cancel() when the run failed cleanly
+
+A process killed in between leaves its reservation in the ledger, counted (conservative), until the user
+clears it explicitly (``privdiff ledger clear``). The image digests stay in the ledger: they tell
+neighbouring datasets apart and must never be released.
 """
 
 from __future__ import annotations
@@ -17,118 +23,238 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
-from datetime import datetime, timezone
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from privdiff.atomic import atomic_write_text
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
-from privdiff.privacy.accountants import Event, composed_epsilon
+from privdiff.privacy.accountants import ADD_REMOVE, REPLACE_ONE, Event, composed_epsilon
 from privdiff.privacy.report import PrivacyReport
 
 LEDGER_FORMAT = "privdiff-budget-ledger"
-LEDGER_VERSION = 1
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+LEDGER_VERSION = 2
+RESERVED, COMMITTED = "reserved", "committed"
+LOCK_TIMEOUT_S = 120.0
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
 
-def dataset_fingerprint(files: Sequence[str | os.PathLike]) -> str:
-    """sha256 over the sorted sha256 digests of the files' contents (order and names do not matter).
+def image_digests(files: Sequence[str | os.PathLike]) -> list[str]:
+    """SHA-256 of each file's bytes. Two identical files are refused: that image would count twice.
 
     LOCAL ONLY: a deterministic hash tells neighbouring datasets apart, so it must never be released.
     """
     if not files:
-        raise PrivdiffError("cannot fingerprint a dataset without files")
-    digests = sorted(_file_digest(Path(f)) for f in files)
-    return hashlib.sha256(("privdiff-dataset-v1\n" + "\n".join(digests)).encode()).hexdigest()
+        raise PrivdiffError("cannot charge a release without image files")
+    seen: dict[str, Path] = {}
+    for file in map(Path, files):
+        digest = _file_digest(file)
+        if digest in seen:
+            raise PrivdiffError(f"{file} is identical to {seen[digest]}: remove one (a duplicated image counts "
+                                "twice in every release)")
+        seen[digest] = file
+    return list(seen)
+
+
+def request_key(digests: Sequence[str], parameters: dict[str, object]) -> str:
+    """A local key for "the same request": the same images (in any order) and the same parameters."""
+    text = json.dumps({"images": sorted(digests), "parameters": parameters}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Spend:
+    """The largest spend of any image of a request: epsilon at the budget's delta, under ``relation``."""
+
+    epsilon: float
+    delta: float
+    accountant: str
+    relation: str
+    releases: int
 
 
 class BudgetLedger:
-    """The releases and total (epsilon, delta) budget of each dataset, in the JSON file ``path``."""
+    """The per-image releases and the (epsilon, delta) budget kept in the JSON file ``path``."""
 
     def __init__(self, path: str | os.PathLike, accountant: str | None = None) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.accountant = accountant
 
-    def set_budget(self, fingerprint: str, epsilon: float, delta: float) -> None:
-        """Set (or change) the total budget of a dataset."""
-        budget = {"epsilon": checks.positive("epsilon", epsilon), "delta": checks.open_unit("delta", delta)}
-        data = self._load()
-        entry = data["datasets"].setdefault(_check_fingerprint(fingerprint), {"budget": None, "releases": []})
-        entry["budget"] = budget
-        self._save(data)
+    def reserve(
+        self,
+        digests: Sequence[str],
+        report: PrivacyReport,
+        *,
+        budget: tuple[float, float] | None = None,
+        change_budget: bool = False,
+        force: bool = False,
+        request: str | None = None,
+        output: str | None = None,
+    ) -> Reservation:
+        """Charge ``report``'s release to each image in ``digests``, refusing it over the budget.
 
-    def budget(self, fingerprint: str) -> tuple[float, float] | None:
-        """The (epsilon, delta) budget of a dataset, or None when none was set."""
-        entry = self._load()["datasets"].get(_check_fingerprint(fingerprint))
-        budget = entry and entry["budget"]
-        return (budget["epsilon"], budget["delta"]) if budget else None
-
-    def spent(self, fingerprint: str) -> tuple[str, float]:
-        """(accountant, epsilon) of all releases recorded for the dataset, at the budget's delta."""
-        entry = self._entry(self._load(), fingerprint)
-        return composed_epsilon(_events(entry), entry["budget"]["delta"], self.accountant)
-
-    def check(self, fingerprint: str, report: PrivacyReport, force: bool = False) -> tuple[str, float]:
-        """(accountant, epsilon) after adding ``report``'s release; refused over budget unless ``force``."""
-        entry = self._entry(self._load(), fingerprint)
-        name, total = self._compose(entry, report)
-        if total > entry["budget"]["epsilon"] and not force:
-            raise PrivdiffError(self._refusal(entry, report, name, total))
-        return name, total
-
-    def record(self, fingerprint: str, report: PrivacyReport) -> tuple[str, float]:
-        """Add a written release to the ledger; (accountant, epsilon) of all releases including it.
-
-        A release past the budget (made with ``force``) is marked ``"forced": true``.
+        ``budget`` sets the ledger's budget when it has none; a different stored budget is only replaced
+        with ``change_budget``. Without a budget the ledger only records. ``force`` releases past the budget
+        (the entry is marked forced). Nothing is written when the request is refused.
         """
-        data = self._load()
-        entry = self._entry(data, fingerprint)
-        if any(r["release_id"] == report.release_id for r in entry["releases"]):
-            raise PrivdiffError(f"release {report.release_id} is already recorded in {self.path}")
-        name, total = self._compose(entry, report)
-        entry["releases"].append({
-            "release_id": report.release_id,
-            "mechanism": report.mechanism,
-            "noise_multiplier": report.noise_multiplier,
-            "sample_rate": report.sample_rate,
-            "steps": report.steps,
-            "clip_norm": report.clip_norm,
-            "epsilon": report.epsilon,
-            "delta": report.delta,
-            "accountant": report.accountant,
-            "private": report.private,
-            "dataset_label": report.dataset_label,
-            "created": report.created,
-            "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "forced": total > entry["budget"]["epsilon"],
-            "total_epsilon": total,
-            "total_accountant": name,
-        })
-        self._save(data)
-        return name, total
+        digests = [_check_digest(d) for d in digests]
+        if not digests:
+            raise PrivdiffError("cannot charge a release without images")
+        new_budget = _check_budget(budget) if budget is not None else None
+        with self._locked():
+            created = not self.path.exists()
+            data = self._load()
+            previous = data["budget"]
+            if new_budget is not None and previous is not None and new_budget != previous and not change_budget:
+                raise PrivdiffError(
+                    f"ledger {self.path} already has the budget epsilon={previous['epsilon']:g}, "
+                    f"delta={previous['delta']:g}; pass change_budget (--change-budget) to replace it")
+            if new_budget is not None:
+                data["budget"] = new_budget
+            if data["budget"] is not None and data["budget"]["delta"] >= 1 / len(digests):
+                raise PrivdiffError(f"budget delta {data['budget']['delta']:g} must be below 1/N = "
+                                    f"{1 / len(digests):.3g} for N={len(digests)} images")
+            if report.release_id in data["releases"]:
+                raise PrivdiffError(f"release {report.release_id} is already in {self.path}")
+            entry = _release_entry(report, request, output)
+            data["releases"][report.release_id] = entry
+            for digest in digests:
+                data["images"].setdefault(digest, []).append(report.release_id)
+            spend = self._worst_spend(data, digests)
+            if spend is not None and spend.epsilon > data["budget"]["epsilon"]:
+                if not force:
+                    raise PrivdiffError(self._refusal(data, spend))
+                entry["forced"] = True
+            self._save(data)
+        return Reservation(self, report.release_id, previous, new_budget, created, spend)
 
-    def _compose(self, entry: dict, report: PrivacyReport) -> tuple[str, float]:
-        new = (report.noise_multiplier, report.sample_rate, report.steps)
-        return composed_epsilon([*_events(entry), new], entry["budget"]["delta"], self.accountant)
+    def commit(self, release_id: str) -> None:
+        """Mark a reserved release as written."""
+        with self._locked():
+            data = self._load()
+            entry = data["releases"].get(release_id)
+            if entry is None:
+                raise PrivdiffError(f"release {release_id} is not in ledger {self.path}")
+            entry["status"] = COMMITTED
+            entry["committed"] = _now()
+            self._save(data)
 
-    def _refusal(self, entry: dict, report: PrivacyReport, name: str, total: float) -> str:
-        budget, n = entry["budget"], len(entry["releases"])
-        label = f" ({report.dataset_label})" if report.dataset_label else ""
-        return (f"release refused: with {n} earlier release(s) of this dataset{label} the total is "
-                f"epsilon={total:.4g} > budget epsilon={budget['epsilon']:g} at delta={budget['delta']:g} "
-                f"({name} accountant, ledger {self.path}); override explicitly with force")
+    def cancel(self, release_id: str, restore_budget: dict | None = None, set_budget: dict | None = None,
+               created: bool = False) -> None:
+        """Remove a reserved (never committed) release; used for clean failures and by ``clear``.
 
-    def _entry(self, data: dict, fingerprint: str) -> dict:
-        entry = data["datasets"].get(_check_fingerprint(fingerprint))
-        if not entry or not entry["budget"]:
-            raise PrivdiffError(f"no privacy budget set for this dataset in {self.path}; set one first")
-        return entry
+        A budget this reservation set is restored to ``restore_budget``, and a ledger the reservation
+        created is removed again when nothing else is in it.
+        """
+        with self._locked():
+            data = self._load()
+            entry = data["releases"].get(release_id)
+            if entry is None:
+                raise PrivdiffError(f"release {release_id} is not in ledger {self.path}")
+            if entry["status"] != RESERVED:
+                raise PrivdiffError(f"release {release_id} in {self.path} was committed: its file was released, "
+                                    "so its spend stays")
+            del data["releases"][release_id]
+            for digest in list(data["images"]):
+                ids = [r for r in data["images"][digest] if r != release_id]
+                if ids:
+                    data["images"][digest] = ids
+                else:
+                    del data["images"][digest]
+            if set_budget is not None and data["budget"] == set_budget:
+                data["budget"] = restore_budget
+            if created and not data["releases"]:
+                self.path.unlink(missing_ok=True)
+            else:
+                self._save(data)
+
+    def clear(self, release_id: str) -> None:
+        """Remove a reservation left by a run that was killed (the user vouches nothing was released)."""
+        self.cancel(release_id)
+
+    def find(self, request: str) -> dict | None:
+        """The latest committed release made for the request key ``request``, or None."""
+        with self._locked():
+            releases = self._load()["releases"]
+        found = [dict(r, release_id=i) for i, r in releases.items()
+                 if r.get("request") == request and r["status"] == COMMITTED]
+        return found[-1] if found else None
+
+    def spent(self, digests: Sequence[str]) -> Spend | None:
+        """The largest spend of any of ``digests`` (reserved releases count), or None without a budget."""
+        digests = [_check_digest(d) for d in digests]
+        with self._locked():
+            data = self._load()
+        return self._worst_spend(data, digests)
+
+    def summary(self) -> dict:
+        """Budget, releases (with status) and the largest spend of any image: what ``privdiff ledger show`` prints."""
+        with self._locked():
+            data = self._load()
+        worst = self._worst_spend(data, list(data["images"]))
+        return {
+            "ledger": str(self.path),
+            "budget": data["budget"],
+            "images": len(data["images"]),
+            "largest_image_spend": worst and {"epsilon": worst.epsilon, "delta": worst.delta,
+                                              "accountant": worst.accountant, "relation": worst.relation},
+            "releases": [dict(r, release_id=i) for i, r in data["releases"].items()],
+        }
+
+    def _worst_spend(self, data: dict, digests: Sequence[str]) -> Spend | None:
+        budget = data["budget"]
+        if budget is None:
+            return None
+        groups = {tuple(sorted(data["images"].get(d, []))) for d in digests}
+        worst: Spend | None = None
+        for ids in groups:
+            spend = self._compose([data["releases"][i] for i in ids], budget["delta"])
+            if worst is None or spend.epsilon > worst.epsilon:
+                worst = spend
+        return worst
+
+    def _compose(self, releases: list[dict], delta: float) -> Spend:
+        # A replace-one bound covers every subsampled Gaussian release; add/remove only when all are add/remove.
+        relation = ADD_REMOVE if all(r["relation"] == ADD_REMOVE for r in releases) else REPLACE_ONE
+        accountant = self.accountant if relation == ADD_REMOVE else "pld"
+        events: list[Event] = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in releases]
+        name, eps = composed_epsilon(events, delta, accountant, relation=relation)
+        return Spend(eps, delta, name, relation, len(releases))
+
+    def _refusal(self, data: dict, spend: Spend) -> str:
+        budget = data["budget"]
+        return (f"release refused: an image of this dataset would reach epsilon={spend.epsilon:.4g} over "
+                f"{spend.releases} release(s) > budget epsilon={budget['epsilon']:g} at delta={budget['delta']:g} "
+                f"({spend.accountant} accountant, {spend.relation}; ledger {self.path}); override explicitly with "
+                "force")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self.path.parent.is_dir():
+            raise PrivdiffError(f"ledger folder {self.path.parent} does not exist")
+        try:
+            with _exclusive(self.path):
+                yield
+        except Timeout:
+            raise PrivdiffError(f"ledger {self.path} is locked by another run for over {LOCK_TIMEOUT_S:g} s") from None
+        except PermissionError as exc:
+            raise PrivdiffError(f"cannot lock ledger {self.path}: {exc.strerror or exc}") from None
 
     def _load(self) -> dict:
         if not self.path.exists():
-            return {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "datasets": {}}
+            return {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "budget": None, "releases": {}, "images": {}}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -144,39 +270,114 @@ class BudgetLedger:
         return data
 
     def _save(self, data: dict) -> None:
-        atomic_write_text(self.path, json.dumps(data, indent=2, allow_nan=False) + "\n", force=True)
+        try:
+            atomic_write_text(self.path, json.dumps(data, indent=1, allow_nan=False) + "\n", force=True)
+        except OSError as exc:
+            raise PrivdiffError(f"cannot write budget ledger {self.path}: {exc.strerror or exc}") from exc
+
+
+@dataclass
+class Reservation:
+    """A release charged in the ledger before the work; commit it once written, cancel it on a clean failure."""
+
+    ledger: BudgetLedger
+    release_id: str
+    previous_budget: dict | None
+    set_budget: dict | None
+    created_ledger: bool
+    spend: Spend | None
+
+    def commit(self) -> None:
+        self.ledger.commit(self.release_id)
+
+    def cancel(self) -> None:
+        self.ledger.cancel(self.release_id, restore_budget=self.previous_budget, set_budget=self.set_budget,
+                           created=self.created_ledger)
+
+
+def _release_entry(report: PrivacyReport, request: str | None, output: str | None) -> dict:
+    return {
+        "status": RESERVED,
+        "mechanism": report.mechanism,
+        "relation": REPLACE_ONE if report.relation == REPLACE_ONE else ADD_REMOVE,  # what the accountant composes
+        "noise_multiplier": report.noise_multiplier,
+        "sample_rate": report.sample_rate,
+        "steps": report.steps,
+        "clip_norm": report.clip_norm,
+        "epsilon": report.epsilon,
+        "delta": report.delta,
+        "accountant": report.accountant,
+        "private": report.private,
+        "dataset_label": report.dataset_label,
+        "created": report.created,
+        "reserved": _now(),
+        "forced": False,
+        "request": request,
+        "output": output,
+    }
+
+
+@contextmanager
+def _exclusive(ledger: Path) -> Iterator[None]:
+    """An exclusive lock for ``ledger``: flock on its folder where POSIX has it (no lock file to leave
+    behind), else a ``<ledger>.lock`` file."""
+    if fcntl is None:
+        with FileLock(str(ledger) + ".lock", timeout=LOCK_TIMEOUT_S):
+            yield
+        return
+    fd = os.open(ledger.parent, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Timeout(str(ledger)) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _check_budget(budget: tuple[float, float]) -> dict:
+    epsilon, delta = budget
+    return {"epsilon": checks.positive("budget epsilon", epsilon), "delta": checks.open_unit("budget delta", delta)}
 
 
 def _validate(data: object) -> None:
     if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
         raise PrivdiffError(f"not a {LEDGER_FORMAT} file")
     if data.get("version") != LEDGER_VERSION:
-        raise PrivdiffError(f"unsupported version {data.get('version')!r}")
-    if not isinstance(data["datasets"], dict):
-        raise PrivdiffError("'datasets' is not an object")
-    for fingerprint, entry in data["datasets"].items():
-        _check_fingerprint(fingerprint)
-        if entry["budget"] is not None:
-            checks.positive("budget epsilon", entry["budget"]["epsilon"])
-            checks.open_unit("budget delta", entry["budget"]["delta"])
-        if not isinstance(entry["releases"], list):
-            raise PrivdiffError("'releases' is not a list")
-        for release in entry["releases"]:
-            if not isinstance(release.get("release_id"), str):
-                raise PrivdiffError("a release has no release_id")
-            checks.positive("noise_multiplier", release["noise_multiplier"])
-            checks.sample_rate(release["sample_rate"])
-            checks.count("steps", release["steps"])
+        raise PrivdiffError(f"version {data.get('version')!r} is not {LEDGER_VERSION}: ledgers of privdiff 0.1 "
+                            "charged whole datasets, not images; start a new ledger")
+    if data["budget"] is not None:
+        _check_budget((data["budget"]["epsilon"], data["budget"]["delta"]))
+    if not isinstance(data["releases"], dict) or not isinstance(data["images"], dict):
+        raise PrivdiffError("'releases' and 'images' must be objects")
+    for release in data["releases"].values():
+        if release["status"] not in (RESERVED, COMMITTED):
+            raise PrivdiffError(f"unknown release status {release['status']!r}")
+        if release["relation"] not in (ADD_REMOVE, REPLACE_ONE):
+            raise PrivdiffError(f"unknown relation {release['relation']!r}")
+        checks.positive("noise_multiplier", release["noise_multiplier"])
+        checks.sample_rate(release["sample_rate"])
+        checks.count("steps", release["steps"])
+    for digest, ids in data["images"].items():
+        _check_digest(digest)
+        if not isinstance(ids, list) or any(i not in data["releases"] for i in ids):
+            raise PrivdiffError(f"image {digest[:12]}… lists an unknown release")
 
 
-def _events(entry: dict) -> list[Event]:
-    return [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in entry["releases"]]
+def _check_digest(digest: object) -> str:
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise PrivdiffError(f"image digest must be 64 lowercase hex digits, got {digest!r}")
+    return digest
 
 
-def _check_fingerprint(fingerprint: object) -> str:
-    if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
-        raise PrivdiffError(f"dataset fingerprint must be 64 lowercase hex digits, got {fingerprint!r}")
-    return fingerprint
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _file_digest(path: Path) -> str:
@@ -186,5 +387,5 @@ def _file_digest(path: Path) -> str:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
     except OSError as exc:
-        raise PrivdiffError(f"cannot read dataset file {path}: {exc.strerror or exc}") from exc
+        raise PrivdiffError(f"cannot read image file {path}: {exc.strerror or exc}") from exc
     return digest.hexdigest()

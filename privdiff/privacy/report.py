@@ -1,8 +1,12 @@
 """The privacy report every DP artifact carries (DESIGN.md §3).
 
 It holds the mechanism's public parameters and the accountant's epsilon, never anything else computed
-from the private data (no dataset hash, no file names). Embedding files keep it in their safetensors
-metadata under ``REPORT_KEY``; other artifacts get a ``<artifact>.privacy.json`` sidecar.
+from the private data (no dataset hash, no file names, no realized counts). It names the neighbouring
+relation the epsilon holds for: ``add-remove`` (one image added or removed; the dataset size is then not
+released: the divisor is a size the user declared public) or ``replace-one`` (one image replaced by
+another; the dataset size N is public under that relation and appears as ``public_size``). Embedding
+files keep the report in their safetensors metadata under ``REPORT_KEY``; other artifacts get a
+``<artifact>.privacy.json`` sidecar.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from privdiff.atomic import atomic_write_text
@@ -22,10 +26,14 @@ from privdiff.privacy import checks
 
 REPORT_KEY = "privdiff.privacy_report"
 SIDECAR_SUFFIX = ".privacy.json"
-PUBLIC_N_NOTE = (
-    "dataset size N is treated as public, as in opacus: the noisy sum is divided by the public "
-    "expected count q*N"
-)
+RELATION_NOTES = {
+    "add-remove": "add-remove: the guarantee holds between datasets that differ by one image added or "
+                  "removed; public_size is a size the user declared public, not the dataset's size",
+    "replace-one": "replace-one: the guarantee holds between datasets of the same size N that differ in "
+                   "one image; N is public under this relation and is public_size",
+    "add-remove (N public)": "add-remove with N treated as public, the DP-SGD convention (as in opacus): "
+                             "public_size is the dataset's size, used for the expected batch size",
+}
 NOT_PRIVATE_NOTE = (
     "NOT PRIVATE: a reproducible seed was used, so the noise can be recomputed and removed; "
     "epsilon only describes the mechanism's parameters"
@@ -42,9 +50,12 @@ class PrivacyReport:
     noise_multiplier: float
     sample_rate: float
     clip_norm: float
+    bound: str
+    center: str
     steps: int
     accountant: str
-    dataset_size: int
+    relation: str
+    public_size: int
     library_version: str
     release_id: str
     dataset_label: str | None
@@ -66,6 +77,9 @@ class PrivacyReport:
         if not isinstance(data, dict):
             raise PrivdiffError(f"privacy report must be a JSON object, got {type(data).__name__}")
         values = {}
+        if "public_size" not in data and "dataset_size" in data:  # a privdiff 0.1 report
+            data = {**data, "public_size": data["dataset_size"], "relation": "add-remove (N public)",
+                    "bound": "clip", "center": "unknown (report from privdiff 0.1)"}
         for field in dataclasses.fields(cls):
             if field.name not in data:
                 raise PrivdiffError(f"privacy report has no {field.name!r} field")
@@ -104,14 +118,17 @@ def make_report(
     clip_norm: float,
     steps: int,
     accountant: str,
-    dataset_size: int,
+    relation: str,
+    public_size: int,
+    bound: str = "clip",
+    center: str = "zero",
     dataset_label: str | None = None,
     private: bool = True,
     notes: Sequence[str] = (),
 ) -> PrivacyReport:
     """A checked report with this library's version, a random release id and the UTC time.
 
-    The note that N is public is always added, and a NOT PRIVATE note when ``private`` is false.
+    A note explains the neighbouring relation, and a NOT PRIVATE note is added when ``private`` is false.
     """
     from privdiff import __version__
 
@@ -119,9 +136,11 @@ def make_report(
         raise PrivdiffError(f"mechanism must be a non-empty string, got {mechanism!r}")
     if not isinstance(accountant, str) or not accountant:
         raise PrivdiffError(f"accountant must be a non-empty string, got {accountant!r}")
+    if relation not in RELATION_NOTES:
+        raise PrivdiffError(f"relation must be one of {', '.join(RELATION_NOTES)}, got {relation!r}")
     if dataset_label is not None and not isinstance(dataset_label, str):
         raise PrivdiffError(f"dataset_label must be a string or None, got {dataset_label!r}")
-    all_notes = [PUBLIC_N_NOTE, *([] if private else [NOT_PRIVATE_NOTE]), *map(str, notes)]
+    all_notes = [RELATION_NOTES[relation], *([] if private else [NOT_PRIVATE_NOTE]), *map(str, notes)]
     return PrivacyReport(
         mechanism=mechanism,
         epsilon=checks.positive("epsilon", epsilon),
@@ -129,15 +148,18 @@ def make_report(
         noise_multiplier=checks.positive("noise_multiplier", noise_multiplier),
         sample_rate=checks.sample_rate(sample_rate),
         clip_norm=checks.positive("clip_norm", clip_norm),
+        bound=str(bound),
+        center=str(center),
         steps=checks.count("steps", steps),
         accountant=accountant,
-        dataset_size=checks.count("dataset_size", dataset_size),
+        relation=relation,
+        public_size=checks.count("public_size", public_size),
         library_version=__version__,
         release_id=uuid.uuid4().hex,
         dataset_label=dataset_label,
         private=bool(private),
         notes=all_notes,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 

@@ -1,0 +1,184 @@
+"""SecureRandom: ChaCha20 keying and seeding, exact integer/Bernoulli draws, the exact discrete Gaussian."""
+
+import math
+from decimal import Decimal, localcontext
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from scipy import stats
+
+from privdiff.errors import PrivdiffError
+from privdiff.privacy import randomness
+from privdiff.privacy.randomness import SecureRandom
+
+HIGH_BIT_SEEDS = [5, 5 + 2**32, 5 + 2**40]
+
+
+def test_unseeded_key_is_256_bits_from_urandom_and_the_stream_is_chacha20(monkeypatch):
+    key = bytes(range(32))
+    asked = []
+    monkeypatch.setattr(randomness.os, "urandom", lambda n: asked.append(n) or key)
+    rng = SecureRandom()
+    assert asked == [32] and not rng.reproducible
+    want = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(96))
+    assert rng.random_bytes(40) + rng.random_bytes(56) == want  # one continuous keystream
+
+
+def test_unseeded_streams_differ():
+    assert SecureRandom().random_bytes(32) != SecureRandom().random_bytes(32)
+    assert not np.array_equal(SecureRandom().discrete_gaussian(8, 1e6), SecureRandom().discrete_gaussian(8, 1e6))
+
+
+def test_seeded_streams_reproduce():
+    a, b = SecureRandom(7), SecureRandom(7)
+    assert a.reproducible
+    assert a.random_bytes(64) == b.random_bytes(64)
+    assert np.array_equal(a.uint64(10), b.uint64(10))
+    assert np.array_equal(a.discrete_gaussian(50, 3.5), b.discrete_gaussian(50, 3.5))
+    assert torch.equal(torch.randn(4, generator=a.torch_generator()), torch.randn(4, generator=b.torch_generator()))
+
+
+def test_seeds_differing_only_in_high_bits_give_different_streams():
+    """torch's Mersenne Twister kept only 32 bits of a seed: these three seeds must not collide."""
+    rngs = [SecureRandom(s) for s in HIGH_BIT_SEEDS]
+    assert len({r.random_bytes(32) for r in rngs}) == 3
+    rngs = [SecureRandom(s) for s in HIGH_BIT_SEEDS]
+    draws = [tuple(r.discrete_gaussian(16, 2.0**30)) for r in rngs]
+    assert len(set(draws)) == 3
+    gens = [SecureRandom(s).torch_generator() for s in HIGH_BIT_SEEDS]
+    assert len({tuple(torch.randn(4, generator=g).tolist()) for g in gens}) == 3
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, 2**64, True, "3", 7.0])
+def test_bad_seed(seed):
+    with pytest.raises(PrivdiffError, match="seed"):
+        SecureRandom(seed)
+
+
+def test_largest_seed_and_numpy_integers():
+    assert SecureRandom(2**64 - 1).reproducible
+    assert SecureRandom(np.uint64(3)).random_bytes(16) == SecureRandom(3).random_bytes(16)
+
+
+def test_uint64_bits_are_balanced():
+    words = SecureRandom(1).uint64(20_000)
+    assert words.dtype == np.uint64 and words.shape == (20_000,)
+    bits = np.unpackbits(words.view(np.uint8))
+    assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)
+    assert SecureRandom(1).uint64(0).shape == (0,)
+
+
+@pytest.mark.parametrize("k", [1, 6, 2**64 - 59, 3 * 2**70 + 1])
+def test_randbelow_range_and_uniformity(k):
+    rng = SecureRandom(2)
+    draws = [rng.randbelow(k) for _ in range(6000)]
+    assert all(isinstance(x, int) and 0 <= x < k for x in draws)
+    if k == 1:
+        return
+    bins = np.minimum(np.array([x * 6 // k for x in draws]), 5)  # six equal-mass bins (up to rounding)
+    assert stats.chisquare(np.bincount(bins, minlength=6)).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.0, True])
+def test_randbelow_bad_bound(k):
+    with pytest.raises(PrivdiffError, match="k must be an integer >= 1"):
+        SecureRandom(0).randbelow(k)
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-3, 0.3, 0.5, 0.999])
+def test_bernoulli_rate(p):
+    n = 200_000
+    keep = SecureRandom(3).bernoulli(n, p)
+    assert keep.dtype == bool and keep.shape == (n,)
+    assert abs(keep.mean() - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_bernoulli_edges():
+    assert SecureRandom().bernoulli(100, 1.0).all()
+    assert SecureRandom().bernoulli(0, 0.5).shape == (0,)
+    for bad in [-0.1, 1.5, float("nan"), True]:
+        with pytest.raises(PrivdiffError, match="p must be"):
+            SecureRandom().bernoulli(3, bad)
+
+
+def test_bernoulli_settles_64_bit_ties_exactly(monkeypatch):
+    """p = 3 * 2**-70 has first 64 bits 0: a zero word is a tie, settled by further bits with odds 3/64."""
+    rng = SecureRandom(4)
+    monkeypatch.setattr(rng, "uint64", lambda n: np.zeros(n, dtype=np.uint64))
+    keep = rng.bernoulli(40_000, 3 * 2.0**-70)
+    assert abs(keep.mean() - 3 / 64) < 5 * math.sqrt(3 / 64 / 40_000)
+
+
+def test_exact_bernoulli_helpers():
+    rng, n = SecureRandom(5), 40_000
+    assert abs(np.mean([rng._bern(1, 3) for _ in range(n)]) - 1 / 3) < 5 * math.sqrt(2 / 9 / n)
+    for num, den in [(3, 10), (17, 10), (5, 2)]:
+        p = math.exp(-num / den)
+        freq = np.mean([rng._bern_exp(num, den) for _ in range(n)])
+        assert abs(freq - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_exp_minus_one_digits_are_exact():
+    with localcontext() as ctx:
+        ctx.prec = 120
+        exact = Decimal(-1).exp()
+        for bits in (64, 128, 192):
+            assert randomness._exp_neg1_digits(bits) == int(exact * 2**bits)
+        tie = randomness._exp_neg1_digits(64)
+        rest = float(exact * 2**64 - tie)  # P(U < exp(-1) | U's first 64 bits are exp(-1)'s)
+    rng, n = SecureRandom(6), 20_000
+    assert abs(np.mean([rng._bern_exp1(tie) for _ in range(n)]) - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
+
+
+def test_torch_generator_is_seeded_from_the_stream():
+    rng = SecureRandom(8)
+    a, b = rng.torch_generator(), rng.torch_generator()
+    assert a.device.type == "cpu"
+    assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+    seed = int.from_bytes(SecureRandom(8).random_bytes(8), "little")
+    assert torch.equal(torch.randn(8, generator=SecureRandom(8).torch_generator()),
+                       torch.randn(8, generator=torch.Generator().manual_seed(seed)))
+
+
+def _discrete_gaussian_pmf(sigma: float, support: np.ndarray) -> np.ndarray:
+    weights = np.exp(-(support.astype(np.float64) ** 2) / (2 * sigma**2))
+    return weights / weights.sum()
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_discrete_gaussian_matches_the_exact_pmf(sigma):
+    n = 40_000
+    draws = SecureRandom(9).discrete_gaussian(n, sigma)
+    assert draws.dtype == np.int64
+    top = int(12 * sigma) + 2
+    support = np.arange(-top, top + 1)
+    assert np.abs(draws).max() <= top
+    observed = np.bincount(draws + top, minlength=len(support))
+    expected = n * _discrete_gaussian_pmf(sigma, support)
+    cells = expected >= 5  # pool the far tails into one cell
+    obs = np.append(observed[cells], observed[~cells].sum())
+    exp = np.append(expected[cells], expected[~cells].sum())
+    assert stats.chisquare(obs, exp).pvalue > 1e-4
+    var = float((support**2 * _discrete_gaussian_pmf(sigma, support)).sum())
+    assert abs(draws.mean()) < 5 * math.sqrt(var / n)
+    assert draws.var() == pytest.approx(var, rel=0.05)
+
+
+@pytest.mark.parametrize("sigma", [2.0**20, 1.37 * 2**30, 2.0**40])
+def test_discrete_gaussian_large_sigma_is_normal(sigma):
+    n = 20_000
+    draws = SecureRandom(10).discrete_gaussian(n, sigma)
+    z = draws / sigma
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert z.std() == pytest.approx(1.0, rel=0.03)
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_discrete_gaussian_bad_arguments():
+    assert SecureRandom(0).discrete_gaussian(0, 1.0).shape == (0,)
+    for size, sigma, fragment in [(-1, 1.0, "size"), (3, 0.0, "sigma"), (3, float("inf"), "sigma"),
+                                  (3, 2.0**60, r"sigma must be <= 2\*\*55")]:
+        with pytest.raises(PrivdiffError, match=fragment):
+            SecureRandom(0).discrete_gaussian(size, sigma)
