@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privdiff.backends.protocol import SDBackend
-from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES, DPParams, aggregate_embedding_files, per_image_files
+from privdiff.embeddings.dpagg import (
+    EMBEDDING_SUFFIXES,
+    DPParams,
+    aggregate_embedding_files,
+    check_params,
+    per_image_files,
+)
 from privdiff.embeddings.files import load_embedding
 from privdiff.embeddings.release import LedgerRequest, open_ledger, release_embedding
 from privdiff.embeddings.textual_inversion import Progress, TIConfig, initial_vectors
@@ -161,6 +167,7 @@ def train_embedding(
     params = release.params()
     if method == "dpsgd" and release.sample_rate >= 1.0:
         params = DPParams(**{**params.__dict__, "sample_rate": min(1.0, config.batch_size / len(dataset))})
+    check_params(params, len(dataset), n_public_by_convention=method == "dpsgd")
     target = embeddings_dir / f"{release.name}.safetensors"
     ledger = _ledger(release, dataset.files, default_ledger,
                      release.request(method=method, config=config.__dict__, model=model_identity(backend, config)))
@@ -190,8 +197,9 @@ def aggregate_files(
         raise PrivdiffError("the guarantee needs each file to come from exactly one image: confirm it by "
                             "enabling one_image_per_file")
     files = per_image_files(folder)
-    public_center = load_embedding(center) if center.strip() else None
     params = release.params()
+    check_params(params, len(files))
+    public_center = load_embedding(center) if center.strip() else None
     ledger_wanted = bool(release.ledger_path.strip()) or default_ledger is not None
     sources: list[Path] = []
     if images_folder.strip():

@@ -49,6 +49,7 @@ def run() -> int:
         code = cli_main([
             "ti-aggregate", "--model", "tiny", "--images", private, "--out", str(embedding),
             "--epsilon", "8", "--delta", "1e-3", "--steps", "30", "--batch-size", "8", "--vectors", "1",
+            "--public-size", "24",  # generated data: its size is public, so the guarantee is add-remove
             "--dataset-label", "demo: generated warm-rings style", "--force",
         ])
     if code:

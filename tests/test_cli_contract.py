@@ -205,7 +205,7 @@ def test_too_many_vectors_blame_the_model_before_images_are_decoded(tmp_path, im
 
     monkeypatch.setattr(privdiff.images, "load_image_folder", no_decoding)
     refused(capsys, tmp_path, ["ti-aggregate", "--images", images, "--out", tmp_path / "o.safetensors",
-                               *VALID, "--vectors", "70"], "--vectors 70 is too many for this model",
+                               *VALID, "--vectors", "70"], "vectors 70 is too many for this model",
             "at most 66 vectors")
 
 
@@ -302,5 +302,5 @@ def test_library_checks_directly(sdxl_backend):
     for config in (TIConfig(n_vectors=67), TIConfig(n_vectors=69, templates="object")):
         with pytest.raises(PrivdiffError, match="too many for this model"):
             initial_vectors(sdxl_backend, config)
-    with pytest.raises(PrivdiffError, match="--lr"):
+    with pytest.raises(PrivdiffError, match="invalid learning rate"):
         TIConfig(lr=float("inf"))

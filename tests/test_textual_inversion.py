@@ -166,8 +166,9 @@ def test_progress_counts_every_step_and_can_cancel(sd1_backend):
 
 
 def test_bad_config_and_generators(sd1_backend):
-    for kwargs, flag in [({"steps": 0}, "--steps"), ({"lr": 0.0}, "--lr"), ({"batch_size": 0}, "--batch-size"),
-                         ({"n_vectors": 0}, "--vectors"), ({"templates": "faces"}, "--templates")]:
+    for kwargs, flag in [({"steps": 0}, "invalid steps"), ({"lr": 0.0}, "invalid learning rate"),
+                         ({"batch_size": 0}, "invalid batch size"),
+                         ({"n_vectors": 0}, "invalid vectors"), ({"templates": "faces"}, "invalid templates")]:
         with pytest.raises(PrivdiffError, match=flag):
             TIConfig(**kwargs)
     config = TIConfig(steps=1)

@@ -74,6 +74,10 @@ def check_budget(epsilon: float | None, delta: float, dataset_size: int) -> None
 def check_params(params: DPParams, dataset_size: int, n_public_by_convention: bool = False) -> None:
     """Refuse contradictory or impossible parameters before any work (one line naming the value)."""
     check_budget(params.epsilon, params.delta, dataset_size)
+    checks.sample_rate(params.sample_rate)
+    checks.positive("clip_norm", params.clip_norm)
+    if params.noise_multiplier is not None:
+        checks.positive("noise_multiplier", params.noise_multiplier)
     if params.bound not in BOUNDS:
         raise PrivdiffError(f"bound {params.bound!r} is not one of {', '.join(BOUNDS)}")
     if params.epsilon is not None and params.noise_multiplier is not None:

@@ -36,11 +36,11 @@ class TIConfig:
 
     def __post_init__(self) -> None:
         for flag, value, ok in (
-            ("--vectors", self.n_vectors, self.n_vectors >= 1),
-            ("--steps", self.steps, self.steps >= 1),
-            ("--lr", self.lr, self.lr > 0 and math.isfinite(self.lr)),
-            ("--batch-size", self.batch_size, self.batch_size >= 1),
-            ("--templates", self.templates, self.templates in TEMPLATES),
+            ("vectors", self.n_vectors, self.n_vectors >= 1),
+            ("steps", self.steps, self.steps >= 1),
+            ("learning rate", self.lr, self.lr > 0 and math.isfinite(self.lr)),
+            ("batch size", self.batch_size, self.batch_size >= 1),
+            ("templates", self.templates, self.templates in TEMPLATES),
         ):
             if not ok:
                 raise PrivdiffError(f"invalid {flag} {value!r}")
@@ -61,7 +61,7 @@ def check_config(backend: SDBackend, config: TIConfig) -> None:
         room = context - 2 - longest
         if config.n_vectors > room:
             raise PrivdiffError(
-                f"--vectors {config.n_vectors} is too many for this model: its text encoder reads {context} "
+                f"vectors {config.n_vectors} is too many for this model: its text encoder reads {context} "
                 f"tokens, and BOS, EOS and the longest {config.templates!r} prompt template ({longest} tokens) "
                 f"leave room for at most {room} vectors"
             )

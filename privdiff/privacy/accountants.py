@@ -12,11 +12,13 @@ removing one record (``add-remove``, every accountant) or by replacing one recor
 (``replace-one``, pld only: dp_accounting's REPLACE_ONE pair (1-q)N(0, σ²) + qN(∓1, σ²), i.e. the sampled
 record's clipped contribution moves between two vectors of norm <= C; at q = 1 that is sensitivity 2C).
 
-Every call answers within seconds (2 CPU cores) or refuses with a one-line PrivdiffError. The served ranges:
-steps <= MAX_STEPS in all (DP-SGD never needs more), at most MAX_EVENTS distinct (sigma, q) pairs in one
-composition, NOISE_MULTIPLIERS, DELTAS and, as calibration targets, EPSILONS. Inside them the grids of pld and
-prv are sized to a fixed work budget: a coarser grid only loosens their upper bound, never breaks it, and prv
-refuses events whose grid cannot be made small enough (use pld there).
+Every call answers within seconds (2 CPU cores) or refuses with a one-line PrivdiffError naming the value. The
+served ranges: steps <= MAX_STEPS in all (DP-SGD never needs more), at most MAX_EVENTS distinct (sigma, q) pairs
+in one composition, noise multipliers in NOISE_MULTIPLIERS, sample rates >= MIN_SAMPLE_RATE, delta in DELTAS
+and, as calibration targets, epsilon in EPSILONS (PRV_EPSILONS for prv). Inside them the grids of pld and prv are
+sized to a fixed work budget (a coarser grid loosens their upper bound, never breaks it); pld refuses only events
+whose epsilon is far beyond any target; prv also events whose grid cannot be made small enough, whose epsilon
+passes ~700, or where opacus' discretisation fails (tiny sigma or sample rate): use pld there.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ REPLACE_ONE = "replace-one"
 RELATIONS = (ADD_REMOVE, REPLACE_ONE)
 
 MAX_STEPS = 10**6
-MAX_EVENTS = 100
+MAX_EVENTS = 32
 NOISE_MULTIPLIERS = (1e-3, 1e6)
-DELTAS = (1e-12, 0.5)  # pld's truncated tails hold ~1e-15 per composition; prv needs delta above its grid's rounding
-EPSILONS = (0.01, 1e4)  # calibration targets: rdp's optimal order grows like 2 log(1/delta) / epsilon
+MIN_SAMPLE_RATE = 1e-9  # pld's loss grid degenerates near the smallest floats
+DELTAS = (1e-8, 0.5)  # below, the FFT round-off of pld's and prv's 10**6-point grids reaches delta / 1000
+EPSILONS = (0.01, 1e4)  # calibration targets; rdp's order 1024 cannot certify 0.01 at delta 1e-8 any more
 PRV_EPSILONS = (0.05, 500.0)  # prv adds its eps_error (>= 0.01) and represents epsilon up to ~700 only
 
 Event = tuple[float, float, int]
@@ -91,7 +94,7 @@ def composed_epsilon(
         return name, 0.0
     checks.served("total steps" if many else "steps", sum(steps for _, _, steps in merged), high=MAX_STEPS)
     checks.served("distinct (noise_multiplier, sample_rate) events", len(merged), high=MAX_EVENTS)
-    return name, _run(name, f"events {merged} at delta={delta}", lambda: _epsilon(name, merged, delta, relation))
+    return name, _run(name, f"{_describe(merged)} at delta={delta}", lambda: _epsilon(name, merged, delta, relation))
 
 
 def calibrate_noise_multiplier(
@@ -107,9 +110,9 @@ def calibrate_noise_multiplier(
     name = _resolve(accountant, relation)
     eps = checks.served("epsilon", checks.positive("epsilon", epsilon), *EPSILONS, what="target")
     if name == "prv":
-        checks.served("epsilon", eps, *PRV_EPSILONS, what="target", who="the prv accountant (use pld)")
+        checks.served("epsilon", eps, *PRV_EPSILONS, what="target", who="the prv accountant", hint="use pld")
     delta = _delta(delta)
-    q = checks.sample_rate(sample_rate)
+    q = _sample_rate(sample_rate)
     steps = checks.served("steps", checks.count("steps", steps), high=MAX_STEPS)
 
     def exact(sigma: float) -> float:
@@ -128,8 +131,8 @@ def calibrate_noise_multiplier(
 
     def search() -> float:
         start = q * math.sqrt(2 * steps * math.log(1.25 / delta)) / eps * (2 if relation == REPLACE_ONE else 1)
-        sigma, slope = _solve(coarse, eps, start)
-        return _solve(exact, eps, sigma, slope)[0]
+        sigma, slope = _solve(coarse, eps, start, name=name)
+        return _solve(exact, eps, sigma, slope, tries=5, name=name)[0]
 
     return name, _run(name, f"epsilon={eps}, delta={delta}, sample_rate={q}, steps={steps}", search)
 
@@ -151,6 +154,10 @@ def _delta(delta: object) -> float:
     return checks.served("delta", checks.open_unit("delta", delta), *DELTAS, what="delta")
 
 
+def _sample_rate(q: object, name: str = "sample_rate") -> float:
+    return checks.served(name, checks.sample_rate(q, name), MIN_SAMPLE_RATE, what="sample rate")
+
+
 def _check_event(event: Sequence[object], where: str) -> Event:
     if len(event) != 3:
         raise PrivdiffError(f"event{where} must be (noise_multiplier, sample_rate, steps), got {event!r}")
@@ -158,9 +165,13 @@ def _check_event(event: Sequence[object], where: str) -> Event:
     sigma = checks.positive(f"noise_multiplier{where}", sigma)
     return (
         checks.served(f"noise_multiplier{where}", sigma, *NOISE_MULTIPLIERS, what="noise multiplier"),
-        checks.sample_rate(q, f"sample_rate{where}"),
+        _sample_rate(q, f"sample_rate{where}"),
         checks.served(f"steps{where}", checks.count(f"steps{where}", steps), high=MAX_STEPS),
     )
+
+
+def _describe(events: list[Event]) -> str:
+    return f"events {events}" if len(events) <= 3 else f"{len(events)} events (first {events[0]})"
 
 
 def _merge(events: list[Event]) -> list[Event]:
@@ -211,7 +222,8 @@ def _epsilon(name: str, events: list[Event], delta: float, relation: str) -> flo
 
 
 def _solve(
-    eps_of: Callable[[float], float], target: float, start: float, slope: float = -1.0, tries: int = 10
+    eps_of: Callable[[float], float], target: float, start: float, slope: float = -1.0, tries: int = 10,
+    name: str = "this",
 ) -> tuple[float, float]:
     """Smallest noise multiplier in NOISE_MULTIPLIERS whose ``eps_of`` (decreasing) is <= ``target``, to within
     _CALIBRATION_TOLERANCE, and the slope of log eps against log sigma there.
@@ -246,8 +258,8 @@ def _solve(
         lo = sigma
         while (hi := ev(lo * math.exp(width)))[1] > target:
             if hi[0] >= high:
-                raise PrivdiffError(f"no noise multiplier up to {high:g} reaches epsilon={target} "
-                                    f"(it gives {hi[1]:.4g})")
+                raise PrivdiffError(f"no noise multiplier up to {high:g} brings the {name} accountant's epsilon "
+                                    f"down to {target} (it gives {hi[1]:.4g})")
             lo, width = hi[0], width * 4
         hi = hi[0]
     else:
@@ -324,7 +336,7 @@ def _pld_spacing(events: list[Event], relation: str, points: int, grid: int, sna
     single, composed = sum(w[0] for w in widths), sum(w[1] for w in widths)
     needed = max(single / points, composed * len(events) / grid, _PLD_SPACING * 2.0**-10)
     if needed > _PLD_SPACING * 2.0**20:  # dp_accounting overflows exp() near 709
-        raise _Unservable(f"pld accountant cannot serve events {events}: its loss grid would need a spacing of "
+        raise _Unservable(f"pld accountant cannot serve {_describe(events)}: its loss grid would need a spacing of "
                           f"{needed:.3g}; epsilon there is far above {EPSILONS[1]:g} (rdp can bound it)")
     return _PLD_SPACING * 2.0 ** math.ceil(math.log2(needed / _PLD_SPACING)) if snap else needed
 
@@ -372,19 +384,19 @@ def _prv_epsilon(events: list[Event], delta: float) -> float:
     scale = math.sqrt(total * math.log(12 / delta_error) / 2)
     eps_error = max(0.01, 2 * (max(tail, 0.01) + 3) * scale * len(events) / _PRV_POINTS)
     if eps_error > _PRV_MAX_EPS_ERROR:
-        raise PrivdiffError(f"prv accountant cannot serve events {events} at delta={delta}: its grid would need "
+        raise PrivdiffError(f"prv accountant cannot serve {_describe(events)} at delta={delta}: its grid would need "
                             f"{eps_error / 0.01 * _PRV_POINTS:.3g} points at eps_error=0.01; use pld")
     half = max(tail, eps_error) + 3
     domain = Domain.create_aligned(-half, half, eps_error / scale)
-    try:
+    try:  # opacus raises RuntimeError where its discretisation does not hold (tiny sigma or sample rate)
         dprvs = [discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min,
                                                            domain.t_max), domain) for sigma, q, _ in events]
-    except RuntimeError as exc:  # "Discrete mean differs significantly from continuous mean" (tiny sigma)
-        raise PrivdiffError(f"prv accountant cannot serve events {events}: {_one_line(exc)}; use pld") from exc
-    composed = compose_heterogeneous(dprvs, [steps for _, _, steps in events])
-    eps = composed.compute_epsilon(delta, delta_error, eps_error)[2]  # the upper end of PRV's error bars
+        composed = compose_heterogeneous(dprvs, [steps for _, _, steps in events])
+        eps = composed.compute_epsilon(delta, delta_error, eps_error)[2]  # the upper end of PRV's error bars
+    except RuntimeError as exc:
+        raise PrivdiffError(f"prv accountant cannot serve {_describe(events)}: {_one_line(exc)}; use pld") from exc
     if not math.isfinite(eps):  # exp(-loss) underflows past ~745, which epsilon (<= its bound) then crosses
-        raise _Unservable(f"prv accountant cannot serve events {events} at delta={delta}: epsilon is beyond "
+        raise _Unservable(f"prv accountant cannot serve {_describe(events)} at delta={delta}: epsilon is beyond "
                           "the ~700 its grid can represent; use pld")
     return max(0.0, eps)  # a negative bound means (0, delta)-DP
 
@@ -407,6 +419,8 @@ def _rdp_epsilon(events: list[Event], delta: float, fractional: bool = True) -> 
             break
         last = orders[-1]
         new = [round(last * 2 ** (k / 4)) for k in range(1, 9) if last * 2 ** (k / 4) <= top]
+        if not new:
+            break
         orders, values = orders + new, np.concatenate([values, rdp(new)])
     near = [a for a in _RDP_FRACTIONAL if abs(a - best) < 1] if fractional else []
     if near:

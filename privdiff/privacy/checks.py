@@ -48,14 +48,16 @@ def count(name: str, value: object, minimum: int = 1) -> int:
 
 def served(
     name: str, value: float, low: float | None = None, high: float | None = None, what: str = "value",
-    who: str = "the accountants",
+    who: str = "the accountants", hint: str = "",
 ) -> float:
     """``value`` (already checked) if it lies in [low, high], the range ``who`` answer within seconds."""
     if low is not None and value < low:
-        raise PrivdiffError(f"{name}={value!r} is below the smallest {what} {who} can serve ({_show(low)})")
-    if high is not None and value > high:
-        raise PrivdiffError(f"{name}={value!r} is over the {_show(high)} {who} can serve")
-    return value
+        problem = f"is below the smallest {what} {who} can serve ({_show(low)})"
+    elif high is not None and value > high:
+        problem = f"is over the {_show(high)} {who} can serve"
+    else:
+        return value
+    raise PrivdiffError(f"{name}={value!r} {problem}" + (f"; {hint}" if hint else ""))
 
 
 def _show(bound: float) -> str:
