@@ -1,4 +1,4 @@
-"""Embedding files that load in ComfyUI, A1111/Forge and diffusers (DESIGN.md §4).
+"""Embedding files that load in ComfyUI, A1111/Forge and diffusers.
 
 Formats written by :func:`save_embedding`:
 

@@ -1,6 +1,7 @@
-"""Accounting for the Poisson-subsampled Gaussian mechanism (DESIGN.md §3).
+"""Accounting for the Poisson-subsampled Gaussian mechanism (docs/privacy.md).
 
-Thin wrappers over well-kept accountants; no formula is re-derived here:
+Wrappers over well-kept accountants; no privacy formula is re-derived here (the grids are sized here, and
+read through a few private dp_accounting attributes, so dp-accounting is pinned below 0.7):
 
 - ``pld``: Google's dp_accounting PLD accountant (pessimistic estimate, an upper bound);
 - ``prv``: opacus' PRV accountant (its upper bound);

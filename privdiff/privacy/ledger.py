@@ -1,4 +1,4 @@
-"""Privacy budget ledger: a local JSON file the data owner keeps and never ships (DESIGN: docs/privacy.md).
+"""Privacy budget ledger: a local JSON file the data owner keeps and never ships (docs/privacy.md).
 
 The ledger charges **each image** (identified by the SHA-256 of its file's bytes) for every release it could
 have taken part in, so a folder that shares images with earlier releases inherits their spend. A budget

@@ -1,4 +1,4 @@
-"""The one subsampled Gaussian mechanism (DESIGN.md §3): bound, Poisson-sample, sum, add noise.
+"""The one subsampled Gaussian mechanism (docs/privacy.md): bound, Poisson-sample, sum, add noise.
 
 Every DP feature (DPAgg-TI, DP guidance targets, the aggregate command) goes through ``gaussian_aggregate``,
 and every noise draw, DP-SGD's included, through ``noisy_sum``; the accounting is

@@ -1,4 +1,4 @@
-"""The privacy report every DP artifact carries (DESIGN.md §3).
+"""The privacy report every DP artifact carries (docs/privacy.md).
 
 It holds the mechanism's public parameters and the accountant's epsilon, never anything else computed
 from the private data (no dataset hash, no file names, no realized counts). It names the neighbouring
