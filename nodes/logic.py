@@ -9,22 +9,27 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.dpagg import (
     EMBEDDING_SUFFIXES,
     DPParams,
     aggregate_embedding_files,
+    center_label,
     check_params,
     per_image_files,
+    plan_files_release,
 )
 from privdiff.embeddings.files import load_embedding
 from privdiff.embeddings.release import LedgerRequest, open_ledger, release_embedding
-from privdiff.embeddings.textual_inversion import Progress, TIConfig, initial_vectors
+from privdiff.embeddings.textual_inversion import PLACEHOLDER, Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.images import PrivateDataset, list_images
 from privdiff.output_plan import plan_output
+from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
-from privdiff.training import METHODS
+from privdiff.training import METHODS, PLANS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -118,12 +123,22 @@ def _ledger(release: Release, files: list[Path], default_ledger: Path | None, re
                        change_budget=release.change_budget, force=release.force_budget, request=request)
 
 
+@torch.no_grad()
 def model_identity(backend: SDBackend, config: TIConfig) -> str:
-    """A public fingerprint of the model for request keys: the hash of the init word's token vectors."""
+    """A public fingerprint of the model for request keys: the init word's token vectors and the UNet's
+    prediction on a fixed public input (a gray 64 px image's latents, the init word's prompt), rounded to
+    4 significant digits so that kernel nondeterminism does not change it."""
     vectors = initial_vectors(backend, config)
+    gray = torch.full((1, 3, 64, 64), 0.5, device=backend.device, dtype=backend.dtype)
+    latents = backend.encode_images(gray, torch.Generator(device=backend.device).manual_seed(0))
+    cond = backend.encode_prompts([f"a painting of {PLACEHOLDER}"], PLACEHOLDER,
+                                  {k: v.to(backend.device, backend.dtype)[None] for k, v in vectors.items()})
+    t = torch.full((1,), len(backend.alphas_cumprod) // 2, device=backend.device, dtype=torch.long)
+    prediction = backend.predict_noise(latents, t, cond).float().cpu()
     digest = hashlib.sha256()
-    for key in sorted(vectors):
-        digest.update(key.encode() + vectors[key].numpy().tobytes())
+    for name, tensor in [*sorted(vectors.items()), ("unet", prediction)]:
+        digest.update(name.encode())
+        digest.update(" ".join(f"{x:.4g}" for x in tensor.flatten().tolist()).encode())
     return digest.hexdigest()
 
 
@@ -175,12 +190,11 @@ def train_embedding(
         return earlier
     output = plan_output(embedding_target(embeddings_dir, release.name, release.overwrite), "safetensors",
                          release.name, release.overwrite)
-    _, result = release_embedding(
-        lambda check: METHODS[method](
-            backend, dataset.images, params, config, seed=release.seed(), dataset_label=release.label(),
-            progress=progress, before_training=check,
-        ),
-        output, ledger,
+    report = PLANS[method](params, len(dataset), config, seed=release.seed(), dataset_label=release.label())
+    _, result, _ = release_embedding(
+        lambda: METHODS[method](backend, dataset.images, params, config, seed=release.seed(),
+                                dataset_label=release.label(), progress=progress, report=report),
+        report, output, ledger,
     )
     return _outputs(release, result.report)
 
@@ -211,17 +225,17 @@ def aggregate_files(
         raise PrivdiffError(f"images_folder holds {len(sources)} images but folder holds {len(files)} embedding "
                             "files; they must correspond one to one")
     target = embeddings_dir / f"{release.name}.safetensors"
-    ledger = _ledger(release, sources, default_ledger, release.request(center=center)) if sources else None
+    request = release.request(center=center, embeddings=sorted(image_digests(files)))
+    ledger = _ledger(release, sources, default_ledger, request) if sources else None
     if (earlier := _earlier_release(ledger, release, target)) is not None:
         return earlier
     output = plan_output(embedding_target(embeddings_dir, release.name, release.overwrite), "safetensors",
                          release.name, release.overwrite)
-    _, result = release_embedding(
-        lambda check: aggregate_embedding_files(
-            files, params, center=public_center, center_name=center.strip() or None, seed=release.seed(),
-            dataset_label=release.label(), before_training=check,
-        ),
-        output, ledger,
+    report = plan_files_release(params, len(files), center_label(center.strip() or None), seed=release.seed(),
+                                dataset_label=release.label())
+    _, result, _ = release_embedding(
+        lambda: aggregate_embedding_files(files, params, center=public_center, seed=release.seed(), report=report),
+        report, output, ledger,
     )
     return _outputs(release, result.report)
 def folder_state(folder: Path) -> str:

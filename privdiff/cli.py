@@ -85,9 +85,12 @@ def _model(text: str) -> str:
     from pathlib import Path
 
     path = Path(text)
-    if text in ("tiny", "tiny-sdxl") or (text.strip() and (path.is_dir() or (
-            path.is_file() and path.suffix in (".safetensors", ".ckpt")))):
-        return text
+    try:
+        if text in ("tiny", "tiny-sdxl") or (text.strip() and (path.is_dir() or (
+                path.is_file() and path.suffix in (".safetensors", ".ckpt")))):
+            return text
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        raise argparse.ArgumentTypeError(f"model {text[:80]!r}: {exc.strerror or exc}") from None
     raise argparse.ArgumentTypeError(f"model {text!r} not found: expected 'tiny', 'tiny-sdxl', a diffusers folder "
                                      "or a .safetensors/.ckpt file")
 
@@ -164,9 +167,12 @@ def _cmd_embedding_convert(args: argparse.Namespace) -> None:
 def _ledger_request(args: argparse.Namespace, files: list) -> object:
     """The LedgerRequest for ``--ledger`` charging the images ``files``, or None without a ledger."""
     if not args.ledger:
-        if args.budget_epsilon is not None or args.change_budget or args.force_budget:
-            raise PrivdiffError("--budget-epsilon, --change-budget and --force-budget need --ledger")
+        if args.budget_epsilon is not None or args.budget_delta is not None or args.change_budget \
+                or args.force_budget:
+            raise PrivdiffError("--budget-epsilon, --budget-delta, --change-budget and --force-budget need --ledger")
         return None
+    if args.budget_delta is not None and args.budget_epsilon is None:
+        raise PrivdiffError("--budget-delta sets a budget together with --budget-epsilon; give both")
     from privdiff.embeddings.release import open_ledger
 
     budget_delta = args.delta if args.budget_delta is None else args.budget_delta  # 0 is refused, not replaced
@@ -181,13 +187,13 @@ def _output(args: argparse.Namespace) -> OutputPlan:
     return plan_output(args.out, args.format, args.token, args.force)
 
 
-def _summary(path: object, result: object, ledger: object) -> dict:
+def _summary(path: object, result: object, reservation: object) -> dict:
     summary = {"output": str(path), **json.loads(result.report.to_json())}
     if result.expected_snr is not None:
         summary["expected_snr_best_case"] = round(result.expected_snr, 3)
-    if ledger is not None:
-        spend = ledger.ledger.spent(ledger.digests)
-        summary["ledger"] = {"path": str(ledger.ledger.path)}
+    if reservation is not None:
+        spend = reservation.spend  # as composed when the release was reserved, this release included
+        summary["ledger"] = {"path": str(reservation.ledger.path), "release_id": reservation.release_id}
         if spend is not None:
             summary["ledger"].update(largest_image_epsilon=spend.epsilon, delta=spend.delta,
                                      accountant=spend.accountant, relation=spend.relation)
@@ -212,8 +218,9 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     from privdiff.embeddings.release import release_embedding
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
     from privdiff.images import check_image, list_images, load_image_folder
+    from privdiff.privacy.ledger import image_digests
     from privdiff.progress import tqdm_progress
-    from privdiff.training import METHODS
+    from privdiff.training import METHODS, PLANS
 
     output = _output(args)
     files = list_images(args.images)  # fail on an empty or missing folder before loading a model
@@ -227,26 +234,35 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     check_params(params, len(files), n_public_by_convention=args.method == "dpsgd")
     if args.method == "dpsgd" and args.bound != "clip":
         raise PrivdiffError(f"--bound {args.bound} is not available for --method dpsgd (it clips gradients)")
-    ledger = _ledger_request(args, files)
     device = check_device(args.device)
-    backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
-    backend.freeze()
-    check_config(backend, config)  # --vectors against the model's text context, before any image is read
-    resolution = backend.resolution if args.resolution is None else args.resolution  # checked by _resolution
-    _, images = load_image_folder(args.images, resolution, files=files)
-    with tqdm_progress(f"{args.method}: training") as progress:
-        path, result = release_embedding(
-            lambda check: METHODS[args.method](
-                backend, images, params, config, seed=args.reproducible_seed,
-                dataset_label=args.dataset_label, progress=progress, before_training=check,
-            ),
-            output, ledger,
-        )
-    _print_json(_summary(path, result, ledger))
+    ledger = _ledger_request(args, files)
+    if ledger is None:
+        image_digests(files)  # refuses duplicated images, which would count twice
+    report = PLANS[args.method](params, len(files), config, seed=args.reproducible_seed,
+                                dataset_label=args.dataset_label)
+
+    def produce() -> object:  # runs once the release is charged
+        backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
+        backend.freeze()
+        check_config(backend, config)  # --vectors against the model's text context, before any image is read
+        resolution = backend.resolution if args.resolution is None else args.resolution  # checked by _resolution
+        _, images = load_image_folder(args.images, resolution, files=files)
+        with tqdm_progress(f"{args.method}: training") as progress:
+            return METHODS[args.method](backend, images, params, config, seed=args.reproducible_seed,
+                                        dataset_label=args.dataset_label, progress=progress, report=report)
+
+    path, result, reservation = release_embedding(produce, report, output, ledger)
+    _print_json(_summary(path, result, reservation))
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
-    from privdiff.embeddings.dpagg import aggregate_embedding_files, check_params, per_image_files
+    from privdiff.embeddings.dpagg import (
+        aggregate_embedding_files,
+        center_label,
+        check_params,
+        per_image_files,
+        plan_files_release,
+    )
     from privdiff.embeddings.files import load_embedding
     from privdiff.embeddings.release import release_embedding
     from privdiff.images import list_images
@@ -268,14 +284,13 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
                             "they must correspond one to one")
     center = load_embedding(args.center) if args.center else None
     ledger = _ledger_request(args, sources)
-    path, result = release_embedding(
-        lambda check: aggregate_embedding_files(
-            files, params, center=center, center_name=args.center, seed=args.reproducible_seed,
-            dataset_label=args.dataset_label, before_training=check,
-        ),
-        output, ledger,
+    report = plan_files_release(params, len(files), center_label(args.center), seed=args.reproducible_seed,
+                                dataset_label=args.dataset_label)
+    path, result, reservation = release_embedding(
+        lambda: aggregate_embedding_files(files, params, center=center, seed=args.reproducible_seed, report=report),
+        report, output, ledger,
     )
-    _print_json(_summary(path, result, ledger))
+    _print_json(_summary(path, result, reservation))
 
 
 def _cmd_ledger_show(args: argparse.Namespace) -> None:
@@ -288,11 +303,17 @@ def _cmd_ledger_show(args: argparse.Namespace) -> None:
 
 
 def _cmd_ledger_clear(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from privdiff.embeddings.release import carries_release
     from privdiff.privacy.ledger import BudgetLedger
 
     ledger = BudgetLedger(args.ledger)
     if not ledger.path.is_file():
         raise PrivdiffError(f"ledger {ledger.path} does not exist")
+    entry = ledger.release(args.release_id)
+    if entry and entry["output"] and carries_release(Path(entry["output"]), args.release_id):
+        raise PrivdiffError(f"release {args.release_id} is in {entry['output']}: it was released, so its spend stays")
     ledger.clear(args.release_id)
     _print_json({"cleared": args.release_id, "ledger": str(ledger.path)})
 

@@ -205,3 +205,35 @@ def test_corrupt_ledger_is_named(tmp_path, content, reason, digests):
     message = str(info.value)
     assert message.startswith(f"budget ledger {path} is corrupt (") and reason in message
     assert "\n" not in message
+
+
+def test_a_cancel_keeps_a_budget_that_a_later_release_relies_on(digests, tmp_path):
+    path = tmp_path / "ledger.json"
+    first = BudgetLedger(path).reserve(digests, release(), budget=(BUDGET, DELTA))  # creates the ledger
+    BudgetLedger(path).reserve(digests, release()).commit()  # another run, under that budget
+    first.cancel()
+    assert json.loads(path.read_text())["budget"] == {"epsilon": BUDGET, "delta": DELTA}
+    ledger = BudgetLedger(path)
+    ledger.reserve(digests, release()).commit()
+    with pytest.raises(PrivdiffError, match="release refused"):
+        ledger.reserve(digests, release())
+
+
+def test_a_symlinked_ledger_is_one_ledger(digests, tmp_path):
+    real = tmp_path / "real" / "ledger.json"
+    real.parent.mkdir()
+    (tmp_path / "link.json").symlink_to(real)
+    BudgetLedger(real).reserve(digests, release(), budget=(BUDGET, DELTA)).commit()
+    BudgetLedger(tmp_path / "link.json").reserve(digests, release()).commit()
+    assert (tmp_path / "link.json").is_symlink() and len(json.loads(real.read_text())["releases"]) == 2
+
+
+def test_many_releases_of_one_image_still_compose(digests, tmp_path):
+    ledger = BudgetLedger(tmp_path / "ledger.json")
+    for i in range(40):  # calibrated sigmas differ in their last digits; the ledger rounds them down
+        report = make_report(mechanism="gaussian", epsilon=0.93, delta=DELTA, noise_multiplier=40.0 + i * 1e-5,
+                             sample_rate=Q, clip_norm=1.0, steps=STEPS, accountant="pld", relation="add-remove",
+                             public_size=10)
+        ledger.reserve(digests, report, budget=(BUDGET, DELTA)).commit()
+    spend = ledger.spent(digests)
+    assert spend.releases == 40 and spend.epsilon >= composed_epsilon([(40.0, Q, 40)], DELTA)[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from privdiff.privacy.report import PrivacyReport, make_report
 
 log = logging.getLogger("privdiff")
 
+MAX_RECORDS = 100_000
 MECHANISM = "DPAgg-TI: subsampled Gaussian mean of per-image textual-inversion embeddings"
 
 
@@ -74,6 +74,9 @@ def check_budget(epsilon: float | None, delta: float, dataset_size: int) -> None
 def check_params(params: DPParams, dataset_size: int, n_public_by_convention: bool = False) -> None:
     """Refuse contradictory or impossible parameters before any work (one line naming the value)."""
     check_budget(params.epsilon, params.delta, dataset_size)
+    if dataset_size > MAX_RECORDS:
+        raise PrivdiffError(f"{dataset_size} records are over the {MAX_RECORDS} one release serves (the noise's "
+                            "grid accounts for float64 rounding in sums of at most that many rows)")
     checks.sample_rate(params.sample_rate)
     checks.positive("clip_norm", params.clip_norm)
     if params.noise_multiplier is not None:
@@ -177,10 +180,20 @@ def _embedding_dim(init: dict[str, torch.Tensor]) -> int:
 
 
 def _public_progress(progress: Progress | None, public_total: int) -> Progress | None:
-    """Progress over a public total (every image sampled), so the bar does not show how many were sampled."""
+    """Progress rescaled to a public total: the bar shows neither N nor the sample size, only the pace."""
     if progress is None:
         return None
-    return lambda done, total: progress(min(done, public_total), public_total)
+    return lambda done, total: progress(min(public_total, done * public_total // total), public_total)
+
+
+def plan_dpagg_ti(
+    params: DPParams, dataset_size: int, config: TIConfig, *, seed: int | None = None,
+    dataset_label: str | None = None,
+) -> PrivacyReport:
+    """The report of a DPAgg-TI release (no model needed): one subsampled Gaussian release."""
+    center = f"init word {config.init_word!r} ({config.n_vectors} vector(s)) of the model's token embeddings"
+    return plan_release(MECHANISM, params, dataset_size, 1, center=center, dataset_label=dataset_label,
+                        private=seed is None)
 
 
 def run_dpagg_ti(
@@ -192,28 +205,23 @@ def run_dpagg_ti(
     seed: int | None = None,
     dataset_label: str | None = None,
     progress: Progress | None = None,
-    before_training: Callable[[PrivacyReport], None] | None = None,
+    report: PrivacyReport | None = None,
 ) -> DPAggResult:
     """Release one DP embedding from private ``images`` [N, 3, H, W] in 0..1.
 
-    ``seed`` makes the run reproducible and marks the release as not private.
-    ``before_training`` sees the release's report before any work (e.g. a ledger reservation).
-    Progress counts optimiser steps against the public total ceil(N / batch_size)·steps; the bar
-    completes when training ends (its duration still reflects how many images were sampled).
+    ``seed`` makes the run reproducible and marks the release as not private. ``report``: the release's
+    report from ``plan_dpagg_ti`` when it was planned (and charged) before the model loaded. Progress runs
+    to a public total, ceil(q·n / batch_size)·steps for the public size n, at the pace of the real work.
     """
     n = len(images)
     config = config or TIConfig()
     init = initial_vectors(backend, config)
-    center = f"init word {config.init_word!r} ({config.n_vectors} vector(s)) of the model's token embeddings"
-    report = plan_release(MECHANISM, params, n, 1, center=center, dataset_label=dataset_label,
-                          private=seed is None)
+    report = report or plan_dpagg_ti(params, n, config, seed=seed, dataset_label=dataset_label)
     sigma = report.noise_multiplier
-    if before_training is not None:
-        before_training(report)
     snr = expected_snr(report.public_size, params.sample_rate, sigma, _embedding_dim(init))
     rng = SecureRandom(seed)
     sampled = poisson_sample(n, params.sample_rate, rng)
-    public_total = math.ceil(n / config.batch_size) * config.steps
+    public_total = max(1, math.ceil(params.sample_rate * report.public_size / config.batch_size)) * config.steps
     if len(sampled):
         latents = encode_in_batches(backend, images[sampled], config.batch_size, rng.torch_generator())
         streams = [rng.torch_generator() for _ in sampled]  # training randomness, not relied on by the guarantee
@@ -259,6 +267,19 @@ def per_image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def center_label(center_file: str | None) -> str:
+    """How a report names the public centre of an aggregate: its file's name, or zero."""
+    return f"public embedding file {Path(center_file).name}" if center_file else "zero"
+
+
+def plan_files_release(
+    params: DPParams, dataset_size: int, center: str, *, seed: int | None = None, dataset_label: str | None = None,
+) -> PrivacyReport:
+    """The report of an aggregate of per-image files; ``center`` describes the public centre (``center_label``)."""
+    return plan_release(FILES_MECHANISM, params, dataset_size, 1, center=center, dataset_label=dataset_label,
+                        private=seed is None)
+
+
 def _shapes(embedding: Embedding) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in embedding.vectors.items()}
 
@@ -271,12 +292,12 @@ def aggregate_embedding_files(
     center_name: str | None = None,
     seed: int | None = None,
     dataset_label: str | None = None,
-    before_training: Callable[[PrivacyReport], None] | None = None,
+    report: PrivacyReport | None = None,
 ) -> DPAggResult:
     """Aggregate per-image embedding files trained elsewhere, each from exactly one image.
 
     Offsets are taken from the public ``center`` (e.g. the init word's vectors; ``center_name`` names it
-    in the report) or from zero.
+    in the report) or from zero. ``report``: from ``plan_files_release`` when planned before.
     """
     if not files:
         raise PrivdiffError("no embedding files to aggregate")
@@ -289,12 +310,9 @@ def aggregate_embedding_files(
     if center is not None and _shapes(center) != shapes:
         raise PrivdiffError(f"center {center_name or ''} is a {center.family} embedding with tensors "
                             f"{_shapes(center)}, but the files are {embeddings[0].family} with {shapes}")
-    described = f"public embedding file {Path(center_name).name}" if center is not None and center_name else (
-        "a public embedding" if center is not None else "zero")
-    report = plan_release(FILES_MECHANISM, params, len(files), 1, center=described, dataset_label=dataset_label,
-                          private=seed is None)
-    if before_training is not None:
-        before_training(report)
+    if report is None:
+        label = center_label(center_name) if center_name else ("a public embedding" if center is not None else "zero")
+        report = plan_files_release(params, len(files), label, seed=seed, dataset_label=dataset_label)
     origin = center.vectors if center else {k: torch.zeros(s) for k, s in shapes.items()}
     snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, _embedding_dim(origin))
     rng = SecureRandom(seed)

@@ -9,7 +9,6 @@ gradient is simply the gradient of its broadcast output. Clipping and noise are 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 from opacus import GradSampleModule
@@ -95,6 +94,22 @@ class PrivdiffDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
+def plan_dpsgd_ti(
+    params: DPParams, dataset_size: int, config: TIConfig, *, seed: int | None = None,
+    dataset_label: str | None = None,
+) -> PrivacyReport:
+    """The report of a DP-SGD release (no model needed): ``config.steps`` compositions, N public by convention.
+
+    Only ``bound="clip"``: gradients cannot be normalized meaningfully, so ``"normalize"`` is refused.
+    """
+    if params.bound == "normalize":
+        raise PrivdiffError("bound 'normalize' is not available for dpsgd: DP-SGD clips per-sample gradients; "
+                            "use bound 'clip'")
+    center = f"none: per-sample gradients are clipped (training starts from init word {config.init_word!r})"
+    return plan_release(MECHANISM, params, dataset_size, config.steps, center=center, dataset_label=dataset_label,
+                        private=seed is None, n_public_by_convention=True)
+
+
 def run_dpsgd_ti(
     backend: SDBackend,
     images: torch.Tensor,
@@ -104,23 +119,16 @@ def run_dpsgd_ti(
     seed: int | None = None,
     dataset_label: str | None = None,
     progress: Progress | None = None,
-    before_training: Callable[[PrivacyReport], None] | None = None,
+    report: PrivacyReport | None = None,
 ) -> DPAggResult:
     """Train one embedding on all ``images`` with DP-SGD for ``config.steps`` Poisson-sampled steps.
 
-    ``seed`` makes the run reproducible and marks the release as not private. Only ``bound="clip"``:
-    gradients cannot be normalized meaningfully, so ``"normalize"`` is refused before any work.
+    ``seed`` makes the run reproducible and marks the release as not private. ``report``: the release's
+    report from ``plan_dpsgd_ti`` when it was planned (and charged) before the model loaded.
     """
-    if params.bound == "normalize":
-        raise PrivdiffError("bound 'normalize' is not available for dpsgd: DP-SGD clips per-sample gradients; "
-                            "use bound 'clip'")
     n = len(images)
     config = config or TIConfig()
-    center = f"none: per-sample gradients are clipped (training starts from init word {config.init_word!r})"
-    report = plan_release(MECHANISM, params, n, config.steps, center=center, dataset_label=dataset_label,
-                          private=seed is None, n_public_by_convention=True)
-    if before_training is not None:
-        before_training(report)
+    report = report or plan_dpsgd_ti(params, n, config, seed=seed, dataset_label=dataset_label)
     init = initial_vectors(backend, config)
     keys = sorted(init)
     widths = [init[k].shape[-1] for k in keys]

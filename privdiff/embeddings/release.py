@@ -4,12 +4,12 @@ Shared by every front (CLI, ComfyUI, A1111) and every method, so each release is
 written the same way:
 
 1. the output plan is checked before anything else (``privdiff.output_plan.plan_output``);
-2. the method computes its report and calls ``check(report)`` before touching private data, which
-   reserves the release in the ledger under its lock (refused over budget);
-3. the artifact is written atomically, then the reservation is committed.
+2. the release's report is planned (σ calibrated, no model needed) and reserved in the ledger under its
+   lock, refused over budget, before a model loads or any private data is read;
+3. the work runs, the artifact is written atomically, then the reservation is committed.
 
 A clean failure or an interrupt before the write cancels the reservation (no file, no charge, the ledger
-as it was); a killed process leaves the reservation counted until the user clears it.
+as it was); a killed process, or a failure after the file is in place, leaves the reservation counted.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from privdiff.errors import PrivdiffError
 from privdiff.output_plan import OutputPlan, save_planned
 from privdiff.privacy.ledger import BudgetLedger, Reservation, image_digests, request_key
 from privdiff.privacy.report import PrivacyReport
-
-BudgetCheck = Callable[[PrivacyReport], None]
 
 
 @dataclass(frozen=True)
@@ -65,31 +63,51 @@ def open_ledger(
 
 
 def release_embedding(
-    produce: Callable[[BudgetCheck | None], DPAggResult],
+    produce: Callable[[], DPAggResult],
+    report: PrivacyReport,
     output: OutputPlan,
     ledger: LedgerRequest | None = None,
-) -> tuple[Path, DPAggResult]:
-    """Run ``produce(check)`` and write its embedding as planned; returns (path, result).
-
-    ``produce`` is a method run (e.g. ``run_dpagg_ti``) that calls ``check(report)`` before any private
-    computation; with a ledger, that call reserves the release.
-    """
-    reservation: Reservation | None = None
-
-    def check(report: PrivacyReport) -> None:
-        nonlocal reservation
-        reservation = ledger.ledger.reserve(
-            ledger.digests, report, budget=ledger.budget, change_budget=ledger.change_budget,
-            force=ledger.force, request=ledger.request, output=str(output.path))
-
+) -> tuple[Path, DPAggResult, Reservation | None]:
+    """Reserve ``report``'s release, run ``produce()`` (which releases under that report), write it as planned,
+    commit; returns (path, result, reservation). ``produce`` may load the model: it runs after the charge."""
+    if ledger is not None:
+        _check_apart(ledger.ledger.path, output)
+    reservation = None if ledger is None else ledger.ledger.reserve(
+        ledger.digests, report, budget=ledger.budget, change_budget=ledger.change_budget, force=ledger.force,
+        request=ledger.request, output=str(output.path))
     written = False
     try:
-        result = produce(check if ledger is not None else None)
+        result = produce()
+        if result.report.release_id != report.release_id:
+            raise PrivdiffError("the method released under another report than the one charged; please report this bug")
         path = save_planned(result.embedding, output)
         written = True
     finally:
-        if reservation is not None and not written:
+        if reservation is not None and not written and not carries_release(output.path, report.release_id):
             reservation.cancel()
     if reservation is not None:
-        reservation.commit()
-    return path, result
+        try:
+            reservation.commit()
+        except (PrivdiffError, OSError) as exc:
+            raise PrivdiffError(f"{path} was written, but its ledger reservation {report.release_id} could not be "
+                                f"committed ({exc}); it stays counted: do not clear it") from exc
+    return path, result, reservation
+
+
+def carries_release(path: Path, release_id: str) -> bool:
+    """Whether the embedding file at ``path`` is the release ``release_id`` (its report says so)."""
+    from privdiff.embeddings.files import load_embedding
+
+    try:
+        report = PrivacyReport.from_metadata(load_embedding(path).metadata)
+    except (PrivdiffError, OSError):
+        return False
+    return report is not None and report.release_id == release_id
+
+
+def _check_apart(ledger: Path, output: OutputPlan) -> None:
+    """The ledger must not be the output nor its sidecar: a release would overwrite the ledger."""
+    taken = {Path(p).expanduser().resolve() for p in (output.path, output.sidecar) if p is not None}
+    if ledger.resolve() in taken:
+        raise PrivdiffError(f"the ledger {ledger} is also the output {output.path} or its report sidecar; "
+                            "keep the ledger elsewhere")

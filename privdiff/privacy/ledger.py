@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -89,7 +90,7 @@ class BudgetLedger:
     """The per-image releases and the (epsilon, delta) budget kept in the JSON file ``path``."""
 
     def __init__(self, path: str | os.PathLike, accountant: str | None = None) -> None:
-        self.path = Path(path).expanduser()
+        self.path = Path(path).expanduser().resolve()  # a symlinked ledger is one ledger, locked where it lives
         self.accountant = accountant
 
     def reserve(
@@ -116,7 +117,7 @@ class BudgetLedger:
         with self._locked():
             created = not self.path.exists()
             data = self._load()
-            previous = data["budget"]
+            previous, prior = data["budget"], set(data["releases"])
             if new_budget is not None and previous is not None and new_budget != previous and not change_budget:
                 raise PrivdiffError(
                     f"ledger {self.path} already has the budget epsilon={previous['epsilon']:g}, "
@@ -138,7 +139,7 @@ class BudgetLedger:
                     raise PrivdiffError(self._refusal(data, spend))
                 entry["forced"] = True
             self._save(data)
-        return Reservation(self, report.release_id, previous, new_budget, created, spend)
+        return Reservation(self, report.release_id, previous, new_budget, created, spend, prior)
 
     def commit(self, release_id: str) -> None:
         """Mark a reserved release as written."""
@@ -152,11 +153,12 @@ class BudgetLedger:
             self._save(data)
 
     def cancel(self, release_id: str, restore_budget: dict | None = None, set_budget: dict | None = None,
-               created: bool = False) -> None:
+               created: bool = False, prior: set[str] | None = None) -> None:
         """Remove a reserved (never committed) release; used for clean failures and by ``clear``.
 
-        A budget this reservation set is restored to ``restore_budget``, and a ledger the reservation
-        created is removed again when nothing else is in it.
+        A budget this reservation set is restored to ``restore_budget`` unless a release made since relies
+        on it (every remaining release is one of ``prior``), and a ledger the reservation created is removed
+        again when nothing else is in it.
         """
         with self._locked():
             data = self._load()
@@ -173,7 +175,8 @@ class BudgetLedger:
                     data["images"][digest] = ids
                 else:
                     del data["images"][digest]
-            if set_budget is not None and data["budget"] == set_budget:
+            undisturbed = prior is not None and set(data["releases"]) <= prior
+            if set_budget is not None and data["budget"] == set_budget and undisturbed:
                 data["budget"] = restore_budget
             if created and not data["releases"]:
                 self.path.unlink(missing_ok=True)
@@ -183,6 +186,11 @@ class BudgetLedger:
     def clear(self, release_id: str) -> None:
         """Remove a reservation left by a run that was killed (the user vouches nothing was released)."""
         self.cancel(release_id)
+
+    def release(self, release_id: str) -> dict | None:
+        """The ledger entry of ``release_id``, or None."""
+        with self._locked():
+            return self._load()["releases"].get(release_id)
 
     def find(self, request: str) -> dict | None:
         """The latest committed release made for the request key ``request``, or None."""
@@ -217,9 +225,10 @@ class BudgetLedger:
         budget = data["budget"]
         if budget is None:
             return None
-        groups = {tuple(sorted(data["images"].get(d, []))) for d in digests}
+        groups = {frozenset(data["images"].get(d, [])) for d in digests}
+        maximal = [g for g in groups if not any(g < other for other in groups)]  # a subset never spends more
         worst: Spend | None = None
-        for ids in groups:
+        for ids in maximal:
             spend = self._compose([data["releases"][i] for i in ids], budget["delta"])
             if worst is None or spend.epsilon > worst.epsilon:
                 worst = spend
@@ -229,7 +238,8 @@ class BudgetLedger:
         # A replace-one bound covers every subsampled Gaussian release; add/remove only when all are add/remove.
         relation = ADD_REMOVE if all(r["relation"] == ADD_REMOVE for r in releases) else REPLACE_ONE
         accountant = self.accountant if relation == ADD_REMOVE else "pld"
-        events: list[Event] = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in releases]
+        events: list[Event] = [(_round_down(r["noise_multiplier"]), min(1.0, _round_up(r["sample_rate"])), r["steps"])
+                               for r in releases]
         name, eps = composed_epsilon(events, delta, accountant, relation=relation)
         return Spend(eps, delta, name, relation, len(releases))
 
@@ -238,7 +248,7 @@ class BudgetLedger:
         return (f"release refused: an image of this dataset would reach epsilon={spend.epsilon:.4g} over "
                 f"{spend.releases} release(s) > budget epsilon={budget['epsilon']:g} at delta={budget['delta']:g} "
                 f"({spend.accountant} accountant, {spend.relation}; ledger {self.path}); override explicitly with "
-                "force")
+                "force_budget (--force-budget)")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -286,13 +296,14 @@ class Reservation:
     set_budget: dict | None
     created_ledger: bool
     spend: Spend | None
+    prior: set[str]
 
     def commit(self) -> None:
         self.ledger.commit(self.release_id)
 
     def cancel(self) -> None:
         self.ledger.cancel(self.release_id, restore_budget=self.previous_budget, set_budget=self.set_budget,
-                           created=self.created_ledger)
+                           created=self.created_ledger, prior=self.prior)
 
 
 def _release_entry(report: PrivacyReport, request: str | None, output: str | None) -> dict:
@@ -339,6 +350,18 @@ def _exclusive(ledger: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _round_down(value: float, digits: int = 3) -> float:
+    """``value`` rounded down to ``digits`` significant digits: less noise in the composition, a larger epsilon."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.floor(value * scale) / scale
+
+
+def _round_up(value: float, digits: int = 3) -> float:
+    """``value`` rounded up to ``digits`` significant digits: a higher sampling rate, a larger epsilon."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
 
 
 def _check_budget(budget: tuple[float, float]) -> dict:
