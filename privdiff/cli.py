@@ -217,7 +217,7 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     from privdiff.embeddings.dpagg import check_params
     from privdiff.embeddings.release import release_embedding
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
-    from privdiff.images import check_image, list_images, load_image_folder
+    from privdiff.images import check_image, check_memory, list_images, load_image_folder
     from privdiff.privacy.ledger import image_digests
     from privdiff.progress import tqdm_progress
     from privdiff.training import METHODS, PLANS
@@ -226,6 +226,8 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     files = list_images(args.images)  # fail on an empty or missing folder before loading a model
     for file in files:
         check_image(file)  # headers only: a corrupt or oversized image fails before the model loads
+    if args.resolution is not None:
+        check_memory(len(files), args.resolution)
     config = TIConfig(n_vectors=args.vectors, init_word=args.init_word, steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, templates=args.templates)
     default_rate = 1.0 if args.method == "dpagg" else min(1.0, args.batch_size / len(files))

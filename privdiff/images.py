@@ -301,6 +301,19 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
         return to_square_rgb(image, resolution, path)
 
 
+def check_memory(count: int, resolution: int) -> None:
+    """Refuse loading ``count`` images at ``resolution`` when their float32 pixels need over half the memory."""
+    need = count * 3 * resolution * resolution * 4
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+        return
+    if need > total // 2:
+        raise PrivdiffError(f"{count} images at resolution {resolution} need {need / 2**20:,.0f} MiB of memory, "
+                            f"over half of this machine's {total / 2**20:,.0f} MiB; lower the resolution or use fewer "
+                            "images")
+
+
 def load_image_folder(
     folder: str | os.PathLike, resolution: int, *, files: Sequence[Path] | None = None
 ) -> tuple[list[Path], torch.Tensor]:
@@ -314,6 +327,7 @@ def load_image_folder(
     files = list_images(folder) if files is None else [Path(p) for p in files]
     if not files:
         raise PrivdiffError(f"image folder {folder} holds no images")
+    check_memory(len(files), resolution)
     for path in files:
         check_image(path)
     images = torch.empty((len(files), 3, resolution, resolution), dtype=torch.float32)

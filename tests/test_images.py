@@ -295,3 +295,11 @@ def test_bad_resolutions_are_refused_before_reading_anything(tmp_path, value, me
 def test_good_resolutions():
     assert check_resolution(8) == 8 and check_resolution(np.int64(512)) == 512
     assert check_resolution(MAX_RESOLUTION) == MAX_RESOLUTION == 4096
+
+
+def test_loading_more_pixels_than_half_the_memory_is_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(images.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1024}[name])
+    with pytest.raises(PrivdiffError, match=r"10 images at resolution 512 need 30 MiB of memory, over half of this "
+                                            r"machine's 4 MiB"):
+        images.check_memory(10, 512)
+    images.check_memory(1, 64)  # 48 KiB of 4 MiB
