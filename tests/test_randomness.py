@@ -5,7 +5,6 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 import pytest
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy import stats
 
@@ -37,7 +36,6 @@ def test_seeded_streams_reproduce():
     assert a.random_bytes(64) == b.random_bytes(64)
     assert np.array_equal(a.uint64(10), b.uint64(10))
     assert np.array_equal(a.discrete_gaussian(50, 3.5), b.discrete_gaussian(50, 3.5))
-    assert torch.equal(torch.randn(4, generator=a.torch_generator()), torch.randn(4, generator=b.torch_generator()))
 
 
 def test_seeds_differing_only_in_high_bits_give_different_streams():
@@ -47,8 +45,6 @@ def test_seeds_differing_only_in_high_bits_give_different_streams():
     rngs = [SecureRandom(s) for s in HIGH_BIT_SEEDS]
     draws = [tuple(r.discrete_gaussian(16, 2.0**30)) for r in rngs]
     assert len(set(draws)) == 3
-    gens = [SecureRandom(s).torch_generator() for s in HIGH_BIT_SEEDS]
-    assert len({tuple(torch.randn(4, generator=g).tolist()) for g in gens}) == 3
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, 2**64, True, "3", 7.0])
@@ -130,16 +126,6 @@ def test_exp_minus_one_digits_are_exact():
         rest = float(exact * 2**64 - tie)  # P(U < exp(-1) | U's first 64 bits are exp(-1)'s)
     rng, n = SecureRandom(6), 20_000
     assert abs(np.mean([rng._bern_exp1(tie) for _ in range(n)]) - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
-
-
-def test_torch_generator_is_seeded_from_the_stream():
-    rng = SecureRandom(8)
-    a, b = rng.torch_generator(), rng.torch_generator()
-    assert a.device.type == "cpu"
-    assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
-    seed = int.from_bytes(SecureRandom(8).random_bytes(8), "little")
-    assert torch.equal(torch.randn(8, generator=SecureRandom(8).torch_generator()),
-                       torch.randn(8, generator=torch.Generator().manual_seed(seed)))
 
 
 def _discrete_gaussian_pmf(sigma: float, support: np.ndarray) -> np.ndarray:

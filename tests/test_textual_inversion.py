@@ -174,3 +174,18 @@ def test_bad_config_and_generators(sd1_backend):
     config = TIConfig(steps=1)
     with pytest.raises(ValueError, match="one generator per image"):
         train_embeddings(sd1_backend, _latents(2), initial_vectors(sd1_backend, config), config, _generators(1))
+
+
+def test_training_generators_are_seeded_from_the_secure_stream():
+    from privdiff.embeddings.textual_inversion import training_generator
+    from privdiff.privacy.randomness import SecureRandom
+
+    rng = SecureRandom(8)
+    a, b = training_generator(rng), training_generator(rng)
+    assert a.device.type == "cpu"
+    assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+    seed = int.from_bytes(SecureRandom(8).random_bytes(8), "little")
+    assert torch.equal(torch.randn(8, generator=training_generator(SecureRandom(8))),
+                       torch.randn(8, generator=torch.Generator().manual_seed(seed)))
+    gens = [training_generator(SecureRandom(s)) for s in (5, 5 + 2**32, 5 + 2**40)]  # differ only in high bits
+    assert len({tuple(torch.randn(4, generator=g).tolist()) for g in gens}) == 3

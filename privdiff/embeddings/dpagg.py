@@ -18,7 +18,13 @@ import torch
 
 from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.files import Embedding, load_embedding
-from privdiff.embeddings.textual_inversion import Progress, TIConfig, initial_vectors, train_embeddings
+from privdiff.embeddings.textual_inversion import (
+    Progress,
+    TIConfig,
+    initial_vectors,
+    train_embeddings,
+    training_generator,
+)
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
 from privdiff.privacy.accountants import ADD_REMOVE, REPLACE_ONE, calibrate_noise_multiplier, epsilon_for
@@ -223,8 +229,8 @@ def run_dpagg_ti(
     sampled = poisson_sample(n, params.sample_rate, rng)
     public_total = max(1, math.ceil(params.sample_rate * report.public_size / config.batch_size)) * config.steps
     if len(sampled):
-        latents = encode_in_batches(backend, images[sampled], config.batch_size, rng.torch_generator())
-        streams = [rng.torch_generator() for _ in sampled]  # training randomness, not relied on by the guarantee
+        latents = encode_in_batches(backend, images[sampled], config.batch_size, training_generator(rng))
+        streams = [training_generator(rng) for _ in sampled]  # training randomness, not relied on by the guarantee
         per_image = train_embeddings(backend, latents, init, config, streams, _public_progress(progress, public_total))
     else:
         per_image = {k: torch.empty(0, *v.shape) for k, v in init.items()}

@@ -27,6 +27,7 @@ from privdiff.embeddings.textual_inversion import (
     TIConfig,
     diffusion_loss,
     initial_vectors,
+    training_generator,
 )
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.mechanism import bound_vectors, noisy_sum, poisson_sample
@@ -134,8 +135,8 @@ def run_dpsgd_ti(
     widths = [init[k].shape[-1] for k in keys]
     device = backend.device
     rng = SecureRandom(seed)
-    latents = encode_in_batches(backend, images, config.batch_size, rng.torch_generator()).to(device)
-    generator = rng.torch_generator()  # templates, timesteps, diffusion noise: not relied on by the guarantee
+    latents = encode_in_batches(backend, images, config.batch_size, training_generator(rng)).to(device)
+    generator = training_generator(rng)  # templates, timesteps, diffusion noise: not relied on by the guarantee
     shared = SharedVectors(torch.cat([init[k] for k in keys], dim=-1)).to(device)
     module = GradSampleModule(shared)  # wraps `shared`; it does not forward attributes such as .weight
     optimizer = PrivdiffDPOptimizer(

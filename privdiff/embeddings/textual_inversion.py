@@ -16,6 +16,7 @@ import torch
 from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.errors import PrivdiffError
+from privdiff.privacy.randomness import SecureRandom
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after every optimiser step; may raise to cancel."""
@@ -71,6 +72,13 @@ def _tokenizers(backend: SDBackend) -> list:
     """The tokenizers of a backend over a diffusers pipeline (SDXL has two); [] for other backends."""
     pipe = getattr(backend, "pipe", None)
     return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
+def training_generator(rng: SecureRandom, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator seeded with 64 bits of ``rng``'s stream, for training randomness (templates, timesteps,
+    diffusion noise, VAE sampling) that the privacy guarantee does not rely on: torch's CPU generator keeps 32
+    bits of its seed, so it is never used for Poisson sampling or DP noise (those draw from ``rng`` itself)."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(rng.random_bytes(8), "little"))
 
 
 def initial_vectors(backend: SDBackend, config: TIConfig) -> dict[str, torch.Tensor]:

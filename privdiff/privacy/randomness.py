@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from fractions import Fraction
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from privdiff.errors import PrivdiffError
@@ -126,16 +125,6 @@ class SecureRandom:
             for i in np.flatnonzero(words == np.uint64(digit)):
                 keep[i] = self._bern(rest.numerator, rest.denominator)
         return keep
-
-    def torch_generator(self, device: str | torch.device = "cpu") -> torch.Generator:
-        """A torch generator seeded with 64 bits of the stream.
-
-        Only for training randomness the privacy guarantee does not rely on (templates, timesteps, diffusion
-        noise, VAE sampling): torch's CPU Mersenne Twister keeps 32 bits of its seed, so its output can be
-        brute-forced. Poisson sampling and DP noise must use ``bernoulli``/``discrete_gaussian`` instead.
-        """
-        seed = int.from_bytes(self.random_bytes(8), "little")
-        return torch.Generator(device=device).manual_seed(seed)
 
     def _bern_exp(self, num: int, den: int) -> bool:
         """Exact Bernoulli(exp(-num/den)) for num/den >= 0 (CKS 2020, Algorithm 1)."""
