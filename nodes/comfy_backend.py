@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import comfy.clip_model
+import comfy.model_base
 import comfy.model_management
 import torch
 from comfy.model_base import ModelType
@@ -27,10 +28,13 @@ class ComfyBackend:
     """privdiff's SDBackend protocol for a ComfyUI checkpoint (SD1.x, SD2.x, SDXL)."""
 
     def __init__(self, model, clip, vae) -> None:
+        """``clip`` may be None for sampling only (conditioning then comes from ComfyUI's CONDITIONING)."""
         self.model, self.clip, self.vae = model, clip, vae
         self.base = model.model
-        self._keys = sorted(clip.tokenize("").keys())  # "l" (SD1), "h" (SD2), "g" + "l" (SDXL)
-        self.encoder_dims = {f"clip_{k}": self._tokenizer(k).embedding_size for k in self._keys}
+        # "l" (SD1), "h" (SD2), "g" + "l" (SDXL); without CLIP, SDXL is told by its size conditioning (adm)
+        self._keys = sorted(clip.tokenize("").keys()) if clip is not None else \
+            (["g", "l"] if isinstance(self.base, comfy.model_base.SDXL) else ["l"])
+        self.encoder_dims = {f"clip_{k}": self._tokenizer(k).embedding_size for k in self._keys} if clip else {}
         if set(self._keys) == {"g", "l"}:
             self.family = "SDXL"
         elif self._keys == ["l"]:
@@ -152,7 +156,7 @@ class ComfyBackend:
 
     def freeze(self) -> None:
         """Weights get no gradients; ``training_session`` sets and restores this."""
-        for module in (self.base, self.clip.cond_stage_model):
+        for module in (self.base, *([self.clip.cond_stage_model] if self.clip is not None else [])):
             module.requires_grad_(False)
 
 
@@ -173,29 +177,36 @@ def _out_of_place_forward(layer, x, mask=None, optimized_attention=None):
 
 
 @contextmanager
-def training_session(model, clip, vae) -> Iterator[ComfyBackend]:
-    """A frozen ComfyBackend ready for gradients w.r.t. injected vectors, inside ComfyUI's prompt.
-
-    Leaves ComfyUI's inference mode, loads the models through ComfyUI's model management, and
-    restores the CLIP layers and the weights' requires_grad flags afterwards, even on cancel.
-    """
+def gradient_session(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Gradients through ComfyUI's loaded ``modules`` inside a prompt: leaves inference mode, swaps their
+    inference tensors for ordinary ones, makes CLIP layers (text and vision) add out of place and freezes the
+    weights; the layers and the requires_grad flags are restored on exit, even on cancel. Load the models
+    through ComfyUI's model management before entering."""
     with torch.inference_mode(False), torch.enable_grad():
-        clip.load_model()
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        modules = (model.model, clip.cond_stage_model)
         flags = [{name: p.requires_grad for name, p in m.named_parameters()} for m in modules]
-        layers = [m for m in clip.cond_stage_model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)]
+        layers = [layer for m in modules for layer in m.modules() if isinstance(layer, comfy.clip_model.CLIPLayer)]
         try:
             for m in modules:
                 _deinference(m)
+                m.requires_grad_(False)
             for layer in layers:
                 layer.forward = functools.partial(_out_of_place_forward, layer)
-            backend = ComfyBackend(model, clip, vae)
-            backend.freeze()
-            yield backend
+            yield
         finally:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
             for m, saved in zip(modules, flags, strict=True):
                 for name, p in m.named_parameters():
                     p.requires_grad_(saved.get(name, False))
+
+
+@contextmanager
+def training_session(model, clip, vae) -> Iterator[ComfyBackend]:
+    """A frozen ComfyBackend ready for gradients w.r.t. injected vectors, inside ComfyUI's prompt."""
+    with torch.inference_mode(False), torch.enable_grad():
+        clip.load_model()
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        with gradient_session([model.model, clip.cond_stage_model]):
+            backend = ComfyBackend(model, clip, vae)
+            backend.freeze()
+            yield backend

@@ -104,6 +104,13 @@ def embeddings_dir() -> Path:
     return folder
 
 
+def targets_dir() -> Path:
+    """ComfyUI's models/privdiff_targets folder, where DP style targets are written and looked up."""
+    folder = Path(folder_paths.models_dir) / "privdiff_targets"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def input_path(path: str) -> Path:
     """An absolute path, or one relative to ComfyUI's input folder."""
     p = Path(os.path.expanduser(path.strip()))

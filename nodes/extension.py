@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .aggregate import PrivdiffDPAggregateEmbeddings
 from .dataset import PrivdiffLoadPrivateImages
+from .guidance import PrivdiffDPStyleTarget, PrivdiffGuidedSampler, PrivdiffStyleGuider
 from .report import PrivdiffPrivacyReport
 from .textual_inversion import PrivdiffDPTextualInversion
 
@@ -19,4 +20,7 @@ class PrivdiffExtension(ComfyExtension):
             PrivdiffDPTextualInversion,
             PrivdiffDPAggregateEmbeddings,
             PrivdiffPrivacyReport,
+            PrivdiffDPStyleTarget,
+            PrivdiffGuidedSampler,
+            PrivdiffStyleGuider,
         ]

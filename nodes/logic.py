@@ -22,13 +22,15 @@ from privdiff.embeddings.dpagg import (
     plan_files_release,
 )
 from privdiff.embeddings.files import load_embedding
-from privdiff.embeddings.release import LedgerRequest, open_ledger, release_embedding
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
+from privdiff.guidance.encoders import ImageEncoder
+from privdiff.guidance.target import load_target, make_target, plan_target, save_target, target_params
 from privdiff.images import PrivateDataset, list_images
 from privdiff.output_plan import plan_output
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
+from privdiff.release import LedgerRequest, carries_release, open_ledger, release_artifact, release_embedding
 from privdiff.training import METHODS, PLANS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -238,6 +240,57 @@ def aggregate_files(
         report, output, ledger,
     )
     return _outputs(release, result.report)
+def target_path(folder: Path, name: str) -> Path:
+    """A style target file: an absolute path, or a name (with or without .safetensors) in ``folder``."""
+    text = name.strip()
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        if not _NAME.match(text) or ".." in text:
+            raise PrivdiffError(f"target name {text!r} must be letters, digits, '_', '-' or '.' (no folders), or an "
+                                "absolute path")
+        path = folder / text
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def make_style_target(
+    encoder: ImageEncoder,
+    dataset: PrivateDataset,
+    release: Release,
+    targets_dir: Path,
+    progress: Progress | None = None,
+    default_ledger: Path | None = None,
+) -> tuple[str, str]:
+    """DP Style Target node: (report text, target name); writes ``targets_dir/<name>.safetensors``.
+
+    Like the embedding nodes, an identical earlier request is returned without charging again unless
+    ``new_release`` is set.
+    """
+    params = target_params(release.epsilon or None, release.delta, release.sample_rate,
+                           public_size=release.public_size or None)
+    check_params(params, len(dataset))
+    path = target_path(targets_dir, release.name)
+    ledger = _ledger(release, dataset.files, default_ledger, release.request(kind="style target",
+                                                                              encoder=encoder.identity))
+    if ledger is not None and not release.new_release and path.is_file():
+        earlier = ledger.ledger.find(ledger.request)
+        if earlier is not None and carries_release(path, earlier["release_id"]):
+            report = load_target(path).report
+            return (_target_text(report, encoder.identity) + "\nnote: the same request was released before; "
+                    "returned without charging the budget again (set new_release for a new one)"), release.name
+    if path.exists() and not release.overwrite:
+        raise PrivdiffError(f"{path} already exists; pick another name or enable overwrite")
+    report = plan_target(params, len(dataset), encoder.identity, seed=release.seed(), dataset_label=release.label())
+    release_artifact(
+        lambda: make_target(encoder, dataset.images, params, seed=release.seed(), report=report, progress=progress),
+        report, path, lambda target: save_target(target, path, force=release.overwrite), carries_release, ledger)
+    return _target_text(report, encoder.identity), release.name
+
+
+def _target_text(report: PrivacyReport, encoder: str) -> str:
+    return report_text(report) + f"\nimage encoder: {encoder}\nthe guarantee covers the target; sampling " \
+                                 "with it is post-processing and spends no budget"
+
+
 def folder_state(folder: Path) -> str:
     """A digest of a folder's entries (names, sizes, modification times): changes when its files change."""
     digest = hashlib.sha256(str(folder).encode())

@@ -81,18 +81,18 @@ def _resolution(text: str) -> int:
 
 
 def _model(text: str) -> str:
-    """argparse type for --model: 'tiny', 'tiny-sdxl', or an existing diffusers folder or .safetensors/.ckpt file."""
+    """argparse type for --model: 'small', 'tiny', 'tiny-sdxl', or an existing diffusers folder or checkpoint file."""
     from pathlib import Path
 
     path = Path(text)
     try:
-        if text in ("tiny", "tiny-sdxl") or (text.strip() and (path.is_dir() or (
+        if text in ("small", "tiny", "tiny-sdxl") or (text.strip() and (path.is_dir() or (
                 path.is_file() and path.suffix in (".safetensors", ".ckpt")))):
             return text
     except OSError as exc:  # e.g. a name too long for the filesystem
         raise argparse.ArgumentTypeError(f"model {text[:80]!r}: {exc.strerror or exc}") from None
-    raise argparse.ArgumentTypeError(f"model {text!r} not found: expected 'tiny', 'tiny-sdxl', a diffusers folder "
-                                     "or a .safetensors/.ckpt file")
+    raise argparse.ArgumentTypeError(f"model {text!r} not found: expected 'small', 'tiny', 'tiny-sdxl', a diffusers "
+                                     "folder or a .safetensors/.ckpt file")
 
 
 def _word(text: str) -> str:
@@ -173,7 +173,7 @@ def _ledger_request(args: argparse.Namespace, files: list) -> object:
         return None
     if args.budget_delta is not None and args.budget_epsilon is None:
         raise PrivdiffError("--budget-delta sets a budget together with --budget-epsilon; give both")
-    from privdiff.embeddings.release import open_ledger
+    from privdiff.release import open_ledger
 
     budget_delta = args.delta if args.budget_delta is None else args.budget_delta  # 0 is refused, not replaced
     return open_ledger(args.ledger, files, budget_epsilon=args.budget_epsilon, budget_delta=budget_delta,
@@ -215,11 +215,11 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     from privdiff.backends.tiny import load_model
     from privdiff.devices import check_device
     from privdiff.embeddings.dpagg import check_params
-    from privdiff.embeddings.release import release_embedding
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
     from privdiff.images import check_image, check_memory, list_images, load_image_folder
     from privdiff.privacy.ledger import image_digests
     from privdiff.progress import tqdm_progress
+    from privdiff.release import release_embedding
     from privdiff.training import METHODS, PLANS
 
     output = _output(args)
@@ -266,8 +266,8 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
         plan_files_release,
     )
     from privdiff.embeddings.files import load_embedding
-    from privdiff.embeddings.release import release_embedding
     from privdiff.images import list_images
+    from privdiff.release import release_embedding
 
     output = _output(args)
     if not args.one_image_per_file:
@@ -295,6 +295,127 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     _print_json(_summary(path, result, reservation))
 
 
+def _target_out(path: str, force: bool) -> object:
+    """Check a target output path before any work: .safetensors, an existing folder, no file unless ``force``."""
+    from pathlib import Path
+
+    out = Path(path).expanduser()
+    if out.suffix != ".safetensors":
+        raise PrivdiffError(f"--out {out} must end in .safetensors")
+    if out.is_dir() or (out.exists() and not force):
+        raise PrivdiffError(f"{out} already exists; pass --force to overwrite it" if not out.is_dir()
+                            else f"--out {out} is a directory")
+    if not out.parent.is_dir():
+        raise PrivdiffError(f"output folder {out.parent} does not exist")
+    return out
+
+
+def _cmd_guidance_target(args: argparse.Namespace) -> None:
+    from privdiff.devices import check_device
+    from privdiff.embeddings.dpagg import check_params
+    from privdiff.guidance.encoders import load_image_encoder
+    from privdiff.guidance.target import make_target, plan_target, save_target, target_params
+    from privdiff.images import check_image, check_memory, list_images, load_image_folder
+    from privdiff.privacy.ledger import image_digests
+    from privdiff.progress import tqdm_progress
+    from privdiff.release import carries_release, release_artifact
+
+    out = _target_out(args.out, args.force)
+    files = list_images(args.images)
+    for file in files:
+        check_image(file)
+    rate = 1.0 if args.sample_rate is None else args.sample_rate
+    params = target_params(args.epsilon, args.delta, rate, accountant=args.accountant, public_size=args.public_size)
+    check_params(params, len(files))
+    device = check_device(args.device)
+    ledger = _ledger_request(args, files)
+    if ledger is None:
+        image_digests(files)  # refuses duplicated images, which would count twice
+    encoder = load_image_encoder(args.image_encoder)  # public: loaded before the charge, to name it in the report
+    if hasattr(encoder, "model"):
+        encoder.model.to(device)
+    size = getattr(encoder, "size", 224)
+    check_memory(len(files), size)
+    report = plan_target(params, len(files), encoder.identity, seed=args.reproducible_seed,
+                         dataset_label=args.dataset_label)
+
+    def produce() -> object:
+        _, images = load_image_folder(args.images, size, files=files)
+        with tqdm_progress("target: embedding") as progress:
+            return make_target(encoder, images, params, seed=args.reproducible_seed, report=report,
+                               progress=progress)
+
+    path, target, reservation = release_artifact(
+        produce, report, out, lambda t: save_target(t, out, force=args.force), carries_release, ledger)
+    summary = {"output": str(path), "image_encoder": target.encoder, **json.loads(target.report.to_json())}
+    if reservation is not None:
+        summary["ledger"] = {"path": str(reservation.ledger.path), "release_id": reservation.release_id}
+    _print_json(summary)
+
+
+def _cmd_guidance_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from privdiff.backends.diffusers_backend import DiffusersBackend
+    from privdiff.backends.tiny import load_model
+    from privdiff.devices import check_device
+    from privdiff.guidance.encoders import load_image_encoder
+    from privdiff.guidance.sampler import GuidanceConfig, sample
+    from privdiff.guidance.target import check_encoder, load_target
+    from privdiff.image_output import save_images
+    from privdiff.progress import tqdm_progress
+
+    config = GuidanceConfig(steps=args.steps, cfg=args.cfg, weight=args.guidance_weight, recurrence=args.recurrence)
+    target = load_target(args.target)
+    encoder = load_image_encoder(args.image_encoder)
+    check_encoder(target, encoder, args.target, args.image_encoder)
+    device = check_device(args.device)
+    out_dir = _out_dir(args.out)
+    backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
+    backend.freeze()
+    if hasattr(encoder, "model"):
+        encoder.model.to(device)
+    height, width = args.height or backend.resolution, args.width or backend.resolution
+    factor = backend.pipe.vae_scale_factor
+    if height % factor or width % factor:
+        raise PrivdiffError(f"--height/--width {height}x{width} must be multiples of {factor} for this model")
+    n = args.num_images
+    cond = backend.encode_text([args.prompt] * n, size=(height, width))
+    uncond = backend.encode_text([args.negative_prompt] * n, size=(height, width))
+    generator = torch.Generator(device).manual_seed(args.seed)
+    channels = backend.pipe.unet.config.in_channels
+    latents = torch.randn(n, channels, height // factor, width // factor, generator=generator, device=device)
+    with tqdm_progress("guided sampling") as progress:
+        z = sample(backend, cond, uncond, latents, config, generator, encoder, target.vector, progress=progress)
+    with torch.no_grad():
+        images = backend.decode_latents(z)
+    settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+                "steps": config.steps, "cfg": config.cfg, "guidance_weight": config.weight,
+                "recurrence": config.recurrence, "target_release_id": target.report.release_id}
+    written = save_images(images, out_dir, settings)
+    _print_json({"images": [str(p) for p in written], **settings,
+                 "target_epsilon": target.report.epsilon, "target_delta": target.report.delta})
+
+
+def _out_dir(path: str) -> object:
+    """An output folder for images: created if missing; a file there is refused."""
+    from pathlib import Path
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PrivdiffError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _cmd_guidance_inspect(args: argparse.Namespace) -> None:
+    from privdiff.guidance.target import load_target
+
+    target = load_target(args.file)
+    _print_json({"file": args.file, "dim": int(target.vector.numel()), "image_encoder": target.encoder,
+                 "privacy_report": json.loads(target.report.to_json())})
+
+
 def _cmd_ledger_show(args: argparse.Namespace) -> None:
     from privdiff.privacy.ledger import BudgetLedger
 
@@ -307,8 +428,8 @@ def _cmd_ledger_show(args: argparse.Namespace) -> None:
 def _cmd_ledger_clear(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from privdiff.embeddings.release import carries_release
     from privdiff.privacy.ledger import BudgetLedger
+    from privdiff.release import carries_release
 
     ledger = BudgetLedger(args.ledger)
     if not ledger.path.is_file():
@@ -347,6 +468,11 @@ def _add_release_options(p: argparse.ArgumentParser, rate_default: str, epsilon_
                         "store none (loaders use the file name)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
+    _add_ledger_options(p)
+
+
+def _add_ledger_options(p: argparse.ArgumentParser) -> None:
+    """Ledger, public size and reproducible seed: every command that releases something takes them."""
     p.add_argument("--ledger", default=None, help="budget ledger JSON file (kept by you, never shipped)")
     p.add_argument("--budget-epsilon", type=POSITIVE, default=None, help="set the dataset's total epsilon budget")
     p.add_argument("--budget-delta", type=UNIT_OPEN, default=None, help="the budget's delta (default: --delta)")
@@ -407,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ti-aggregate", help="DP textual-inversion embedding from a folder of private images")
     p.add_argument("--model", type=_model, required=True,
-                   help="local diffusers folder, local single-file SD1.x/SDXL checkpoint, 'tiny' or 'tiny-sdxl'")
+                   help="local diffusers folder, local single-file SD1.x/SDXL checkpoint, 'small' (the shipped "
+                   "reference model), 'tiny' or 'tiny-sdxl' (random weights)")
     p.add_argument("--images", required=True, help="folder of private images (png, jpg, webp, ...)")
     p.add_argument("--method", choices=["dpagg", "dpsgd"], default="dpagg",
                    help="dpagg: noisy aggregate of per-image embeddings (default); dpsgd: DP-SGD baseline")
@@ -441,6 +568,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the images the files were trained on, one per file (needed with --ledger)")
     _add_release_options(p, "1.0", epsilon_required=False)
     p.set_defaults(func=_cmd_aggregate)
+
+    guidance = sub.add_parser("guidance", help="DP style targets and universal-guidance sampling").add_subparsers(
+        dest="guidance_command", metavar="SUBCOMMAND", required=True
+    )
+    p = guidance.add_parser("target", help="DP style target: noisy mean of the images' unit CLIP embeddings")
+    p.add_argument("--images", required=True, help="folder of private images")
+    p.add_argument("--image-encoder", required=True,
+                   help="transformers CLIP vision folder, ARCH:FILE for open_clip (e.g. RN50:RN50.pt), 'small' "
+                   "(the small reference model's) or 'tiny'")
+    p.add_argument("--out", required=True, help="target file (.safetensors)")
+    p.add_argument("--epsilon", type=POSITIVE, required=True, help="target epsilon of this release")
+    p.add_argument("--delta", type=UNIT_OPEN, required=True, help="target delta (must be below 1/N)")
+    p.add_argument("--sample-rate", type=RATE, default=None, help="Poisson sampling rate q (default 1.0)")
+    _add_accountant(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
+    _add_ledger_options(p)
+    p.add_argument("--device", type=_device, default=None, help="torch device for the image encoder")
+    p.set_defaults(func=_cmd_guidance_target)
+    p = guidance.add_parser("sample", help="sample with universal guidance toward a style target")
+    p.add_argument("--model", type=_model, required=True, help="as for ti-aggregate")
+    p.add_argument("--target", required=True, help="style target file from `privdiff guidance target`")
+    p.add_argument("--image-encoder", required=True, help="the encoder the target was made with")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+    p.add_argument("--out", required=True, help="output folder for the PNG images (created if missing)")
+    p.add_argument("--guidance-weight", type=_real(1e6), default=6.0,
+                   help="w: strength of the pull toward the target (default 6; 0 turns guidance off)")
+    p.add_argument("--recurrence", type=_integer(1, 100), default=6,
+                   help="k: passes per step (self-recurrence; default 6; cost grows k-fold)")
+    p.add_argument("--steps", type=_integer(1, 1000), default=50, help="DDIM steps (default 50)")
+    p.add_argument("--cfg", type=_real(100), default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0, help="sampling seed (default 0)")
+    p.add_argument("--num-images", type=_integer(1, 64), default=1, help="images in the batch (default 1)")
+    p.add_argument("--height", type=_resolution, default=None, help="pixels (default: the model's)")
+    p.add_argument("--width", type=_resolution, default=None, help="pixels (default: the model's)")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="model weights dtype (default float32)")
+    p.set_defaults(func=_cmd_guidance_sample)
+    p = guidance.add_parser("inspect", help="encoder, width and privacy report of a style target file")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_guidance_inspect)
 
     ledger = sub.add_parser("ledger", help="read or repair a budget ledger").add_subparsers(
         dest="ledger_command", metavar="SUBCOMMAND", required=True

@@ -178,6 +178,41 @@ def write_tiny_sd15_checkpoint(
     return out
 
 
+def clip_vision_vit_l_shapes() -> dict[str, tuple[int, ...]]:
+    """Key names and shapes of a CLIP ViT-L/14 vision model with projection, as ComfyUI's CLIP Vision loader
+    detects it (24 layers of width 1024, 224 px, 14 px patches, 768-wide projection)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=224, patch_size=14)
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def write_random_clip_vision(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A seeded random CLIP ViT-L vision checkpoint (fp16, ~600 MiB) for ComfyUI's CLIPVisionLoader."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in sorted(clip_vision_vit_l_shapes().items()):
+        if key.endswith(".bias"):
+            t = torch.zeros(shape)
+        elif len(shape) == 1 and ("norm" in key or "layrnorm" in key):
+            t = torch.ones(shape)
+        else:
+            fan_in = 1
+            for d in shape[1:]:
+                fan_in *= d
+            t = torch.randn(shape, generator=gen) * (fan_in**-0.5 if len(shape) > 1 else 0.02)
+        sd[key] = t.to(torch.float16)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"note": "random weights, for tests only"})
+    os.replace(tmp, out)
+    return out
+
+
 def main() -> None:
     """Command line: write the checkpoint."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])

@@ -44,7 +44,8 @@ CKPT = "privdiff_tiny_sd15.safetensors"
 START_TIMEOUT = 240.0
 RUN_TIMEOUT = 900.0
 OUR_NODES = ("PrivdiffLoadPrivateImages", "PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings",
-             "PrivdiffPrivacyReport")
+             "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler", "PrivdiffStyleGuider")
+CLIP_VISION = "privdiff_random_vit_l.safetensors"
 N_IMAGES = 4
 
 
@@ -207,7 +208,9 @@ def _free_port() -> int:
 def comfy(tmp_path_factory: pytest.TempPathFactory):
     """ComfyUI with this pack and the tiny checkpoint, in a temporary base directory."""
     base = tmp_path_factory.mktemp("comfyui_base")
-    _module("comfyui_checkpoint").write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / CKPT)
+    checkpoints = _module("comfyui_checkpoint")
+    checkpoints.write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / CKPT)
+    checkpoints.write_random_clip_vision(base / "models" / "clip_vision" / CLIP_VISION)
     (base / "models" / "embeddings").mkdir(parents=True)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "privdiff").symlink_to(ROOT, target_is_directory=True)
@@ -288,6 +291,9 @@ def prepare(workflow: Path, **overrides: dict) -> dict:
         "PrivdiffDPAggregateEmbeddings": {"name": f"pdtest_{workflow.stem}", "one_image_per_file": True},
         "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
         "KSampler": {"steps": 2},
+        "CLIPVisionLoader": {"clip_name": CLIP_VISION},
+        "PrivdiffDPStyleTarget": {"name": f"pdtest_{workflow.stem}"},
+        "PrivdiffGuidedSampler": {"target": f"pdtest_{workflow.stem}", "steps": 2, "recurrence": 2},
         "SaveImage": {"filename_prefix": f"pdtest/{workflow.stem}"},
     }
     for node in prompt.values():
@@ -367,6 +373,13 @@ def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings:
         assert f"embedding:{name} does not exist" not in comfy.log.read_text(errors="replace")
         assert not [p for p in comfy.embeddings.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
+    from privdiff.guidance.target import load_target
+
+    for nid in _nodes_of(prompt, "PrivdiffDPStyleTarget"):
+        name = prompt[nid]["inputs"]["name"]
+        target = load_target(comfy.base / "models" / "privdiff_targets" / f"{name}.safetensors")
+        assert target.report.private and target.vector.numel() == 768 and target.encoder.startswith("CLIP vision")
+
     for nid in _nodes_of(prompt, "PreviewAny"):
         (text,) = outputs[nid]["text"]
         assert "epsilon" in text.lower(), f"{workflow.name}: PreviewAny {nid} shows {text[:300]!r}"
@@ -386,18 +399,15 @@ def test_empty_image_folder_is_a_clear_error(comfy: Comfy, tmp_path: Path):
     assert not list(comfy.embeddings.glob(f"{name}*"))
 
 
-def test_interrupt_during_training(comfy: Comfy, private_images: Path):
-    name = "pdtest_interrupted"
-    prompt = prepare(ROOT / "workflows" / "api" / "dp_textual_inversion.json",
-                     PrivdiffDPTextualInversion={"name": name, "steps": 5000})
-    (trainer,) = _nodes_of(prompt, "PrivdiffDPTextualInversion")
+def _interrupt_after_progress(comfy: Comfy, prompt: dict, node: str) -> dict:
+    """Queue ``prompt``, interrupt it once ``node`` reports progress, and return its finished /history entry."""
     client_id = str(uuid.uuid4())
     ws = _WebSocket(comfy.port, client_id)
     try:
         prompt_id = comfy.queue(prompt, client_id)
         deadline = time.monotonic() + 600
         while True:
-            assert time.monotonic() < deadline, f"no training progress from node {trainer}:\n{comfy.log_tail()}"
+            assert time.monotonic() < deadline, f"no progress from node {node}:\n{comfy.log_tail()}"
             try:
                 msg = ws.message()
             except TimeoutError:
@@ -406,8 +416,8 @@ def test_interrupt_during_training(comfy: Comfy, private_images: Path):
                 continue
             data = msg.get("data", {})
             if msg.get("type") == "execution_error":
-                pytest.fail(f"training failed before the interrupt: {json.dumps(data)[:3000]}")
-            if msg.get("type") == "progress" and data.get("node") == trainer and data.get("value", 0) >= 1:
+                pytest.fail(f"the run failed before the interrupt: {json.dumps(data)[:3000]}")
+            if msg.get("type") == "progress" and data.get("node") == node and data.get("value", 0) >= 1:
                 break
     finally:
         ws.close()
@@ -416,8 +426,26 @@ def test_interrupt_during_training(comfy: Comfy, private_images: Path):
     assert entry["status"]["status_str"] == "error"
     assert _messages(entry, "execution_interrupted"), json.dumps(entry["status"])[:2000]
     assert not _messages(entry, "execution_error"), _describe_failure(entry)
+    return entry
+
+
+def test_interrupt_during_training(comfy: Comfy, private_images: Path):
+    name = "pdtest_interrupted"
+    prompt = prepare(ROOT / "workflows" / "api" / "dp_textual_inversion.json",
+                     PrivdiffDPTextualInversion={"name": name, "steps": 5000})
+    (trainer,) = _nodes_of(prompt, "PrivdiffDPTextualInversion")
+    _interrupt_after_progress(comfy, prompt, trainer)
     assert not list(comfy.embeddings.glob(f"{name}*")), "an interrupted run must not leave an embedding"
     assert not [p for p in comfy.embeddings.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_interrupt_during_guided_sampling(comfy: Comfy, private_images: Path):
+    prompt = prepare(ROOT / "workflows" / "api" / "dp_guided_sampling.json",
+                     PrivdiffGuidedSampler={"steps": 500, "recurrence": 2})
+    (sampler,) = _nodes_of(prompt, "PrivdiffGuidedSampler")
+    before = set((comfy.base / "output").rglob("*.png")) if (comfy.base / "output").exists() else set()
+    _interrupt_after_progress(comfy, prompt, sampler)
+    assert set((comfy.base / "output").rglob("*.png")) == before, "an interrupted sampling must save nothing"
 
 
 def test_requeueing_after_another_graph_does_not_release_again(comfy: Comfy, private_images: Path):
@@ -433,3 +461,42 @@ def test_requeueing_after_another_graph_does_not_release_again(comfy: Comfy, pri
     assert any("released before" in t for t in texts), (texts, first)
     ledger = json.loads((comfy.base / "user" / "privdiff" / "ledger.json").read_text())
     assert sum(r["output"].endswith(f"{name}.safetensors") for r in ledger["releases"].values()) == 1
+
+
+def test_guidance_gradient_reaches_the_samples(comfy: Comfy, private_images: Path):
+    """Gradients flow through UNet, VAE and CLIP vision inside ComfyUI's prompt: w > 0 changes the image."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = {}
+    for weight in (0.0, 50.0):
+        prompt = prepare(ROOT / "workflows" / "api" / "dp_guided_sampling.json",
+                         PrivdiffGuidedSampler={"guidance_weight": weight, "recurrence": 1},
+                         SaveImage={"filename_prefix": f"pdtest/guided_w{weight:g}"})
+        outputs = comfy.run(prompt)
+        (saver,) = _nodes_of(prompt, "SaveImage")
+        (image,) = outputs[saver]["images"]
+        pixels[weight] = np.asarray(Image.open(comfy.base / "output" / image["subfolder"] / image["filename"]))
+    assert np.abs(pixels[0.0].astype(int) - pixels[50.0].astype(int)).max() > 0
+
+
+def test_style_guider_drives_sampler_custom_advanced(comfy: Comfy, private_images: Path):
+    prompt = prepare(ROOT / "workflows" / "api" / "dp_guided_sampling.json",
+                     SaveImage={"filename_prefix": "pdtest/guider"})
+    (nid,) = _nodes_of(prompt, "PrivdiffGuidedSampler")
+    given = prompt[nid]["inputs"]
+    kept = ("model", "positive", "negative", "vae", "clip_vision", "target")
+    prompt[nid] = {"class_type": "PrivdiffStyleGuider",
+                   "inputs": {**{k: given[k] for k in kept}, "cfg": 3.0, "guidance_weight": 50.0}}
+    prompt["90"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}}
+    prompt["91"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    prompt["92"] = {"class_type": "BasicScheduler",
+                    "inputs": {"model": given["model"], "scheduler": "normal", "steps": 2, "denoise": 1.0}}
+    prompt["93"] = {"class_type": "SamplerCustomAdvanced",
+                    "inputs": {"noise": ["90", 0], "guider": [nid, 0], "sampler": ["91", 0], "sigmas": ["92", 0],
+                               "latent_image": given["latent_image"]}}
+    (decode,) = _nodes_of(prompt, "VAEDecode")
+    prompt[decode]["inputs"]["samples"] = ["93", 0]
+    outputs = comfy.run(prompt)
+    (saver,) = _nodes_of(prompt, "SaveImage")
+    assert outputs[saver]["images"], "SamplerCustomAdvanced with the style guider saved nothing"

@@ -181,3 +181,27 @@ def test_report_text_names_relation_bound_and_centre(sd1_backend, dataset, tmp_p
     _, text, _ = logic.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, release(public_size=50), tmp_path)
     assert "neighbouring relation: add-remove, public size 50" in text
     assert "(clip, centre: init word 'style'" in text
+
+
+def test_style_target_node_releases_once_and_refuses_clobbering(tmp_path, dataset):
+    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.guidance.target import load_target
+
+    encoder = tiny_image_encoder()
+    ledger = tmp_path / "ledger.json"
+    options = release(name="cats", clip_norm=1.0, bound="normalize", prompt_template="{}", public_size=10)
+    text, name = logic.make_style_target(encoder, dataset, options, tmp_path, default_ledger=ledger)
+    assert name == "cats" and "PRIVATE release" in text and encoder.identity in text
+    target = load_target(tmp_path / "cats.safetensors")
+    assert target.encoder == encoder.identity and target.report.bound == "normalize"
+    releases = json.loads(ledger.read_text())["releases"]
+    again, _ = logic.make_style_target(encoder, dataset, options, tmp_path, default_ledger=ledger)
+    assert "released before" in again and json.loads(ledger.read_text())["releases"] == releases
+    with pytest.raises(PrivdiffError, match="already exists"):
+        logic.make_style_target(encoder, dataset, release(name="cats", clip_norm=1.0, bound="normalize",
+                                                          prompt_template="{}", new_release=True),
+                                tmp_path, default_ledger=ledger)
+    assert logic.target_path(tmp_path, "cats") == tmp_path / "cats.safetensors"
+    assert logic.target_path(tmp_path, str(tmp_path / "x.safetensors")) == tmp_path / "x.safetensors"
+    with pytest.raises(PrivdiffError, match="target name"):
+        logic.target_path(tmp_path, "../up")

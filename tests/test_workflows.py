@@ -48,11 +48,31 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
         _RELEASE_OUTPUTS,
     ),
     "PrivdiffPrivacyReport": ([("embedding", "COMBO")], [], ["STRING"]),
+    "PrivdiffDPStyleTarget": (
+        [("dataset", "PRIVDIFF_DATASET"), ("clip_vision", "CLIP_VISION"), ("name", "STRING"), *_RELEASE_HEAD,
+         ("sample_rate", "FLOAT"), ("overwrite", "BOOLEAN")],
+        _RELEASE_OPTIONAL,
+        ["STRING", "STRING"],
+    ),
+    "PrivdiffGuidedSampler": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+         ("clip_vision", "CLIP_VISION"), ("target", "STRING"), ("latent_image", "LATENT"), ("seed", "INT"),
+         ("steps", "INT"), ("cfg", "FLOAT"), ("guidance_weight", "FLOAT"), ("recurrence", "INT")],
+        [],
+        ["LATENT"],
+    ),
+    "PrivdiffStyleGuider": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfg", "FLOAT"),
+         ("vae", "VAE"), ("clip_vision", "CLIP_VISION"), ("target", "STRING"), ("guidance_weight", "FLOAT")],
+        [],
+        ["GUIDER"],
+    ),
 }
 
 CORE_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
     "CheckpointLoaderSimple": ([("ckpt_name", "COMBO")], [], ["MODEL", "CLIP", "VAE"]),
     "CLIPTextEncode": ([("text", "STRING"), ("clip", "CLIP")], [], ["CONDITIONING"]),
+    "CLIPVisionLoader": ([("clip_name", "COMBO")], [], ["CLIP_VISION"]),
     "EmptyLatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], [], ["LATENT"]),
     "KSampler": (
         [("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
@@ -67,7 +87,7 @@ CORE_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[s
 }
 NODES = {**CORE_NODES, **OUR_NODES}
 # Widgets the frontend follows with a "control after generate" value (fixed/increment/...).
-CONTROL_WIDGETS = {("KSampler", "seed")}
+CONTROL_WIDGETS = {("KSampler", "seed"), ("PrivdiffGuidedSampler", "seed")}
 
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted(API.glob("*.json"))

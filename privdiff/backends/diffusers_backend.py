@@ -162,6 +162,20 @@ class DiffusersBackend:
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1).to(self.dtype),
                 "text_embeds": pooled.to(self.dtype), "time_ids": time_ids.expand(len(prompts), -1)}
 
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Conditioning for plain ``prompts`` (no placeholder), in the form :meth:`encode_prompts` returns."""
+        device = self.device
+        if self.family != "SDXL":
+            hidden = self.pipe.encode_prompt(prompts, device, 1, False)[0]
+            return {"encoder_hidden_states": hidden.to(self.dtype)}
+        hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        height, width = size or (self.resolution, self.resolution)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=device)
+        return {"encoder_hidden_states": hidden.to(self.dtype), "text_embeds": pooled.to(self.dtype),
+                "time_ids": time_ids.expand(len(prompts), -1)}
+
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor,
                       cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """UNet prediction (noise or v) for latents [B,4,h,w] at integer timesteps [B] (or a scalar)."""

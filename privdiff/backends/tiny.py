@@ -75,12 +75,12 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """Byte characters, their ``</w>`` forms, one whole-word token per word in the list, BOS, EOS."""
+def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
+    """Byte characters, their ``</w>`` forms, one whole-word token per word in ``words``, BOS, EOS."""
     chars = _byte_chars()
     tokens = chars + [c + "</w>" for c in chars]
     ranks: dict[tuple[str, str], int] = {}
-    for word in _WORDS:
+    for word in words:
         # Merges are appended with the worst rank, so they never change how earlier words split.
         while len(parts := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
             ranks[(parts[0], parts[1])] = len(ranks)
@@ -89,11 +89,14 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
 
 
-def tiny_tokenizer_dir(path: str | Path, pad_token: str = EOS) -> Path:
-    """Write a tiny CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json) into ``path``."""
+def tiny_tokenizer_dir(path: str | Path, pad_token: str = EOS, extra_words: tuple[str, ...] = ()) -> Path:
+    """Write a tiny CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json) into ``path``.
+
+    ``extra_words`` become whole-word tokens too, after the built-in ones (whose ids they leave unchanged).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _vocab_and_merges()
+    vocab, merges = _vocab_and_merges(_WORDS + tuple(w for w in extra_words if w not in _WORDS))
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "bos_token": BOS,
@@ -221,19 +224,25 @@ def load_model(
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
 ) -> DiffusionPipeline:
-    """Load "tiny", "tiny-sdxl", a local diffusers folder or a local .safetensors/.ckpt file, offline.
+    """Load "small", "tiny", "tiny-sdxl", a local diffusers folder or a local .safetensors/.ckpt file, offline.
 
-    ``config`` is a local diffusers folder whose component configs a single-file checkpoint uses.
+    "small" is the shipped reference model trained on procedural shapes (see ``privdiff.reference``);
+    "tiny" and "tiny-sdxl" have random weights. ``config`` is a local diffusers folder whose component
+    configs a single-file checkpoint uses.
     """
-    if str(spec) in ("tiny", "tiny-sdxl"):
+    if str(spec) == "small":
+        from privdiff.reference.model import load_small
+
+        pipe = load_small(dtype)
+    elif str(spec) in ("tiny", "tiny-sdxl"):
         pipe = tiny_pipeline("sdxl" if str(spec) == "tiny-sdxl" else "sd1")
         if dtype not in (None, torch.float32):  # built in float32; other models load in ``dtype``
             pipe = pipe.to(dtype=dtype)
     else:
         path = Path(spec)
         if not path.exists():
-            raise PrivdiffError(f"model not found: {path} (expected 'tiny', 'tiny-sdxl', a diffusers folder "
-                                "or a .safetensors/.ckpt file)")
+            raise PrivdiffError(f"model not found: {path} (expected 'small', 'tiny', 'tiny-sdxl', a diffusers "
+                                "folder or a .safetensors/.ckpt file)")
         if config is not None and not Path(config).is_dir():
             raise PrivdiffError(f"config folder not found: {config}")
         if path.is_dir():

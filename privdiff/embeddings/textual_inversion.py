@@ -134,6 +134,41 @@ def train_embeddings(
     return out
 
 
+def train_shared_embedding(
+    backend: SDBackend,
+    latents: torch.Tensor,
+    init: dict[str, torch.Tensor],
+    config: TIConfig,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Ordinary, non-private textual inversion: one embedding {encoder: [n_vectors, dim]} for all latents.
+
+    Each step draws ``config.batch_size`` latents uniformly (with replacement) from ``generator``, which
+    also draws templates, timesteps and noise. This is the reference DPAgg-TI and DP-SGD are compared with;
+    its result carries no privacy guarantee.
+    """
+    templates = TEMPLATES[config.templates]
+    device, dtype = backend.device, backend.dtype
+    params = {enc: v.detach().to(device, torch.float32).clone().requires_grad_(True) for enc, v in init.items()}
+    optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
+    x_all = latents.to(device, torch.float32)
+    for step in range(config.steps):
+        idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
+        draws = [_draws(backend, latents[i], generator, len(templates)) for i in idx.tolist()]
+        prompts = [templates[d[0]].format(PLACEHOLDER) for d in draws]
+        t = torch.stack([d[1] for d in draws])
+        noise = torch.stack([d[2] for d in draws])
+        vectors = {k: p.to(dtype).unsqueeze(0).expand(len(idx), -1, -1) for k, p in params.items()}
+        loss = diffusion_loss(backend, x_all[idx.to(device)], t, noise, prompts, vectors).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step + 1, config.steps)
+    return {enc: p.detach().cpu() for enc, p in params.items()}
+
+
 def _train_chunk(
     backend: SDBackend,
     latents: torch.Tensor,

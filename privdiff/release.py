@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from privdiff.embeddings.dpagg import DPAggResult
 from privdiff.errors import PrivdiffError
 from privdiff.output_plan import OutputPlan, save_planned
 from privdiff.privacy.ledger import BudgetLedger, Reservation, image_digests, request_key
 from privdiff.privacy.report import PrivacyReport
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,28 +65,33 @@ def open_ledger(
                          change_budget=change_budget, force=force, request=key)
 
 
-def release_embedding(
-    produce: Callable[[], DPAggResult],
+def release_artifact(
+    produce: Callable[[], T],
     report: PrivacyReport,
-    output: OutputPlan,
+    output: Path,
+    write: Callable[[T], Path],
+    carries: Callable[[Path, str], bool],
     ledger: LedgerRequest | None = None,
-) -> tuple[Path, DPAggResult, Reservation | None]:
-    """Reserve ``report``'s release, run ``produce()`` (which releases under that report), write it as planned,
-    commit; returns (path, result, reservation). ``produce`` may load the model: it runs after the charge."""
+    sidecar: Path | None = None,
+) -> tuple[Path, T, Reservation | None]:
+    """Reserve ``report``'s release, run ``produce()`` (which releases under that report), ``write`` its result
+    to ``output``, commit; returns (path, result, reservation). ``produce`` may load a model: it runs after the
+    charge. ``carries(path, release_id)`` tells whether a file at ``output`` already is this release (then a
+    failure after the write keeps the charge); ``sidecar`` is the output's report sidecar, if it has one."""
     if ledger is not None:
-        _check_apart(ledger.ledger.path, output)
+        _check_apart(ledger.ledger.path, (output, sidecar))
     reservation = None if ledger is None else ledger.ledger.reserve(
         ledger.digests, report, budget=ledger.budget, change_budget=ledger.change_budget, force=ledger.force,
-        request=ledger.request, output=str(output.path))
+        request=ledger.request, output=str(output))
     written = False
     try:
         result = produce()
         if result.report.release_id != report.release_id:
             raise PrivdiffError("the method released under another report than the one charged; please report this bug")
-        path = save_planned(result.embedding, output)
+        path = write(result)
         written = True
     finally:
-        if reservation is not None and not written and not carries_release(output.path, report.release_id):
+        if reservation is not None and not written and not carries(output, report.release_id):
             reservation.cancel()
     if reservation is not None:
         try:
@@ -94,20 +102,38 @@ def release_embedding(
     return path, result, reservation
 
 
+def release_embedding(
+    produce: Callable[[], DPAggResult],
+    report: PrivacyReport,
+    output: OutputPlan,
+    ledger: LedgerRequest | None = None,
+) -> tuple[Path, DPAggResult, Reservation | None]:
+    """:func:`release_artifact` for an embedding written as ``output`` plans (file and report sidecar)."""
+    return release_artifact(produce, report, output.path, lambda result: save_planned(result.embedding, output),
+                            carries_release, ledger, sidecar=output.sidecar)
+
+
 def carries_release(path: Path, release_id: str) -> bool:
-    """Whether the embedding file at ``path`` is the release ``release_id`` (its report says so)."""
+    """Whether the file at ``path`` (an embedding or a style target) is the release ``release_id``."""
+    from safetensors import safe_open
+
     from privdiff.embeddings.files import load_embedding
 
     try:
-        report = PrivacyReport.from_metadata(load_embedding(path).metadata)
-    except (PrivdiffError, OSError):
+        if Path(path).suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata()
+        else:
+            metadata = load_embedding(path).metadata
+        report = PrivacyReport.from_metadata(metadata)
+    except Exception:  # any unreadable file is not this release
         return False
     return report is not None and report.release_id == release_id
 
 
-def _check_apart(ledger: Path, output: OutputPlan) -> None:
+def _check_apart(ledger: Path, outputs: tuple[Path, Path | None]) -> None:
     """The ledger must not be the output nor its sidecar: a release would overwrite the ledger."""
-    taken = {Path(p).expanduser().resolve() for p in (output.path, output.sidecar) if p is not None}
+    taken = {Path(p).expanduser().resolve() for p in outputs if p is not None}
     if ledger.resolve() in taken:
-        raise PrivdiffError(f"the ledger {ledger} is also the output {output.path} or its report sidecar; "
+        raise PrivdiffError(f"the ledger {ledger} is also the output {outputs[0]} or its report sidecar; "
                             "keep the ledger elsewhere")

@@ -1,0 +1,147 @@
+"""Privacy against utility on the small reference model (arXiv 2411.14639's central comparison, in miniature).
+
+For N private images of a held-out style and several seeds (each seed: new images, new training
+randomness, new DP noise), train and score:
+  - the init word alone (no private information),
+  - non-private textual inversion (one embedding trained on all images),
+  - DPAgg-TI at each ε (ε = ∞: the noise-free mean of the bounded per-image offsets),
+  - DP-SGD TI at each finite ε (opacus, the project's DP optimiser).
+Each embedding is scored on samples of "a {colour} {shape} in <token> style" by the style classifier:
+the fraction in the private style, and prompt adherence (shape and colour as asked).
+
+DPAgg-TI runs with sample rate q = 1, where every image is sampled: its per-image embeddings are then
+the same for every ε, so they are trained once per seed and each ε's release is the library's
+aggregate of them (`aggregate_embeddings`, σ calibrated by `plan_dpagg_ti`, fresh CSPRNG noise).
+The last line is the ratio of DPAgg-TI's style score at ε = 1 to non-private TI's.
+
+    python bench/privacy_utility.py [--images 200] [--seeds 2] [--samples 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from privdiff.backends.diffusers_backend import DiffusersBackend
+from privdiff.embeddings.dpagg import DPParams, aggregate_embeddings, encode_in_batches, plan_dpagg_ti
+from privdiff.embeddings.dpsgd_ti import run_dpsgd_ti
+from privdiff.embeddings.textual_inversion import (
+    TIConfig,
+    initial_vectors,
+    train_embeddings,
+    train_shared_embedding,
+)
+from privdiff.privacy.mechanism import bound_vectors
+from privdiff.privacy.randomness import SecureRandom
+from privdiff.reference.evaluate import evaluate
+from privdiff.reference.model import WEIGHTS, load_small
+from privdiff.reference.score import Score, load_classifier
+from privdiff.reference.shapes import style_images
+
+STYLE = "teal stripes"
+DELTA = 1e-5
+PER_IMAGE = TIConfig(steps=40, lr=2e-2, batch_size=50)
+"""DPAgg-TI's per-image training (the same as `make demo`)."""
+SHARED = TIConfig(steps=150, lr=2e-2, batch_size=16)
+"""Non-private TI: one embedding, 150 steps of 16 images."""
+DPAGG_CLIP = 4.0
+"""About the per-image offsets' norm for these settings, measured on a public style (gray waves)."""
+DPSGD = TIConfig(steps=60, lr=2e-2, batch_size=64)
+DPSGD_RATE, DPSGD_CLIP = 0.16, 0.2
+"""Expected batch 0.16·N; C about the median per-sample gradient norm on a public style."""
+
+
+def _offsets_mean(per_image: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ε = ∞: the mean of the bounded per-image offsets, without noise."""
+    keys = sorted(init)
+    flat = torch.cat([(per_image[k] - init[k]).flatten(1) for k in keys], dim=1)
+    mean = bound_vectors(flat, DPAGG_CLIP, "clip").mean(0).float()
+    parts = mean.split([init[k].numel() for k in keys])
+    return {k: init[k] + p.view_as(init[k]) for k, p in zip(keys, parts, strict=True)}
+
+
+def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples: int,
+             results: dict[tuple[str, float], list[Score]], timings: dict[str, float]) -> None:
+    """Train and score every method for one seed; appends to ``results[(method, ε)]``."""
+    backend = DiffusersBackend(pipe)
+    backend.freeze()
+    pixels, _ = style_images(STYLE, n, seed=100 + seed)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    gen = torch.Generator().manual_seed(seed)
+    latents = encode_in_batches(backend, images, 64, gen)
+    init = initial_vectors(backend, PER_IMAGE)
+
+    def score(method: str, eps: float, vectors=None, word=None) -> None:
+        results.setdefault((method, eps), []).append(
+            evaluate(pipe, classifier, STYLE, vectors=vectors, word=word, count=samples, seed=seed))
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        out = fn()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    score("init word alone", math.inf, word=PER_IMAGE.init_word)
+    shared = timed("TI", lambda: train_shared_embedding(backend, latents, init, SHARED, gen))
+    score("TI (non-private)", math.inf, vectors=shared)
+    streams = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
+    per_image = timed("DPAgg-TI", lambda: train_embeddings(backend, latents, init, PER_IMAGE, streams))
+    norms = torch.cat([(per_image[k] - init[k]).flatten(1) for k in sorted(init)], 1).norm(dim=1)
+    print(f"  seed {seed}: per-image offset norms median {norms.median():.3f} (clip {DPAGG_CLIP})", file=sys.stderr)
+    for eps in epsilons:
+        if math.isinf(eps):
+            score("DPAgg-TI", eps, vectors=_offsets_mean(per_image, init))
+            continue
+        params = DPParams(epsilon=eps, delta=DELTA, sample_rate=1.0, clip_norm=DPAGG_CLIP, public_size=n)
+        sigma = plan_dpagg_ti(params, n, PER_IMAGE).noise_multiplier
+        released = aggregate_embeddings(per_image, init, divisor=n, clip_norm=DPAGG_CLIP, noise_multiplier=sigma,
+                                        rng=SecureRandom())
+        score("DPAgg-TI", eps, vectors=released)
+        params = DPParams(epsilon=eps, delta=DELTA, sample_rate=DPSGD_RATE, clip_norm=DPSGD_CLIP, public_size=n)
+        result = timed("DP-SGD TI", lambda p=params: run_dpsgd_ti(backend, images, p, DPSGD))
+        score("DP-SGD TI", eps, vectors=result.embedding.vectors)
+
+
+def _cell(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):5.2f} ± {spread:4.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=200, help="private images per seed (default 200)")
+    parser.add_argument("--seeds", type=int, default=2, help="independent repetitions (default 2)")
+    parser.add_argument("--samples", type=int, default=40, help="samples scored per embedding (default 40)")
+    parser.add_argument("--epsilons", default="inf,10,3,1", help="comma-separated (default inf,10,3,1)")
+    args = parser.parse_args(argv)
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    pipe, classifier = load_small(), load_classifier(WEIGHTS)
+    results: dict[tuple[str, float], list[Score]] = {}
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    for seed in range(args.seeds):
+        run_seed(pipe, classifier, args.images, seed, epsilons, args.samples, results, timings)
+    print(f"\nprivacy vs utility: style '{STYLE}', N = {args.images}, {args.seeds} seeds, {args.samples} samples "
+          f"each, delta = {DELTA}, {time.perf_counter() - start:.0f} s "
+          f"(training: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    fields = ("style", "texture", "background", "adherence")
+    print(f"{'method':<18} {'epsilon':>7}  " + "  ".join(f"{f:>11}" for f in fields))
+    for (method, eps), scores in results.items():
+        cells = [_cell([getattr(s, field) for s in scores]) for field in fields]
+        print(f"{method:<18} {eps:>7g}  " + "  ".join(cells))
+    dpagg = statistics.mean(s.style for s in results[("DPAgg-TI", 1.0)]) if ("DPAgg-TI", 1.0) in results else None
+    ti = statistics.mean(s.style for s in results[("TI (non-private)", math.inf)])
+    if dpagg is None:
+        print("ratio DPAgg-TI(eps=1) / TI(non-private) style score: n/a (eps 1 not run)")
+    else:
+        print(f"ratio DPAgg-TI(eps=1) / TI(non-private) style score: {dpagg / ti if ti else math.nan:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

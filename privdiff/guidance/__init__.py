@@ -1,0 +1,1 @@
+"""DP Universal Guidance: DP style targets from private images, and guided sampling toward them."""

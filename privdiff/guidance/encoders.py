@@ -1,0 +1,169 @@
+"""Image encoders for style targets and guidance: a small protocol and its adapters.
+
+An encoder maps images [B,3,H,W] in 0..1 to embeddings [B,D], differentiably (guidance back-propagates
+through it). Its ``identity`` names the weights (a digest of the final projection), so a target made
+with one encoder is never used with another; the same weights give the same identity whichever
+front loaded them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from privdiff.errors import PrivdiffError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """What a style target and guided sampling need from a CLIP-like image encoder."""
+
+    identity: str
+    """Names the weights, e.g. "CLIP vision 512-d, projection sha256 1a2b...": recorded in target files."""
+    dim: int
+    """Embedding width."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, dim] (not normalised) of images [B,3,H,W] in 0..1; differentiable in the images."""
+        ...
+
+
+def weight_identity(kind: str, dim: int, projection: torch.Tensor) -> str:
+    """Identity of an encoder from its final projection weight (rounded to fp16, so dtype does not matter)."""
+    data = projection.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
+    return f"{kind} {dim}-d, projection sha256 {hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """CLIP's input: bicubic resize of the short side to ``size``, centre crop, normalise. Differentiable."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    if (h, w) != (size, size):
+        images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                               mode="bicubic", align_corners=False, antialias=scale < 1)
+        top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+        images = images[..., top:top + size, left:left + size]
+    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - m) / s
+
+
+class TransformersCLIPVision:
+    """transformers' ``CLIPVisionModelWithProjection`` (a local folder, or a model object)."""
+
+    def __init__(self, model: torch.nn.Module, mean=CLIP_MEAN, std=CLIP_STD) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.size = int(model.config.image_size)
+        self.dim = int(model.config.projection_dim)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.identity = weight_identity("CLIP vision", self.dim, model.visual_projection.weight)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> TransformersCLIPVision:
+        """Load a local transformers folder (config.json + weights; preprocessor_config.json is optional)."""
+        from transformers import CLIPVisionModelWithProjection
+
+        path = Path(folder)
+        config = path / "config.json"
+        if not config.is_file():
+            raise PrivdiffError(f"image encoder {path} is not a transformers CLIP vision folder (no config.json)")
+        try:
+            kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            if kind not in ("clip_vision_model", "clip"):
+                raise PrivdiffError(f"image encoder {path} is a {kind!r} model, not a CLIP vision model")
+            model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, PrivdiffError):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PrivdiffError(f"cannot load image encoder {path}: {first}") from exc
+        mean, std = CLIP_MEAN, CLIP_STD
+        pre = path / "preprocessor_config.json"
+        if pre.is_file():
+            data = json.loads(pre.read_text(encoding="utf-8"))
+            mean, std = data.get("image_mean", mean), data.get("image_std", std)
+        return cls(model, mean, std)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings [B, dim]."""
+        dtype = next(self.model.parameters()).dtype
+        pixels = clip_preprocess(images.to(self.device, torch.float32), self.size, self.mean, self.std)
+        return self.model(pixel_values=pixels.to(dtype)).image_embeds.float()
+
+
+def tiny_image_encoder(seed: int = 0) -> TransformersCLIPVision:
+    """A random-weight CLIP vision encoder for 32 px images (tests, and the tiny models' demo)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=16, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TransformersCLIPVision(CLIPVisionModelWithProjection(config))
+
+
+def open_clip_encoder(path: str | Path, architecture: str = "RN50") -> ImageEncoder:
+    """OpenAI CLIP (e.g. RN50, as the reference uses) from a local file through open_clip (optional)."""
+    try:
+        import open_clip
+    except Exception as exc:  # open_clip imports torchvision, which may be missing or broken
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise PrivdiffError(f"cannot load {path}: open_clip cannot be imported ({reason}); install open_clip_torch "
+                            "with a working torchvision, or use a transformers CLIP vision folder") from exc
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(architecture, pretrained=str(path))
+    except Exception as exc:  # open_clip raises many types for a wrong architecture or file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PrivdiffError(f"cannot load {path} as open_clip {architecture}: {reason}") from exc
+    return _OpenCLIP(model.visual.eval().requires_grad_(False), architecture)
+
+
+class _OpenCLIP:
+    def __init__(self, visual: torch.nn.Module, architecture: str) -> None:
+        self.visual = visual
+        size = visual.image_size
+        self.size = int(size[0] if isinstance(size, tuple | list) else size)
+        probe = self.visual(torch.zeros(1, 3, self.size, self.size))
+        self.dim = int(probe.shape[-1])
+        self.identity = weight_identity(f"open_clip {architecture}", self.dim, list(visual.parameters())[-1])
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.visual.parameters()).device
+        return self.visual(clip_preprocess(images.to(device, torch.float32), self.size)).float()
+
+
+def load_image_encoder(spec: str | Path) -> ImageEncoder:
+    """"tiny" (built-in, random), "small" (the small reference model's public encoder), a transformers CLIP
+    vision folder, or an open_clip "ARCH:file" pair."""
+    text = str(spec)
+    if text == "tiny":
+        return tiny_image_encoder()
+    if text == "small":
+        from privdiff.reference.encoder import load_small_encoder
+
+        return load_small_encoder()
+    if ":" in text and not Path(text).exists():
+        architecture, _, file = text.partition(":")
+        if not Path(file).is_file():
+            raise PrivdiffError(f"image encoder file not found: {file}")
+        return open_clip_encoder(file, architecture)
+    path = Path(text)
+    if not path.exists():
+        raise PrivdiffError(f"image encoder not found: {path} (expected 'tiny', 'small', a transformers CLIP vision "
+                            "folder or ARCH:FILE for open_clip)")
+    if not path.is_dir():
+        raise PrivdiffError(f"image encoder {path} is a file: give its transformers folder, or ARCH:{path} for "
+                            "an open_clip checkpoint")
+    return TransformersCLIPVision.from_folder(path)

@@ -1,0 +1,139 @@
+"""Universal guidance (Bansal et al. 2023) toward a style target: DDIM with forward guidance and self-recurrence.
+
+At each DDIM step t (ᾱ = ᾱ_t) and each of ``recurrence`` passes:
+  ε̂ = classifier-free guided noise prediction at z_t;
+  x̂0 = (z_t − √(1−ᾱ)·ε̂)/√ᾱ; ℓ = −scale·cos(E(decode(x̂0)), target);
+  ε̂ ← ε̂ + √(1−ᾱ)·w·∇_{z_t}ℓ   (the gradient flows through UNet, VAE decoder and image encoder);
+  z_{t−1} = DDIM(z_t, ε̂) (η = 0);
+  unless it is the last pass: z_t ← √(ᾱ_t/ᾱ_{t−1})·z_{t−1} + √(1−ᾱ_t/ᾱ_{t−1})·n, n ~ N(0, I).
+Timesteps follow diffusers' DDIM with SD's configuration ("leading" spacing, steps_offset 1, final
+ᾱ = ᾱ_0), so w = 0, k = 1 is exactly the plain DDIM sampler. Sampling is post-processing of the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from privdiff.backends.protocol import SDBackend
+from privdiff.errors import PrivdiffError
+from privdiff.guidance.encoders import ImageEncoder
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` after every UNet pass; may raise to cancel."""
+
+Cond = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Sampling and guidance settings; the reference's style runs use w = 6, k = 6, CFG 3."""
+
+    steps: int = 50
+    cfg: float = 3.0
+    weight: float = 6.0
+    recurrence: int = 6
+    loss_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        for name, value, ok in (("steps", self.steps, 1 <= self.steps <= 1000),
+                                ("cfg", self.cfg, math.isfinite(self.cfg) and self.cfg >= 0),
+                                ("guidance weight", self.weight, math.isfinite(self.weight) and self.weight >= 0),
+                                ("recurrence", self.recurrence, 1 <= self.recurrence <= 100),
+                                ("loss scale", self.loss_scale, math.isfinite(self.loss_scale))):
+            if not ok:
+                raise PrivdiffError(f"invalid {name} {value!r}")
+
+
+def ddim_timesteps(num_train: int, steps: int) -> list[tuple[int, int]]:
+    """(t, t_prev) pairs of diffusers' DDIM schedule for SD ("leading", offset 1); t_prev −1 means ᾱ_0."""
+    if steps > num_train:
+        raise PrivdiffError(f"steps {steps} is more than the model's {num_train} training timesteps")
+    ratio = num_train // steps
+    ts = [i * ratio + 1 for i in reversed(range(steps))]
+    return [(t, t - ratio) for t in ts]
+
+
+def _alpha(alphas: torch.Tensor, t: int) -> torch.Tensor:
+    return alphas[t] if t >= 0 else alphas[0]
+
+
+def guided_noise(backend: SDBackend, z: torch.Tensor, t: int, cond: Cond, uncond: Cond, config: GuidanceConfig,
+                 encoder: ImageEncoder | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+    """ε̂ at z_t: classifier-free guided, plus the forward-guidance term when ``config.weight`` > 0."""
+    a = backend.alphas_cumprod[t].to(torch.float32)
+    guide = config.weight > 0
+    with torch.inference_mode(False), torch.enable_grad():
+        z = z.detach().clone().requires_grad_(guide)
+        eps = _cfg_noise(backend, z, t, cond, uncond, config.cfg)
+        if not guide:
+            return eps.detach()
+        if encoder is None or target is None:
+            raise PrivdiffError("guidance weight > 0 needs an image encoder and a target")
+        loss = guidance_loss(backend, encoder, target, z, eps, a, config.loss_scale)
+        (grad,) = torch.autograd.grad(loss, z)
+    return eps.detach() + (1 - a).sqrt() * config.weight * grad
+
+
+def guidance_loss(backend: SDBackend, encoder: ImageEncoder, target: torch.Tensor, z: torch.Tensor,
+                  eps: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """ℓ summed over the batch: −scale·cos(E(decode(x̂0)), target), x̂0 = (z − √(1−ᾱ)ε̂)/√ᾱ."""
+    x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+    embedding = encoder.embed(backend.decode_latents(x0).float())
+    goal = target.to(embedding.device, embedding.dtype).expand_as(embedding)
+    return -scale * F.cosine_similarity(embedding, goal, dim=-1).sum()
+
+
+def _cfg_noise(backend: SDBackend, z: torch.Tensor, t: int, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
+    """Classifier-free guided ε̂ (conditional and unconditional in one batch), converted from v if needed."""
+    b = len(z)
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    timesteps = torch.full((2 * b,), t, dtype=torch.long, device=z.device)
+    out = backend.predict_noise(torch.cat([z, z]), timesteps, both).float()
+    if backend.prediction_type == "v_prediction":
+        a = backend.alphas_cumprod[t].to(torch.float32)
+        out = a.sqrt() * out + (1 - a).sqrt() * torch.cat([z, z]).float()
+    eps_c, eps_u = out[:b], out[b:]
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def sample(
+    backend: SDBackend,
+    cond: Cond,
+    uncond: Cond,
+    latents: torch.Tensor,
+    config: GuidanceConfig,
+    generator: torch.Generator,
+    encoder: ImageEncoder | None = None,
+    target: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Guided DDIM from initial noise ``latents`` [B,4,h,w]; returns the final latents (float32).
+
+    ``cond``/``uncond`` are the backend's conditioning for the prompt and the negative prompt, batch B;
+    ``generator`` draws the self-recurrence noise (on the latents' device).
+    """
+    if uncond.keys() != cond.keys():
+        raise PrivdiffError("conditioning and negative conditioning come from different models")
+    alphas = backend.alphas_cumprod.to(torch.float32)
+    schedule = ddim_timesteps(len(alphas), config.steps)
+    total, done = len(schedule) * config.recurrence, 0
+    z = latents.float()
+    for t, t_prev in schedule:
+        a, a_prev = alphas[t], _alpha(alphas, t_prev)
+        for r in range(config.recurrence):
+            eps = guided_noise(backend, z, t, cond, uncond, config, encoder, target)
+            x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+            z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            if r < config.recurrence - 1:
+                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                z = (a / a_prev).sqrt() * z_prev + (1 - a / a_prev).sqrt() * noise
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        z = z_prev
+    return z

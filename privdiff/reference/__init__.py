@@ -1,0 +1,1 @@
+"""The small reference model: procedural data, the model, its training script and the style score."""

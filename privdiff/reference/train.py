@@ -1,0 +1,223 @@
+"""Train the small reference model and its style classifier from the public procedural data.
+
+    python -m privdiff.reference.train [--out privdiff/reference/weights] [--seed 0]
+
+Stages: render the public images; train the VAE; encode the images and set the latent scale;
+build the frozen text encoder and encode every caption once; train the UNet (with an EMA of its
+weights, which is what ships); train the classifier on all styles, private ones included (it is an
+evaluation tool); train the same network on the public styles only as the model's public image encoder
+(for DP style targets and guidance; ``--encoder-only`` retrains just that). Everything is seeded, so a
+rerun with the same seed and thread count rebuilds the same weights; other thread counts give weights
+that pass the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from privdiff.reference import model as ref
+from privdiff.reference.score import ENCODER_FILE, AttributeClassifier, save_classifier, targets
+from privdiff.reference.shapes import ALL_STYLES, PUBLIC_STYLES, public_dataset, random_specs, render
+
+
+def _batches(n: int, size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` index batches drawn from shuffled passes over range(n)."""
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    for _ in range(steps):
+        if pos + size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        yield order[pos:pos + size]
+        pos += size
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(images: torch.Tensor, steps: int, gen: torch.Generator) -> torch.nn.Module:
+    """The KL autoencoder: L1 + MSE reconstruction, a light KL term."""
+    vae = ref.vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    for step, idx in enumerate(tqdm(_batches(len(images), 32, steps, gen), total=steps, desc="vae", file=sys.stderr)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, 2e-3)
+        x = images[idx] * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return vae.eval().requires_grad_(False)
+
+
+def encode_latents(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Posterior means of ``images``, unscaled."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(x * 2 - 1).latent_dist.mean for x in images.split(256)])
+
+
+def encode_captions(tok, encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of every distinct caption [U, 77, 768], and each caption's row index."""
+    unique = sorted(set(captions) | {""})
+    rows = {c: i for i, c in enumerate(unique)}
+    with torch.no_grad():
+        states = [encoder(tok(chunk, padding="max_length", max_length=tok.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids).last_hidden_state
+                  for chunk in (unique[i:i + 64] for i in range(0, len(unique), 64))]
+    return torch.cat(states), torch.tensor([rows[c] for c in captions]), rows[""]
+
+
+def train_unet(latents: torch.Tensor, states: torch.Tensor, caption_rows: torch.Tensor, empty_row: int,
+               steps: int, gen: torch.Generator, batch: int = 64, drop: float = 0.1) -> torch.nn.Module:
+    """Epsilon-prediction UNet on SD's schedule; captions dropped to "" with probability ``drop`` (for CFG).
+
+    Returns the exponential moving average of the weights (decay 0.998).
+    """
+    unet = ref.unet()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    alphas = torch.from_numpy(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)).float()
+    opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=1e-2)
+    bar = tqdm(_batches(len(latents), batch, steps, gen), total=steps, desc="unet", file=sys.stderr)
+    for step, idx in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, 5e-4, warmup=200)
+        x0 = latents[idx]
+        rows = torch.where(torch.rand(len(idx), generator=gen) < drop, empty_row, caption_rows[idx])
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, states[rows]).sample
+        loss = (pred - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema.eval()
+
+
+def train_classifier(vae: torch.nn.Module, count: int, steps: int, seed: int, gen: torch.Generator,
+                     styles: tuple[str, ...] = ALL_STYLES) -> AttributeClassifier:
+    """The attribute classifier on ``styles``; half of each batch is a VAE reconstruction, plus pixel noise,
+    so it reads the model's samples as well as rendered images."""
+    rng = np.random.default_rng([seed, 2, len(styles)])
+    specs = random_specs(count, rng, styles=styles)
+    images = torch.from_numpy(np.stack([render(s, rng) for s in specs])).permute(0, 3, 1, 2)
+    labels = targets(specs)
+    model = AttributeClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for step, idx in enumerate(tqdm(_batches(count, 64, steps, gen), total=steps, desc="classifier",
+                                    file=sys.stderr)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, 2e-3)
+        x = images[idx]
+        with torch.no_grad():
+            half = len(x) // 2
+            x[:half] = ((vae.decode(vae.encode(x[:half] * 2 - 1).latent_dist.sample(generator=gen)).sample + 1) / 2)
+            x = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+        logits = model(x)
+        loss = sum(loss_fn(logits[name], labels[name][idx]) for name in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, unet_steps: int = 3000,
+          classifier_images: int = 8000, classifier_steps: int = 1200) -> dict[str, float]:
+    """Train everything into ``out`` (a diffusers folder + classifier.safetensors); returns stage timings (s)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    timings, start = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        timings[name] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        print(f"{name}: {timings[name]} s", file=sys.stderr)
+
+    pixels, _, captions = public_dataset(images, seed)
+    pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    lap("data")
+    vae = train_vae(pixels, vae_steps, gen)
+    raw = encode_latents(vae, pixels)
+    with torch.no_grad():
+        check = pixels[:256]
+        recon = (vae.decode(raw[:256]).sample + 1) / 2
+    print(f"vae reconstruction L1: {(recon - check).abs().mean():.4f}", file=sys.stderr)
+    vae.register_to_config(scaling_factor=float(1 / raw.std()))
+    vae = vae.half().float()  # what ships is fp16: train the rest against the rounded weights
+    latents = encode_latents(vae, pixels) * vae.config.scaling_factor
+    lap("vae")
+    tok = ref.tokenizer()
+    encoder = ref.text_encoder(tok).half().float().eval().requires_grad_(False)
+    states, rows, empty = encode_captions(tok, encoder, captions)
+    lap("captions")
+    unet = train_unet(latents, states, rows, empty, unet_steps, gen)
+    lap("unet")
+    classifier = train_classifier(vae, classifier_images, classifier_steps, seed, gen)
+    lap("classifier")
+    out.mkdir(parents=True, exist_ok=True)
+    ref.pipeline(tok, encoder, vae, unet).to(torch.float16).save_pretrained(out, safe_serialization=True)
+    save_classifier(classifier, out)
+    timings.update(train_encoder(out, seed))
+    return timings
+
+
+def train_encoder(folder: Path, seed: int = 0, count: int = 4000, steps: int = 600) -> dict[str, float]:
+    """The public image encoder (the classifier's network on public styles only) next to the model in
+    ``folder``, whose VAE it reads reconstructions of; returns its training time."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    vae = ref.load_small(folder=folder).vae.eval().requires_grad_(False)
+    model = train_classifier(vae, count, steps, seed, torch.Generator().manual_seed(seed + 1), styles=PUBLIC_STYLES)
+    save_classifier(model, folder, ENCODER_FILE)
+    seconds = round(time.perf_counter() - start, 1)
+    print(f"encoder: {seconds} s", file=sys.stderr)
+    return {"encoder": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m privdiff.reference.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ref.WEIGHTS, help="output folder (default: the shipped weights)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="only (re)train the public image encoder next to an existing model in --out")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.encoder_only:
+        timings = train_encoder(args.out, seed=args.seed)
+    else:
+        timings = train(args.out, seed=args.seed, unet_steps=args.unet_steps)
+    print(f"trained in {sum(timings.values()):.0f} s on {torch.get_num_threads()} threads: {timings}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The small reference model: procedural data, shipped weights that really draw, TI that really learns, the bench."""
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from privdiff.backends.diffusers_backend import DiffusersBackend
+from privdiff.backends.tiny import load_model
+from privdiff.embeddings.dpagg import encode_in_batches
+from privdiff.embeddings.templates import STYLE_TEMPLATES
+from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors, train_shared_embedding
+from privdiff.reference import shapes
+from privdiff.reference.evaluate import evaluate, generate, prompt_pairs
+from privdiff.reference.model import WEIGHTS
+from privdiff.reference.score import load_classifier, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generator_is_deterministic():
+    a, specs_a, caps_a = shapes.public_dataset(40, seed=3)
+    b, specs_b, caps_b = shapes.public_dataset(40, seed=3)
+    assert np.array_equal(a, b) and specs_a == specs_b and caps_a == caps_b
+    c, _, _ = shapes.public_dataset(40, seed=4)
+    assert not np.array_equal(a, c)
+    x, _ = shapes.style_images("orange dots", 8, seed=1)
+    assert np.array_equal(x, shapes.style_images("orange dots", 8, seed=1)[0])
+    assert a.shape == (40, 32, 32, 3) and a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
+
+
+def test_public_part_never_shows_nor_names_a_private_style():
+    _, specs, captions = shapes.public_dataset(3000, seed=0)
+    assert not {s.style for s in specs} & set(shapes.PRIVATE_STYLES)
+    assert {s.style for s in specs} == set(shapes.PUBLIC_STYLES)
+    for private in shapes.PRIVATE_STYLES:
+        assert not any(private in c for c in captions), private
+    # ... while each private style's ingredients (background colour and texture) are named in public captions
+    words = {w for c in captions for w in c.split()}
+    assert all(set(p.split()) <= words for p in shapes.PRIVATE_STYLES)
+    # every caption form occurs: shape + style, shape only, and the style templates TI trains with
+    assert any(re.fullmatch(r"a \w+ \w+ in \w+ \w+ style", c) for c in captions)
+    assert any(re.fullmatch(r"a \w+ \w+", c) for c in captions)
+    assert any(c == t.format(s.style) for c, s in zip(captions, specs, strict=True) for t in STYLE_TEMPLATES)
+
+
+@pytest.fixture(scope="module")
+def small():
+    pipe = load_model("small")
+    return pipe, load_classifier(WEIGHTS)
+
+
+def test_shipped_weights_are_small_and_tokenize_the_grammar(small):
+    pipe, _ = small
+    size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert size < 20e6, size
+    tok = pipe.tokenizer
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in shapes.WORDS)
+    assert pipe.text_encoder.config.vocab_size == len(tok) and pipe.text_encoder.config.hidden_size == 768
+    backend = DiffusersBackend(pipe)
+    assert backend.family == "SD1" and backend.resolution == 32
+
+
+def test_classifier_reads_rendered_images(small):
+    _, classifier = small
+    rng = np.random.default_rng(7)
+    specs = shapes.random_specs(200, rng, styles=shapes.ALL_STYLES)
+    images = torch.from_numpy(np.stack([shapes.render(s, rng) for s in specs])).permute(0, 3, 1, 2)
+    labels = classifier.labels(images)
+    for head in ("shape", "colour", "background", "texture"):
+        accuracy = np.mean([lab[head] == getattr(s, head) for lab, s in zip(labels, specs, strict=True)])
+        assert accuracy > 0.9, (head, accuracy)
+
+
+def test_model_draws_prompted_public_attributes_far_above_chance(small):
+    pipe, classifier = small
+    pairs = prompt_pairs(40, seed=0)
+    public = [shapes.PUBLIC_STYLES[i % len(shapes.PUBLIC_STYLES)] for i in range(len(pairs))]
+    prompts = [f"a {c} {s} in {st} style" for (s, c), st in zip(pairs, public, strict=True)]
+    images = generate(pipe, prompts, seed=0)
+    labels = classifier.labels(images)
+    adherence = score(classifier, images, None, pairs).adherence
+    in_style = np.mean([f"{lab['background']} {lab['texture']}" == st for lab, st in zip(labels, public, strict=True)])
+    # chance: 1/20 for shape and colour, 1/25 for the style; the shipped model scores about 0.43 and 0.28
+    # (its weakest skill is binding the background colour word: textures are right almost always)
+    assert adherence > 0.3, adherence
+    assert in_style > 0.2, in_style
+
+
+def test_textual_inversion_learns_a_private_style(small):
+    pipe, classifier = small
+    backend = DiffusersBackend(pipe)
+    backend.freeze()
+    style = "teal stripes"
+    pixels, _ = shapes.style_images(style, 32, seed=5)
+    gen = torch.Generator().manual_seed(0)
+    latents = encode_in_batches(backend, torch.from_numpy(pixels).permute(0, 3, 1, 2), 32, gen)
+    config = TIConfig(steps=80, lr=2e-2, batch_size=16)
+    init = initial_vectors(backend, config)
+    trained = train_shared_embedding(backend, latents, init, config, gen)
+    before = evaluate(pipe, classifier, style, word=config.init_word, count=32, seed=1)
+    after = evaluate(pipe, classifier, style, vectors=trained, count=32, seed=1)
+    assert before.style < 0.2, before
+    assert after.style > before.style + 0.4, (before, after)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("privacy_utility", ROOT / "bench" / "privacy_utility.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_numbers_come_from_runs(small, monkeypatch, capsys):
+    bench = _load_bench()
+    for name in ("PER_IMAGE", "SHARED", "DPSGD"):
+        monkeypatch.setattr(bench, name, TIConfig(steps=2, lr=1e-2, batch_size=4))
+    monkeypatch.setattr(bench, "load_small", lambda: small[0])
+    args = ["--images", "6", "--seeds", "1", "--samples", "4", "--epsilons", "inf,1"]
+    assert bench.main(args) == 0
+    table = capsys.readouterr().out
+    rows = {tuple(m.group(1, 2)): float(m.group(3))
+            for m in re.finditer(r"^(.+?)\s+(inf|1)\s+([\d.]+) ±", table, re.MULTILINE)}
+    assert {k[0].strip() for k in rows} == {"init word alone", "TI (non-private)", "DPAgg-TI", "DP-SGD TI"}
+    ratio = float(re.search(r"TI\(non-private\) style score: (\S+)", table).group(1))
+    ti = rows[("TI (non-private)", "inf")]
+    assert math.isnan(ratio) if ti == 0 else ratio == pytest.approx(rows[("DPAgg-TI", "1")] / ti, abs=0.01)
+    # a classifier that sees the target style everywhere moves every style score to 1
+    classifier = small[1]
+    monkeypatch.setattr(classifier, "labels", lambda images: [
+        {"shape": "star", "colour": "red", "background": "teal", "texture": "stripes"}] * len(images))
+    monkeypatch.setattr(bench, "load_classifier", lambda _: classifier)
+    assert bench.main(args) == 0
+    assert re.findall(r"^.+?\s+(?:inf|1)\s+([\d.]+) ±", capsys.readouterr().out, re.MULTILINE) == ["1.00"] * 5
+
+
+def test_guidance_toward_a_dp_target_raises_the_style_score(small):
+    from privdiff.guidance.sampler import GuidanceConfig
+    from privdiff.guidance.target import make_target, target_params
+    from privdiff.reference.encoder import load_small_encoder
+    from privdiff.reference.evaluate import evaluate_guided
+
+    pipe, classifier = small
+    encoder = load_small_encoder()
+    style = "teal stripes"
+    pixels, _ = shapes.style_images(style, 100, seed=3)
+    target = make_target(encoder, torch.from_numpy(pixels).permute(0, 3, 1, 2), target_params(1.0, 1e-5))
+    plain, guided = (evaluate_guided(pipe, classifier, style, encoder, target.vector,
+                                     GuidanceConfig(steps=15, cfg=3.0, weight=w, recurrence=k), count=16)
+                     for w, k in ((0.0, 1), (6.0, 2)))
+    assert guided.style > plain.style + 0.15 and guided.texture > plain.texture + 0.3, (plain, guided)
