@@ -127,7 +127,8 @@ def draw_grid(rows: list[tuple[str, list[Image.Image]]], header: list[str]) -> I
     for j, text in enumerate(header):
         draw.text((label_w + CELL * j + 4, 4), text, fill="black", font=font)
     for i, (label, images) in enumerate(rows):
-        draw.multiline_text((6, head_h + CELL * i + 20), label, fill="black", font=font, spacing=4)
+        ascii_label = label.replace("ε", "eps").replace("∞", "inf")  # PIL's default font has no Greek
+        draw.multiline_text((6, head_h + CELL * i + 20), ascii_label, fill="black", font=font, spacing=4)
         for j, image in enumerate(images):
             grid.paste(image, (label_w + CELL * j, head_h + CELL * i))
     return grid

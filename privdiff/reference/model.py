@@ -77,6 +77,6 @@ def load_small(dtype: torch.dtype | None = None, folder: Path = WEIGHTS) -> Stab
         raise PrivdiffError(f"the small reference model is missing from {folder}; rebuild it with "
                             "`python -m privdiff.reference.train`")
     return StableDiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, safety_checker=None, requires_safety_checker=False,
+        folder, local_files_only=True, safety_checker=None, requires_safety_checker=False, low_cpu_mem_usage=False,
         **{_DTYPE_KW: dtype or torch.float32},
     )
