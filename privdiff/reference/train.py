@@ -121,7 +121,7 @@ def train_classifier(vae: torch.nn.Module, count: int, steps: int, seed: int, ge
                      styles: tuple[str, ...] = ALL_STYLES) -> AttributeClassifier:
     """The attribute classifier on ``styles``; half of each batch is a VAE reconstruction, plus pixel noise,
     so it reads the model's samples as well as rendered images."""
-    rng = np.random.default_rng([seed, 2, len(styles)])
+    rng = np.random.default_rng([seed, 2] if styles == ALL_STYLES else [seed, 2, len(styles)])
     specs = random_specs(count, rng, styles=styles)
     images = torch.from_numpy(np.stack([render(s, rng) for s in specs])).permute(0, 3, 1, 2)
     labels = targets(specs)
