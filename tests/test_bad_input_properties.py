@@ -10,10 +10,10 @@ release written (and a slow test). Examples are derandomized for CI; the file ru
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
-import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from privdiff import cli
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings.files import Embedding, save_embedding
 
@@ -63,34 +62,11 @@ def ws(tmp_path_factory) -> Path:
     return root
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under ``root``: mode, and for files size, mtime and content (a folder's mtime changes when
-    the output checks probe it with a temporary file)."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        st_ = path.lstat()
-        if stat.S_ISDIR(st_.st_mode):
-            out[str(path.relative_to(root))] = (st_.st_mode,)
-            continue
-        content = path.read_bytes() if stat.S_ISREG(st_.st_mode) and st_.st_size < 1 << 20 else None
-        out[str(path.relative_to(root))] = (st_.st_mode, st_.st_size, st_.st_mtime_ns, content)
-    return out
-
-
-def assert_refused(capsys, ws: Path, args: list[str], *needles: str) -> str:
-    """The contract: exit 2, exactly one non-empty ``privdiff: error:`` line, nothing else, nothing written."""
-    before = snapshot(ws)
-    capsys.readouterr()
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    lines = err.splitlines()
-    assert code == 2, (args, err)
-    assert len(lines) == 1 and lines[0].startswith("privdiff: error: ") and len(lines[0]) > 17, (args, err)
-    assert "Traceback" not in err and out == "", (args, err)
-    for needle in needles:
-        assert needle in lines[0], (args, lines[0])
-    assert snapshot(ws) == before, args
-    return lines[0]
+# The contract's checks, shared with the other bad-input tests (loaded by path: tests/ is not a package).
+_spec = importlib.util.spec_from_file_location("privdiff_cli_checks", Path(__file__).with_name("cli_checks.py"))
+_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_checks)
+assert_refused = _checks.refused
 
 
 # ---------------------------------------------------------------- bad numbers

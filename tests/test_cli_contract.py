@@ -7,8 +7,8 @@ file is created or changed; everything checkable before a model loads is checked
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -25,35 +25,11 @@ from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 VALID = ["--model", "tiny", "--epsilon", "2", "--delta", "1e-3", "--steps", "1"]
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under ``root``: mode, and for files size, mtime and content (a folder's mtime changes when
-    the output checks probe it with a temporary file)."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        st = path.lstat()
-        if stat.S_ISDIR(st.st_mode):
-            out[str(path.relative_to(root))] = (st.st_mode,)
-            continue
-        content = path.read_bytes() if stat.S_ISREG(st.st_mode) else None
-        out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
-    return out
-
-
-def refused(capsys, root: Path, args: list[str], *needles: str) -> str:
-    """Run the CLI in-process; assert exit 2, one ``privdiff: error:`` line holding ``needles``, nothing on
-    stdout, and no change under ``root``. Returns the line."""
-    before = snapshot(root)
-    capsys.readouterr()  # drop what fixtures printed
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("privdiff: error: "), captured.err
-    assert "Traceback" not in captured.err and captured.out == ""
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert snapshot(root) == before
-    return lines[0]
+# The contract's checks, shared with the other bad-input tests (loaded by path: tests/ is not a package).
+_spec = importlib.util.spec_from_file_location("privdiff_cli_checks", Path(__file__).with_name("cli_checks.py"))
+_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_checks)
+refused = _checks.refused
 
 
 @pytest.fixture
