@@ -29,8 +29,7 @@ def _setup(device: str, batch: int):
 
     backend = DiffusersBackend(tiny_pipeline("sd1").to(device))
     backend.freeze()
-    encoder = tiny_image_encoder()
-    encoder.model.to(device)
+    encoder = tiny_image_encoder().to(device)
     cond = backend.encode_text(["a painting of a cat"] * batch)
     uncond = backend.encode_text([""] * batch)
     target = F.normalize(torch.randn(encoder.dim, generator=torch.Generator().manual_seed(0)), dim=0).to(device)

@@ -34,6 +34,10 @@ class ComfyClipVision:
         self.dim = int(projection.shape[0])
         self.identity = weight_identity("CLIP vision", self.dim, projection)
 
+    def to(self, device: str | torch.device) -> ComfyClipVision:
+        """ComfyUI's model management places the weights; nothing to do."""
+        return self
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         device = self.clip_vision.load_device
         pixels = clip_preprocess(images.to(device, torch.float32), self.size, self.mean, self.std)

@@ -331,10 +331,8 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     ledger = _ledger_request(args, files)
     if ledger is None:
         image_digests(files)  # refuses duplicated images, which would count twice
-    encoder = load_image_encoder(args.image_encoder)  # public: loaded before the charge, to name it in the report
-    if hasattr(encoder, "model"):
-        encoder.model.to(device)
-    size = getattr(encoder, "size", 224)
+    encoder = load_image_encoder(args.image_encoder).to(device)  # public: loaded before the charge, to name it
+    size = encoder.size
     check_memory(len(files), size)
     report = plan_target(params, len(files), encoder.identity, seed=args.reproducible_seed,
                          dataset_label=args.dataset_label)
@@ -373,8 +371,7 @@ def _cmd_guidance_sample(args: argparse.Namespace) -> None:
     out_dir = _out_dir(args.out)
     backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
     backend.freeze()
-    if hasattr(encoder, "model"):
-        encoder.model.to(device)
+    encoder.to(device)
     height, width = args.height or backend.resolution, args.width or backend.resolution
     factor = backend.pipe.vae_scale_factor
     if height % factor or width % factor:

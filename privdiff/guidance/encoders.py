@@ -30,6 +30,12 @@ class ImageEncoder(Protocol):
     """Names the weights, e.g. "CLIP vision 512-d, projection sha256 1a2b...": recorded in target files."""
     dim: int
     """Embedding width."""
+    size: int
+    """Input side in pixels the encoder resizes to (load images at this size)."""
+
+    def to(self, device: str | torch.device) -> ImageEncoder:
+        """Move the weights to ``device``; returns self."""
+        ...
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, dim] (not normalised) of images [B,3,H,W] in 0..1; differentiable in the images."""
@@ -96,6 +102,10 @@ class TransformersCLIPVision:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device: str | torch.device) -> TransformersCLIPVision:
+        self.model.to(device)
+        return self
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings [B, dim]."""
         dtype = next(self.model.parameters()).dtype
@@ -138,6 +148,10 @@ class _OpenCLIP:
         probe = self.visual(torch.zeros(1, 3, self.size, self.size))
         self.dim = int(probe.shape[-1])
         self.identity = weight_identity(f"open_clip {architecture}", self.dim, list(visual.parameters())[-1])
+
+    def to(self, device: str | torch.device) -> _OpenCLIP:
+        self.visual.to(device)
+        return self
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         device = next(self.visual.parameters()).device

@@ -26,10 +26,15 @@ class SmallImageEncoder:
         last_conv = network.trunk[4][0].weight
         self.dim = int(last_conv.shape[0])
         self.identity = weight_identity("privdiff small encoder", self.dim, last_conv)
+        self.size = SIZE
+
+    def to(self, device: str | torch.device) -> SmallImageEncoder:
+        self.network.to(device)
+        return self
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, 128] of images [B,3,H,W] in 0..1 (resized to 32 px)."""
-        x = images.float()
+        x = images.to(next(self.network.parameters()).device, torch.float32)
         if x.shape[-2:] != (SIZE, SIZE):
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
         return self.network.trunk(x * 2 - 1)
