@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from privdiff.frontend import Release, aggregate_files
+
 from .common import (
     CATEGORY,
     default_ledger,
@@ -15,7 +17,6 @@ from .common import (
     privacy_inputs,
     release_outputs,
 )
-from .logic import Release, aggregate_files
 
 
 class PrivdiffDPAggregateEmbeddings(io.ComfyNode):

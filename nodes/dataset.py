@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from privdiff.frontend import folder_state
 from privdiff.images import load_private_dataset
 
 from .common import CATEGORY, Dataset, input_path
-from .logic import folder_state
 
 
 class PrivdiffLoadPrivateImages(io.ComfyNode):

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
+from privdiff.frontend import Release, make_style_target, target_path
 from privdiff.guidance.encoders import clip_preprocess, weight_identity
 from privdiff.guidance.sampler import GuidanceConfig, sample
 from privdiff.guidance.target import StyleTarget, check_encoder, load_target
 
 from .comfy_backend import ComfyBackend, gradient_session
 from .common import CATEGORY, Dataset, default_ledger, optional_release_inputs, progress_bar, targets_dir
-from .logic import Release, make_style_target, target_path
 
 
 class ComfyClipVision:

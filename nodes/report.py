@@ -7,8 +7,9 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
+from privdiff.frontend import read_report
+
 from .common import CATEGORY
-from .logic import read_report
 
 
 class PrivdiffPrivacyReport(io.ComfyNode):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from privdiff.embeddings.textual_inversion import TIConfig
+from privdiff.frontend import Release, train_embedding
 
 from .comfy_backend import training_session
 from .common import (
@@ -19,7 +20,6 @@ from .common import (
     progress_bar,
     release_outputs,
 )
-from .logic import Release, train_embedding
 
 
 class PrivdiffDPTextualInversion(io.ComfyNode):

@@ -1,12 +1,10 @@
 """Property tests of the nodes' contract: a bad input value stops a DP node with one line that names the input,
-before any training, and leaves the embeddings folder and the ledger as they were (nodes/logic.py, no ComfyUI).
+before any training, and leaves the embeddings folder and the ledger as they were (privdiff/frontend.py, no ComfyUI).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,19 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from privdiff import frontend as logic
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings.files import Embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
 from privdiff.images import load_private_dataset
-
-_spec = importlib.util.spec_from_file_location(
-    "privdiff_node_logic", Path(__file__).resolve().parents[1] / "nodes" / "logic.py"
-)
-logic = sys.modules.get("privdiff_node_logic") or importlib.util.module_from_spec(_spec)
-if "privdiff_node_logic" not in sys.modules:
-    sys.modules["privdiff_node_logic"] = logic
-    _spec.loader.exec_module(logic)
 
 PROFILE = settings(derandomize=True, deadline=None, database=None, max_examples=60,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -1,25 +1,16 @@
-"""The ComfyUI nodes' logic (nodes/logic.py), run without ComfyUI on the tiny diffusers backend."""
+"""The fronts' plain logic (privdiff/frontend.py, used by the ComfyUI nodes), run on the tiny diffusers backend."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from privdiff import frontend as logic
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings.files import Embedding, inspect_embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
 from privdiff.images import load_private_dataset
-
-# Loaded by path: ComfyUI owns the top-level module name `nodes`.
-_spec = importlib.util.spec_from_file_location(
-    "privdiff_node_logic", Path(__file__).resolve().parents[1] / "nodes" / "logic.py"
-)
-logic = sys.modules["privdiff_node_logic"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(logic)
 
 CONFIG = TIConfig(steps=2, batch_size=4)
 

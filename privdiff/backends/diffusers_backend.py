@@ -1,43 +1,21 @@
 """SDBackend over a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline.
 
-Placeholder injection leaves tokenizer and weights untouched: the prompt is tokenized around the
-placeholder, ``n`` slot positions are inserted where it stood, and during the text-encoder call a
-forward hook on the token-embedding layer replaces the embeddings at the slots with the per-row
-vectors. The slots hold the BOS id, which is neither EOS nor above it, so the pooled output is
-taken at the prompt's EOS whether the encoder config finds EOS by id or by argmax.
+Placeholder vectors are injected by ``privdiff.backends.inject`` (a forward hook on the token-embedding
+layer, tokenizer and weights untouched). The slots hold the BOS id, which is neither EOS nor above it,
+so the pooled output is taken at the prompt's EOS whether the encoder finds EOS by id or by argmax.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from torch import nn
 
 from privdiff.backends.init_tokens import pick_init_ids
+from privdiff.backends.inject import inject_vectors, slot_columns
 from privdiff.errors import PrivdiffError
 
 _KEY_BY_WIDTH = {768: "clip_l", 1024: "clip_h"}
 _FAMILY_BY_WIDTH = {768: "SD1", 1024: "SD2"}
-
-
-@contextmanager
-def _inject(
-    embedding: nn.Module, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
-) -> Iterator[None]:
-    """While active, the embedding layer's output at (rows, cols) is replaced by ``values`` [len, dim]."""
-
-    def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
-        idx = (rows.to(out.device), cols.to(out.device))
-        return out.index_put(idx, values.to(device=out.device, dtype=out.dtype))
-
-    handle = embedding.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class DiffusersBackend:
@@ -90,8 +68,8 @@ class DiffusersBackend:
         return out
 
     def _slot_ids(self, tokenizer, prompts: list[str], placeholder: str,
-                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, L] with ``n`` BOS-filled slots for the placeholder, and slot columns [B, n]."""
+                  n: int) -> tuple[torch.Tensor, list[int]]:
+        """Token ids [B, L] with ``n`` BOS-filled slots for the placeholder, and each row's first slot."""
         length = tokenizer.model_max_length
         rows, starts = [], []
         for prompt in prompts:
@@ -108,21 +86,20 @@ class DiffusersBackend:
             ids.append(tokenizer.eos_token_id)
             rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
             starts.append(start)
-        cols = torch.tensor(starts)[:, None] + torch.arange(n)
-        return torch.tensor(rows), cols
+        return torch.tensor(rows), starts
 
     def _encode(self, key: str, prompts: list[str], placeholder: str, vecs: torch.Tensor):
         """Run one text encoder on the prompts with the vectors injected at the placeholder slots."""
         tokenizer, encoder = self._encoders[key]
         b, n, _ = vecs.shape
-        ids, cols = self._slot_ids(tokenizer, prompts, placeholder, n)
-        rows = torch.arange(b)[:, None].expand(b, n)
+        ids, starts = self._slot_ids(tokenizer, prompts, placeholder, n)
+        rows, cols = slot_columns(starts, n)
         mask = None
         if getattr(encoder.config, "use_attention_mask", False):
             mask = (torch.arange(ids.shape[1]) <= (ids == tokenizer.eos_token_id).int().argmax(1)[:, None])
             mask = mask.long().to(encoder.device)
         embedding = encoder.get_input_embeddings()
-        with _inject(embedding, rows.reshape(-1), cols.reshape(-1), vecs.reshape(b * n, -1)):
+        with inject_vectors(embedding, rows, cols, vecs.reshape(b * n, -1)):
             xl = self.family == "SDXL"
             return encoder(ids.to(encoder.device), attention_mask=mask, output_hidden_states=xl)
 

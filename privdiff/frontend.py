@@ -1,4 +1,7 @@
-"""What the ComfyUI nodes do, as plain functions (no ComfyUI imports), so CI can test them."""
+"""What the fronts (ComfyUI nodes, A1111 tab) do, as plain functions: inputs → library calls → outputs.
+
+No host imports, so CI tests them without ComfyUI or A1111.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ class Release:
     dataset_label: str = ""
     reproducible_seed: int = -1
     noise_multiplier: float = 0.0
+    prompt_syntax: str = "embedding:{}"
+    """How the host's prompts name an embedding: ComfyUI's ``embedding:name``, A1111's bare ``{}``."""
 
     def params(self) -> DPParams:
         """The mechanism's parameters; 0 means "not set" for epsilon, noise_multiplier and public_size."""
@@ -71,7 +76,7 @@ class Release:
         """What makes two runs the same request, for recognising a repeated one (the seed included)."""
         fields = {k: v for k, v in self.__dict__.items()
                   if k not in ("overwrite", "ledger_path", "budget_epsilon", "change_budget", "force_budget",
-                               "new_release")}
+                               "new_release", "prompt_syntax")}
         return {**fields, **extra}
 
     def seed(self) -> int | None:
@@ -93,11 +98,11 @@ def embedding_target(folder: Path, name: str, overwrite: bool) -> Path:
     return folder / f"{name}.safetensors"
 
 
-def prompt_for(template: str, name: str) -> str:
-    """The prompt that uses the new embedding: ``template`` with ``{}`` → ``embedding:name``."""
+def prompt_for(template: str, name: str, syntax: str = "embedding:{}") -> str:
+    """The prompt that uses the new embedding: ``template`` with ``{}`` → the name in the host's ``syntax``."""
     if template.count("{}") != 1:
         raise PrivdiffError(f"prompt template {template!r} must contain {{}} exactly once")
-    return template.format(f"embedding:{name}")
+    return template.format(syntax.format(name))
 
 
 def report_text(report: PrivacyReport) -> str:
@@ -156,11 +161,11 @@ def _earlier_release(ledger: LedgerRequest | None, release: Release, target: Pat
         return None
     text = report_text(report) + "\nnote: the same request was released before; returned without training " \
                                  "or charging the budget again (set new_release for a new one)"
-    return prompt_for(release.prompt_template, release.name), text, release.name
+    return prompt_for(release.prompt_template, release.name, release.prompt_syntax), text, release.name
 
 
 def _outputs(release: Release, report: PrivacyReport) -> tuple[str, str, str]:
-    return prompt_for(release.prompt_template, release.name), report_text(report), release.name
+    return prompt_for(release.prompt_template, release.name, release.prompt_syntax), report_text(report), release.name
 
 
 def train_embedding(
