@@ -358,7 +358,7 @@ def _cmd_guidance_sample(args: argparse.Namespace) -> None:
     from privdiff.backends.tiny import load_model
     from privdiff.devices import check_device
     from privdiff.guidance.encoders import load_image_encoder
-    from privdiff.guidance.sampler import GuidanceConfig, sample
+    from privdiff.guidance.sampler import GuidanceConfig, sample_images
     from privdiff.guidance.target import check_encoder, load_target
     from privdiff.image_output import save_images
     from privdiff.progress import tqdm_progress
@@ -373,19 +373,9 @@ def _cmd_guidance_sample(args: argparse.Namespace) -> None:
     backend.freeze()
     encoder.to(device)
     height, width = args.height or backend.resolution, args.width or backend.resolution
-    factor = backend.pipe.vae_scale_factor
-    if height % factor or width % factor:
-        raise PrivdiffError(f"--height/--width {height}x{width} must be multiples of {factor} for this model")
-    n = args.num_images
-    cond = backend.encode_text([args.prompt] * n, size=(height, width))
-    uncond = backend.encode_text([args.negative_prompt] * n, size=(height, width))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    channels = backend.pipe.unet.config.in_channels
-    latents = torch.randn(n, channels, height // factor, width // factor, generator=generator, device=device)
     with tqdm_progress("guided sampling") as progress:
-        z = sample(backend, cond, uncond, latents, config, generator, encoder, target.vector, progress=progress)
-    with torch.no_grad():
-        images = backend.decode_latents(z)
+        images = sample_images(backend, args.prompt, args.negative_prompt, args.num_images, (height, width), config,
+                               args.seed, encoder, target.vector, progress, vae_factor=backend.pipe.vae_scale_factor)
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                 "steps": config.steps, "cfg": config.cfg, "guidance_weight": config.weight,
                 "recurrence": config.recurrence, "target_release_id": target.report.release_id}

@@ -137,3 +137,36 @@ def sample(
                 progress(done, total)
         z = z_prev
     return z
+
+
+def sample_images(
+    backend: SDBackend,
+    prompt: str,
+    negative_prompt: str,
+    num_images: int,
+    size: tuple[int, int],
+    config: GuidanceConfig,
+    seed: int,
+    encoder: ImageEncoder | None = None,
+    target: torch.Tensor | None = None,
+    progress: Progress | None = None,
+    vae_factor: int = 8,
+) -> torch.Tensor:
+    """Images [N,3,H,W] in 0..1 for ``prompt`` at ``size`` (height, width), guided toward ``target``.
+
+    The backend needs ``encode_text`` (plain prompts) besides the SDBackend protocol. The initial noise
+    and the recurrence noise come from a generator seeded with ``seed``: the same seed gives the same
+    images (this is sampling, not a release: it spends no budget).
+    """
+    height, width = size
+    if height % vae_factor or width % vae_factor:
+        raise PrivdiffError(f"height/width {height}x{width} must be multiples of {vae_factor} for this model")
+    device = backend.device
+    cond = backend.encode_text([prompt] * num_images, size=size)
+    uncond = backend.encode_text([negative_prompt] * num_images, size=size)
+    generator = torch.Generator(device).manual_seed(seed)
+    latents = torch.randn(num_images, 4, height // vae_factor, width // vae_factor, generator=generator,
+                          device=device)
+    z = sample(backend, cond, uncond, latents, config, generator, encoder, target, progress=progress)
+    with torch.no_grad():
+        return backend.decode_latents(z)

@@ -1,0 +1,40 @@
+"""Registers privdiff with AUTOMATIC1111 (or Forge): the tab and its settings."""
+
+from __future__ import annotations
+
+LEDGER_SETTING = "privdiff_ledger_path"
+SECTION = ("privdiff", "privdiff")
+
+
+def on_ui_settings() -> None:
+    """privdiff's defaults on A1111's Settings page."""
+    from modules import shared
+
+    shared.opts.add_option(LEDGER_SETTING, shared.OptionInfo(
+        "", "Budget ledger file (JSON, kept by you and never shared); empty: <data dir>/privdiff/ledger.json",
+        section=SECTION))
+
+
+def on_ui_tabs() -> list[tuple[object, str, str]]:
+    """The privdiff tab; a failure to build it is reported on the console and leaves the web UI running."""
+    import gradio as gr
+    from modules import errors
+    from modules.call_queue import wrap_gradio_gpu_call
+
+    from .host import A1111Host
+    from .ui import build
+
+    try:
+        # on an unexpected error A1111 shows these outputs and then a one-line error as the last (HTML) one
+        tab = build(A1111Host(), lambda fn, n: wrap_gradio_gpu_call(fn, extra_outputs=[gr.update()] * (n - 1)))
+    except Exception:  # never break the web UI's start-up over this tab
+        errors.report("privdiff: the tab could not be built", exc_info=True)
+        return []
+    return [(tab, "privdiff", "privdiff")]
+
+
+def register() -> None:
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_ui_tabs(on_ui_tabs)

@@ -1,0 +1,82 @@
+"""The tab's Host over AUTOMATIC1111's ``modules`` (imported only here, and only inside A1111)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from privdiff.errors import PrivdiffError
+
+from .a1111 import LEDGER_SETTING
+from .logic import state_progress
+
+
+def is_forge() -> bool:
+    """Whether the web UI is Forge (it ships ``modules_forge`` next to A1111's ``modules``)."""
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+class A1111Host:
+    """A1111's model, folders, embedding database, settings and progress state."""
+
+    def __init__(self) -> None:
+        self.forge = is_forge()
+
+    def sd_model(self) -> torch.nn.Module:
+        from modules import shared
+
+        model = shared.sd_model  # A1111 loads the selected checkpoint on first access
+        if model is None:
+            raise PrivdiffError("no checkpoint is loaded: pick one in the Stable Diffusion checkpoint menu")
+        return model
+
+    def embeddings_dir(self) -> Path:
+        from modules import shared
+
+        folder = Path(shared.cmd_opts.embeddings_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _database(self):
+        from modules import sd_hijack
+
+        return sd_hijack.model_hijack.embedding_db
+
+    def embedding_names(self) -> set[str]:
+        db = self._database()
+        return set(db.word_embeddings) | set(db.skipped_embeddings)
+
+    def reload_embeddings(self) -> None:
+        self._database().load_textual_inversion_embeddings(force_reload=True)
+
+    def default_ledger(self) -> Path:
+        """The Settings page's ledger, else ``<data dir>/privdiff/ledger.json`` (never next to outputs)."""
+        from modules import paths_internal, shared
+
+        configured = str(getattr(shared.opts, LEDGER_SETTING, "") or "").strip()
+        default = Path(paths_internal.data_path) / "privdiff" / "ledger.json"
+        path = Path(configured).expanduser() if configured else default
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def targets_dir(self) -> Path:
+        from modules import paths_internal
+
+        folder = Path(paths_internal.models_path) / "privdiff_targets"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def outputs_dir(self) -> Path:
+        from modules import shared
+
+        folder = Path(shared.opts.outdir_samples or shared.opts.outdir_txt2img_samples) / "privdiff-guided"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def progress(self, label: str) -> Callable[[int, int], None]:
+        from modules import shared
+
+        return state_progress(shared.state, label)

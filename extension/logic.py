@@ -1,0 +1,291 @@
+"""What the privdiff tab does, as plain functions over a :class:`Host`: inputs → library calls → outputs.
+
+No gradio and no A1111 import here: ``extension/host.py`` implements the Host over A1111's ``modules``,
+and CI tests these functions with a stand-in host. Every action returns text for the tab; bad input
+(PrivdiffError) and Interrupt become one line, and nothing is written or charged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES
+from privdiff.embeddings.files import inspect_embedding, load_embedding
+from privdiff.embeddings.textual_inversion import TIConfig
+from privdiff.errors import PrivdiffError
+from privdiff.frontend import Release, make_style_target, read_report, target_path, train_embedding
+from privdiff.images import check_resolution, load_private_dataset
+from privdiff.output_plan import FORMATS, SUFFIXES, plan_output, save_planned
+from privdiff.privacy.ledger import BudgetLedger
+
+from .a1111_backend import training_session
+
+FORGE_MESSAGE = ("privdiff: training and sampling on Forge are not supported yet (its model objects differ from "
+                 "A1111's); the report, ledger and embedding tools work")
+
+
+class Interrupted(PrivdiffError):
+    """The user pressed Interrupt."""
+
+
+class Host(Protocol):
+    """What the tab needs from the web UI (A1111's implementation is ``extension.host.A1111Host``)."""
+
+    forge: bool
+
+    def sd_model(self) -> torch.nn.Module:
+        """The loaded checkpoint; raises PrivdiffError when none is loaded."""
+        ...
+
+    def embeddings_dir(self) -> Path: ...
+
+    def embedding_names(self) -> set[str]:
+        """Names the web UI already resolves in prompts (loaded or skipped embeddings)."""
+        ...
+
+    def reload_embeddings(self) -> None: ...
+
+    def default_ledger(self) -> Path: ...
+
+    def targets_dir(self) -> Path: ...
+
+    def outputs_dir(self) -> Path:
+        """Where guided samples go (created)."""
+        ...
+
+    def progress(self, label: str) -> Callable[[int, int], None]:
+        """A progress callback for the web UI's bar; raises :class:`Interrupted` after Interrupt."""
+        ...
+
+
+def state_progress(state: Any, label: str) -> Callable[[int, int], None]:
+    """Progress through A1111's ``shared.state`` (one job; steps = the work's public total), checking
+    Interrupt at every step: the exception unwinds the release, so nothing is written or charged."""
+    state.job_count, state.job_no, state.textinfo = 1, 0, label
+
+    def progress(done: int, total: int) -> None:
+        if state.interrupted:
+            raise Interrupted("interrupted: nothing was written and nothing was charged to the ledger")
+        state.sampling_steps, state.sampling_step = total, done
+
+    return progress
+
+
+@contextmanager
+def _one_line_errors(out: list[str]) -> Iterator[None]:
+    """Turn bad input into one line appended to ``out``."""
+    try:
+        yield
+    except PrivdiffError as exc:
+        out.append(f"privdiff: {' '.join(str(exc).split())}")
+
+
+@dataclass(frozen=True)
+class TrainForm:
+    """The DP Textual Inversion sub-tab's inputs."""
+
+    images: str
+    name: str
+    method: str = "dpagg"
+    epsilon: float = 4.0
+    delta: float = 1e-5
+    sample_rate: float = 1.0
+    clip_norm: float = 1.0
+    n_vectors: int = 1
+    init_word: str = "style"
+    steps: int = 200
+    learning_rate: float = 5e-3
+    batch_size: int = 4
+    resolution: int = 0
+    ledger: str = ""
+    budget_epsilon: float = 0.0
+    overwrite: bool = False
+    new_release: bool = False
+
+    def release(self) -> Release:
+        return Release(name=self.name.strip(), epsilon=self.epsilon, delta=self.delta, sample_rate=self.sample_rate,
+                       clip_norm=self.clip_norm, bound="clip", prompt_template="a painting in the style of {}",
+                       overwrite=self.overwrite, ledger_path=self.ledger, budget_epsilon=self.budget_epsilon,
+                       new_release=self.new_release, prompt_syntax="{}")
+
+    def config(self) -> TIConfig:
+        return TIConfig(n_vectors=int(self.n_vectors), init_word=self.init_word, steps=int(self.steps),
+                        lr=self.learning_rate, batch_size=int(self.batch_size))
+
+
+def _training_model(host: Host) -> torch.nn.Module:
+    if host.forge:
+        raise PrivdiffError(FORGE_MESSAGE.removeprefix("privdiff: "))
+    return host.sd_model()
+
+
+def train(host: Host, form: TrainForm) -> tuple[str, str]:
+    """Train and release a DP embedding into the embeddings folder, then reload the embeddings.
+
+    Returns (privacy report, status line)."""
+    out: list[str] = []
+    with _one_line_errors(out):
+        release, config = form.release(), form.config()
+        if release.name in host.embedding_names() and not form.overwrite:
+            raise PrivdiffError(f"an embedding named {release.name!r} is already loaded; pick another name or "
+                                "enable overwrite")
+        model = _training_model(host)
+        resolution = check_resolution(form.resolution) if form.resolution else None
+        with training_session(model, resolution) as backend:
+            dataset = load_private_dataset(form.images, backend.resolution)
+            prompt, report, name = train_embedding(
+                backend, dataset, form.method, config, release, host.embeddings_dir(),
+                progress=host.progress(f"privdiff: {form.method} textual inversion"),
+                default_ledger=host.default_ledger())
+        host.reload_embeddings()
+        return report, f"wrote {name}: use it in a prompt, e.g. {prompt}"
+    return "", out[0]
+
+
+def embedding_files(folder: Path) -> list[str]:
+    """Embedding files under ``folder`` (A1111 also reads subfolders), as paths relative to it."""
+    if not folder.is_dir():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.suffix in EMBEDDING_SUFFIXES)
+
+
+def _embedding_path(folder: Path, choice: str) -> Path:
+    if not choice.strip():
+        raise PrivdiffError("pick an embedding file")
+    path = Path(choice.strip()).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def report(host: Host, choice: str) -> str:
+    """The privacy report an embedding file carries (text and JSON)."""
+    out: list[str] = []
+    with _one_line_errors(out):
+        return read_report(_embedding_path(host.embeddings_dir(), choice))
+    return out[0]
+
+
+def ledger(host: Host, path: str) -> str:
+    """A ledger's budget, releases and largest per-image spend (the settings' ledger when ``path`` is empty)."""
+    out: list[str] = []
+    with _one_line_errors(out):
+        book = BudgetLedger(Path(path.strip()).expanduser() if path.strip() else host.default_ledger())
+        if not book.path.is_file():
+            raise PrivdiffError(f"ledger {book.path} does not exist yet: nothing was released with it")
+        return f"ledger {book.path}\n" + json.dumps(book.summary(), indent=2)
+    return out[0]
+
+
+def inspect(host: Host, choice: str) -> str:
+    """Format, tensors, model family and privacy report of an embedding file."""
+    out: list[str] = []
+    with _one_line_errors(out):
+        return json.dumps(inspect_embedding(_embedding_path(host.embeddings_dir(), choice)), indent=2)
+    return out[0]
+
+
+def convert(host: Host, choice: str, fmt: str, output: str, overwrite: bool) -> str:
+    """Convert an embedding file to ``fmt`` (one of ``FORMATS``); a relative output is in the embeddings
+    folder, an empty one is the input's name with the format's extension."""
+    out: list[str] = []
+    with _one_line_errors(out):
+        folder = host.embeddings_dir()
+        source = _embedding_path(folder, choice)
+        if fmt not in FORMATS:
+            raise PrivdiffError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        target = Path(output.strip()).expanduser() if output.strip() else source.with_suffix(SUFFIXES[fmt][0])
+        target = target if target.is_absolute() else folder / target
+        plan = plan_output(target, fmt, None, overwrite)
+        written = save_planned(load_embedding(source), plan)
+        host.reload_embeddings()
+        return f"wrote {written} ({plan.fmt})"
+    return out[0]
+
+
+@dataclass(frozen=True)
+class TargetForm:
+    """The DP style target inputs."""
+
+    images: str
+    name: str
+    image_encoder: str
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    ledger: str = ""
+    overwrite: bool = False
+
+
+def make_target(host: Host, form: TargetForm) -> tuple[str, str]:
+    """Release a DP style target into ``models/privdiff_targets``: (report, status line)."""
+    from privdiff.guidance.encoders import load_image_encoder
+
+    out: list[str] = []
+    with _one_line_errors(out):
+        release = Release(name=form.name.strip(), epsilon=form.epsilon, delta=form.delta, sample_rate=1.0,
+                          clip_norm=1.0, bound="clip", prompt_template="{}", overwrite=form.overwrite,
+                          ledger_path=form.ledger)
+        encoder = load_image_encoder(form.image_encoder.strip())
+        dataset = load_private_dataset(form.images, encoder.size)
+        text, name = make_style_target(encoder, dataset, release, host.targets_dir(),
+                                       progress=host.progress("privdiff: DP style target"),
+                                       default_ledger=host.default_ledger())
+        return text, f"wrote style target {name} in {host.targets_dir()}"
+    return "", out[0]
+
+
+@dataclass(frozen=True)
+class GuidedForm:
+    """The guided sampling inputs."""
+
+    target: str
+    image_encoder: str
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 1
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    cfg: float = 7.0
+    guidance_weight: float = 5.0
+    recurrence: int = 1
+    seed: int = 0
+
+
+def guided_sample(host: Host, form: GuidedForm) -> tuple[list[Path], str]:
+    """Universal-guidance sampling toward a style target with the loaded checkpoint; the images go to the
+    txt2img outputs folder. Returns (image files, status line)."""
+    from privdiff.guidance.encoders import load_image_encoder
+    from privdiff.guidance.sampler import GuidanceConfig, sample_images
+    from privdiff.guidance.target import check_encoder, load_target
+    from privdiff.image_output import save_images
+
+    out: list[str] = []
+    with _one_line_errors(out):
+        config = GuidanceConfig(steps=int(form.steps), cfg=form.cfg, weight=form.guidance_weight,
+                                recurrence=int(form.recurrence))
+        target_file = target_path(host.targets_dir(), form.target)
+        target = load_target(target_file)
+        encoder = load_image_encoder(form.image_encoder.strip())
+        check_encoder(target, encoder, str(target_file), form.image_encoder)
+        model = _training_model(host)
+        with training_session(model) as backend:
+            encoder.to(backend.device)
+            images = sample_images(backend, form.prompt, form.negative_prompt, int(form.num_images),
+                                   (int(form.height), int(form.width)), config, int(form.seed), encoder,
+                                   target.vector, host.progress("privdiff: guided sampling"))
+        settings = {"prompt": form.prompt, "negative_prompt": form.negative_prompt, "seed": int(form.seed),
+                    "steps": config.steps, "cfg": config.cfg, "guidance_weight": config.weight,
+                    "recurrence": config.recurrence, "target_release_id": target.report.release_id}
+        written = save_images(images, host.outputs_dir(), settings)
+        return written, (f"{len(written)} image(s) in {host.outputs_dir()}; target "
+                         f"(epsilon={target.report.epsilon:.3g}, delta={target.report.delta:.2g}): sampling spends "
+                         "no budget")
+    return [], out[0]
+
