@@ -33,8 +33,20 @@ def on_ui_tabs() -> list[tuple[object, str, str]]:
     return [(tab, "privdiff", "privdiff")]
 
 
+def on_app_started(_blocks: object, app: object) -> None:
+    """privdiff's JSON routes (``extension/api.py``) when the web UI serves its API."""
+    from modules import shared
+
+    from .api import routes
+    from .host import A1111Host
+
+    if getattr(shared.cmd_opts, "api", False):
+        routes(app, A1111Host())
+
+
 def register() -> None:
     from modules import script_callbacks
 
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_app_started(on_app_started)

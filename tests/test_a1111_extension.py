@@ -205,8 +205,8 @@ def test_extension_imports_without_diffusers_gradio_or_a1111():
         "            raise ImportError(f'blocked {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import extension.a1111, extension.host, extension.install, extension.logic, extension.ui\n"
-        "import extension.a1111_backend, extension.tabs.guidance, extension.tabs.reports, extension.tabs.tools\n"
-        "import extension.tabs.textual_inversion\n"
+        "import extension.a1111_backend, extension.api, extension.tabs.guidance, extension.tabs.reports\n"
+        "import extension.tabs.textual_inversion, extension.tabs.tools\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
