@@ -1,0 +1,100 @@
+"""privdiff inside a real AUTOMATIC1111 webui 1.10.x (CPU, offline): runs when A1111_PATH is set.
+
+See tests/a1111_webui.py for the environment it needs. Slow (minutes): the webui starts once per module.
+"""
+
+import base64
+import importlib.util
+import io
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from privdiff.demo_data import write_style_images
+
+_spec = importlib.util.spec_from_file_location("a1111_webui", Path(__file__).with_name("a1111_webui.py"))
+webui_harness = sys.modules.setdefault("a1111_webui", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(webui_harness)
+
+pytestmark = [pytest.mark.a1111,
+              pytest.mark.skipif(webui_harness.webui_path() is None, reason="A1111_PATH is not set")]
+
+PINNED = ("torch", "gradio", "transformers", "pydantic", "fastapi", "numpy", "pillow", "safetensors")
+
+
+def _freeze() -> dict[str, str]:
+    out = subprocess.run([webui_harness.python(), "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                         text=True, check=True, timeout=300).stdout
+    return {line.split("==")[0].lower(): line.split("==")[1] for line in out.splitlines() if "==" in line}
+
+
+@pytest.fixture(scope="module")
+def installed():
+    """install.py run as A1111 runs it: (packages before, packages after, its result)."""
+    before = _freeze()
+    result = webui_harness.run_installer()
+    return before, _freeze(), result
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory, installed):
+    data = tmp_path_factory.mktemp("a1111-data")
+    webui_harness.prepare(data)
+    server = webui_harness.WebUI(data)
+    yield server
+    server.stop()
+
+
+def _txt2img(webui, prompt: str, seed: int = 1) -> np.ndarray:
+    answer = webui.call("/sdapi/v1/txt2img", {"prompt": prompt, "seed": seed, "steps": 2, "width": 64, "height": 64,
+                                              "sampler_name": "Euler", "cfg_scale": 5, "batch_size": 1})
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB"))
+
+
+def test_install_keeps_the_webuis_pins(installed):
+    before, after, result = installed
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {p: before.get(p) for p in PINNED} == {p: after.get(p) for p in PINNED}
+    assert "opacus" in after and "dp-accounting" in after
+
+
+def test_extension_loads_and_its_tab_is_in_the_page(webui):
+    config = webui.call("/config")
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert {"privdiff_ti_train", "privdiff_ti_status", "privdiff_tabs"} <= ids
+    assert any(c.get("props", {}).get("label") == "privdiff" for c in config["components"])
+    log = webui.log.read_text()
+    assert "privdiff" not in "".join(line for line in log.splitlines(True) if "Error" in line or "Traceback" in line)
+
+
+def test_training_in_the_tab_gives_a_prompt_word_and_leaves_txt2img_unchanged(webui, tmp_path):
+    before = _txt2img(webui, "a painting of a cat")
+    private = write_style_images(tmp_path / "private", count=4, size=64)
+    fields = {"images": str(private), "name": "privdiff_int", "epsilon": 8.0, "delta": 1e-3, "steps": 2,
+              "batch_size": 2, "resolution": 64, "ledger": str(tmp_path / "ledger.json")}
+    answer = webui.call("/privdiff/v1/textual-inversion", fields)
+    assert answer["ok"] and "PRIVATE release" in answer["report"], answer["status"]
+    assert (webui.data / "embeddings" / "privdiff_int.safetensors").is_file()
+    assert "privdiff_int" in webui.call("/sdapi/v1/embeddings")["loaded"]
+    with_embedding = _txt2img(webui, "a painting in the style of privdiff_int")
+    assert with_embedding.shape == (64, 64, 3)
+    np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)
+    assert "PRIVATE release" in webui.call("/privdiff/v1/report?file=privdiff_int.safetensors")["report"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(webui, tmp_path):
+    private = write_style_images(tmp_path / "private", count=4, size=64)
+    for fields, needle in [({"images": str(private), "name": "bad_delta", "delta": 0.5}, "delta"),
+                           ({"images": str(tmp_path / "missing"), "name": "bad_folder"}, "missing"),
+                           ({"images": str(private), "name": "privdiff_int"}, "already")]:
+        answer = webui.call("/privdiff/v1/textual-inversion", {"steps": 1, "resolution": 64, **fields})
+        assert not answer["ok"] and answer["status"].startswith("privdiff: ") and needle in answer["status"]
+        assert "\n" not in answer["status"]
+    assert not (webui.data / "embeddings" / "bad_delta.safetensors").exists()
+    with pytest.raises(urllib.error.HTTPError):
+        webui.call("/privdiff/v1/textual-inversion", {"images": str(private), "name": "x", "unknown_field": 1})
