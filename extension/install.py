@@ -1,9 +1,10 @@
 """Installs what privdiff needs into AUTOMATIC1111's venv (A1111 runs the root ``install.py`` shim at start-up).
 
-A1111 pins its own packages (torch, gradio, transformers, pydantic, fastapi, ...). Every pip call here runs
-with a constraints file pinning every package already installed to its installed version, so nothing of
-A1111's is upgraded or replaced; a requirement that would need that is reported on one line and skipped,
-and the web UI starts regardless. Outside A1111 (ComfyUI-Manager also runs ``install.py``) it does nothing.
+A1111 pins its own packages in ``requirements_versions.txt`` (gradio, transformers, pydantic, fastapi, ...)
+and installs its torch. Every pip call here runs with a constraints file pinning each of those to its
+installed version, so none is upgraded or replaced (other packages may move, as pip resolves them); a
+requirement that would need a pinned one to change is reported on one line and skipped, and the web UI
+starts regardless. Outside A1111 (ComfyUI-Manager also runs ``install.py``) it does nothing.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from pathlib import Path
 
 REQUIREMENTS = (
     "opacus>=1.5,<1.7",
-    "dp-accounting>=0.4,<0.7",
+    "dp-accounting>=0.5,<0.7",
     "safetensors>=0.4",
     "tqdm",
     "cryptography>=42",
     "filelock>=3.12",
 )
 """What the extension's part of privdiff imports (no diffusers, and A1111's own transformers)."""
+
+HOST_PACKAGES = ("torch", "torchvision", "torchaudio", "xformers")
+"""Installed by the web UI's launcher rather than its requirements file; pinned too."""
 
 
 def _normalise(name: str) -> str:
@@ -36,25 +40,39 @@ def installed_versions() -> dict[str, str]:
             if d.metadata["Name"]}
 
 
-def plan(requirements: Iterable[str], installed: dict[str, str],
-         satisfied: Callable[[str, str], bool]) -> tuple[list[str], list[str]]:
+def plan(requirements: Iterable[str], installed: dict[str, str], satisfied: Callable[[str, str], bool],
+         host: set[str] | None = None) -> tuple[list[str], list[str]]:
     """(requirements to pip-install, one-line notices). A requirement already satisfied is skipped; one whose
-    package is installed at a version it refuses is not upgraded (the host's version stays) but noticed."""
+    package is installed at a version it refuses is upgraded, unless the web UI pins that package (``host``;
+    None: every installed package counts as pinned), which keeps its version and gets a notice."""
     to_install, notices = [], []
     for requirement in requirements:
         name = _normalise(re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0])
         version = installed.get(name)
-        if version is None:
+        if version is not None and satisfied(requirement, version):
+            continue
+        if version is not None and (host is None or name in host):
+            notices.append(f"privdiff: {name} {version} is pinned by the web UI but privdiff wants {requirement}; "
+                           "keeping the web UI's version (privdiff may not work until it is updated)")
+        else:
             to_install.append(requirement)
-        elif not satisfied(requirement, version):
-            notices.append(f"privdiff: {name} {version} is installed but privdiff wants {requirement}; keeping "
-                           f"the web UI's version (privdiff may not work until it is updated)")
     return to_install, notices
 
 
-def constraints(installed: dict[str, str]) -> str:
-    """A pip constraints file pinning every installed distribution to its version."""
-    return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items()))
+def protected(requirements_file: Path) -> set[str] | None:
+    """The packages the web UI pins (``name==version`` lines of its requirements file) and its torch family;
+    None when the file is missing (then every installed package is pinned)."""
+    if not requirements_file.is_file():
+        return None
+    names = {_normalise(line.split("==")[0]) for line in requirements_file.read_text().splitlines()
+             if "==" in line and not line.lstrip().startswith("#")}
+    return names | set(HOST_PACKAGES)
+
+
+def constraints(installed: dict[str, str], names: set[str] | None = None) -> str:
+    """A pip constraints file pinning the installed ``names`` (every installed package when None)."""
+    return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items())
+                   if names is None or name in names)
 
 
 def _satisfied(requirement: str, version: str) -> bool:
@@ -71,14 +89,15 @@ def main() -> None:
     except ImportError:
         return
     installed = installed_versions()
-    to_install, notices = plan(REQUIREMENTS, installed, _satisfied)
+    host = protected(Path(launch.__file__).resolve().parent / "requirements_versions.txt")
+    to_install, notices = plan(REQUIREMENTS, installed, _satisfied, host)
     for line in notices:
         print(line, file=sys.stderr)
     if not to_install:
         return
     with tempfile.TemporaryDirectory(prefix="privdiff-install-") as tmp:
         pins = Path(tmp) / "constraints.txt"
-        pins.write_text(constraints(installed))
+        pins.write_text(constraints(installed, host))
         try:
             quoted = " ".join(f'"{r}"' for r in to_install)
             launch.run_pip(f'install -c "{pins}" {quoted}',

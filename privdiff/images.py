@@ -297,7 +297,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     with _reading(path) as fp:
         image = _open_checked(path, fp)
         image.load()
-        ImageOps.exif_transpose(image, in_place=True)
+        image = ImageOps.exif_transpose(image)  # not in_place=: A1111 pins Pillow 9.5, which lacks it
         return to_square_rgb(image, resolution, path)
 
 

@@ -179,13 +179,21 @@ def test_state_progress_follows_a1111_state():
         progress(4, 10)
 
 
-def test_install_plan_never_touches_the_hosts_packages():
+def test_install_plan_never_touches_the_hosts_packages(tmp_path):
     installed = {"torch": "2.1.2", "gradio": "3.41.2", "tqdm": "4.66.1", "filelock": "3.0.0"}
-    to_install, notices = install.plan(["opacus>=1.5", "tqdm", "filelock>=3.12"], installed, install._satisfied)
-    assert to_install == ["opacus>=1.5"]
-    assert len(notices) == 1 and "filelock 3.0.0" in notices[0] and "\n" not in notices[0]
+    wanted = ["opacus>=1.5", "tqdm", "filelock>=3.12", "gradio>=4"]
+    to_install, notices = install.plan(wanted, installed, install._satisfied)
+    assert to_install == ["opacus>=1.5"] and len(notices) == 2 and "filelock 3.0.0" in notices[0]
+    to_install, notices = install.plan(wanted, installed, install._satisfied, host={"gradio", "torch"})
+    assert to_install == ["opacus>=1.5", "filelock>=3.12"]  # not pinned by the web UI: upgraded
+    assert len(notices) == 1 and "gradio 3.41.2 is pinned" in notices[0] and "\n" not in notices[0]
     assert install.constraints(installed).splitlines() == ["filelock==3.0.0", "gradio==3.41.2", "torch==2.1.2",
                                                            "tqdm==4.66.1"]
+    pins = tmp_path / "requirements_versions.txt"
+    pins.write_text("# A1111\nGitPython==3.1.32\ngradio==3.41.2\npydantic==1.10.11\nclean-fid\n")
+    assert install.protected(pins) == {"gitpython", "gradio", "pydantic", *install.HOST_PACKAGES}
+    assert install.constraints(installed, install.protected(pins)).splitlines() == ["gradio==3.41.2", "torch==2.1.2"]
+    assert install.protected(tmp_path / "missing.txt") is None
     assert install.installed_versions()["torch"] == torch.__version__
 
 
