@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def shoot(url: str, out: Path, size: str = "1400,1500") -> None:
+def shoot(url: str, out: Path, size: str = "1400,1000") -> None:
     """Load ``url`` in headless chromium and save a PNG of the window."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
