@@ -68,6 +68,8 @@ def test_extension_loads_and_its_tab_is_in_the_page(webui):
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert {"privdiff_ti_train", "privdiff_ti_status", "privdiff_tabs"} <= ids
     assert any(c.get("props", {}).get("label") == "privdiff" for c in config["components"])
+    progress = [d for d in config["dependencies"] if "requestProgress" in (d.get("js") or "")]
+    assert len(progress) == 3  # training, style target and guided sampling show A1111's progress bar
     errors = [line for line in webui.log.read_text().splitlines() if "Error" in line]
     assert not [line for line in errors if "privdiff" in line or str(webui_harness.ROOT) in line], errors
 
