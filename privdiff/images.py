@@ -43,6 +43,10 @@ _SKIPPED_PLURALS = {"folder": "folders", "broken link": "broken links", "special
                     "non-image file": "non-image files"}
 
 
+ORIENTATION = 0x0112
+"""The EXIF orientation tag."""
+
+
 def check_resolution(value: object) -> int:
     """``value`` as an int in MIN_RESOLUTION..MAX_RESOLUTION pixels; anything else raises PrivdiffError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -297,7 +301,8 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     with _reading(path) as fp:
         image = _open_checked(path, fp)
         image.load()
-        image = ImageOps.exif_transpose(image)  # not in_place=: A1111 pins Pillow 9.5, which lacks it
+        if image.getexif().get(ORIENTATION, 1) != 1:  # Pillow 9.5 (A1111's pin) has no in_place= and copies
+            image = ImageOps.exif_transpose(image)
         return to_square_rgb(image, resolution, path)
 
 
