@@ -118,31 +118,10 @@ model:
 
 
 def _resblock(shapes: dict[str, tuple[int, ...]], p: str, n_in: int, n_out: int) -> None:
-    """ldm openaimodel.ResBlock (no scale-shift norm)."""
-    _norm(shapes, f"{p}.in_layers.0", n_in)
-    _conv(shapes, f"{p}.in_layers.2", n_in, n_out)
-    _linear(shapes, f"{p}.emb_layers.1", TIME_DIM, n_out)
-    _norm(shapes, f"{p}.out_layers.0", n_out)
-    _conv(shapes, f"{p}.out_layers.3", n_out, n_out)
-    if n_in != n_out:
-        _conv(shapes, f"{p}.skip_connection", n_in, n_out, k=1)
+    _sd15._resblock(shapes, p, n_in, n_out, time_dim=TIME_DIM)
 
 
-def _transformer(shapes: dict[str, tuple[int, ...]], p: str, ch: int) -> None:
-    """ldm SpatialTransformer, SD1 flavour (conv proj_in/proj_out), one block; inner dim = ch."""
-    _norm(shapes, f"{p}.norm", ch)
-    _conv(shapes, f"{p}.proj_in", ch, ch, k=1)
-    _conv(shapes, f"{p}.proj_out", ch, ch, k=1)
-    b = f"{p}.transformer_blocks.0"
-    for attn, ctx in (("attn1", ch), ("attn2", CONTEXT)):
-        _linear(shapes, f"{b}.{attn}.to_q", ch, ch, bias=False)
-        _linear(shapes, f"{b}.{attn}.to_k", ctx, ch, bias=False)
-        _linear(shapes, f"{b}.{attn}.to_v", ctx, ch, bias=False)
-        _linear(shapes, f"{b}.{attn}.to_out.0", ch, ch)
-    _linear(shapes, f"{b}.ff.net.0.proj", ch, 8 * ch)  # GEGLU: 2 x 4*ch
-    _linear(shapes, f"{b}.ff.net.2", 4 * ch, ch)
-    for i in (1, 2, 3):
-        _norm(shapes, f"{b}.norm{i}", ch)
+_transformer = _sd15._transformer
 
 
 def _unet(shapes: dict[str, tuple[int, ...]]) -> None:

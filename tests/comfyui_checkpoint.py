@@ -53,10 +53,11 @@ def _conv(shapes: dict[str, tuple[int, ...]], name: str, n_in: int, n_out: int, 
         shapes[f"{name}.bias"] = (n_out,)
 
 
-def _resblock(shapes: dict[str, tuple[int, ...]], p: str, n_in: int, n_out: int) -> None:
+def _resblock(shapes: dict[str, tuple[int, ...]], p: str, n_in: int, n_out: int, time_dim: int = TIME_DIM) -> None:
+    """ldm openaimodel.ResBlock (no scale-shift norm)."""
     _norm(shapes, f"{p}.in_layers.0", n_in)
     _conv(shapes, f"{p}.in_layers.2", n_in, n_out)
-    _linear(shapes, f"{p}.emb_layers.1", TIME_DIM, n_out)
+    _linear(shapes, f"{p}.emb_layers.1", time_dim, n_out)
     _norm(shapes, f"{p}.out_layers.0", n_out)
     _conv(shapes, f"{p}.out_layers.3", n_out, n_out)
     if n_in != n_out:
@@ -64,6 +65,7 @@ def _resblock(shapes: dict[str, tuple[int, ...]], p: str, n_in: int, n_out: int)
 
 
 def _transformer(shapes: dict[str, tuple[int, ...]], p: str, ch: int) -> None:
+    """ldm SpatialTransformer, SD1 flavour, one block; inner dim = ch, context 768."""
     _norm(shapes, f"{p}.norm", ch)
     _conv(shapes, f"{p}.proj_in", ch, ch, k=1)  # SD1.5: conv proj, not linear
     _conv(shapes, f"{p}.proj_out", ch, ch, k=1)
