@@ -12,12 +12,14 @@ from opacus.optimizers import DPOptimizer
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings import dpsgd_ti
 from privdiff.embeddings.dpagg import DPParams
-from privdiff.embeddings.dpsgd_ti import PrivdiffDPOptimizer, SharedVectors, run_dpsgd_ti
+from privdiff.embeddings.dpsgd_ti import SharedVectors, run_dpsgd_ti
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, diffusion_loss, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.images import load_image_folder
+from privdiff.privacy import dpsgd
 from privdiff.privacy.accountants import epsilon_for
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
 from privdiff.privacy.mechanism import bound_vectors
 from privdiff.privacy.randomness import SecureRandom
 
@@ -123,9 +125,9 @@ def test_run_dpsgd_ti(tmp_path, sd1_backend, monkeypatch, recwarn):
         sampled.append(type(rng))
         return real_poisson(n, q, rng)
 
-    real_noisy_sum, real_poisson = dpsgd_ti.noisy_sum, dpsgd_ti.poisson_sample
+    real_noisy_sum, real_poisson = dpsgd.noisy_sum, dpsgd_ti.poisson_sample
     monkeypatch.setattr(dpsgd_ti, "PrivdiffDPOptimizer", SpyOptimizer)
-    monkeypatch.setattr(dpsgd_ti, "noisy_sum", spy_noisy_sum)
+    monkeypatch.setattr(dpsgd, "noisy_sum", spy_noisy_sum)
     monkeypatch.setattr(dpsgd_ti, "poisson_sample", spy_poisson)
     steps = []
     # A given sigma (its epsilon computed) keeps the test fast: calibrating at q < 1 takes seconds.

@@ -2,8 +2,7 @@
 
 Opacus computes the per-sample gradients; the trainable vectors live in a tiny module whose per-sample
 gradient is simply the gradient of its broadcast output. Clipping and noise are privdiff's own
-(``PrivdiffDPOptimizer``): per-sample gradients bounded in float64 by ``bound_vectors`` and noised by
-``noisy_sum`` from a ``SecureRandom``, the same noise as every other DP path.
+(``privdiff.privacy.dpsgd.PrivdiffDPOptimizer``), the same noise as every other DP path.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import warnings
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import register_grad_sampler
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from privdiff.backends.protocol import SDBackend
@@ -30,7 +27,8 @@ from privdiff.embeddings.textual_inversion import (
     training_generator,
 )
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.mechanism import bound_vectors, noisy_sum, poisson_sample
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
+from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 
@@ -57,42 +55,6 @@ def _shared_vectors_grad_sample(
 ) -> dict[nn.Parameter, torch.Tensor]:
     # Row b of the output is the weight itself for example b: its gradient is that example's.
     return {layer.weight: backprops}
-
-
-class PrivdiffDPOptimizer(DPOptimizer):
-    """opacus' ``DPOptimizer`` with privdiff's bounding and noise instead of opacus' float32 clip and torch noise.
-
-    Each example's gradient (all parameters together) is clipped to ``max_grad_norm`` by ``bound_vectors``
-    in float64 and summed in float64; the noise is one ``noisy_sum`` over all parameters from ``rng``.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kwargs: object) -> None:
-        super().__init__(optimizer, **kwargs)
-        self.rng = rng
-
-    def _sizes(self) -> list[int]:
-        return [p.numel() for p in self.params]
-
-    def clip_and_accumulate(self) -> None:
-        """``p.summed_grad`` (float64) += the sum of the float64-clipped per-sample gradients."""
-        samples = zip(self.grad_samples, self._sizes(), strict=True)
-        flat = torch.cat([g.reshape(len(g), size).to(torch.float64) for g, size in samples], dim=1)
-        summed = bound_vectors(flat, self.max_grad_norm).sum(dim=0)
-        for p, part in zip(self.params, summed.split(self._sizes()), strict=True):
-            _check_processed_flag(p.grad_sample)
-            grad = part.view_as(p)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
-
-    def add_noise(self) -> None:
-        """``p.grad`` = the noisy sum (``noisy_sum``, sensitivity ``max_grad_norm``) in the parameter's dtype."""
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-        total = torch.cat([p.summed_grad.reshape(-1).to(torch.float64) for p in self.params])
-        noisy = noisy_sum(total, self.max_grad_norm, self.noise_multiplier, self.rng)
-        for p, part in zip(self.params, noisy.split(self._sizes()), strict=True):
-            p.grad = part.view_as(p).to(p.dtype)
-            _mark_as_processed(p.summed_grad)
 
 
 def plan_dpsgd_ti(

@@ -1,0 +1,196 @@
+"""Public pre-training and DP-SGD fine-tuning of the spectral prior, with checkpoints to resume from.
+
+Pre-training sees public images only (a seeded generator is fine). Fine-tuning is DP-SGD through opacus:
+Poisson sampling with rate q and privdiff's float64 clipping and CSPRNG noise
+(``privdiff.privacy.dpsgd.PrivdiffDPOptimizer``), σ calibrated by the project's accountant for (ε, δ) over
+the planned steps; one image is one example, and N is public by DP-SGD's convention (add-remove).
+
+A fine-tune writes a checkpoint (weights, optimizer state, steps done, the release's report) every
+``checkpoint_every`` steps to a private folder. Resuming continues the same release: same report, same σ,
+the remaining steps only, so the accountant counts each step once; the CSPRNG is freshly keyed (its key is
+never written to disk).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from opacus import GradSampleModule
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from privdiff.atomic import atomic_write
+from privdiff.embeddings.dpagg import DPParams, plan_release
+from privdiff.errors import PrivdiffError
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
+from privdiff.privacy.mechanism import poisson_sample
+from privdiff.privacy.randomness import SecureRandom
+from privdiff.privacy.report import PrivacyReport
+from privdiff.wavelet.prior import SpectralPrior
+
+Progress = Callable[[int, int], None]
+MECHANISM = "DP-SGD fine-tuning of a spectral (Haar-wavelet token) prior (opacus)"
+_HOOK_WARNING = "Full backward hook is firing"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by pre-training and fine-tuning."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise PrivdiffError(f"invalid training settings: steps {self.steps}, batch size {self.batch_size}, "
+                                f"learning rate {self.lr}")
+
+
+def pretrain(prior: SpectralPrior, tokens: torch.Tensor, config: TrainConfig, seed: int = 0,
+             progress: Progress | None = None) -> list[float]:
+    """Maximum-likelihood training on **public** token sequences [N, L]; returns the loss per step."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=config.lr, weight_decay=0.01)
+    device = next(prior.parameters()).device
+    losses = []
+    prior.train()
+    for step in range(config.steps):
+        batch = tokens[torch.randint(len(tokens), (config.batch_size,), generator=generator)].to(device)
+        loss = prior.loss(batch).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, config.steps)
+    prior.eval()
+    return losses
+
+
+def plan_finetune(params: DPParams, dataset_size: int, config: TrainConfig, *, seed: int | None = None,
+                  dataset_label: str | None = None) -> PrivacyReport:
+    """The fine-tune's report before any private data is read: σ for (ε, δ) over ``config.steps`` steps."""
+    if params.bound == "normalize":
+        raise PrivdiffError("bound 'normalize' is not available for DP-SGD: per-sample gradients are clipped")
+    return plan_release(MECHANISM, params, dataset_size, config.steps,
+                        center="none: per-sample gradients are clipped (training starts from the public prior)",
+                        dataset_label=dataset_label, private=seed is None, n_public_by_convention=True)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a fine-tune keeps its state; the file is private-derived: keep it away from outputs."""
+
+    path: Path
+    every: int = 50
+
+    def save(self, prior: SpectralPrior, optimizer: torch.optim.Optimizer, done: int, report: PrivacyReport) -> None:
+        state = {f"prior.{k}": v.detach().cpu().contiguous() for k, v in prior.state_dict().items()}
+        moments = optimizer.original_optimizer.state
+        for i, p in enumerate(prior.parameters()):
+            for name, value in moments.get(p, {}).items():
+                state[f"adam.{i}.{name}"] = torch.as_tensor(value).detach().cpu().reshape(-1).contiguous()
+        metadata = {**report.to_metadata(), "privdiff_steps_done": str(done)}
+        atomic_write(self.path, lambda tmp: save_file(state, str(tmp), metadata=metadata), force=True)
+
+    def load(self, prior: SpectralPrior, optimizer: torch.optim.Optimizer) -> tuple[int, PrivacyReport]:
+        """Restore weights and optimizer moments; (steps done, the release's report)."""
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in list(f.keys())}
+            report = PrivacyReport.from_metadata(metadata)
+            done = int(metadata["privdiff_steps_done"])
+        except (OSError, SafetensorError, ValueError, KeyError) as exc:
+            raise PrivdiffError(f"cannot resume from {self.path}: {' '.join(str(exc).split())[:200]}") from exc
+        if report is None:
+            raise PrivdiffError(f"{self.path} is not a fine-tuning checkpoint (no privacy report)")
+        prior.load_state_dict({k.removeprefix("prior."): v for k, v in state.items() if k.startswith("prior.")})
+        for i, p in enumerate(prior.parameters()):
+            if f"adam.{i}.step" in state:
+                optimizer.original_optimizer.state[p] = {
+                    "step": state[f"adam.{i}.step"].reshape(()),
+                    "exp_avg": state[f"adam.{i}.exp_avg"].view_as(p).to(p.device),
+                    "exp_avg_sq": state[f"adam.{i}.exp_avg_sq"].view_as(p).to(p.device),
+                }
+        return done, report
+
+
+def carries_checkpoint(checkpoint: Checkpoint | None, release_id: str) -> bool:
+    """Whether ``checkpoint`` holds state of the release ``release_id`` (then an interrupted run's charge stays)."""
+    if checkpoint is None or not checkpoint.path.is_file():
+        return False
+    try:
+        with safe_open(str(checkpoint.path), framework="pt") as f:
+            report = PrivacyReport.from_metadata(f.metadata() or {})
+    except (OSError, SafetensorError, ValueError):
+        return False
+    return report is not None and report.release_id == release_id
+
+
+def checkpoint_report(checkpoint: Checkpoint) -> PrivacyReport:
+    """The report of the release a checkpoint belongs to (to resume it under the same report)."""
+    try:
+        with safe_open(str(checkpoint.path), framework="pt") as f:
+            report = PrivacyReport.from_metadata(f.metadata() or {})
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise PrivdiffError(f"cannot resume from {checkpoint.path}: {' '.join(str(exc).split())[:200]}") from exc
+    if report is None:
+        raise PrivdiffError(f"{checkpoint.path} is not a fine-tuning checkpoint (no privacy report)")
+    return report
+
+
+def finetune(
+    prior: SpectralPrior,
+    tokens: torch.Tensor,
+    params: DPParams,
+    config: TrainConfig,
+    report: PrivacyReport,
+    *,
+    seed: int | None = None,
+    checkpoint: Checkpoint | None = None,
+    progress: Progress | None = None,
+) -> SpectralPrior:
+    """DP-SGD on the private token sequences [N, L] under ``report`` (from :func:`plan_finetune`).
+
+    With a ``checkpoint`` whose file holds this release, training resumes after the steps it records.
+    """
+    n = len(tokens)
+    if n != report.public_size:
+        raise PrivdiffError(f"{n} private images, but the release was planned for {report.public_size}")
+    device = next(prior.parameters()).device
+    module = GradSampleModule(prior, loss_reduction="sum")
+    optimizer = PrivdiffDPOptimizer(
+        torch.optim.Adam(module.parameters(), lr=config.lr), rng=SecureRandom(seed),
+        noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm,
+        expected_batch_size=max(1, round(report.sample_rate * n)))
+    done = 0
+    if checkpoint is not None and carries_checkpoint(checkpoint, report.release_id):
+        done, saved = checkpoint.load(prior, optimizer)
+        if saved.release_id != report.release_id:
+            raise PrivdiffError(f"{checkpoint.path} belongs to release {saved.release_id}, not {report.release_id}")
+    prior.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+        for step in range(done, report.steps):
+            optimizer.zero_grad(set_to_none=True)
+            batch = poisson_sample(n, report.sample_rate, optimizer.rng)
+            if len(batch) == 0:
+                for p in prior.parameters():
+                    p.grad_sample = torch.zeros(0, *p.shape, device=device)
+            else:
+                prior.loss(tokens[batch].to(device)).sum().backward()
+            optimizer.step()
+            if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
+                checkpoint.save(prior, optimizer, step + 1, report)
+            if progress is not None:
+                progress(step + 1, report.steps)
+    module._close()  # removes opacus' hooks and per-sample gradients from the prior
+    prior.eval()
+    return prior
+
