@@ -23,6 +23,7 @@ REQUIREMENTS = (
     "tqdm",
     "cryptography>=42",
     "filelock>=3.12",
+    "PyWavelets>=1.4",
 )
 """What the extension's part of privdiff imports (no diffusers, and A1111's own transformers)."""
 

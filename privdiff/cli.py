@@ -599,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=_cmd_guidance_inspect)
 
+    from privdiff.cli_wavelet import add_commands as add_wavelet_commands
+
+    add_wavelet_commands(sub)
+
     ledger = sub.add_parser("ledger", help="read or repair a budget ledger").add_subparsers(
         dest="ledger_command", metavar="SUBCOMMAND", required=True
     )

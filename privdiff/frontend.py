@@ -35,6 +35,7 @@ from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release import LedgerRequest, carries_release, open_ledger, release_artifact, release_embedding
 from privdiff.training import METHODS, PLANS
+from privdiff.wavelet.training import TrainConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -314,3 +315,35 @@ def read_report(path: Path) -> str:
     if report is None:
         return f"{path.name} carries no privdiff privacy report: nothing is known about its privacy."
     return report_text(report) + "\n\n" + json.dumps(json.loads(report.to_json()), indent=2)
+
+
+def finetune_spectral(
+    prior_file: str | Path,
+    images: str | Path,
+    release: Release,
+    config: TrainConfig,
+    priors_dir: Path,
+    checkpoint_dir: Path,
+    progress: Progress | None = None,
+    default_ledger: Path | None = None,
+) -> tuple[str, Path]:
+    """DP Spectral Fine-tune: (report text, DP prior path ``priors_dir/<name>.safetensors``).
+
+    Running the same request again after an interruption resumes it from ``checkpoint_dir`` (a private
+    folder) without a second charge.
+    """
+    from privdiff.wavelet.workflow import finetune_prior
+
+    path = target_path(priors_dir, release.name)
+    files = list_images(images)
+    params = DPParams(epsilon=release.epsilon or None, delta=release.delta, sample_rate=release.sample_rate,
+                      clip_norm=release.clip_norm, noise_multiplier=release.noise_multiplier or None)
+    ledger = _ledger(release, files, default_ledger, release.request(kind="spectral prior", prior=str(prior_file)))
+    out, report, resumed = finetune_prior(
+        prior_file, images, path, params, config, ledger=ledger, checkpoint_dir=checkpoint_dir,
+        seed=release.seed(), dataset_label=release.label(), progress=progress, force=release.overwrite)
+    text = report_text(report) + "\nthe guarantee covers this prior; its samples and their upsampling are " \
+                                 "post-processing (and the pre-training images must really be public)"
+    if resumed:
+        text += "\nnote: resumed an interrupted fine-tune of the same request (charged once)"
+    return text, out

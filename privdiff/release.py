@@ -73,16 +73,23 @@ def release_artifact(
     carries: Callable[[Path, str], bool],
     ledger: LedgerRequest | None = None,
     sidecar: Path | None = None,
+    resume: bool = False,
 ) -> tuple[Path, T, Reservation | None]:
     """Reserve ``report``'s release, run ``produce()`` (which releases under that report), ``write`` its result
     to ``output``, commit; returns (path, result, reservation). ``produce`` may load a model: it runs after the
-    charge. ``carries(path, release_id)`` tells whether a file at ``output`` already is this release (then a
-    failure after the write keeps the charge); ``sidecar`` is the output's report sidecar, if it has one."""
+    charge. ``carries(path, release_id)`` tells whether a file at ``output`` (or the work's own checkpoint)
+    already holds this release (then a failure keeps the charge); ``sidecar`` is the output's report sidecar,
+    if it has one. ``resume`` continues an interrupted release: its reservation is taken over, not charged again."""
     if ledger is not None:
         _check_apart(ledger.ledger.path, (output, sidecar))
-    reservation = None if ledger is None else ledger.ledger.reserve(
-        ledger.digests, report, budget=ledger.budget, change_budget=ledger.change_budget, force=ledger.force,
-        request=ledger.request, output=str(output))
+    if ledger is None:
+        reservation = None
+    elif resume:
+        reservation = ledger.ledger.resume(report.release_id)
+    else:
+        reservation = ledger.ledger.reserve(
+            ledger.digests, report, budget=ledger.budget, change_budget=ledger.change_budget, force=ledger.force,
+            request=ledger.request, output=str(output))
     written = False
     try:
         result = produce()

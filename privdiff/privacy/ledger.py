@@ -183,6 +183,16 @@ class BudgetLedger:
             else:
                 self._save(data)
 
+    def resume(self, release_id: str) -> Reservation:
+        """The reservation of an interrupted release that is being continued (it was charged once already)."""
+        entry = self.release(release_id)
+        if entry is None:
+            raise PrivdiffError(f"ledger {self.path} holds no reservation {release_id} to resume (was it cleared?); "
+                                "remove the checkpoint to start a new release")
+        if entry["status"] != RESERVED:
+            raise PrivdiffError(f"release {release_id} in {self.path} is already {entry['status']}; nothing to resume")
+        return Reservation(self, release_id, None, None, False, None, None)
+
     def clear(self, release_id: str) -> None:
         """Remove a reservation left by a run that was killed (the user vouches nothing was released)."""
         self.cancel(release_id)
@@ -296,7 +306,7 @@ class Reservation:
     set_budget: dict | None
     created_ledger: bool
     spend: Spend | None
-    prior: set[str]
+    prior: set[str] | None
 
     def commit(self) -> None:
         self.ledger.commit(self.release_id)

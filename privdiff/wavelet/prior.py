@@ -128,21 +128,23 @@ class SpectralPrior(nn.Module):
 
 
 def save_prior(prior: SpectralPrior, tokenizer: SpectralTokenizer, path: str | Path, *,
-               report: PrivacyReport | None = None, extra: dict[str, str] | None = None,
-               force: bool = False) -> Path:
-    """Write the prior (weights, config, its tokenizer's identity, and the privacy report when DP)."""
+               report: PrivacyReport | None = None, force: bool = False) -> Path:
+    """One file with the prior's weights and config, its tokenizer, and the privacy report when DP."""
     metadata = {"privdiff_kind": KIND, "config": json.dumps(asdict(prior.config)), "tokenizer": tokenizer.identity,
-                **(report.to_metadata() if report is not None else {}), **(extra or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in prior.state_dict().items()}
+                "size": str(tokenizer.size), "base": str(tokenizer.base),
+                **(report.to_metadata() if report is not None else {})}
+    tensors = {f"prior.{k}": v.detach().cpu().contiguous() for k, v in prior.state_dict().items()}
+    tensors |= {f"tokenizer.codebook_{k}": c.contiguous() for k, c in enumerate(tokenizer.codebooks)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), force=force)
 
 
 @dataclass(frozen=True)
 class LoadedPrior:
+    """A prior file: the model, the tokenizer it was trained with, and its report (None: not DP)."""
+
     prior: SpectralPrior
-    tokenizer_identity: str
+    tokenizer: SpectralTokenizer
     report: PrivacyReport | None
-    metadata: dict[str, str]
 
 
 def load_prior(path: str | Path, tokenizer: SpectralTokenizer | None = None) -> LoadedPrior:
@@ -156,10 +158,15 @@ def load_prior(path: str | Path, tokenizer: SpectralTokenizer | None = None) -> 
         raw = json.loads(metadata["config"])
         config = PriorConfig(**{**raw, "vocab_sizes": tuple(raw["vocab_sizes"])})
         prior = SpectralPrior(config)
-        prior.load_state_dict(state)
+        prior.load_state_dict({k.removeprefix("prior."): v for k, v in state.items() if k.startswith("prior.")})
+        codebooks = tuple(state[f"tokenizer.codebook_{k}"] for k in range(len(config.vocab_sizes)))
+        own = SpectralTokenizer(int(metadata["size"]), int(metadata["base"]), codebooks)
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise PrivdiffError(f"cannot read prior {path}: {' '.join(str(exc).split())[:300]}") from exc
-    if tokenizer is not None and metadata["tokenizer"] != tokenizer.identity:
-        raise PrivdiffError(f"{path} was trained with tokenizer {metadata['tokenizer']}, not this one "
+    if own.identity != metadata["tokenizer"]:
+        raise PrivdiffError(f"prior {path} is damaged: its tokenizer does not match its record")
+    if tokenizer is not None and tokenizer.identity != own.identity:
+        raise PrivdiffError(f"prior {path} was trained with tokenizer {own.identity}, not this one "
                             f"({tokenizer.identity}); use the tokenizer it was made with")
-    return LoadedPrior(prior, metadata["tokenizer"], PrivacyReport.from_metadata(metadata), metadata)
+    prior.eval()
+    return LoadedPrior(prior, own, PrivacyReport.from_metadata(metadata))

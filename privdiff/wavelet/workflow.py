@@ -1,0 +1,152 @@
+"""The spectral method's steps as the fronts (CLI, ComfyUI, A1111) run them: folders and files in, files out.
+
+1. ``train_tokenizer``: codebooks from a public folder.
+2. ``pretrain_prior``: the prior on the same (or another) public folder; the file holds its tokenizer.
+3. ``finetune_prior``: the DP release. Checked and charged before any private image is read; state is
+   checkpointed to a private folder (never next to the output), and running the same request again after
+   an interruption resumes it: same report, remaining steps only, no second charge.
+4. ``sample_prior``: coarse images from any prior (post-processing of a DP prior: no budget).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from privdiff.embeddings.dpagg import DPParams, check_params
+from privdiff.errors import PrivdiffError
+from privdiff.images import check_image, list_images, load_private_dataset
+from privdiff.privacy.ledger import image_digests
+from privdiff.privacy.report import PrivacyReport
+from privdiff.release import LedgerRequest, carries_release, release_artifact
+from privdiff.wavelet.prior import LoadedPrior, PriorConfig, SpectralPrior, load_prior, save_prior
+from privdiff.wavelet.tokenizer import SpectralTokenizer, fit_tokenizer
+from privdiff.wavelet.training import (
+    Checkpoint,
+    TrainConfig,
+    carries_checkpoint,
+    checkpoint_report,
+    finetune,
+    plan_finetune,
+    pretrain,
+)
+
+Progress = Callable[[int, int], None]
+
+
+def default_checkpoint_dir() -> Path:
+    """``$XDG_CACHE_HOME/privdiff/checkpoints`` (default ``~/.cache``): private, away from any output."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "privdiff" / "checkpoints"
+
+
+def load_folder(folder: str | Path, size: int) -> torch.Tensor:
+    """A folder's images [N,3,size,size] in 0..1; images smaller than ``size`` are refused, naming the file."""
+    files = list_images(folder)
+    for path in files:
+        width, height = check_image(path)
+        if min(width, height) < size:
+            raise PrivdiffError(f"{path} is {width}x{height}, smaller than the working resolution {size}")
+    return load_private_dataset(folder, size).images
+
+
+def _check_output(out: str | Path, force: bool) -> Path:
+    path = Path(out).expanduser()
+    if path.suffix != ".safetensors":
+        raise PrivdiffError(f"output {path} must end in .safetensors")
+    if path.exists() and not force:
+        raise PrivdiffError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    if not path.parent.is_dir():
+        raise PrivdiffError(f"output folder {path.parent} does not exist")
+    return path
+
+
+def train_tokenizer(images: str | Path, out: str | Path, *, size: int = 32, base: int = 4,
+                    codebook_size: int = 256, seed: int = 0, force: bool = False) -> SpectralTokenizer:
+    """Fit a tokenizer on a **public** folder and write it."""
+    path = _check_output(out, force)
+    tokenizer = fit_tokenizer(load_folder(images, size), size, base, codebook_size, seed=seed)
+    tokenizer.save(path, force=force)
+    return tokenizer
+
+
+def pretrain_prior(tokenizer: SpectralTokenizer, images: str | Path, out: str | Path, config: TrainConfig, *,
+                   dim: int = 128, layers: int = 4, heads: int = 4, seed: int = 0, progress: Progress | None = None,
+                   force: bool = False, device: str = "cpu") -> list[float]:
+    """Pre-train a prior on a **public** folder; returns the training losses."""
+    path = _check_output(out, force)
+    tokens = tokenizer.encode(load_folder(images, tokenizer.size))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # weight init of a public model
+        prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=dim, layers=layers, heads=heads)).to(device)
+    losses = pretrain(prior, tokens, config, seed=seed, progress=progress)
+    save_prior(prior.cpu(), tokenizer, path, force=force)
+    return losses
+
+
+def finetune_prior(
+    prior_file: str | Path,
+    images: str | Path,
+    out: str | Path,
+    params: DPParams,
+    config: TrainConfig,
+    *,
+    ledger: LedgerRequest | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    seed: int | None = None,
+    dataset_label: str | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+    device: str = "cpu",
+) -> tuple[Path, PrivacyReport, bool]:
+    """Release a DP fine-tune of a public prior on a private folder: (path, report, resumed)."""
+    path = _check_output(out, force)
+    public = load_prior(prior_file)
+    if public.report is not None:
+        raise PrivdiffError(f"{prior_file} is already a DP fine-tune; start from the public prior")
+    files = list_images(images)
+    check_params(params, len(files), n_public_by_convention=True)
+    request = {"prior": hashlib.sha256(Path(prior_file).read_bytes()).hexdigest(), "params": asdict(params),
+               "config": asdict(config), "images": sorted(image_digests(files)), "out": str(path.resolve()),
+               "seed": seed}
+    key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    folder = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() == path.parent.resolve():
+        raise PrivdiffError(f"the checkpoint folder {folder} is the output's folder; keep private state elsewhere")
+    checkpoint = Checkpoint(folder / f"wavelet-{key}.safetensors", checkpoint_every)
+    resume = checkpoint.path.is_file()
+    report = checkpoint_report(checkpoint) if resume else plan_finetune(params, len(files), config, seed=seed,
+                                                                        dataset_label=dataset_label)
+
+    def produce() -> LoadedPrior:
+        tokens = public.tokenizer.encode(load_folder(images, public.tokenizer.size))
+        prior = finetune(public.prior.to(device), tokens, params, config, report, seed=seed, checkpoint=checkpoint,
+                         progress=progress)
+        return LoadedPrior(prior.cpu(), public.tokenizer, report)
+
+    def carries(target: Path, release_id: str) -> bool:
+        return carries_release(target, release_id) or carries_checkpoint(checkpoint, release_id)
+
+    release_artifact(produce, report, path,
+                     lambda result: save_prior(result.prior, result.tokenizer, path, report=report, force=force),
+                     carries, ledger, resume=resume)
+    checkpoint.path.unlink(missing_ok=True)  # released: the private intermediate is not kept
+    return path, report, resume
+
+
+def sample_prior(prior_file: str | Path, num_images: int, *, seed: int = 0, temperature: float = 1.0,
+                 progress: Progress | None = None, device: str = "cpu") -> tuple[torch.Tensor, LoadedPrior]:
+    """Coarse images [n,3,size,size] in 0..1 from a prior file (the same seed gives the same images)."""
+    if num_images < 1:
+        raise PrivdiffError(f"number of images {num_images} must be at least 1")
+    loaded = load_prior(prior_file)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = loaded.prior.to(device).sample(num_images, generator, temperature, progress)
+    return loaded.tokenizer.decode(tokens.cpu()), loaded
