@@ -1,13 +1,21 @@
 """HTTP routes next to A1111's ``/sdapi`` (with ``--api``), for scripts and tests: the tab's actions by JSON.
 
 - ``POST /privdiff/v1/textual-inversion``: the DP Textual Inversion fields (``logic.TrainForm``) →
-  {"report", "status", "ok"}; queued like a txt2img job, so ``/sdapi/v1/progress`` and
-  ``/sdapi/v1/interrupt`` work on it.
+  {"report", "status", "ok"}.
+- ``POST /privdiff/v1/spectral-finetune``: the Spectral DP fine-tune fields (``logic.SpectralForm``) →
+  {"report", "status", "ok"}.
+- ``POST /privdiff/v1/spectral-sample``: the spectral sampling fields (``logic.SpectralSampleForm``) →
+  {"files", "status", "ok"}.
 - ``GET /privdiff/v1/report?file=NAME``: the privacy report an embedding file carries.
+
+The POST routes are queued like a txt2img job, so ``/sdapi/v1/progress`` and ``/sdapi/v1/interrupt`` work on them;
+unknown fields are a 422.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import logic
@@ -19,21 +27,31 @@ def routes(app: Any, host: logic.Host) -> None:
     from modules import shared
     from modules.call_queue import queue_lock
 
-    def train(fields: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's declaration style)
-        try:
-            form = logic.TrainForm(**fields)
-        except TypeError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from exc
-        with queue_lock:
-            shared.state.begin(job="privdiff")
+    def job(form_type: type, action: Callable[[logic.Host, Any], tuple[Any, str]], key: str) -> Callable[..., dict]:
+        def run(fields: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's declaration style)
             try:
-                report, status = logic.train(host, form)
-            finally:
-                shared.state.end()
-        return {"ok": bool(report), "report": report, "status": status}
+                form = form_type(**fields)
+            except TypeError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from exc
+            with queue_lock:
+                shared.state.begin(job="privdiff")
+                try:
+                    result, status = action(host, form)
+                finally:
+                    shared.state.end()
+            if key == "files":
+                result = [str(Path(f).absolute()) for f in result]  # A1111's output folders may be relative
+            return {"ok": bool(result), key: result, "status": status}
+
+        return run
 
     def report(file: str) -> dict:
         return {"report": logic.report(host, file)}
 
-    app.add_api_route("/privdiff/v1/textual-inversion", train, methods=["POST"])
+    app.add_api_route("/privdiff/v1/textual-inversion", job(logic.TrainForm, logic.train, "report"),
+                      methods=["POST"])
+    app.add_api_route("/privdiff/v1/spectral-finetune",
+                      job(logic.SpectralForm, logic.spectral_finetune, "report"), methods=["POST"])
+    app.add_api_route("/privdiff/v1/spectral-sample",
+                      job(logic.SpectralSampleForm, logic.spectral_sample, "files"), methods=["POST"])
     app.add_api_route("/privdiff/v1/report", report, methods=["GET"])

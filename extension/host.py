@@ -69,6 +69,23 @@ class A1111Host:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    def priors_dir(self) -> Path:
+        """Spectral priors, public and DP: ``<models>/privdiff_priors``."""
+        from modules import paths_internal
+
+        folder = Path(paths_internal.models_path) / "privdiff_priors"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def checkpoints_dir(self) -> Path:
+        """Private state of interrupted spectral fine-tunes: ``<data dir>/privdiff/checkpoints`` (never next to
+        outputs or priors)."""
+        from modules import paths_internal
+
+        folder = Path(paths_internal.data_path) / "privdiff" / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def outputs_dir(self) -> Path:
         from modules import shared
 

@@ -111,6 +111,27 @@ def targets_dir() -> Path:
     return folder
 
 
+PRIORS = "privdiff_priors"
+
+
+def priors_dir() -> Path:
+    """ComfyUI's models/privdiff_priors folder, where spectral priors are written. It is registered with
+    folder_paths as "privdiff_priors" (first, .safetensors files), so extra_model_paths.yaml may add folders
+    that the prior inputs list too."""
+    folder = Path(folder_paths.models_dir) / PRIORS
+    folder.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path(PRIORS, str(folder), is_default=True)
+    folder_paths.folder_names_and_paths[PRIORS][1].add(".safetensors")
+    return folder
+
+
+def checkpoints_dir() -> Path:
+    """Private resumable state of DP fine-tunes: ComfyUI's user/privdiff/checkpoints, never next to outputs."""
+    folder = Path(folder_paths.get_user_directory()) / "privdiff" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def input_path(path: str) -> Path:
     """An absolute path, or one relative to ComfyUI's input folder."""
     p = Path(os.path.expanduser(path.strip()))

@@ -9,6 +9,7 @@ from .dataset import PrivdiffLoadPrivateImages
 from .guidance import PrivdiffDPStyleTarget, PrivdiffGuidedSampler, PrivdiffStyleGuider
 from .report import PrivdiffPrivacyReport
 from .textual_inversion import PrivdiffDPTextualInversion
+from .wavelet import PrivdiffSpectralFinetune, PrivdiffSpectralSample
 
 
 class PrivdiffExtension(ComfyExtension):
@@ -23,4 +24,6 @@ class PrivdiffExtension(ComfyExtension):
             PrivdiffDPStyleTarget,
             PrivdiffGuidedSampler,
             PrivdiffStyleGuider,
+            PrivdiffSpectralFinetune,
+            PrivdiffSpectralSample,
         ]

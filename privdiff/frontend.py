@@ -246,13 +246,14 @@ def aggregate_files(
         report, output, ledger,
     )
     return _outputs(release, result.report)
-def target_path(folder: Path, name: str) -> Path:
-    """A style target file: an absolute path, or a name (with or without .safetensors) in ``folder``."""
+def target_path(folder: Path, name: str, kind: str = "target") -> Path:
+    """A style target (or other ``kind`` of) file: an absolute path, or a name (with or without .safetensors)
+    in ``folder``."""
     text = name.strip()
     path = Path(text).expanduser()
     if not path.is_absolute():
         if not _NAME.match(text) or ".." in text:
-            raise PrivdiffError(f"target name {text!r} must be letters, digits, '_', '-' or '.' (no folders), or an "
+            raise PrivdiffError(f"{kind} name {text!r} must be letters, digits, '_', '-' or '.' (no folders), or an "
                                 "absolute path")
         path = folder / text
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
@@ -326,24 +327,55 @@ def finetune_spectral(
     checkpoint_dir: Path,
     progress: Progress | None = None,
     default_ledger: Path | None = None,
+    device: str = "cpu",
+    checkpoint_every: int = 50,
 ) -> tuple[str, Path]:
     """DP Spectral Fine-tune: (report text, DP prior path ``priors_dir/<name>.safetensors``).
 
-    Running the same request again after an interruption resumes it from ``checkpoint_dir`` (a private
-    folder) without a second charge.
+    Like the other releases, an identical earlier request whose file is still there is returned without
+    training or charging again, unless ``new_release`` is set. Running the same request again after an
+    interruption resumes it from ``checkpoint_dir`` (a private folder) without a second charge.
     """
     from privdiff.wavelet.workflow import finetune_prior
 
-    path = target_path(priors_dir, release.name)
+    if release.public_size:
+        raise PrivdiffError("public_size does not apply to DP-SGD fine-tuning: it treats N as public (add-remove)")
+    path = target_path(priors_dir, release.name, kind="prior")
+    if Path(prior_file).expanduser().resolve() == path.resolve():
+        raise PrivdiffError(f"the DP prior {path.name} would overwrite the public prior it starts from; pick "
+                            "another name")
     files = list_images(images)
     params = DPParams(epsilon=release.epsilon or None, delta=release.delta, sample_rate=release.sample_rate,
-                      clip_norm=release.clip_norm, noise_multiplier=release.noise_multiplier or None)
-    ledger = _ledger(release, files, default_ledger, release.request(kind="spectral prior", prior=str(prior_file)))
+                      clip_norm=release.clip_norm, bound=release.bound,
+                      noise_multiplier=release.noise_multiplier or None)
+    prior_digest = hashlib.sha256(Path(prior_file).read_bytes()).hexdigest()
+    ledger = _ledger(release, files, default_ledger,
+                     release.request(kind="spectral prior", prior=prior_digest, config=config.__dict__))
+    if ledger is not None and not release.new_release and path.is_file():
+        earlier = ledger.ledger.find(ledger.request)
+        if earlier is not None and carries_release(path, earlier["release_id"]):
+            report = PrivacyReport.from_metadata(_metadata(path))
+            return (_prior_text(report) + "\nnote: the same request was released before; returned without training "
+                    "or charging the budget again (set new_release for a new one)"), path
+    if path.exists() and not release.overwrite:
+        raise PrivdiffError(f"{path} already exists; pick another name or enable overwrite")
     out, report, resumed = finetune_prior(
         prior_file, images, path, params, config, ledger=ledger, checkpoint_dir=checkpoint_dir,
-        seed=release.seed(), dataset_label=release.label(), progress=progress, force=release.overwrite)
-    text = report_text(report) + "\nthe guarantee covers this prior; its samples and their upsampling are " \
-                                 "post-processing (and the pre-training images must really be public)"
+        checkpoint_every=checkpoint_every, seed=release.seed(), dataset_label=release.label(), progress=progress,
+        force=release.overwrite, device=device)
+    text = _prior_text(report)
     if resumed:
         text += "\nnote: resumed an interrupted fine-tune of the same request (charged once)"
     return text, out
+
+
+def _prior_text(report: PrivacyReport) -> str:
+    return report_text(report) + "\nthe guarantee covers this prior; its samples and their upsampling are " \
+                                 "post-processing (and the pre-training images must really be public)"
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}

@@ -13,6 +13,9 @@ Built from key names and shapes alone (torch + safetensors, no ComfyUI import):
 Weights are seeded random: norm weights 1, biases 0, other tensors N(0, 1/fan_in).
 About 290 MiB in fp16; writing it takes a few seconds.
 
+Also here: a random CLIP ViT-L vision model (CLIPVisionLoader) and a random 4x Real-ESRGAN Compact upscaler
+(UpscaleModelLoader, spandrel), both from key names and shapes.
+
   python tests/comfyui_checkpoint.py OUT.safetensors [--seed N] [--fp32]
 """
 
@@ -207,6 +210,39 @@ def write_random_clip_vision(path: str | os.PathLike, seed: int = 0) -> Path:
                 fan_in *= d
             t = torch.randn(shape, generator=gen) * (fan_in**-0.5 if len(shape) > 1 else 0.02)
         sd[key] = t.to(torch.float16)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"note": "random weights, for tests only"})
+    os.replace(tmp, out)
+    return out
+
+
+def compact_upscaler_shapes(scale: int = 4, features: int = 16, convs: int = 2) -> dict[str, tuple[int, ...]]:
+    """Key names and shapes of a Real-ESRGAN "SRVGGNetCompact" (RGB): conv, PReLU, ``convs`` x (conv, PReLU),
+    then a conv to 3·scale² channels before the pixel shuffle. spandrel detects it as "RealESRGAN Compact"."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    _conv(shapes, "body.0", 3, features)
+    shapes["body.1.weight"] = (features,)
+    for i in range(convs):
+        _conv(shapes, f"body.{2 * i + 2}", features, features)
+        shapes[f"body.{2 * i + 3}.weight"] = (features,)
+    _conv(shapes, f"body.{2 * convs + 2}", features, 3 * scale * scale)
+    return shapes
+
+
+def write_random_upscaler(path: str | os.PathLike, scale: int = 4, seed: int = 0) -> Path:
+    """A seeded random-weight 4x (``scale``) SRVGGNetCompact upscaler (a few KiB) for ComfyUI's upscale_models."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in sorted(compact_upscaler_shapes(scale).items()):
+        if key.endswith(".bias"):
+            t = torch.zeros(shape)
+        elif len(shape) == 1:  # PReLU slopes
+            t = torch.full(shape, 0.25)
+        else:
+            t = torch.randn(shape, generator=gen) * (shape[1] * shape[2] * shape[3]) ** -0.5
+        sd[key] = t
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

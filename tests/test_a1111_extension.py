@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from extension import install, logic
 from privdiff.demo_data import write_style_images
@@ -64,6 +66,12 @@ class FakeHost:
 
     def outputs_dir(self):
         return self._folder("outputs")
+
+    def priors_dir(self):
+        return self._folder("priors")
+
+    def checkpoints_dir(self):
+        return self._folder("data/checkpoints")
 
     def progress(self, label):
         inner = logic.state_progress(self.state, label)
@@ -214,8 +222,171 @@ def test_extension_imports_without_diffusers_gradio_or_a1111():
         "sys.meta_path.insert(0, Block())\n"
         "import extension.a1111, extension.host, extension.install, extension.logic, extension.ui\n"
         "import extension.a1111_backend, extension.api, extension.tabs.guidance, extension.tabs.reports\n"
-        "import extension.tabs.textual_inversion, extension.tabs.tools\n"
+        "import extension.tabs.spectral, extension.tabs.textual_inversion, extension.tabs.tools\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def public_prior(tmp_path_factory):
+    """A tiny public spectral prior: 16 px, 3 scales of 16 tokens, codebooks of 16 codes, a one-block transformer
+    of width 32, pre-trained a few steps on procedural public images."""
+    from privdiff.reference.shapes import public_dataset
+    from privdiff.wavelet.prior import PriorConfig, SpectralPrior, save_prior
+    from privdiff.wavelet.tokenizer import fit_tokenizer
+    from privdiff.wavelet.training import TrainConfig, pretrain
+
+    images = torch.from_numpy(public_dataset(40, seed=0)[0]).permute(0, 3, 1, 2).float()
+    tokenizer = fit_tokenizer(images, size=16, base=4, codebook_size=16, iterations=5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=32, layers=1, heads=2))
+    pretrain(prior, tokenizer.encode(images), TrainConfig(steps=5, batch_size=8, lr=1e-3))
+    return save_prior(prior, tokenizer, tmp_path_factory.mktemp("public") / "public.safetensors")
+
+
+def spectral_form(images, **overrides):
+    options = dict(images=str(images), prior="public", name="dp_prior", epsilon=8.0, delta=1e-3, sample_rate=0.5,
+                   steps=2, learning_rate=1e-3)
+    return logic.SpectralForm(**{**options, **overrides})
+
+
+def _with_public(host, public_prior):
+    (host.priors_dir() / "public.safetensors").write_bytes(public_prior.read_bytes())
+    return host
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_spectral_finetune_writes_a_dp_prior_with_its_report_and_samples_from_it(host, private, public_prior):
+    from privdiff.wavelet.prior import load_prior
+
+    _with_public(host, public_prior)
+    report, status = logic.spectral_finetune(host, spectral_form(private))
+    path = host.priors_dir() / "dp_prior.safetensors"
+    assert status.startswith("wrote DP prior dp_prior.safetensors in "), status
+    assert "PRIVATE release" in report and "the guarantee covers this prior" in report and "resumed" not in report
+    assert load_prior(path).report.epsilon == 8.0 and load_prior(path).report.steps == 2
+    assert host.state.sampling_step == host.state.sampling_steps == 2 and host.state.textinfo.endswith("fine-tune")
+    assert [r["status"] for r in _spent(host)] == ["committed"]
+    assert not any(host.checkpoints_dir().iterdir())  # released: the private checkpoint is gone
+    assert logic.prior_files(host.priors_dir()) == ["dp_prior.safetensors", "public.safetensors"]
+
+    files, status = logic.spectral_sample(host, logic.SpectralSampleForm(prior="dp_prior", num_images=2, seed=5))
+    assert len(files) == 2 and all(f.parent == host.outputs_dir() for f in files), status
+    assert "from a DP prior (epsilon=8, delta=0.001)" in status and "spend no budget" in status
+    assert _pixels(files[0]).shape == (16, 16, 3) and len(_spent(host)) == 1
+    settings = json.loads(Image.open(files[0]).text["parameters"])
+    assert settings["seed"] == 5 and settings["prior_release_id"] == load_prior(path).report.release_id
+
+
+def test_spectral_finetune_bad_input_is_one_line_and_writes_nothing(host, private, public_prior, tmp_path):
+    _with_public(host, public_prior)
+    (host.priors_dir() / "taken.safetensors").write_bytes(public_prior.read_bytes())
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "empty").mkdir()
+    before = sorted(host.priors_dir().iterdir())
+    cases = [
+        (spectral_form(tmp_path / "empty"), "holds no images"),
+        (spectral_form(corrupt), "broken.png"),  # found after the charge: the reservation is cancelled
+        (spectral_form(private, delta=0.5), "delta"),
+        (spectral_form(private, epsilon=float("nan")), "epsilon"),
+        (spectral_form(private, name="../escape"), "prior name"),
+        (spectral_form(private, name="taken"), "already exists"),
+        (spectral_form(private, name="public", overwrite=True), "replace the public prior"),
+        (spectral_form(private, prior="missing"), "does not exist"),
+        (spectral_form(private, prior=""), "pick a prior"),
+        (spectral_form(private, steps=0), "steps"),
+        (spectral_form(private, steps=2.5), "whole number"),
+        (spectral_form(private, learning_rate=float("inf")), "learning rate"),
+    ]
+    for bad, needle in cases:
+        report, status = logic.spectral_finetune(host, bad)
+        assert report == "" and status.startswith("privdiff: ") and "\n" not in status and needle in status, status
+    assert sorted(host.priors_dir().iterdir()) == before and not any(host.checkpoints_dir().iterdir())
+    assert not _spent(host)
+
+
+def test_spectral_finetune_interrupt_leaves_no_file_and_resumes_after_a_checkpoint(host, private, public_prior,
+                                                                                    monkeypatch):
+    from privdiff.wavelet import workflow
+
+    _with_public(host, public_prior)
+    host.interrupt_at = 1
+    report, status = logic.spectral_finetune(host, spectral_form(private, steps=3))
+    assert report == "" and status.startswith("privdiff: interrupted: nothing was written and nothing was charged")
+    assert not (host.priors_dir() / "dp_prior.safetensors").exists() and not _spent(host)
+    assert not any(host.checkpoints_dir().iterdir())
+
+    # a checkpoint every step: an interrupt after one keeps the release charged, and the same request resumes it
+    checkpoint = workflow.Checkpoint
+    monkeypatch.setattr(workflow, "Checkpoint", lambda path, every: checkpoint(path, 1))
+    host.state.interrupted, host.interrupt_at = False, 2
+    report, status = logic.spectral_finetune(host, spectral_form(private, steps=3))
+    assert report == "" and "stays charged" in status and "run the same fine-tune again" in status, status
+    assert not (host.priors_dir() / "dp_prior.safetensors").exists()
+    assert [r["status"] for r in _spent(host)] == ["reserved"] and len(list(host.checkpoints_dir().iterdir())) == 1
+    host.state.interrupted, host.interrupt_at = False, None
+    report, status = logic.spectral_finetune(host, spectral_form(private, steps=3))
+    assert "resumed an interrupted fine-tune" in report and status.startswith("wrote DP prior"), status
+    assert [r["status"] for r in _spent(host)] == ["committed"] and not any(host.checkpoints_dir().iterdir())
+
+
+def test_spectral_sample_writes_images_and_upsamples_bicubic(host, public_prior):
+    _with_public(host, public_prior)
+    sample = logic.SpectralSampleForm(prior=str(host.priors_dir() / "public.safetensors"), num_images=2, seed=1)
+    files, status = logic.spectral_sample(host, sample)
+    assert len(files) == 2 and "from a public prior" in status and "spend no budget" in status, status
+    again, _ = logic.spectral_sample(host, sample)
+    np.testing.assert_array_equal(_pixels(again[0]), _pixels(files[0]))  # the same seed gives the same images
+    bicubic, status = logic.spectral_sample(host, logic.SpectralSampleForm(prior="public", num_images=1,
+                                                                           upsampling="bicubic", scale=3))
+    assert _pixels(bicubic[0]).shape == (48, 48, 3), status
+    assert json.loads(Image.open(bicubic[0]).text["parameters"])["scale"] == 3
+
+    written = sorted(host.outputs_dir().iterdir())
+    cases = [
+        (dict(prior="missing"), "does not exist"),
+        (dict(upsampling="lanczos"), "unknown upsampling"),
+        (dict(num_images=0), "number of images"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(upsampling="bicubic", scale=1), "bicubic scale"),
+        (dict(upsampling="upscaler"), "pick an upscaler"),
+        (dict(upsampling="upscaler", upscaler=str(host.root / "missing.pth")), ""),  # no spandrel or no file
+        (dict(upsampling="SD refine", strength=0.0), "strength"),
+        (dict(upsampling="SD refine", refine_size=36), "multiple of 8"),
+        (dict(upsampling="SD refine", refine_steps=0), "refine steps"),
+    ]
+    for fields, needle in cases:
+        files, status = logic.spectral_sample(host, logic.SpectralSampleForm(**{"prior": "public", **fields}))
+        assert files == [] and status.startswith("privdiff: ") and "\n" not in status and needle in status, status
+    host.interrupt_at = 1
+    assert logic.spectral_sample(host, sample)[1].startswith("privdiff: interrupted")
+    host.state.interrupted, host.interrupt_at = False, None
+    refined = logic.SpectralSampleForm(prior="public", upsampling="SD refine", refine_size=32)
+    host.model = None
+    assert "no checkpoint is loaded" in logic.spectral_sample(host, refined)[1]
+    host.forge = True
+    assert logic.spectral_sample(host, refined)[1] == logic.FORGE_MESSAGE
+    assert sorted(host.outputs_dir().iterdir()) == written
+    assert len(logic.spectral_sample(host, sample)[0]) == 2  # sampling the prior needs no SD model: works on Forge
+
+
+def test_spectral_sample_refines_with_the_loaded_checkpoint(host, public_prior):
+    _with_public(host, public_prior)
+    flags = {name: p.requires_grad for name, p in host.model.named_parameters()}
+    form = logic.SpectralSampleForm(prior="public", num_images=5, seed=2, upsampling="SD refine",
+                                    refine_prompt="a painting", refine_size=32, refine_steps=4, strength=0.5)
+    files, status = logic.spectral_sample(host, form)
+    assert len(files) == 5 and all(_pixels(f).shape == (32, 32, 3) for f in files), status
+    # 2 of the 4 DDIM steps lie below strength 0.5, for 2 batches (4 + 1 images): 4 UNet calls
+    assert (host.state.textinfo, host.state.sampling_step, host.state.sampling_steps) == ("privdiff: SD refine", 4, 4)
+    settings = json.loads(Image.open(files[0]).text["parameters"])
+    assert settings["refine_prompt"] == "a painting" and settings["strength"] == 0.5 and settings["refine_size"] == 32
+    assert {name: p.requires_grad for name, p in host.model.named_parameters()} == flags

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from privdiff.demo_data import write_style_images
@@ -66,10 +67,11 @@ def test_install_keeps_the_webuis_pins(installed):
 def test_extension_loads_and_its_tab_is_in_the_page(webui):
     config = webui.call("/config")
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
-    assert {"privdiff_ti_train", "privdiff_ti_status", "privdiff_tabs"} <= ids
+    assert {"privdiff_ti_train", "privdiff_ti_status", "privdiff_tabs", "privdiff_spectral",
+            "privdiff_spectral_finetune", "privdiff_spectral_sample"} <= ids
     assert any(c.get("props", {}).get("label") == "privdiff" for c in config["components"])
     progress = [d for d in config["dependencies"] if "requestProgress" in (d.get("js") or "")]
-    assert len(progress) == 3  # training, style target and guided sampling show A1111's progress bar
+    assert len(progress) == 5  # training, style target, guided sampling, spectral fine-tune and spectral sampling
     errors = [line for line in webui.log.read_text().splitlines() if "Error" in line]
     assert not [line for line in errors if "privdiff" in line or str(webui_harness.ROOT) in line], errors
 
@@ -100,3 +102,58 @@ def test_bad_input_is_one_line_and_writes_nothing(webui, tmp_path):
     assert not (webui.data / "embeddings" / "bad_delta.safetensors").exists()
     with pytest.raises(urllib.error.HTTPError):
         webui.call("/privdiff/v1/textual-inversion", {"images": str(private), "name": "x", "unknown_field": 1})
+
+
+def _public_prior(path: Path) -> Path:
+    """A tiny public spectral prior (16 px, codebooks of 16, one block of width 32) made here, outside A1111."""
+    from privdiff.reference.shapes import public_dataset
+    from privdiff.wavelet.prior import PriorConfig, SpectralPrior, save_prior
+    from privdiff.wavelet.tokenizer import fit_tokenizer
+    from privdiff.wavelet.training import TrainConfig, pretrain
+
+    images = torch.from_numpy(public_dataset(40, seed=0)[0]).permute(0, 3, 1, 2).float()
+    tokenizer = fit_tokenizer(images, size=16, base=4, codebook_size=16, iterations=5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=32, layers=1, heads=2))
+    pretrain(prior, tokenizer.encode(images), TrainConfig(steps=5, batch_size=8, lr=1e-3))
+    return save_prior(prior, tokenizer, path)
+
+
+def _tiny_upscaler(path: Path) -> Path:
+    """A random 2x ESRGAN file, written with the web UI's own spandrel (A1111 1.10 ships it)."""
+    code = ("import sys, torch\nfrom spandrel.architectures.ESRGAN import RRDBNet\n"
+            "torch.save(RRDBNet(num_filters=8, num_blocks=1, scale=2).state_dict(), sys.argv[1])\n")
+    subprocess.run([webui_harness.python(), "-c", code, str(path)], check=True, timeout=300, env=webui_harness.env())
+    return path
+
+
+def _image(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_spectral_finetune_and_sampling_in_the_webui(webui, tmp_path):
+    before = _txt2img(webui, "a painting of a cat")
+    private = write_style_images(tmp_path / "private", count=4, size=32)
+    fields = {"images": str(private), "prior": str(_public_prior(tmp_path / "public.safetensors")),
+              "name": "privdiff_spectral", "epsilon": 8.0, "delta": 1e-3, "sample_rate": 0.5, "steps": 2,
+              "learning_rate": 1e-3, "ledger": str(tmp_path / "ledger.json")}
+    answer = webui.call("/privdiff/v1/spectral-finetune", fields)
+    assert answer["ok"] and "PRIVATE release" in answer["report"], answer["status"]
+    assert "the guarantee covers this prior" in answer["report"]
+    assert (webui.data / "models" / "privdiff_priors" / "privdiff_spectral.safetensors").is_file()
+    checkpoints = webui.data / "privdiff" / "checkpoints"
+    assert checkpoints.is_dir() and not any(checkpoints.iterdir())  # private state, removed once released
+
+    again = webui.call("/privdiff/v1/spectral-finetune", fields)
+    assert not again["ok"] and again["status"].startswith("privdiff: ") and "already exists" in again["status"]
+
+    sample = {"prior": "privdiff_spectral", "num_images": 2, "seed": 3}
+    answer = webui.call("/privdiff/v1/spectral-sample", {**sample, "upsampling": "upscaler",
+                                                         "upscaler": str(_tiny_upscaler(tmp_path / "2x.pth"))})
+    assert answer["ok"] and "DP prior (epsilon=8" in answer["status"], answer["status"]
+    assert [_image(f).shape for f in answer["files"]] == [(32, 32, 3)] * 2
+    answer = webui.call("/privdiff/v1/spectral-sample", {**sample, "upsampling": "SD refine", "refine_size": 64,
+                                                         "refine_steps": 4, "refine_prompt": "a painting"})
+    assert answer["ok"] and [_image(f).shape for f in answer["files"]] == [(64, 64, 3)] * 2, answer["status"]
+    np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)

@@ -44,9 +44,13 @@ CKPT = "privdiff_tiny_sd15.safetensors"
 START_TIMEOUT = 240.0
 RUN_TIMEOUT = 900.0
 OUR_NODES = ("PrivdiffLoadPrivateImages", "PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings",
-             "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler", "PrivdiffStyleGuider")
+             "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler", "PrivdiffStyleGuider",
+             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample")
 CLIP_VISION = "privdiff_random_vit_l.safetensors"
 N_IMAGES = 4
+PUBLIC_PRIOR = "pdtest_public_prior.safetensors"
+UPSCALER = "pdtest_compact_x4.safetensors"
+SPECTRAL_SIZE, UPSCALE = 32, 4  # the tiny prior's coarse resolution, the random upscaler's factor
 
 
 def _module(name: str):
@@ -154,6 +158,10 @@ class Comfy:
     @property
     def embeddings(self) -> Path:
         return self.base / "models" / "embeddings"
+
+    @property
+    def priors(self) -> Path:
+        return self.base / "models" / "privdiff_priors"
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -280,6 +288,31 @@ def released_embedding(comfy: Comfy, per_image_embeddings: Path) -> str:
     return save_embedding(result.embedding, comfy.embeddings / "pdtest_released.safetensors").name
 
 
+def write_public_prior(path: Path) -> Path:
+    """A tiny public spectral prior (tokenizer and prior fitted on procedural public images, seconds on a CPU)."""
+    from privdiff.reference.shapes import public_dataset
+    from privdiff.wavelet.prior import PriorConfig, SpectralPrior, save_prior
+    from privdiff.wavelet.tokenizer import fit_tokenizer
+    from privdiff.wavelet.training import TrainConfig, pretrain
+
+    images = torch.from_numpy(public_dataset(24, seed=0)[0]).permute(0, 3, 1, 2).float()
+    tokenizer = fit_tokenizer(images, size=SPECTRAL_SIZE, base=4, codebook_size=8, iterations=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=16, layers=1, heads=2))
+    pretrain(prior, tokenizer.encode(images), TrainConfig(steps=2, batch_size=8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_prior(prior, tokenizer, path)
+
+
+@pytest.fixture(scope="module")
+def spectral_models(comfy: Comfy) -> Path:
+    """The tiny public prior in models/privdiff_priors and a random 4x upscaler in models/upscale_models."""
+    write_public_prior(comfy.priors / PUBLIC_PRIOR)
+    _module("comfyui_checkpoint").write_random_upscaler(comfy.base / "models" / "upscale_models" / UPSCALER, UPSCALE)
+    return comfy.priors
+
+
 def prepare(workflow: Path, **overrides: dict) -> dict:
     """The API workflow with small sizes and step counts, plus ``overrides`` {class_type: {input: value}};
     inputs are set by node class_type and input name, never by node id."""
@@ -295,6 +328,9 @@ def prepare(workflow: Path, **overrides: dict) -> dict:
         "PrivdiffDPStyleTarget": {"name": f"pdtest_{workflow.stem}"},
         "PrivdiffGuidedSampler": {"target": f"pdtest_{workflow.stem}", "steps": 2, "recurrence": 2},
         "SaveImage": {"filename_prefix": f"pdtest/{workflow.stem}"},
+        "PrivdiffSpectralSample": {"prior": PUBLIC_PRIOR, "num_images": 2},
+        "UpscaleModelLoader": {"model_name": UPSCALER},
+        "ImageScale": {"width": 64, "height": 64},
     }
     for node in prompt.values():
         for name, value in {**small.get(node["class_type"], {}), **overrides.get(node["class_type"], {})}.items():
@@ -347,7 +383,7 @@ def test_pack_loads_with_node_definitions(comfy: Comfy):
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings: Path, released_embedding: str,
-                       workflow: Path):
+                       spectral_models: Path, workflow: Path):
     prompt = prepare(workflow, PrivdiffDPAggregateEmbeddings={"folder": str(per_image_embeddings),
                                                               "images_folder": str(private_images)},
                      PrivdiffPrivacyReport={"embedding": released_embedding})
@@ -383,6 +419,20 @@ def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings:
     for nid in _nodes_of(prompt, "PreviewAny"):
         (text,) = outputs[nid]["text"]
         assert "epsilon" in text.lower(), f"{workflow.name}: PreviewAny {nid} shows {text[:300]!r}"
+
+    from PIL import Image
+
+    for nid in _nodes_of(prompt, "PrivdiffSpectralSample"):  # every branch saves the whole batch
+        for saver in _nodes_of(prompt, "SaveImage"):
+            assert len(outputs[saver]["images"]) == prompt[nid]["inputs"]["num_images"], saver
+    for nid in _nodes_of(prompt, "ImageUpscaleWithModel"):
+        source = prompt[prompt[nid]["inputs"]["image"][0]]
+        if source["class_type"] != "PrivdiffSpectralSample":
+            continue
+        for saver in [s for s in _nodes_of(prompt, "SaveImage") if prompt[s]["inputs"]["images"] == [nid, 0]]:
+            for img in outputs[saver]["images"]:
+                with Image.open(comfy.base / "output" / img["subfolder"] / img["filename"]) as saved:
+                    assert saved.size == (SPECTRAL_SIZE * UPSCALE,) * 2, f"{workflow.name}: {saved.size}"
 
 
 def test_empty_image_folder_is_a_clear_error(comfy: Comfy, tmp_path: Path):
@@ -500,3 +550,98 @@ def test_style_guider_drives_sampler_custom_advanced(comfy: Comfy, private_image
     outputs = comfy.run(prompt)
     (saver,) = _nodes_of(prompt, "SaveImage")
     assert outputs[saver]["images"], "SamplerCustomAdvanced with the style guider saved nothing"
+
+
+# --- spectral DP ------------------------------------------------------------------------------------------------
+
+
+def _finetune_prompt(name: str, folder: str = "private_images", **inputs: object) -> dict:
+    node = {"prior": PUBLIC_PRIOR, "folder": folder, "name": name, "epsilon": 8.0, "delta": 1e-5,
+            "sample_rate": 0.5, "clip_norm": 1.0, "steps": 3, "learning_rate": 1e-3, "overwrite": False, **inputs}
+    return {"1": {"class_type": "PrivdiffSpectralFinetune", "inputs": node},
+            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+
+
+def test_spectral_finetune_releases_a_dp_prior_that_samples(comfy: Comfy, private_images: Path,
+                                                             spectral_models: Path):
+    from privdiff.wavelet.prior import load_prior
+
+    name = "pdtest_spectral"
+    outputs = comfy.run(_finetune_prompt(name))
+    (text,) = outputs["2"]["text"]
+    assert "PRIVATE release" in text and "epsilon=" in text, text
+    path = comfy.priors / f"{name}.safetensors"
+    report = load_prior(path).report
+    assert report is not None and report.private and report.epsilon <= 8.0 + 1e-9 and report.steps == 3
+    assert report.release_id in text
+    assert not [p for p in comfy.priors.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    checkpoints = comfy.base / "user" / "privdiff" / "checkpoints"
+    assert checkpoints.is_dir() and not list(checkpoints.iterdir()), "the private checkpoint must not outlive it"
+    ledger = json.loads((comfy.base / "user" / "privdiff" / "ledger.json").read_text())
+    assert [r for r in ledger["releases"].values() if r["output"].endswith(f"{name}.safetensors")]
+
+    prompt = prepare(ROOT / "workflows" / "api" / "spectral_dp.json",  # the new file is in the prior combo
+                     PrivdiffSpectralSample={"prior": path.name}, SaveImage={"filename_prefix": "pdtest/dp_prior"})
+    sampled = comfy.run(prompt)
+    for saver in _nodes_of(prompt, "SaveImage"):
+        assert len(sampled[saver]["images"]) == 2
+
+
+def test_spectral_finetune_bad_input_is_a_clear_error(comfy: Comfy, spectral_models: Path, tmp_path: Path):
+    empty = tmp_path / "no_images_here"
+    empty.mkdir()
+    name = "pdtest_spectral_empty"
+    entry = comfy.wait(comfy.queue(_finetune_prompt(name, folder=str(empty))))
+    assert entry["status"]["status_str"] == "error"
+    (error,) = _messages(entry, "execution_error")
+    assert str(empty) in error["exception_message"], error["exception_message"]
+    assert "\n" not in error["exception_message"].strip(), "the error should be one readable line"
+    assert not list(comfy.priors.glob(f"{name}*"))
+
+
+def test_interrupt_during_spectral_finetune(comfy: Comfy, private_images: Path, spectral_models: Path):
+    name = "pdtest_spectral_interrupted"
+    _interrupt_after_progress(comfy, _finetune_prompt(name, steps=100000), "1")
+    assert not list(comfy.priors.glob(f"{name}*")), "an interrupted run must not leave a prior"
+    assert not [p for p in comfy.priors.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    # A charge stays only with a checkpoint to resume from (written every 50 steps), and the other way round.
+    ledger_file = comfy.base / "user" / "privdiff" / "ledger.json"  # a cancelled first reservation removes it
+    ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {"releases": {}}
+    charged = [r for r in ledger["releases"].values() if r["output"].endswith(f"{name}.safetensors")]
+    kept = list((comfy.base / "user" / "privdiff" / "checkpoints").iterdir())
+    assert len(charged) == len(kept) <= 1 and all(r["status"] != "committed" for r in charged), (charged, kept)
+
+
+def test_spandrel_upscaler_runs_in_comfyui_python(tmp_path: Path):
+    """privdiff.wavelet.upsample in ComfyUI's own Python, where spandrel and torchvision import."""
+    upscaler = _module("comfyui_checkpoint").write_random_upscaler(tmp_path / "compact_x4.safetensors", UPSCALE)
+    prior = write_public_prior(tmp_path / "public.safetensors")
+    (tmp_path / "not_a_model.safetensors").write_bytes(b"not a model")
+    code = f"""
+import json, torch
+from privdiff.errors import PrivdiffError
+from privdiff.wavelet.upsample import load_upscaler, upscale
+from privdiff.wavelet.workflow import sample_prior
+
+model = load_upscaler({str(upscaler)!r})
+coarse, _ = sample_prior({str(prior)!r}, 2, seed=0)
+out = upscale(coarse, model)
+try:
+    load_upscaler({str(tmp_path / "not_a_model.safetensors")!r})
+    error = None
+except PrivdiffError as exc:
+    error = str(exc)
+print(json.dumps({{"arch": model.architecture.name, "scale": model.scale, "coarse": list(coarse.shape),
+                  "shape": list(out.shape), "min": out.min().item(), "max": out.max().item(),
+                  "std": out.std().item(), "error": error}}))
+"""
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([python, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["arch"] == "RealESRGAN Compact" and result["scale"] == UPSCALE
+    assert result["coarse"] == [2, 3, SPECTRAL_SIZE, SPECTRAL_SIZE]
+    assert result["shape"] == [2, 3, SPECTRAL_SIZE * UPSCALE, SPECTRAL_SIZE * UPSCALE]
+    assert 0 <= result["min"] <= result["max"] <= 1 and result["std"] > 0
+    assert result["error"] and "\n" not in result["error"] and "not_a_model" in result["error"], result["error"]

@@ -196,3 +196,71 @@ def test_style_target_node_releases_once_and_refuses_clobbering(tmp_path, datase
     assert logic.target_path(tmp_path, str(tmp_path / "x.safetensors")) == tmp_path / "x.safetensors"
     with pytest.raises(PrivdiffError, match="target name"):
         logic.target_path(tmp_path, "../up")
+
+
+@pytest.fixture(scope="module")
+def public_prior_file(tmp_path_factory):
+    """A tiny public spectral prior (tokenizer and prior fitted on a few procedural public images)."""
+    from privdiff.reference.shapes import public_dataset
+    from privdiff.wavelet.prior import PriorConfig, SpectralPrior, save_prior
+    from privdiff.wavelet.tokenizer import fit_tokenizer
+    from privdiff.wavelet.training import TrainConfig, pretrain
+
+    images = torch.from_numpy(public_dataset(24, seed=0)[0]).permute(0, 3, 1, 2).float()
+    tokenizer = fit_tokenizer(images, size=32, base=4, codebook_size=8, iterations=4)
+    torch.manual_seed(0)
+    prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=16, layers=1, heads=2))
+    pretrain(prior, tokenizer.encode(images), TrainConfig(steps=2, batch_size=8))
+    return save_prior(prior, tokenizer, tmp_path_factory.mktemp("public_priors") / "public.safetensors")
+
+
+def test_spectral_finetune_releases_a_dp_prior_once_per_name(public_prior_file, tmp_path):
+    from privdiff.wavelet.prior import load_prior
+    from privdiff.wavelet.training import TrainConfig
+
+    private = write_style_images(tmp_path / "private", count=6, size=32)
+    priors, checkpoints, ledger = tmp_path / "priors", tmp_path / "checkpoints", tmp_path / "ledger.json"
+    priors.mkdir()
+    options = release(name="dp_prior", sample_rate=0.5, dataset_label="unit", prompt_template="{}")
+    config = TrainConfig(steps=3, lr=1e-3)
+    calls = []
+    text, path = logic.finetune_spectral(public_prior_file, private, options, config, priors, checkpoints,
+                                         progress=lambda done, total: calls.append((done, total)),
+                                         default_ledger=ledger)
+    assert path == priors / "dp_prior.safetensors" and calls[-1] == (3, 3)
+    assert "PRIVATE release" in text and "spectral" in text and "epsilon=8" in text and "dataset: unit" in text
+    assert "resumed" not in text
+    report = load_prior(path).report
+    assert report is not None and report.private and report.epsilon <= 8.0 + 1e-9 and report.steps == 3
+    assert report.release_id in text
+    assert list(checkpoints.iterdir()) == []  # the private checkpoint is gone once the prior is released
+    assert [p.name for p in priors.iterdir()] == ["dp_prior.safetensors"]
+    releases = json.loads(ledger.read_text())["releases"]
+    assert list(releases) == [report.release_id]
+
+    written = path.read_bytes()
+    again, same = logic.finetune_spectral(public_prior_file, private, options, config, priors, checkpoints,
+                                          default_ledger=ledger)  # the same request: the earlier release
+    assert same == path and "released before" in again and report.release_id in again
+    with pytest.raises(PrivdiffError, match="already exists; pick another name or enable overwrite"):
+        logic.finetune_spectral(public_prior_file, private, release(**{**options.__dict__, "new_release": True}),
+                                config, priors, checkpoints, default_ledger=ledger)
+    assert path.read_bytes() == written and json.loads(ledger.read_text())["releases"] == releases
+
+
+def test_spectral_finetune_refuses_bad_input_before_writing(public_prior_file, tmp_path):
+    from privdiff.wavelet.training import TrainConfig
+
+    private = write_style_images(tmp_path / "private", count=6, size=32)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    priors, checkpoints, ledger = tmp_path / "priors", tmp_path / "checkpoints", tmp_path / "ledger.json"
+    priors.mkdir()
+    config = TrainConfig(steps=2)
+    with pytest.raises(PrivdiffError, match="holds no images"):
+        logic.finetune_spectral(public_prior_file, empty, release(), config, priors, checkpoints,
+                                default_ledger=ledger)
+    with pytest.raises(PrivdiffError, match="delta"):  # 6 images: delta must be below 1/6
+        logic.finetune_spectral(public_prior_file, private, release(delta=0.2), config, priors, checkpoints,
+                                default_ledger=ledger)
+    assert list(priors.iterdir()) == [] and not ledger.exists() and not checkpoints.exists()

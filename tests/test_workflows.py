@@ -61,6 +61,15 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
         [],
         ["LATENT"],
     ),
+    "PrivdiffSpectralFinetune": (
+        [("prior", "COMBO"), ("folder", "STRING"), ("name", "STRING"), *_RELEASE_HEAD, ("sample_rate", "FLOAT"),
+         ("clip_norm", "FLOAT"), ("steps", "INT"), ("learning_rate", "FLOAT"), ("overwrite", "BOOLEAN")],
+        [item for item in _RELEASE_OPTIONAL if item[0] != "public_size"],
+        ["STRING", "STRING"],
+    ),
+    "PrivdiffSpectralSample": (
+        [("prior", "COMBO"), ("num_images", "INT"), ("seed", "INT"), ("temperature", "FLOAT")], [], ["IMAGE"],
+    ),
     "PrivdiffStyleGuider": (
         [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfg", "FLOAT"),
          ("vae", "VAE"), ("clip_vision", "CLIP_VISION"), ("target", "STRING"), ("guidance_weight", "FLOAT")],
@@ -82,12 +91,20 @@ CORE_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[s
         ["LATENT"],
     ),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], ["IMAGE"]),
+    "VAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], [], ["LATENT"]),
+    "ImageScale": (
+        [("image", "IMAGE"), ("upscale_method", "COMBO"), ("width", "INT"), ("height", "INT"), ("crop", "COMBO")],
+        [],
+        ["IMAGE"],
+    ),
+    "UpscaleModelLoader": ([("model_name", "COMBO")], [], ["UPSCALE_MODEL"]),
+    "ImageUpscaleWithModel": ([("upscale_model", "UPSCALE_MODEL"), ("image", "IMAGE")], [], ["IMAGE"]),
     "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "STRING")], [], []),
     "PreviewAny": ([("source", "*")], [], []),
 }
 NODES = {**CORE_NODES, **OUR_NODES}
 # Widgets the frontend follows with a "control after generate" value (fixed/increment/...).
-CONTROL_WIDGETS = {("KSampler", "seed"), ("PrivdiffGuidedSampler", "seed")}
+CONTROL_WIDGETS = {("KSampler", "seed"), ("PrivdiffGuidedSampler", "seed"), ("PrivdiffSpectralSample", "seed")}
 
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted(API.glob("*.json"))
@@ -225,6 +242,8 @@ def test_user_facing_defaults():
                 assert inputs["folder"] == "private_images"
             if node["class_type"] == "PrivdiffDPTextualInversion":
                 assert inputs["steps"] == 200
+            if node["class_type"] == "PrivdiffSpectralSample":
+                assert inputs["prior"] == "my_dp_prior.safetensors"  # what DP Spectral Fine-tune writes by default
             if "epsilon" in inputs and node["class_type"].startswith("Privdiff"):
                 assert 0 < inputs["epsilon"] <= 10 and 0 < inputs["delta"] <= 1e-4
                 assert inputs.get("reproducible_seed", -1) == -1, "shipped workflows must use secure randomness"
@@ -235,3 +254,15 @@ def test_shipped_aggregate_workflow_runs_as_shipped():
     prompt = json.loads((API / "dp_aggregate_embeddings.json").read_text())
     (node,) = [n for n in prompt.values() if n["class_type"] == "PrivdiffDPAggregateEmbeddings"]
     assert node["inputs"]["one_image_per_file"] is True and node["inputs"]["images_folder"]
+
+
+def test_spectral_workflow_upsamples_both_ways():
+    """Coarse samples go through a public upscaler, and through an SD img2img pass that keeps their layout."""
+    prompt = json.loads((API / "spectral_dp.json").read_text())
+    (sample,) = [nid for nid, n in prompt.items() if n["class_type"] == "PrivdiffSpectralSample"]
+    (upscale,) = [n for n in prompt.values() if n["class_type"] == "ImageUpscaleWithModel"]
+    assert upscale["inputs"]["image"] == [sample, 0]
+    (encode,) = [nid for nid, n in prompt.items() if n["class_type"] == "VAEEncode"]
+    (ksampler,) = [n for n in prompt.values() if n["class_type"] == "KSampler"]
+    assert ksampler["inputs"]["latent_image"] == [encode, 0] and 0 < ksampler["inputs"]["denoise"] < 1
+    assert len([n for n in prompt.values() if n["class_type"] == "SaveImage"]) == 2

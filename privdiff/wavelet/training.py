@@ -13,6 +13,7 @@ never written to disk).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,9 +47,16 @@ class TrainConfig:
     lr: float = 3e-4
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise PrivdiffError(f"invalid training settings: steps {self.steps}, batch size {self.batch_size}, "
-                                f"learning rate {self.lr}")
+        lr_ok = isinstance(self.lr, int | float) and 0 < self.lr < math.inf
+        for name, value, ok in (("steps", self.steps, _whole(self.steps)),
+                                ("batch size", self.batch_size, _whole(self.batch_size)),
+                                ("learning rate", self.lr, lr_ok)):
+            if not ok:
+                raise PrivdiffError(f"invalid {name} {value!r}")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def pretrain(prior: SpectralPrior, tokens: torch.Tensor, config: TrainConfig, seed: int = 0,

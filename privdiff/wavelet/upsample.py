@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,9 +56,11 @@ def refine(
     cfg: float = 5.0,
     negative_prompt: str = "",
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """SD img2img: images [B,3,h,w] resized to ``size``, noised to ``strength`` of the schedule and denoised
-    with DDIM toward ``prompt``. Returns images [B,3,size,size] in 0..1."""
+    with DDIM toward ``prompt``; ``progress(done, total)`` after each step (may raise to cancel). Returns
+    images [B,3,size,size] in 0..1."""
     if not 0 < strength <= 1:
         raise PrivdiffError(f"strength {strength} must be in (0, 1]")
     config = GuidanceConfig(steps=steps, cfg=cfg, weight=0.0, recurrence=1)
@@ -75,9 +78,11 @@ def refine(
     a = alphas[schedule[0][0]]
     noise = torch.randn(x0.shape, generator=generator, device=device)
     z = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    for t, t_prev in schedule:
+    for i, (t, t_prev) in enumerate(schedule):
         a, a_prev = alphas[t], alphas[t_prev] if t_prev >= 0 else alphas[0]
         eps = guided_noise(backend, z, t, cond, uncond, config)
         z = a_prev.sqrt() * (z - (1 - a).sqrt() * eps) / a.sqrt() + (1 - a_prev).sqrt() * eps
+        if progress is not None:
+            progress(i + 1, len(schedule))
     with torch.no_grad():
         return backend.decode_latents(z).float().cpu()
