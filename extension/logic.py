@@ -39,8 +39,8 @@ from privdiff.privacy.ledger import BudgetLedger
 
 from .a1111_backend import training_session
 
-FORGE_MESSAGE = ("privdiff: training and sampling on Forge are not supported yet (its model objects differ from "
-                 "A1111's); the report, ledger and embedding tools work")
+FORGE_MESSAGE = ("privdiff: running the loaded SD checkpoint on Forge is not supported yet (its model objects differ "
+                 "from A1111's); the report, ledger, embedding tools and spectral priors work")
 
 
 class Interrupted(PrivdiffError):
