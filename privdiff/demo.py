@@ -9,7 +9,8 @@ encoder) and samples plain prompts with universal guidance toward it. It writes 
 the embedding and target files with their privacy reports, and grid.png, sampled with the same seeds
 in every row (the embeddings through diffusers' own ``load_textual_inversion``), each row labelled with
 its style score (the fraction of 40 samples the style classifier reads as the private style) and
-prompt adherence (shape and colour as asked).
+prompt adherence (shape and colour as asked). Then the spectral demo (``privdiff.demo_spectral``) releases
+a DP spectral prior (ε = 10) on the same private images and writes spectral-grid.png.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from privdiff.backends.diffusers_backend import DiffusersBackend
 from privdiff.cli import main as cli_main
+from privdiff.demo_spectral import run_spectral
 from privdiff.embeddings.dpagg import encode_in_batches
 from privdiff.embeddings.files import load_embedding
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, initial_vectors, train_shared_embedding
@@ -168,6 +170,7 @@ def run() -> int:
         print("  " + label.replace("\n", ": "), file=sys.stderr)
     print("use them: ComfyUI 'embedding:dpagg-eps1', A1111 'dpagg-eps1', diffusers load_textual_inversion",
           file=sys.stderr)
+    run_spectral(OUT)
     return 0
 
 
