@@ -33,7 +33,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     with tqdm_progress("pre-training") as progress:
         losses = pretrain_prior(tokenizer, args.images, args.out, _train_config(args), dim=args.dim,
                                 layers=args.layers, heads=args.heads, seed=args.seed, progress=progress,
-                                force=args.force, device=args.device or "cpu")
+                                force=args.force, device=args.device or "cpu", checkpoint_dir=args.checkpoint_dir)
     cli._print_json({"output": args.out, "tokenizer": tokenizer.identity, "steps": len(losses),
                      "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4)})
 
@@ -138,6 +138,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=cli._integer(1, 64), default=4, help="transformer blocks (4)")
     p.add_argument("--heads", type=cli._integer(1, 64), default=4, help="attention heads (4)")
     p.add_argument("--seed", type=cli._integer(0, cli.MAX_SEED), default=0, help="seed (public data)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="folder for resumable state (default ~/.cache/privdiff/checkpoints): the same command run "
+                        "again after an interruption continues where it stopped")
     p.add_argument("--device", type=cli._device, default=None, help="torch device (default cpu)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_cmd_pretrain)

@@ -234,3 +234,31 @@ def test_cli_runs_the_whole_method(tmp_path):
     assert len(sampled["coarse"]) == len(sampled["upsampled"]) == 2
     assert Image.open(tmp_path / sampled["upsampled"][0]).size == (64, 64)
     assert cli("inspect", "dp.safetensors")["privacy_report"]["release_id"] == done["release_id"]
+
+
+def test_an_interrupted_pretraining_continues_to_the_same_prior(tokenizer, tmp_path):
+    tokens = tokenizer.encode(_images(30, seed=13))
+    config = training.TrainConfig(steps=6, batch_size=4)
+
+    def fresh():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=16, layers=1, heads=2))
+
+    straight = fresh()
+    expected = training.pretrain(straight, tokens, config, seed=3)
+
+    def stop_at_5(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "pretrain.pt"
+    with pytest.raises(KeyboardInterrupt):
+        training.pretrain(fresh(), tokens, config, seed=3, progress=stop_at_5, checkpoint=checkpoint,
+                          checkpoint_every=2)
+    steps, resumed = [], fresh()
+    losses = training.pretrain(resumed, tokens, config, seed=3, progress=lambda d, t: steps.append(d),
+                               checkpoint=checkpoint, checkpoint_every=2)
+    assert steps == [5, 6] and losses == pytest.approx(expected)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)

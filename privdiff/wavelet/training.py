@@ -60,20 +60,39 @@ def _whole(value: object) -> bool:
 
 
 def pretrain(prior: SpectralPrior, tokens: torch.Tensor, config: TrainConfig, seed: int = 0,
-             progress: Progress | None = None) -> list[float]:
-    """Maximum-likelihood training on **public** token sequences [N, L]; returns the loss per step."""
+             progress: Progress | None = None, checkpoint: Path | None = None,
+             checkpoint_every: int = 100) -> list[float]:
+    """Maximum-likelihood training on **public** token sequences [N, L]; returns the loss per step.
+
+    With ``checkpoint``, the state (weights, optimizer, batch generator, losses) is saved every
+    ``checkpoint_every`` steps, and a run that finds the file continues from it (same result as uninterrupted).
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=config.lr, weight_decay=0.01)
     device = next(prior.parameters()).device
-    losses = []
+    losses: list[float] = []
+    if checkpoint is not None and checkpoint.is_file():
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+            prior.load_state_dict(state["prior"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            losses = list(state["losses"])
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise PrivdiffError(f"cannot resume pre-training from {checkpoint}: {' '.join(str(exc).split())[:200]}; "
+                                "remove it to start again") from exc
     prior.train()
-    for step in range(config.steps):
+    for step in range(len(losses), config.steps):
         batch = tokens[torch.randint(len(tokens), (config.batch_size,), generator=generator)].to(device)
         loss = prior.loss(batch).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
+            state = {"prior": prior.state_dict(), "optimizer": optimizer.state_dict(),
+                     "generator": generator.get_state(), "losses": losses}
+            atomic_write(checkpoint, lambda tmp, state=state: torch.save(state, tmp), force=True)
         if progress is not None:
             progress(step + 1, config.steps)
     prior.eval()

@@ -2,6 +2,7 @@
 
 1. ``train_tokenizer``: codebooks from a public folder.
 2. ``pretrain_prior``: the prior on the same (or another) public folder; the file holds its tokenizer.
+   An interrupted pre-training continues from its checkpoint when run again.
 3. ``finetune_prior``: the DP release. Checked and charged before any private image is read; state is
    checkpointed to a private folder (never next to the output), and running the same request again after
    an interruption resumes it: same report, remaining steps only, no second charge.
@@ -77,15 +78,26 @@ def train_tokenizer(images: str | Path, out: str | Path, *, size: int = 32, base
 
 def pretrain_prior(tokenizer: SpectralTokenizer, images: str | Path, out: str | Path, config: TrainConfig, *,
                    dim: int = 128, layers: int = 4, heads: int = 4, seed: int = 0, progress: Progress | None = None,
-                   force: bool = False, device: str = "cpu") -> list[float]:
-    """Pre-train a prior on a **public** folder; returns the training losses."""
+                   force: bool = False, device: str = "cpu", checkpoint_dir: str | Path | None = None,
+                   checkpoint_every: int = 100) -> list[float]:
+    """Pre-train a prior on a **public** folder; returns the training losses. Running the same request again
+    after an interruption continues from its checkpoint in ``checkpoint_dir``."""
     path = _check_output(out, force)
+    files = list_images(images)
+    request = {"tokenizer": tokenizer.identity, "images": sorted(image_digests(files)), "config": asdict(config),
+               "shape": [dim, layers, heads], "seed": seed, "out": str(path.resolve())}
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:32]
+    folder = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / f"pretrain-{key}.pt"
     tokens = tokenizer.encode(load_folder(images, tokenizer.size))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # weight init of a public model
         prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=dim, layers=layers, heads=heads)).to(device)
-    losses = pretrain(prior, tokens, config, seed=seed, progress=progress)
+    losses = pretrain(prior, tokens, config, seed=seed, progress=progress, checkpoint=checkpoint,
+                      checkpoint_every=checkpoint_every)
     save_prior(prior.cpu(), tokenizer, path, force=force)
+    checkpoint.unlink(missing_ok=True)
     return losses
 
 
