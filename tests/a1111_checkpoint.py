@@ -244,19 +244,7 @@ def schedule_buffers() -> dict[str, torch.Tensor]:
 def tiny_ldm_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Seeded random weights for :func:`checkpoint_shapes` (in ``dtype``), plus the float32 schedule buffers and
     CLIP's int64 ``position_ids`` (a persistent buffer in the webui's transformers 4.30)."""
-    gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-    for key, shape in sorted(checkpoint_shapes().items()):
-        if key.endswith(".bias"):
-            t = torch.zeros(shape)
-        elif len(shape) == 1 and _is_norm(key):
-            t = torch.ones(shape)
-        else:
-            fan_in = 1
-            for d in shape[1:]:
-                fan_in *= d
-            t = torch.randn(shape, generator=gen) * fan_in**-0.5
-        sd[key] = t.to(dtype)
+    sd = _sd15.random_weights(checkpoint_shapes(), seed, dtype)
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(CLIP_POSITIONS)[None]
     sd.update(schedule_buffers())
     return sd

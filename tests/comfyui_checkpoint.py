@@ -149,11 +149,11 @@ def _is_norm(key: str) -> bool:
     return any(s in key for s in ("norm", "in_layers.0.", "out_layers.0.", "diffusion_model.out.0."))
 
 
-def tiny_sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """Seeded random weights for :func:`checkpoint_shapes`, plus TAESD's ``vae_scale``/``vae_shift``."""
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded weights for ``shapes``: biases 0, norm weights 1, the rest N(0, 1/fan_in)."""
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
-    for key, shape in sorted(checkpoint_shapes().items()):
+    for key, shape in sorted(shapes.items()):
         if key.endswith(".bias"):
             t = torch.zeros(shape)
         elif len(shape) == 1 and _is_norm(key):
@@ -164,6 +164,12 @@ def tiny_sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> d
                 fan_in *= d
             t = torch.randn(shape, generator=gen) * fan_in**-0.5
         sd[key] = t.to(dtype)
+    return sd
+
+
+def tiny_sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Seeded random weights for :func:`checkpoint_shapes`, plus TAESD's ``vae_scale``/``vae_shift``."""
+    sd = random_weights(checkpoint_shapes(), seed, dtype)
     # What ComfyUI's VAELoader sets for taesd: latents in ComfyUI are unscaled.
     sd["first_stage_model.vae_scale"] = torch.tensor(0.18215)
     sd["first_stage_model.vae_shift"] = torch.tensor(0.0)
