@@ -11,7 +11,6 @@ import json
 import math
 import numbers
 import os
-import re
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -324,9 +323,6 @@ MAX_SEED = 2**32 - 1
 REFINE_BATCH = 4
 """Images per SD refine call (the model's full resolution, with classifier-free guidance: 2x the batch)."""
 
-_PRIOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
 def _whole(name: str, value: object, low: int, high: int) -> int:
     """``value`` as an int in low..high (a float like 3.0 from a number box is fine); else one line."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
@@ -412,20 +408,11 @@ def spectral_finetune(host: Host, form: SpectralForm) -> tuple[str, str]:
 
     out: list[str] = []
     with _one_line_errors(out):
-        name = form.name.strip()
-        if not _PRIOR_NAME.match(name) or ".." in name:
-            raise PrivdiffError(f"prior name {name!r} must be letters, digits, '_', '-' or '.' (no folders)")
         folder = host.priors_dir()
         public = _prior_path(folder, form.prior)
-        target = target_path(folder, name)
-        if target.exists() and not form.overwrite:
-            raise PrivdiffError(f"{target} already exists; pick another name or enable overwrite")
-        if target.resolve() == public.resolve():
-            raise PrivdiffError(f"the DP prior would replace the public prior {public.name} it starts from; pick "
-                                "another name")
         config = TrainConfig(steps=_whole("steps", form.steps, 1, MAX_STEPS),
                              lr=_number("learning rate", form.learning_rate))
-        release = Release(name=name, epsilon=form.epsilon, delta=form.delta, sample_rate=form.sample_rate,
+        release = Release(name=form.name.strip(), epsilon=form.epsilon, delta=form.delta, sample_rate=form.sample_rate,
                           clip_norm=form.clip_norm, bound="clip", prompt_template="{}", overwrite=form.overwrite,
                           ledger_path=form.ledger)
         checkpoints = host.checkpoints_dir()

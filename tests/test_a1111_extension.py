@@ -299,7 +299,7 @@ def test_spectral_finetune_bad_input_is_one_line_and_writes_nothing(host, privat
         (spectral_form(private, epsilon=float("nan")), "epsilon"),
         (spectral_form(private, name="../escape"), "prior name"),
         (spectral_form(private, name="taken"), "already exists"),
-        (spectral_form(private, name="public", overwrite=True), "replace the public prior"),
+        (spectral_form(private, name="public", overwrite=True), "overwrite the public prior"),
         (spectral_form(private, prior="missing"), "does not exist"),
         (spectral_form(private, prior=""), "pick a prior"),
         (spectral_form(private, steps=0), "steps"),
