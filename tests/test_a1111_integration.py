@@ -145,8 +145,10 @@ def test_spectral_finetune_and_sampling_in_the_webui(webui, tmp_path):
     checkpoints = webui.data / "privdiff" / "checkpoints"
     assert checkpoints.is_dir() and not any(checkpoints.iterdir())  # private state, removed once released
 
-    again = webui.call("/privdiff/v1/spectral-finetune", fields)
-    assert not again["ok"] and again["status"].startswith("privdiff: ") and "already exists" in again["status"]
+    again = webui.call("/privdiff/v1/spectral-finetune", fields)  # the same request: the earlier release
+    assert again["ok"] and "released before" in again["report"]
+    other = webui.call("/privdiff/v1/spectral-finetune", {**fields, "epsilon": 9.0})
+    assert not other["ok"] and other["status"].startswith("privdiff: ") and "already exists" in other["status"]
 
     sample = {"prior": "privdiff_spectral", "num_images": 2, "seed": 3}
     answer = webui.call("/privdiff/v1/spectral-sample", {**sample, "upsampling": "upscaler",
