@@ -2,6 +2,7 @@
 
 import logging
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -9,7 +10,14 @@ import torch
 from scipy import stats
 
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.mechanism import bound_vectors, gaussian_aggregate, noise_grid, noisy_sum, poisson_sample
+from privdiff.privacy.mechanism import (
+    bound_vectors,
+    clipped_sum,
+    gaussian_aggregate,
+    noise_grid,
+    noisy_sum,
+    poisson_sample,
+)
 from privdiff.privacy.randomness import SecureRandom
 
 
@@ -85,6 +93,47 @@ def test_bound_vectors_bad_input(vectors, kwargs, fragment):
     with pytest.raises(PrivdiffError) as info:
         bound_vectors(vectors, **({"clip_norm": 1.0} | kwargs))
     assert fragment in str(info.value)
+
+
+def _exact_norm_squared(row: torch.Tensor) -> Fraction:
+    return sum(Fraction(x) ** 2 for x in row.tolist())
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.37, 3e-4])
+def test_clipped_sum_matches_bound_vectors_without_concatenating(clip):
+    parts = [_randn(9, 5, 7, seed=1), _randn(9, 300, seed=2) * 0.1, _randn(9, 1, seed=3)]
+    want = bound_vectors(torch.cat([p.flatten(1) for p in parts], dim=1), clip).sum(dim=0)
+    got = clipped_sum(parts, clip)
+    assert [g.shape for g in got] == [p.shape[1:] for p in parts] and all(g.dtype == torch.float64 for g in got)
+    torch.testing.assert_close(torch.cat([g.flatten() for g in got]), want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clipped_rows_have_exact_norm_at_most_clip(dtype):
+    """One row at a time the sum is the clipped row: its exact (rational) norm never exceeds C, at C and just
+    above or below it, where rounding decides."""
+    clip = 0.7
+    for seed in range(40):
+        row = _randn(1, 257, seed=seed, dtype=torch.float64)
+        for factor in (1 - 2.0**-52, 1.0, 1 + 2.0**-52, 1 + 2.0**-40, 3.0, 1e-3):
+            scaled = (row / row.norm() * clip * factor).to(dtype)
+            out = clipped_sum([scaled[:, :100], scaled[:, 100:]], clip)
+            assert _exact_norm_squared(torch.cat(out)) <= Fraction(clip) ** 2
+
+
+def test_clipped_sum_drops_nan_rows_with_a_count(caplog):
+    parts = [torch.ones(4, 3), torch.ones(4, 2)]
+    parts[1][2, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="privdiff"):
+        out = clipped_sum(parts, 10.0)
+    torch.testing.assert_close(out[0], torch.full((3,), 3.0, dtype=torch.float64), rtol=1e-14, atol=0)
+    (record,) = caplog.records
+    assert record.getMessage().startswith("1 of 4 vectors held NaN/inf")
+    assert clipped_sum([torch.zeros(0, 3)], 1.0)[0].shape == (3,)
+    with pytest.raises(PrivdiffError, match="parts disagree on the number of rows"):
+        clipped_sum([torch.ones(2, 3), torch.ones(3, 3)], 1.0)
+    with pytest.raises(PrivdiffError, match="clip_norm must be > 0"):
+        clipped_sum([torch.ones(2, 3)], 0.0)
 
 
 def test_poisson_sample_rate():

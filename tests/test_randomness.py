@@ -2,6 +2,7 @@
 
 import math
 from decimal import Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -107,25 +108,58 @@ def test_bernoulli_settles_64_bit_ties_exactly(monkeypatch):
     assert abs(keep.mean() - 3 / 64) < 5 * math.sqrt(3 / 64 / 40_000)
 
 
-def test_exact_bernoulli_helpers():
+def test_exact_bernoulli_helper():
     rng, n = SecureRandom(5), 40_000
     assert abs(np.mean([rng._bern(1, 3) for _ in range(n)]) - 1 / 3) < 5 * math.sqrt(2 / 9 / n)
-    for num, den in [(3, 10), (17, 10), (5, 2)]:
-        p = math.exp(-num / den)
-        freq = np.mean([rng._bern_exp(num, den) for _ in range(n)])
-        assert abs(freq - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
-def test_exp_minus_one_digits_are_exact():
+def _exp_neg(num: int, den: int, bits: int) -> Decimal:
     with localcontext() as ctx:
-        ctx.prec = 120
-        exact = Decimal(-1).exp()
-        for bits in (64, 128, 192):
-            assert randomness._exp_neg1_digits(bits) == int(exact * 2**bits)
-        tie = randomness._exp_neg1_digits(64)
-        rest = float(exact * 2**64 - tie)  # P(U < exp(-1) | U's first 64 bits are exp(-1)'s)
+        ctx.prec = 200
+        return (-Decimal(num) / den).exp() * 2**bits
+
+
+@pytest.mark.parametrize(("num", "den"), [(0, 1), (1, 1), (3, 10), (17, 10), (10**30 + 7, 10**29), (2**80 + 1, 2**75)])
+def test_exp_neg_bracket_is_rigorous_and_tight(num, den):
+    for bits in (64, 128, 256):
+        low, high = randomness._exp_neg_bracket(num, den, bits)
+        assert low <= _exp_neg(num, den, bits) <= high and high - low <= 3
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0, 2.5, 9.0])
+def test_bernoulli_exp_neg_rate(gamma):
+    n = 100_000
+    num, den = Fraction(gamma).as_integer_ratio()
+    keep = SecureRandom(5)._bernoulli_exp_neg(np.full(n, gamma), lambda i: (num, den))
+    p = math.exp(-gamma)
+    assert keep.dtype == bool and abs(keep.mean() - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-12
+
+
+def test_bernoulli_exp_neg_settles_near_ties_from_exact_bits(monkeypatch):
+    """Words within the float margin of exp(-0.3) go to the exact comparison; words beyond it are decided."""
     rng, n = SecureRandom(6), 20_000
-    assert abs(np.mean([rng._bern_exp1(tie) for _ in range(n)]) - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
+    exact = _exp_neg(3, 10, 64)
+    tie = int(exact)
+    calls = []
+    below = rng._below_exp_neg
+    monkeypatch.setattr(rng, "_below_exp_neg", lambda *a: calls.append(a) or below(*a))
+    for word, want in [(tie - 2**30, True), (tie + 2**30, False)]:
+        monkeypatch.setattr(rng, "uint64", lambda k, w=word: np.full(k, w, dtype=np.uint64))
+        assert (rng._bernoulli_exp_neg(np.full(8, 0.3), lambda i: (3, 10)) == want).all() and not calls
+    monkeypatch.setattr(rng, "uint64", lambda k: np.full(k, tie, dtype=np.uint64))
+    keep = rng._bernoulli_exp_neg(np.full(n, 0.3), lambda i: (3, 10))
+    rest = float(exact - tie)  # P(U < exp(-0.3) | U's first 64 bits are exp(-0.3)'s)
+    assert len(calls) == n and abs(keep.mean() - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
+
+
+def test_float_exp_is_checked_against_exact_brackets(monkeypatch):
+    randomness._check_float_exp.cache_clear()
+    monkeypatch.setattr(randomness.np, "exp", lambda x: np.multiply(np.e ** -np.asarray(x), 1 + 2.0**-30))
+    with pytest.raises(PrivdiffError, match="numpy's exp errs by"):
+        randomness._check_float_exp()
+    monkeypatch.undo()
+    randomness._check_float_exp.cache_clear()
+    randomness._check_float_exp()
 
 
 def _discrete_gaussian_pmf(sigma: float, support: np.ndarray) -> np.ndarray:
@@ -133,7 +167,7 @@ def _discrete_gaussian_pmf(sigma: float, support: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0, 40.0])
 def test_discrete_gaussian_matches_the_exact_pmf(sigma):
     n = 40_000
     draws = SecureRandom(9).discrete_gaussian(n, sigma)

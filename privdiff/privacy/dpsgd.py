@@ -1,8 +1,8 @@
 """DP-SGD's optimizer step with privdiff's bounding and noise (shared by every DP-SGD trainer).
 
 opacus computes the per-sample gradients (``GradSampleModule``) and runs the optimizer; this subclass
-replaces its float32 clipping and torch noise: per-sample gradients are bounded in float64 by
-``bound_vectors`` and the sum is noised by ``noisy_sum`` from a ``SecureRandom``.
+replaces its float32 clipping and torch noise: per-sample gradients are clipped and summed in float64 by
+``clipped_sum`` and the sum is noised by ``noisy_sum`` from a ``SecureRandom``.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from privdiff.privacy.mechanism import bound_vectors, noisy_sum
+from privdiff.privacy.mechanism import clipped_sum, noisy_sum
 from privdiff.privacy.randomness import SecureRandom
 
 
 class PrivdiffDPOptimizer(DPOptimizer):
     """opacus' ``DPOptimizer`` with privdiff's bounding and noise instead of opacus' float32 clip and torch noise.
 
-    Each example's gradient (all parameters together) is clipped to ``max_grad_norm`` by ``bound_vectors``
-    in float64 and summed in float64; the noise is one ``noisy_sum`` over all parameters from ``rng``.
+    Each example's gradient (all parameters together) is clipped to ``max_grad_norm`` and summed in float64 by
+    ``clipped_sum``; the noise is one ``noisy_sum`` over all parameters from ``rng``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kwargs: object) -> None:
@@ -31,12 +31,9 @@ class PrivdiffDPOptimizer(DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         """``p.summed_grad`` (float64) += the sum of the float64-clipped per-sample gradients."""
-        samples = zip(self.grad_samples, self._sizes(), strict=True)
-        flat = torch.cat([g.reshape(len(g), size).to(torch.float64) for g, size in samples], dim=1)
-        summed = bound_vectors(flat, self.max_grad_norm).sum(dim=0)
-        for p, part in zip(self.params, summed.split(self._sizes()), strict=True):
+        for p in self.params:
             _check_processed_flag(p.grad_sample)
-            grad = part.view_as(p)
+        for p, grad in zip(self.params, clipped_sum(self.grad_samples, self.max_grad_norm), strict=True):
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -72,23 +73,57 @@ def bound_vectors(vectors: Tensor, clip_norm: float, bound: str = "clip") -> Ten
     bad = ~torch.isfinite(flat).all(dim=1)
     flat = torch.where(bad[:, None], 0.0, flat)
     norms = flat.norm(dim=1)
-    bad |= ~torch.isfinite(norms)  # finite entries whose norm overflows float64
-    if bound == "normalize":
-        bad |= norms == 0
-    scale = c / torch.where(bad, 1.0, norms)
-    if bound == "clip":
-        scale = scale.clamp(max=1.0)  # a zero row gives inf, clamped to 1
-    out = flat * torch.where(bad, 0.0, scale)[:, None]
+    out = flat * _row_scales(norms, bad, c, bound)[:, None]
     for _ in range(64):  # rounding can leave a norm a few ulps above C: shrink those rows by ~4 ulps
         over = out.norm(dim=1) > c
         if not bool(over.any()):
             break
         out[over] *= 1 - 2.0**-50
+    return out.reshape(vectors.shape)
+
+
+def clipped_sum(parts: Sequence[Tensor], clip_norm: float) -> list[Tensor]:
+    """Sum of rows clipped to L2 norm ``clip_norm``, where row b is the concatenation of ``parts[k][b]``.
+
+    For per-sample gradients kept per parameter ([B, *shape] each): the rows are never concatenated. Each
+    row's squared norm is summed in float64 (float32 squares are exact there) and the row is scaled by
+    min(1, C / norm) shrunk by (d + 4) 2**-52 for d coordinates, which covers the rounding of the norm and
+    the scale, so every scaled row's exact norm is <= C; the sums (float64, one per part, shapes
+    ``parts[k].shape[1:]``) then err only as ``noisy_sum`` allows. Rows holding NaN/inf count as zero,
+    with one warning giving their count.
+    """
+    c = checks.positive("clip_norm", clip_norm)
+    if not parts:
+        raise PrivdiffError("clipped_sum needs at least one part")
+    for part in parts:
+        _check_vectors(part)
+    rows = parts[0].shape[0]
+    if any(part.shape[0] != rows for part in parts):
+        raise PrivdiffError(f"parts disagree on the number of rows: {[part.shape[0] for part in parts]}")
+    flats = [part.reshape(rows, math.prod(part.shape[1:])) for part in parts]
+    squares = sum(torch.linalg.vector_norm(f, dim=1, dtype=torch.float64) ** 2 for f in flats)
+    bad = ~torch.isfinite(squares)
+    d = sum(f.shape[1] for f in flats)
+    scales = _row_scales(squares.sqrt(), bad, c, "clip") * (1 - (d + 4) * 2.0**-52)
+    keep = None if not bool(bad.any()) else ~bad  # 0 * NaN is NaN: drop those rows rather than scale them
+    return [(scales[keep] @ f[keep].to(torch.float64) if keep is not None else scales @ f.to(torch.float64))
+            .view(part.shape[1:]) for f, part in zip(flats, parts, strict=True)]
+
+
+def _row_scales(norms: Tensor, bad: Tensor, c: float, bound: str) -> Tensor:
+    """Per-row factors bounding rows of float64 ``norms`` to ``c``; rows flagged ``bad`` (and rows whose norm is
+    not finite, or zero under "normalize") get 0, with one warning giving their count (never which rows)."""
+    bad = bad | ~torch.isfinite(norms)  # finite entries whose norm overflows float64
+    if bound == "normalize":
+        bad |= norms == 0
+    scale = c / torch.where(bad, 1.0, norms)
+    if bound == "clip":
+        scale = scale.clamp(max=1.0)  # a zero row gives inf, clamped to 1
     replaced = int(bad.sum())
     if replaced:
         what = "were all zero or held NaN/inf" if bound == "normalize" else "held NaN/inf"
-        log.warning("%d of %d vectors %s and were replaced by the zero vector", replaced, rows, what)
-    return out.reshape(vectors.shape)
+        log.warning("%d of %d vectors %s and were replaced by the zero vector", replaced, len(norms), what)
+    return torch.where(bad, 0.0, scale)
 
 
 def poisson_sample(n: int, sample_rate: float, rng: SecureRandom) -> Tensor:
