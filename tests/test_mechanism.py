@@ -105,7 +105,17 @@ def test_clipped_sum_matches_bound_vectors_without_concatenating(clip):
     want = bound_vectors(torch.cat([p.flatten(1) for p in parts], dim=1), clip).sum(dim=0)
     got = clipped_sum(parts, clip)
     assert [g.shape for g in got] == [p.shape[1:] for p in parts] and all(g.dtype == torch.float64 for g in got)
-    torch.testing.assert_close(torch.cat([g.flatten() for g in got]), want, rtol=1e-12, atol=1e-15)
+    # the norm bounds are at most 2**-12 above the exact norms: clipped rows are that much shorter at most
+    torch.testing.assert_close(torch.cat([g.flatten() for g in got]), want, rtol=2.0**-11, atol=1e-15)
+    short = [p * clip / 100 for p in parts]  # rows far below C are not scaled: an exact float64 sum
+    want = torch.cat([p.flatten(1) for p in short], dim=1).double().sum(dim=0)
+    torch.testing.assert_close(torch.cat([g.flatten() for g in clipped_sum(short, clip)]), want, rtol=1e-13, atol=0)
+
+
+def test_clipped_sum_float32_overflow_falls_back_to_float64():
+    rows = torch.full((2, 3000), 1e35)  # each norm overflows float32 but not float64
+    out = clipped_sum([rows[:, :2000], rows[:, 2000:]], 1.0)
+    assert float(torch.cat(out).norm()) == pytest.approx(2.0, rel=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

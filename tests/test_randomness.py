@@ -152,6 +152,30 @@ def test_bernoulli_exp_neg_settles_near_ties_from_exact_bits(monkeypatch):
     assert len(calls) == n and abs(keep.mean() - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
 
 
+def test_geometric_matches_its_pmf():
+    n = 100_000
+    v = SecureRandom(7)._geometric(n)
+    assert v.dtype == np.int64 and v.min() >= 0
+    top = 12
+    observed = np.bincount(np.minimum(v, top), minlength=top + 1)
+    pmf = (1 - math.exp(-1)) * np.exp(-np.arange(top + 1.0))
+    pmf[top] = math.exp(-top)  # P(V >= top)
+    assert stats.chisquare(observed, n * pmf).pvalue > 1e-4
+
+
+def test_geometric_settles_words_inside_a_bracket_exactly(monkeypatch):
+    """w = floor(e^-1 2**64): U < e^-1 depends on U's further bits (odds: the fraction), and U < e^-2 cannot hold."""
+    rng, n = SecureRandom(8), 20_000
+    exact = _exp_neg(1, 1, 64)
+    tie = int(exact)
+    monkeypatch.setattr(rng, "uint64", lambda k: np.full(k, tie, dtype=np.uint64))
+    v = rng._geometric(n)
+    rest = float(exact - tie)
+    assert set(np.unique(v)) <= {0, 1} and abs(v.mean() - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
+    monkeypatch.setattr(rng, "uint64", lambda k: np.zeros(k, dtype=np.uint64))  # U < 2**-64: V is 44 or more
+    assert (rng._geometric(20) >= 44).all()
+
+
 def test_float_exp_is_checked_against_exact_brackets(monkeypatch):
     randomness._check_float_exp.cache_clear()
     monkeypatch.setattr(randomness.np, "exp", lambda x: np.multiply(np.e ** -np.asarray(x), 1 + 2.0**-30))

@@ -47,6 +47,8 @@ log = logging.getLogger("privdiff")
 BOUNDS = ("clip", "normalize")
 GRID_BITS = 30  # gamma = 2**(floor(log2 C) - GRID_BITS) for sigma <= 2**10
 _GRID_NOISE_BITS = 40  # coarser grids for larger sigma keep the grid noise s below about 2**42
+_NORM_CHUNK = 1024  # clipped_sum's norms: columns per chunk, small enough for a 2**-13 error bound in float32
+_SUM_BLOCK = 8192  # clipped_sum's float64 sums: columns converted at a time
 _MAX_STEPS = 2**62  # snapped sums are clamped to +-2**62 steps (1-Lipschitz: the sensitivity is kept)
 
 
@@ -85,12 +87,11 @@ def bound_vectors(vectors: Tensor, clip_norm: float, bound: str = "clip") -> Ten
 def clipped_sum(parts: Sequence[Tensor], clip_norm: float) -> list[Tensor]:
     """Sum of rows clipped to L2 norm ``clip_norm``, where row b is the concatenation of ``parts[k][b]``.
 
-    For per-sample gradients kept per parameter ([B, *shape] each): the rows are never concatenated. Each
-    row's squared norm is summed in float64 (float32 squares are exact there) and the row is scaled by
-    min(1, C / norm) shrunk by (d + 4) 2**-52 for d coordinates, which covers the rounding of the norm and
-    the scale, so every scaled row's exact norm is <= C; the sums (float64, one per part, shapes
-    ``parts[k].shape[1:]``) then err only as ``noisy_sum`` allows. Rows holding NaN/inf count as zero,
-    with one warning giving their count.
+    For per-sample gradients kept per parameter ([B, *shape] each), without concatenating them. Each row is
+    scaled by min(1, C / N) (1 - 2**-50), where N >= the row's exact norm is a rigorous bound from
+    ``_row_norm_bounds``, so every scaled row's exact norm is <= C; the scaled rows are summed in float64 (one
+    sum per part, shapes ``parts[k].shape[1:]``), with the rounding ``noisy_sum`` allows. Rows holding NaN/inf
+    count as zero, with one warning giving their count.
     """
     c = checks.positive("clip_norm", clip_norm)
     if not parts:
@@ -101,13 +102,54 @@ def clipped_sum(parts: Sequence[Tensor], clip_norm: float) -> list[Tensor]:
     if any(part.shape[0] != rows for part in parts):
         raise PrivdiffError(f"parts disagree on the number of rows: {[part.shape[0] for part in parts]}")
     flats = [part.reshape(rows, math.prod(part.shape[1:])) for part in parts]
-    squares = sum(torch.linalg.vector_norm(f, dim=1, dtype=torch.float64) ** 2 for f in flats)
-    bad = ~torch.isfinite(squares)
+    norms, bad = _row_norm_bounds(flats)
+    scales = _row_scales(norms, bad, c, "clip") * (1 - 2.0**-50)
+    if bool(bad.any()):  # 0 * NaN is NaN: leave those rows out rather than scale them by 0
+        flats, scales = [f[~bad] for f in flats], scales[~bad]
+    return [_weighted_rows(f, scales).view(part.shape[1:]) for f, part in zip(flats, parts, strict=True)]
+
+
+def _row_norm_bounds(flats: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Float64 upper bounds on the exact L2 norms of the rows of the concatenated ``flats``, and which rows hold
+    NaN/inf.
+
+    Norms are taken per chunk of at most 1024 columns in the parts' own precision (float32 and wider; any
+    order of accumulation errs by at most 2m units of roundoff for m <= 1024 terms, 2**-13 in float32, plus
+    m 2**-149 from underflow), and their squares summed in float64: S <= (1 + 2**-11) sum_chunks n_chunk^2 +
+    d 2**-148, for d coordinates. Rows whose float32 bound overflows are recomputed in float64.
+    """
+    rows = flats[0].shape[0]
+    squares = torch.zeros(rows, dtype=torch.float64, device=flats[0].device)
+    for f in flats:
+        f = f if f.dtype in (torch.float32, torch.float64) else f.float()
+        n = f.shape[1]
+        whole = n - n % _NORM_CHUNK
+        if whole:
+            chunks = torch.linalg.vector_norm(f[:, :whole].reshape(rows, -1, _NORM_CHUNK), dim=2)
+            squares += chunks.to(torch.float64).square().sum(dim=1)
+        if n > whole:
+            squares += torch.linalg.vector_norm(f[:, whole:], dim=1).to(torch.float64).square()
     d = sum(f.shape[1] for f in flats)
-    scales = _row_scales(squares.sqrt(), bad, c, "clip") * (1 - (d + 4) * 2.0**-52)
-    keep = None if not bool(bad.any()) else ~bad  # 0 * NaN is NaN: drop those rows rather than scale them
-    return [(scales[keep] @ f[keep].to(torch.float64) if keep is not None else scales @ f.to(torch.float64))
-            .view(part.shape[1:]) for f, part in zip(flats, parts, strict=True)]
+    bounds = (squares * (1 + 2.0**-11) + d * 2.0**-148).sqrt() * (1 + 2.0**-50)
+    bad = torch.zeros(rows, dtype=torch.bool, device=bounds.device)
+    for i in torch.nonzero(~torch.isfinite(bounds)).flatten().tolist():  # NaN/inf, or a float32 overflow
+        row = torch.cat([f[i].to(torch.float64) for f in flats])
+        bad[i] = not bool(torch.isfinite(row).all())
+        bounds[i] = row.norm() * (1 + 2.0**-40) if not bad[i] else 1.0
+    return bounds, bad
+
+
+def _weighted_rows(flat: Tensor, weights: Tensor) -> Tensor:
+    """sum_b weights[b] flat[b] in float64, converting ``flat`` a block of columns at a time (no full copy)."""
+    rows, n = flat.shape
+    out = torch.empty(n, dtype=torch.float64, device=flat.device)
+    block = torch.empty(rows, min(n, _SUM_BLOCK), dtype=torch.float64, device=flat.device)
+    for j in range(0, n, _SUM_BLOCK):
+        width = min(_SUM_BLOCK, n - j)
+        columns = block[:, :width]
+        columns.copy_(flat[:, j:j + width])
+        torch.mv(columns.t(), weights, out=out[j:j + width])
+    return out
 
 
 def _row_scales(norms: Tensor, bad: Tensor, c: float, bound: str) -> Tensor:

@@ -146,6 +146,34 @@ class SecureRandom:
                 return False
             prefix, bits = (prefix << 64) | self._next_word(), bits + 64
 
+    def _geometric(self, m: int) -> np.ndarray:
+        """``m`` draws (int64) of V with P(V >= k) = e^-k: Algorithm 2's count of Bernoulli(exp(-1)) successes
+        before a failure, as V = #{k >= 1 : U < e^-k} for one uniform U each (the events are nested).
+
+        U's first 64 bits w settle every comparison unless w falls inside the bracket of some e^-k (probability
+        about 2**-62); ``_exact_geometric`` settles those from U's exact bits.
+        """
+        words = self.uint64(m)
+        low, high = _geometric_thresholds()  # ascending: e^-K ... e^-1, times 2**64
+        surely = len(low) - np.searchsorted(low, words, side="right")  # k with w + 1 <= low_k: U < e^-k
+        maybe = len(high) - np.searchsorted(high, words, side="right")  # k with w < high_k: U may be < e^-k
+        v = surely.astype(np.int64)
+        for i in np.flatnonzero(surely != maybe):
+            v[i] = self._exact_geometric(int(words[i]))
+        return v
+
+    def _exact_geometric(self, prefix: int) -> int:
+        """#{k >= 1 : U < e^-k} for a uniform U whose first 64 bits are ``prefix``, drawing further bits as needed."""
+        v, bits = 0, 64
+        while True:
+            low, high = _exp_neg_bracket(v + 1, 1, bits)
+            if prefix + 1 <= low:
+                v += 1
+            elif prefix >= high:
+                return v
+            else:
+                prefix, bits = (prefix << 64) | self._next_word(), bits + 64
+
     def _bernoulli_exp_neg(self, gamma: np.ndarray, exact: Callable[[int], tuple[int, int]]) -> np.ndarray:
         """Independent exact Bernoulli(exp(-gamma_i)) draws (bool array), vectorised.
 
@@ -164,37 +192,21 @@ class SecureRandom:
             below[i] = self._below_exp_neg(int(words[i]), *exact(int(i)))
         return below
 
-    def _laplace_proposals(self, m: int, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """``m`` attempts of CKS Algorithm 2 (discrete Laplace, scale t): magnitudes x (int64) and signs, and which
-        attempts succeeded; a failed attempt is dropped, which is the algorithm's own retry."""
-        words = self.uint64(m)
-        ok = words <= np.uint64(_TWO64 - _TWO64 % t - 1)  # rejection sampling: u uniform on [0, t)
-        u = (words % np.uint64(t)).astype(np.int64)
-        ok &= self._bernoulli_exp_neg(u.astype(np.float64) / t, lambda i: (int(u[i]), t))
-        v = np.zeros(m, dtype=np.int64)  # V ~ Geometric(1 - e^-1): Bernoulli(exp(-1)) successes before a failure
-        going = np.arange(m)
-        while len(going):
-            going = going[self._bernoulli_exp_neg(np.ones(len(going)), lambda i: (1, 1))]
-            v[going] += 1
-        if int(v.max(initial=0)) > (2**63 - 1 - t) // t:  # probability < exp(-2**7): never in practice
-            raise PrivdiffError("a discrete Laplace proposal overflowed int64")
-        x = u + t * v
-        negative = (self.uint64(m) & np.uint64(1)).astype(bool)
-        ok &= ~(negative & (x == 0))
-        return np.where(negative, -x, x), ok
-
     def discrete_gaussian(self, size: int, sigma: float) -> np.ndarray:
         """``size`` i.i.d. samples (int64) of the discrete Gaussian N_Z(0, sigma^2), P(x) ~ exp(-x^2 / (2 sigma^2)).
 
-        Exact (CKS 2020, Algorithm 3), vectorised: discrete Laplace proposals y with t = floor(sigma) + 1, each
-        accepted with probability exp(-(|y| - sigma^2/t)^2 / (2 sigma^2)); sigma^2 is taken exactly from the float
-        as a fraction num/den, and every Bernoulli is decided exactly (``_bernoulli_exp_neg``). Proposals are
-        drawn in rounds; the accepted ones, in draw order, are i.i.d., and the first ``size`` are returned.
+        Exact (CKS 2020, Algorithms 2 and 3), vectorised: discrete Laplace proposals y = ±(u + t v) with
+        t = floor(sigma) + 1, u uniform on [0, t) kept with probability exp(-u/t), V geometric
+        (``_geometric``), -0 refused, each accepted with probability exp(-(|y| - sigma^2/t)^2 / (2 sigma^2));
+        sigma^2 is taken exactly from the float as a fraction num/den, and every Bernoulli is decided exactly
+        (``_bernoulli_exp_neg``). Proposals are drawn in rounds; the accepted ones, in draw order, are i.i.d.,
+        and the first ``size`` are returned.
 
-        Float error of the fast paths (absolute, on exp(-gamma) <= 1): u/t with u < t <= 2**56 errs by 3 * 2**-53
-        relative; z = |y|/sigma - sigma/t by (|z| + 2) 2**-51, so gamma = z^2/2 by |z|(|z| + 2) 2**-51 and
-        exp(-gamma) by at most max_z exp(-z^2/2) |z|(|z| + 2) 2**-51 < 2**-49; numpy's exp adds <= 2**-45
-        (``_check_float_exp``). Both are far inside ``_bernoulli_exp_neg``'s margin of 2**-36.
+        Float error of the fast path's exponent a + b, a = u/t, b = z^2/2, z = |y|/sigma - sigma/t (absolute, on
+        exp(-a-b) <= 1): a with u < t <= 2**56 errs by 3 * 2**-53 relative; z by (|z| + 2) 2**-51, so b by
+        |z|(|z| + 2) 2**-51; the sum adds 2**-53 relative; exp(-a-b) then errs by at most
+        max exp(-a-b) (a + b + |z|(|z| + 2)) 2**-50 < 2**-47, and numpy's exp adds <= 2**-45 (``_check_float_exp``).
+        Both are far inside ``_bernoulli_exp_neg``'s margin of 2**-36.
         """
         size = checks.count("size", size, minimum=0)
         s = checks.positive("sigma", sigma)
@@ -207,15 +219,26 @@ class SecureRandom:
         # Acceptance exponent (|y| - sigma^2/t)^2 / (2 sigma^2) = (|y| den t - num)^2 / (2 num den t^2)
         #                                                      = ((|y|/sigma - sigma/t)^2) / 2 in floats.
         scale, gamma_den = den * t, 2 * num * den * t * t
+        limit = np.uint64(_TWO64 - _TWO64 % t - 1)
         out: list[np.ndarray] = []
         have = 0
         while have < size:
-            y, ok = self._laplace_proposals(int(2.2 * (size - have)) + 64, t)  # about 48% are accepted
-            magnitude = np.abs(y)
-            gamma = 0.5 * (magnitude.astype(np.float64) / s - s / t) ** 2
-            ok &= self._bernoulli_exp_neg(gamma,
-                                          lambda i, x=magnitude: ((int(x[i]) * scale - num) ** 2, gamma_den))
-            out.append(y[ok])
+            m = int(2.2 * (size - have)) + 64  # about 48% of the proposals are accepted
+            words = self.uint64(m)
+            ok = words <= limit  # rejection sampling: u uniform on [0, t)
+            u = (words % np.uint64(t)).astype(np.int64)
+            v = self._geometric(m)
+            if int(v.max(initial=0)) > (2**63 - 1 - t) // t:  # probability < exp(-2**7): never in practice
+                raise PrivdiffError("a discrete Laplace proposal overflowed int64")
+            x = u + t * v
+            negative = np.unpackbits(np.frombuffer(self.random_bytes(-(-m // 8)), dtype=np.uint8))[:m].astype(bool)
+            ok &= ~(negative & (x == 0))
+            # Algorithm 2's Bernoulli(exp(-u/t)) and Algorithm 3's acceptance are independent given (u, v, sign):
+            # one Bernoulli(exp(-(u/t + gamma))) decides both.
+            gamma = u / t + 0.5 * (x / s - s / t) ** 2
+            ok &= self._bernoulli_exp_neg(gamma, lambda i, u=u, x=x: (
+                int(u[i]) * gamma_den + t * (int(x[i]) * scale - num) ** 2, t * gamma_den))
+            out.append(np.where(negative, -x, x)[ok])
             have += len(out[-1])
         return np.concatenate(out)[:size] if out else np.zeros(0, dtype=np.int64)
 
@@ -237,6 +260,13 @@ def _exp_neg_bracket(num: int, den: int, bits: int) -> tuple[int, int]:
         high = (-gamma_low).exp().next_plus()
         low = (-gamma_high).exp().next_minus()
     return math.floor(Fraction(low) * 2**bits), math.ceil(Fraction(high) * 2**bits)
+
+
+@functools.cache
+def _geometric_thresholds() -> tuple[np.ndarray, np.ndarray]:
+    """Brackets (low_k, high_k) of e^-k 2**64 for k = 46 down to 1 (uint64, ascending); e^-46 2**64 < 1."""
+    brackets = [_exp_neg_bracket(k, 1, 64) for k in range(46, 0, -1)]
+    return tuple(np.array([max(0, b[j]) for b in brackets], dtype=np.uint64) for j in (0, 1))
 
 
 @functools.cache

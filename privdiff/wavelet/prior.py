@@ -102,6 +102,10 @@ class SpectralPrior(nn.Module):
             x = block(x)
         return self.head(self.norm(x)) + self.logit_mask[:n]
 
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The per-example loss (:meth:`loss`): what opacus' per-sample-gradient wrapper calls."""
+        return self.loss(tokens)
+
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-example negative log-likelihood [B] (mean over positions, nats) of full sequences."""
         logits = self.logits(tokens[:, :-1])

@@ -14,13 +14,12 @@ never written to disk).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleExpandedWeights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -35,7 +34,6 @@ from privdiff.wavelet.prior import SpectralPrior
 
 Progress = Callable[[int, int], None]
 MECHANISM = "DP-SGD fine-tuning of a spectral (Haar-wavelet token) prior (opacus)"
-_HOOK_WARNING = "Full backward hook is firing"
 
 
 @dataclass(frozen=True)
@@ -191,7 +189,8 @@ def finetune(
     if n != report.public_size:
         raise PrivdiffError(f"{n} private images, but the release was planned for {report.public_size}")
     device = next(prior.parameters()).device
-    module = GradSampleModule(prior, loss_reduction="sum")
+    # torch's ExpandedWeights: per-sample gradients computed in place of the batch gradient, not beside it
+    module = GradSampleModuleExpandedWeights(prior, loss_reduction="sum")
     optimizer = PrivdiffDPOptimizer(
         torch.optim.Adam(module.parameters(), lr=config.lr), rng=SecureRandom(seed),
         noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm,
@@ -202,22 +201,20 @@ def finetune(
         if saved.release_id != report.release_id:
             raise PrivdiffError(f"{checkpoint.path} belongs to release {saved.release_id}, not {report.release_id}")
     prior.train()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
-        for step in range(done, report.steps):
-            optimizer.zero_grad(set_to_none=True)
-            batch = poisson_sample(n, report.sample_rate, optimizer.rng)
-            if len(batch) == 0:
-                for p in prior.parameters():
-                    p.grad_sample = torch.zeros(0, *p.shape, device=device)
-            else:
-                prior.loss(tokens[batch].to(device)).sum().backward()
-            optimizer.step()
-            if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
-                checkpoint.save(prior, optimizer, step + 1, report)
-            if progress is not None:
-                progress(step + 1, report.steps)
-    module._close()  # removes opacus' hooks and per-sample gradients from the prior
+    for step in range(done, report.steps):
+        optimizer.zero_grad(set_to_none=True)
+        batch = poisson_sample(n, report.sample_rate, optimizer.rng)
+        if len(batch) == 0:
+            for p in prior.parameters():
+                p.grad_sample = torch.zeros(0, *p.shape, device=device)
+        else:
+            module(tokens[batch].to(device)).sum().backward()
+        optimizer.step()
+        if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
+            checkpoint.save(prior, optimizer, step + 1, report)
+        if progress is not None:
+            progress(step + 1, report.steps)
+    module._close()  # removes the per-sample gradients from the prior
     prior.eval()
     return prior
 
