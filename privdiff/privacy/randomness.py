@@ -154,11 +154,10 @@ class SecureRandom:
         about 2**-62); ``_exact_geometric`` settles those from U's exact bits.
         """
         words = self.uint64(m)
-        low, high = _geometric_thresholds()  # ascending: e^-K ... e^-1, times 2**64
-        surely = len(low) - np.searchsorted(low, words, side="right")  # k with w + 1 <= low_k: U < e^-k
-        maybe = len(high) - np.searchsorted(high, words, side="right")  # k with w < high_k: U may be < e^-k
-        v = surely.astype(np.int64)
-        for i in np.flatnonzero(surely != maybe):
+        low, high = _geometric_thresholds()  # ascending: e^-46 ... e^-1, times 2**64; low[0] = 0
+        below = np.searchsorted(low, words, side="right")  # low[below - 1] <= w < low[below]
+        v = len(low) - below  # the k with w + 1 <= low_k, where U < e^-k surely
+        for i in np.flatnonzero(words < high[below - 1]):  # w inside the next bracket: U vs e^-k undecided
             v[i] = self._exact_geometric(int(words[i]))
         return v
 
@@ -184,10 +183,11 @@ class SecureRandom:
         (probability about 2**-35 each) from U_i's exact bits.
         """
         words = self.uint64(len(gamma))
-        top = (words >> np.uint64(11)).astype(np.float64)  # exact: < 2**53
+        top = (words >> np.uint64(11)).astype(np.float64)  # U's first 53 bits, exact
         p = np.exp(-gamma)
-        below = top + 2 <= (p - _FLOAT_MARGIN) * 2.0**53
-        above = top >= (p + _FLOAT_MARGIN) * 2.0**53
+        p *= 2.0**53  # exact; the additions below round by <= 1/2, far inside the margin
+        below = top <= p - (_FLOAT_MARGIN * 2.0**53 + 2)  # U < (top + 1) 2**-53 <= exp(-gamma) - margin
+        above = top >= p + _FLOAT_MARGIN * 2.0**53  # U >= top 2**-53 >= exp(-gamma) + margin
         for i in np.flatnonzero(~(below | above)):
             below[i] = self._below_exp_neg(int(words[i]), *exact(int(i)))
         return below
@@ -235,10 +235,16 @@ class SecureRandom:
             ok &= ~(negative & (x == 0))
             # Algorithm 2's Bernoulli(exp(-u/t)) and Algorithm 3's acceptance are independent given (u, v, sign):
             # one Bernoulli(exp(-(u/t + gamma))) decides both.
-            gamma = u / t + 0.5 * (x / s - s / t) ** 2
+            z = x / s
+            z -= s / t
+            gamma = np.square(z, out=z)
+            gamma *= 0.5
+            gamma += u / t
             ok &= self._bernoulli_exp_neg(gamma, lambda i, u=u, x=x: (
                 int(u[i]) * gamma_den + t * (int(x[i]) * scale - num) ** 2, t * gamma_den))
-            out.append(np.where(negative, -x, x)[ok])
+            kept = x[ok]
+            np.negative(kept, out=kept, where=negative[ok])
+            out.append(kept)
             have += len(out[-1])
         return np.concatenate(out)[:size] if out else np.zeros(0, dtype=np.int64)
 
