@@ -74,7 +74,7 @@ def peak_memory(kind: str, device: str, batch: int) -> int:
 
 def breakdown(backend, encoder, cond, uncond, target, z, device: str, repeats: int) -> dict[str, float]:
     """Median seconds of the guided step's parts: UNet forward, decode + embed forward, backward."""
-    from privdiff.guidance.sampler import _cfg_noise, guidance_loss
+    from privdiff.guidance.sampler import cfg_noise, guidance_loss
 
     a = backend.alphas_cumprod[501]
     times: dict[str, list[float]] = {"UNet forward (CFG batch)": [], "VAE decode + encoder forward": [],
@@ -83,7 +83,7 @@ def breakdown(backend, encoder, cond, uncond, target, z, device: str, repeats: i
         with torch.enable_grad():
             x = z.clone().requires_grad_(True)
             t0 = time.perf_counter()
-            eps = _cfg_noise(backend, x, 501, cond, uncond, 3.0)
+            eps = cfg_noise(backend, x, 501, cond, uncond, 3.0)
             _sync(device)
             t1 = time.perf_counter()
             loss = guidance_loss(backend, encoder, target, x, eps, a, 100.0)

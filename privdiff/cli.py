@@ -603,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_wavelet_commands(sub)
 
+    from privdiff.cli_he import add_commands as add_he_commands
+
+    add_he_commands(sub)
+
     ledger = sub.add_parser("ledger", help="read or repair a budget ledger").add_subparsers(
         dest="ledger_command", metavar="SUBCOMMAND", required=True
     )

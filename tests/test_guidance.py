@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from privdiff.errors import PrivdiffError
 from privdiff.guidance.encoders import tiny_image_encoder
-from privdiff.guidance.sampler import GuidanceConfig, _cfg_noise, guidance_loss, guided_noise, sample
+from privdiff.guidance.sampler import GuidanceConfig, cfg_noise, guidance_loss, guided_noise, sample
 from privdiff.guidance.target import (
     StyleTarget,
     load_target,
@@ -57,7 +57,7 @@ def test_guidance_gradient_matches_finite_differences(sd1_backend, tiny_sd1, enc
     direction = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        eps = _cfg_noise(sd1_backend, x, t, cond, uncond, 3.0)
+        eps = cfg_noise(sd1_backend, x, t, cond, uncond, 3.0)
         return guidance_loss(sd1_backend, encoder, target, x, eps, a, 100.0)
 
     with torch.enable_grad():

@@ -69,7 +69,7 @@ def guided_noise(backend: SDBackend, z: torch.Tensor, t: int, cond: Cond, uncond
     guide = config.weight > 0
     with torch.inference_mode(False), torch.enable_grad():
         z = z.detach().clone().requires_grad_(guide)
-        eps = _cfg_noise(backend, z, t, cond, uncond, config.cfg)
+        eps = cfg_noise(backend, z, t, cond, uncond, config.cfg)
         if not guide:
             return eps.detach()
         if encoder is None or target is None:
@@ -88,7 +88,7 @@ def guidance_loss(backend: SDBackend, encoder: ImageEncoder, target: torch.Tenso
     return -scale * F.cosine_similarity(embedding, goal, dim=-1).sum()
 
 
-def _cfg_noise(backend: SDBackend, z: torch.Tensor, t: int, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
+def cfg_noise(backend: SDBackend, z: torch.Tensor, t: int, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
     """Classifier-free guided ε̂ (conditional and unconditional in one batch), converted from v if needed."""
     b = len(z)
     both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}

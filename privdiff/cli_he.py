@@ -1,0 +1,103 @@
+"""``privdiff he``: denoising with encrypted scheduler steps (HE-Diffusion), key holder and worker."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from privdiff import cli
+from privdiff.errors import PrivdiffError
+
+
+def _threshold(text: str) -> float:
+    from privdiff.he.selection import check_threshold
+
+    try:
+        return check_threshold(float(text))
+    except (ValueError, PrivdiffError):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+
+
+def _cmd_worker(args: argparse.Namespace) -> None:
+    from privdiff.he.protocol import WorkerServer, parse_address
+
+    host, port = parse_address(args.listen)
+    try:
+        server = WorkerServer((host, port), log=lambda line: print(line, file=sys.stderr, flush=True))
+    except OSError as error:
+        raise PrivdiffError(f"cannot listen on {args.listen} ({error.strerror or error})") from None
+    cli._print_json({"listening": f"{host}:{server.server_address[1]}"})
+    sys.stdout.flush()
+    with server, contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from privdiff.backends.diffusers_backend import DiffusersBackend
+    from privdiff.backends.tiny import load_model
+    from privdiff.devices import check_device
+    from privdiff.he.ckks import KeyHolder
+    from privdiff.he.protocol import parse_address
+    from privdiff.he.sampler import HEConfig, sample_images
+    from privdiff.image_output import save_images
+    from privdiff.progress import tqdm_progress
+
+    config = HEConfig(steps=args.steps, cfg=args.cfg, sampler=args.sampler, threshold=args.threshold,
+                      packing=args.packing, channels=args.channels, encrypt_offsets=args.encrypt_offsets)
+    if args.worker:
+        parse_address(args.worker)
+    KeyHolder()  # refuses unusable CKKS parameters before the model loads
+    out_dir = cli._out_dir(args.out)
+    device = check_device(args.device)
+    backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
+    backend.freeze()
+    height, width = args.height or backend.resolution, args.width or backend.resolution
+    with tqdm_progress("encrypted sampling") as progress:
+        images, report = sample_images(backend, args.prompt, args.negative_prompt, args.num_images, (height, width),
+                                       config, args.seed, args.worker, progress=progress,
+                                       vae_factor=backend.pipe.vae_scale_factor)
+    settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+                "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler, "threshold": config.threshold,
+                "packing": config.packing, "channels": config.channels, "encrypt_offsets": config.encrypt_offsets}
+    written = save_images(images, out_dir, settings)
+    cli._print_json({"images": [str(p) for p in written], **settings, "report": report.splitlines()})
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """The ``he`` command group."""
+    he = sub.add_parser("he", help="denoising with CKKS-encrypted scheduler steps (HE-Diffusion)").add_subparsers(
+        dest="he_command", metavar="SUBCOMMAND", required=True)
+    p = he.add_parser("worker", help="serve encrypted updates (public context only; never sees a secret key)")
+    p.add_argument("--listen", required=True, help="HOST:PORT to listen on, e.g. 127.0.0.1:7000 (port 0: any)")
+    p.set_defaults(func=_cmd_worker)
+
+    p = he.add_parser("sample", help="the key holder: sample with encrypted scheduler steps")
+    p.add_argument("--model", type=cli._model, required=True, help="as for ti-aggregate")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+    p.add_argument("--out", required=True, help="output folder for the PNG images (created if missing)")
+    p.add_argument("--worker", default=None, help="HOST:PORT of `privdiff he worker` (default: both roles here)")
+    p.add_argument("--threshold", type=_threshold, default=0.01,
+                   help="share of the distortion left in plaintext, in [0, 1) (default 0.01; 0 encrypts every "
+                        "element that carries distortion)")
+    p.add_argument("--steps", type=cli._integer(1, 1000), default=50, help="scheduler steps (default 50)")
+    p.add_argument("--sampler", choices=["ddim", "plms", "euler"], default="ddim", help="default ddim")
+    p.add_argument("--cfg", type=cli._real(100), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=cli._integer(0, cli.MAX_SEED), default=0, help="sampling seed (default 0)")
+    p.add_argument("--packing", choices=["sparse", "dense"], default="sparse",
+                   help="sparse: the selected elements and their positions (HE-Diffusion); dense: the whole latent, "
+                        "so positions reveal nothing")
+    p.add_argument("--channels", choices=["reference", "separate"], default="reference",
+                   help="HILL filtering across the channels as HE-Diffusion (reference) or per channel")
+    p.add_argument("--encrypt-offsets", action="store_true",
+                   help="encrypt the updates' offsets too, so the worker never sees the model's predictions")
+    p.add_argument("--num-images", type=cli._integer(1, 64), default=1, help="images in the batch (default 1)")
+    p.add_argument("--height", type=cli._resolution, default=None, help="pixels (default: the model's)")
+    p.add_argument("--width", type=cli._resolution, default=None, help="pixels (default: the model's)")
+    p.add_argument("--device", type=cli._device, default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="model weights dtype (default float32)")
+    p.set_defaults(func=_cmd_sample)
