@@ -6,6 +6,8 @@
 3. the worker adds the offset to the ciphertexts (offset / factor, so no rescale is needed) and applies
    factor x value + offset to the plaintext remainder;
 4. decrypt, multiply the decrypted values by the public factor, and merge.
+A step with factor 0 (Euler's last step, to sigma 0) keeps nothing of the state: the key holder takes the
+offset (the model's prediction) itself and sends nothing.
 With ``encrypt_offsets`` the offsets of the encrypted values are encrypted too, so the worker never sees the
 model's prediction there.
 """
@@ -32,6 +34,7 @@ class StepStats:
     """What the encrypted steps cost and covered."""
 
     steps: int = 0
+    plain_steps: int = 0  # steps to sigma 0: the result is the model's prediction, nothing to encrypt
     encrypted: int = 0
     elements: int = 0
     seconds: float = 0.0
@@ -56,9 +59,10 @@ class EncryptedStepper:
         self.stats = StepStats()
 
     def __call__(self, state: torch.Tensor, update: Update) -> torch.Tensor:
+        if update.factor == 0:  # a step to sigma 0 keeps nothing of the state: the key holder takes the offset
+            self.stats.plain_steps += 1
+            return update.offset.to(state.device, state.dtype)
         start = time.perf_counter()
-        if update.factor == 0:  # a step to sigma 0 keeps nothing of the state: only the offset is left
-            raise PrivdiffError("an encrypted step needs a nonzero factor (end the schedule above sigma 0)")
         z = state.detach().to("cpu", torch.float64).flatten()
         b = update.offset.detach().to("cpu", torch.float64).flatten()
         if self.packing == "dense":
