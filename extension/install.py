@@ -24,6 +24,7 @@ REQUIREMENTS = (
     "cryptography>=42",
     "filelock>=3.12",
     "PyWavelets>=1.4",
+    "tenseal>=0.3.14",
 )
 """What the extension's part of privdiff imports (no diffusers, and A1111's own transformers)."""
 
