@@ -6,6 +6,8 @@
   {"report", "status", "ok"}.
 - ``POST /privdiff/v1/spectral-sample``: the spectral sampling fields (``logic.SpectralSampleForm``) →
   {"files", "status", "ok"}.
+- ``POST /privdiff/v1/he-sample``: the encrypted denoising fields (``logic.EncryptedForm``) →
+  {"files", "report", "status", "ok"}.
 - ``GET /privdiff/v1/report?file=NAME``: the privacy report an embedding file carries.
 
 The POST routes are queued like a txt2img job, so ``/sdapi/v1/progress`` and ``/sdapi/v1/interrupt`` work on them;
@@ -27,7 +29,9 @@ def routes(app: Any, host: logic.Host) -> None:
     from modules import shared
     from modules.call_queue import queue_lock
 
-    def job(form_type: type, action: Callable[[logic.Host, Any], tuple[Any, str]], key: str) -> Callable[..., dict]:
+    def job(form_type: type, action: Callable[[logic.Host, Any], tuple], *keys: str) -> Callable[..., dict]:
+        """A route for ``action``, which returns one value per key and then the status line; "ok" is whether the
+        first value is non-empty."""
         def run(fields: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's declaration style)
             try:
                 form = form_type(**fields)
@@ -36,12 +40,13 @@ def routes(app: Any, host: logic.Host) -> None:
             with queue_lock:
                 shared.state.begin(job="privdiff")
                 try:
-                    result, status = action(host, form)
+                    *values, status = action(host, form)
                 finally:
                     shared.state.end()
-            if key == "files":
-                result = [str(Path(f).absolute()) for f in result]  # A1111's output folders may be relative
-            return {"ok": bool(result), key: result, "status": status}
+            answer = dict(zip(keys, values, strict=True))
+            if "files" in answer:  # A1111's output folders may be relative
+                answer["files"] = [str(Path(f).absolute()) for f in answer["files"]]
+            return {"ok": bool(values[0]), **answer, "status": status}
 
         return run
 
@@ -54,4 +59,6 @@ def routes(app: Any, host: logic.Host) -> None:
                       job(logic.SpectralForm, logic.spectral_finetune, "report"), methods=["POST"])
     app.add_api_route("/privdiff/v1/spectral-sample",
                       job(logic.SpectralSampleForm, logic.spectral_sample, "files"), methods=["POST"])
+    app.add_api_route("/privdiff/v1/he-sample", job(logic.EncryptedForm, logic.encrypted_sample, "files", "report"),
+                      methods=["POST"])
     app.add_api_route("/privdiff/v1/report", report, methods=["GET"])

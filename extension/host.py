@@ -11,7 +11,7 @@ import torch
 from privdiff.errors import PrivdiffError
 
 from .a1111 import LEDGER_SETTING
-from .logic import state_progress
+from .logic import GUIDED_FOLDER, state_progress
 
 
 def is_forge() -> bool:
@@ -86,12 +86,13 @@ class A1111Host:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def outputs_dir(self) -> Path:
+    def outputs_dir(self, folder: str = GUIDED_FOLDER) -> Path:
+        """``folder`` in the txt2img outputs (or the one folder for all images, when Settings names one)."""
         from modules import shared
 
-        folder = Path(shared.opts.outdir_samples or shared.opts.outdir_txt2img_samples) / "privdiff-guided"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        path = Path(shared.opts.outdir_samples or shared.opts.outdir_txt2img_samples) / folder
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def progress(self, label: str) -> Callable[[int, int], None]:
         from modules import shared

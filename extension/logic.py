@@ -42,6 +42,12 @@ FORGE_MESSAGE = ("privdiff: running the loaded SD checkpoint on Forge is not sup
                  "from A1111's); the report, ledger, embedding tools and spectral priors work")
 
 
+GUIDED_FOLDER = "privdiff-guided"
+"""The outputs subfolder of guided and spectral samples."""
+HE_FOLDER = "privdiff-he"
+"""The outputs subfolder of encrypted-denoising samples."""
+
+
 class Interrupted(PrivdiffError):
     """The user pressed Interrupt."""
 
@@ -67,8 +73,8 @@ class Host(Protocol):
 
     def targets_dir(self) -> Path: ...
 
-    def outputs_dir(self) -> Path:
-        """Where generated samples go (created)."""
+    def outputs_dir(self, folder: str = GUIDED_FOLDER) -> Path:
+        """Where generated samples go: ``folder`` in the web UI's outputs (created)."""
         ...
 
     def priors_dir(self) -> Path:
@@ -524,3 +530,65 @@ def spectral_sample(host: Host, form: SpectralSampleForm) -> tuple[list[Path], s
         return written, (f"{len(written)} image(s) in {folder}, seed {seed}, from a {source}: sampling and "
                          "upsampling spend no budget")
     return [], out[0]
+
+
+# Encrypted denoising (privdiff/he, HE-Diffusion): the loaded checkpoint's UNet runs here (the key holder); each
+# scheduler step's update runs on CKKS ciphertexts for the selected latent elements, by a worker in this process or
+# at HOST:PORT (`privdiff he worker`), which gets the public context only.
+
+MAX_BATCH = 64
+MAX_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class EncryptedForm:
+    """The encrypted denoising inputs (``worker``: HOST:PORT of ``privdiff he worker``; empty: both roles here)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg: float = 7.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    num_images: int = 1
+    threshold: float = 0.01
+    packing: str = "sparse"
+    channels: str = "reference"
+    encrypt_offsets: bool = False
+    worker: str = ""
+
+
+def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, str]:
+    """Sample with the loaded checkpoint, every scheduler step's update on CKKS ciphertexts; the images go to the
+    outputs folder's ``privdiff-he``. Returns (image files, report, status line); the report is empty on error."""
+    from privdiff.he.protocol import parse_address
+    from privdiff.he.sampler import HEConfig, sample_images
+    from privdiff.image_output import save_images
+
+    out: list[str] = []
+    with _one_line_errors(out):
+        config = HEConfig(steps=_whole("steps", form.steps, 1, 1000), cfg=_number("CFG scale", form.cfg),
+                          sampler=form.sampler, threshold=_number("threshold", form.threshold), packing=form.packing,
+                          channels=form.channels, encrypt_offsets=bool(form.encrypt_offsets))
+        size = (_whole("height", form.height, 8, MAX_SIZE), _whole("width", form.width, 8, MAX_SIZE))
+        count = _whole("batch size", form.num_images, 1, MAX_BATCH)
+        seed = _whole("seed", form.seed, -1, MAX_SEED)
+        seed = secrets.randbelow(MAX_SEED + 1) if seed < 0 else seed
+        worker = (form.worker or "").strip() or None
+        if worker is not None:
+            parse_address(worker)
+        model = _training_model(host)
+        with training_session(model) as backend:
+            images, report = sample_images(backend, form.prompt, form.negative_prompt, count, size, config, seed,
+                                           worker, progress=host.progress("privdiff: encrypted denoising"))
+        settings = {"prompt": form.prompt, "negative_prompt": form.negative_prompt, "seed": seed,
+                    "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler,
+                    "threshold": config.threshold, "packing": config.packing, "channels": config.channels,
+                    "encrypt_offsets": config.encrypt_offsets, "worker": worker or "this process"}
+        folder = host.outputs_dir(HE_FOLDER)
+        written = save_images(images, folder, settings)
+        mode = f"the worker at {worker}" if worker else "both roles in this process"
+        return written, report, f"{len(written)} image(s) in {folder}, seed {seed}; encrypted steps with {mode}"
+    return [], "", out[0]

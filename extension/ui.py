@@ -6,9 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .logic import Host
-from .tabs import guidance, reports, spectral, textual_inversion, tools
+from .tabs import guidance, he, reports, spectral, textual_inversion, tools
 
-SUBTABS = (textual_inversion, guidance, spectral, reports, tools)
+SUBTABS = (textual_inversion, guidance, spectral, he, reports, tools)
 """Each module has ``TITLE`` and ``build(host, job)``; a new capability adds one module here."""
 
 Job = Callable[[Callable[..., Any], int], Callable[..., Any]]

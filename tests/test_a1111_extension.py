@@ -4,8 +4,10 @@ decisions, and what the extension imports."""
 import copy
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,8 +66,8 @@ class FakeHost:
     def targets_dir(self):
         return self._folder("targets")
 
-    def outputs_dir(self):
-        return self._folder("outputs")
+    def outputs_dir(self, folder=logic.GUIDED_FOLDER):
+        return self._folder(f"outputs/{folder}")
 
     def priors_dir(self):
         return self._folder("priors")
@@ -222,7 +224,7 @@ def test_extension_imports_without_diffusers_gradio_or_a1111():
         "sys.meta_path.insert(0, Block())\n"
         "import extension.a1111, extension.host, extension.install, extension.logic, extension.ui\n"
         "import extension.a1111_backend, extension.api, extension.tabs.guidance, extension.tabs.reports\n"
-        "import extension.tabs.spectral, extension.tabs.textual_inversion, extension.tabs.tools\n"
+        "import extension.tabs.he, extension.tabs.spectral, extension.tabs.textual_inversion, extension.tabs.tools\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -390,3 +392,165 @@ def test_spectral_sample_refines_with_the_loaded_checkpoint(host, public_prior):
     settings = json.loads(Image.open(files[0]).text["parameters"])
     assert settings["refine_prompt"] == "a painting" and settings["strength"] == 0.5 and settings["refine_size"] == 32
     assert {name: p.requires_grad for name, p in host.model.named_parameters()} == flags
+
+
+def he_form(**overrides):
+    options = dict(prompt="a painting of a cat", negative_prompt="blurry", width=32, height=32, steps=2,
+                   num_images=2, seed=4)
+    return logic.EncryptedForm(**{**options, **overrides})
+
+
+@pytest.fixture
+def he_worker():
+    """``privdiff he worker`` in a thread: its HOST:PORT."""
+    from privdiff.he.protocol import WorkerServer
+
+    server = WorkerServer(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_encrypted_denoising_writes_images_and_returns_the_report(host, he_worker):
+    flags = {name: p.requires_grad for name, p in host.model.named_parameters()}
+    files, report, status = logic.encrypted_sample(host, he_form())
+    folder = host.outputs_dir(logic.HE_FOLDER)
+    assert len(files) == 2 and all(f.parent == folder for f in files) and folder.name == "privdiff-he", status
+    assert status == f"2 image(s) in {folder}, seed 4; encrypted steps with both roles in this process"
+    assert report.startswith("privdiff encrypted denoising: ddim, 2 steps, CFG 7.5") and "sparse packing" in report
+    assert "both roles in this process" in report and "worker (public context only)" in report
+    assert (host.state.textinfo, host.state.sampling_step, host.state.sampling_steps) == (
+        "privdiff: encrypted denoising", 2, 2)
+    settings = json.loads(Image.open(files[0]).text["parameters"])
+    assert settings["seed"] == 4 and settings["threshold"] == 0.01 and settings["worker"] == "this process"
+    assert {name: p.requires_grad for name, p in host.model.named_parameters()} == flags
+
+    again, _, _ = logic.encrypted_sample(host, he_form())  # the same seed: the same images, up to CKKS rounding
+    assert [f.name for f in again] == ["privdiff_00002.png", "privdiff_00003.png"]
+    diff = np.abs(_pixels(again[0]).astype(int) - _pixels(files[0]).astype(int))
+    assert diff.max() <= 1
+
+    remote = he_form(sampler="plms", packing="dense", encrypt_offsets=True, worker=f" {he_worker} ", num_images=1)
+    files, report, status = logic.encrypted_sample(host, remote)
+    assert len(files) == 1 and status.endswith(f"encrypted steps with the worker at {he_worker}"), status
+    assert f"worker at {he_worker}" in report and "dense packing" in report and "the offsets encrypted" in report
+    assert json.loads(Image.open(files[0]).text["parameters"])["worker"] == he_worker
+
+
+def test_encrypted_denoising_bad_input_is_one_line_and_writes_nothing(host):
+    cases = [
+        (he_form(threshold=1.0), "threshold must be in [0, 1), got 1.0"),
+        (he_form(threshold=-0.1), "threshold must be in [0, 1)"),
+        (he_form(threshold=float("nan")), "threshold must be a finite number"),
+        (he_form(worker="nowhere"), "worker address 'nowhere' is not HOST:PORT"),
+        (he_form(worker="127.0.0.1:70000"), "is not HOST:PORT"),
+        (he_form(worker=f"127.0.0.1:{_closed_port()}"), "is unreachable"),
+        (he_form(sampler="dpm"), "sampler='dpm'"),
+        (he_form(packing="tight"), "packing='tight'"),
+        (he_form(channels="all"), "channels='all'"),
+        (he_form(steps=0), "steps must be between 1 and 1000"),
+        (he_form(steps=2.5), "whole number"),
+        (he_form(cfg=-1.0), "cfg must be a finite number >= 0"),
+        (he_form(width=30), "must be multiples of 8"),
+        (he_form(num_images=0), "batch size"),
+        (he_form(seed=-2), "seed"),
+    ]
+    for bad, needle in cases:
+        files, report, status = logic.encrypted_sample(host, bad)
+        assert files == [] and report == "" and status.startswith("privdiff: ") and "\n" not in status, status
+        assert needle in status, status
+    host.model = None
+    assert "no checkpoint is loaded" in logic.encrypted_sample(host, he_form())[2]
+    host.forge = True
+    assert logic.encrypted_sample(host, he_form())[2] == logic.FORGE_MESSAGE
+    assert not any(host.outputs_dir(logic.HE_FOLDER).iterdir())
+
+
+def test_encrypted_denoising_interrupt_writes_nothing(host, he_worker):
+    for worker in ("", he_worker):
+        host.state.interrupted, host.interrupt_at = False, 1
+        files, report, status = logic.encrypted_sample(host, he_form(steps=3, worker=worker))
+        assert (files, report) == ([], "") and status.startswith("privdiff: interrupted"), status
+    assert not any(host.outputs_dir(logic.HE_FOLDER).iterdir())
+
+
+def test_api_he_sample_route(host, monkeypatch):
+    """``POST /privdiff/v1/he-sample`` through ``api.routes`` with stand-ins for FastAPI and A1111's modules."""
+    from extension import api
+
+    class HTTPException(Exception):
+        def __init__(self, status_code, detail):
+            super().__init__(detail)
+            self.status_code = status_code
+
+    calls = []
+    shared = SimpleNamespace(state=SimpleNamespace(begin=lambda job: calls.append(job),
+                                                   end=lambda: calls.append("end")))
+    stubs = {"fastapi": SimpleNamespace(Body=lambda default: default, HTTPException=HTTPException),
+             "modules": SimpleNamespace(shared=shared), "modules.shared": shared,
+             "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock())}
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    app = SimpleNamespace(routes={})
+    app.add_api_route = lambda path, fn, methods: app.routes.setdefault((methods[0], path), fn)
+    api.routes(app, host)
+    assert ("POST", "/privdiff/v1/he-sample") in app.routes and ("GET", "/privdiff/v1/report") in app.routes
+    route = app.routes["POST", "/privdiff/v1/he-sample"]
+
+    answer = route({"prompt": "a cat", "width": 32, "height": 32, "steps": 2, "seed": 1})
+    assert answer["ok"] and len(answer["files"]) == 1 and Path(answer["files"][0]).is_absolute(), answer["status"]
+    assert answer["report"].startswith("privdiff encrypted denoising") and calls == ["privdiff", "end"]
+    answer = route({"prompt": "a cat", "threshold": 1.5})
+    assert answer == {"ok": False, "files": [], "report": "",
+                      "status": "privdiff: threshold must be in [0, 1), got 1.5"}
+    with pytest.raises(HTTPException) as refused:
+        route({"prompt": "a cat", "key": "secret"})
+    assert refused.value.status_code == 422
+    answer = app.routes["POST", "/privdiff/v1/spectral-sample"]({"prior": "missing"})
+    assert set(answer) == {"ok", "files", "status"} and not answer["ok"]
+
+
+class _Component:
+    """A stand-in gradio component or layout block: remembers its arguments and click handlers."""
+
+    clicks: list = []
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def click(self, fn, inputs, outputs, **kwargs):
+        _Component.clicks.append((self, fn, inputs, outputs, kwargs))
+
+
+def test_encrypted_tab_defaults_match_the_form_and_generate_runs_it(host, monkeypatch):
+    from dataclasses import fields
+
+    from extension import ui
+
+    gradio = SimpleNamespace(__version__="3.41.2", update=dict, **{name: _Component for name in (
+        "Blocks", "Tabs", "Tab", "Row", "Column", "Markdown", "Textbox", "Number", "Slider", "Radio", "Checkbox",
+        "Dropdown", "Button", "HTML", "Gallery")})
+    monkeypatch.setitem(sys.modules, "gradio", gradio)
+    monkeypatch.setattr(_Component, "clicks", [])
+    ui.build(host, lambda fn, n_outputs: fn)
+    ((_, run, inputs, outputs, js),) = [c for c in _Component.clicks if c[0].args == ("Generate",)]
+    assert len(outputs) == 3 and "privdiff_he_status" in js["_js"]
+    form = fields(logic.EncryptedForm)
+    assert [f.default for f in form[1:]] == [i.kwargs.get("value", "") for i in inputs[2:]]
+    values = {f.name: i.kwargs.get("value", "") for f, i in zip(form, inputs[1:], strict=True)}
+    gallery, report, status = run(None, *{**values, "width": 32, "height": 32, "steps": 1}.values())
+    assert len(gallery) == 1 and "ddim, 1 steps" in report and "privdiff-ok" in status, status

@@ -68,10 +68,10 @@ def test_extension_loads_and_its_tab_is_in_the_page(webui):
     config = webui.call("/config")
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert {"privdiff_ti_train", "privdiff_ti_status", "privdiff_tabs", "privdiff_spectral",
-            "privdiff_spectral_finetune", "privdiff_spectral_sample"} <= ids
+            "privdiff_spectral_finetune", "privdiff_spectral_sample", "privdiff_he", "privdiff_he_generate"} <= ids
     assert any(c.get("props", {}).get("label") == "privdiff" for c in config["components"])
     progress = [d for d in config["dependencies"] if "requestProgress" in (d.get("js") or "")]
-    assert len(progress) == 5  # training, style target, guided sampling, spectral fine-tune and spectral sampling
+    assert len(progress) == 6  # training, style target, guided and spectral sampling, spectral fine-tune, encrypted
     errors = [line for line in webui.log.read_text().splitlines() if "Error" in line]
     assert not [line for line in errors if "privdiff" in line or str(webui_harness.ROOT) in line], errors
 
@@ -158,4 +158,16 @@ def test_spectral_finetune_and_sampling_in_the_webui(webui, tmp_path):
     answer = webui.call("/privdiff/v1/spectral-sample", {**sample, "upsampling": "SD refine", "refine_size": 64,
                                                          "refine_steps": 4, "refine_prompt": "a painting"})
     assert answer["ok"] and [_image(f).shape for f in answer["files"]] == [(64, 64, 3)] * 2, answer["status"]
+    np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)
+
+
+def test_encrypted_denoising_in_the_webui(webui):
+    before = _txt2img(webui, "a painting of a cat")
+    fields = {"prompt": "a painting of a cat", "width": 64, "height": 64, "steps": 2, "seed": 5, "sampler": "euler"}
+    answer = webui.call("/privdiff/v1/he-sample", fields)
+    assert answer["ok"] and "both roles in this process" in answer["report"], answer["status"]
+    assert [Path(f).parent.name for f in answer["files"]] == ["privdiff-he"]
+    assert _image(answer["files"][0]).shape == (64, 64, 3)
+    bad = webui.call("/privdiff/v1/he-sample", {**fields, "threshold": 1.0})
+    assert not bad["ok"] and bad["status"].startswith("privdiff: threshold"), bad["status"]
     np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)

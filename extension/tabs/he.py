@@ -1,0 +1,73 @@
+"""Encrypted denoising (HE-Diffusion): the loaded checkpoint's UNet runs in the web UI (the key holder, with the
+secret key); each scheduler step's update runs on CKKS ciphertexts for the selected latent elements, by a worker
+that gets the public context only."""
+
+from __future__ import annotations
+
+from .. import logic
+from ..ui_parts import interrupt_button, status_html
+
+TITLE = "Encrypted denoising"
+
+THREAT_MODEL = ("Encryption protects the latent from the **worker** only: whoever runs the UNet (this web UI, the "
+                "key holder) sees the prompt and every latent in plaintext. Run the worker elsewhere with "
+                "`privdiff he worker --listen HOST:PORT` and give its address below; empty runs both roles here. "
+                "The report says what was encrypted and what the worker saw.")
+
+
+def build(host: logic.Host, job) -> None:
+    import gradio as gr
+
+    from privdiff.he.sampler import SAMPLERS
+    from privdiff.he.selection import CHANNELS
+    from privdiff.he.stepper import PACKINGS
+
+    from ..ui import progress_js
+
+    if host.forge:
+        gr.Markdown(logic.FORGE_MESSAGE)
+    gr.Markdown(THREAT_MODEL)
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", lines=2)
+            negative = gr.Textbox(label="Negative prompt")
+            with gr.Row():
+                sampler = gr.Radio(list(SAMPLERS), value="ddim", label="Sampler")
+                steps = gr.Number(label="Steps", value=50, precision=0)
+                cfg = gr.Number(label="CFG scale", value=7.5)
+                seed = gr.Number(label="Seed (-1: random)", value=0, precision=0)
+            with gr.Row():
+                width = gr.Number(label="Width", value=512, precision=0)
+                height = gr.Number(label="Height", value=512, precision=0)
+                num_images = gr.Number(label="Batch size", value=1, precision=0)
+            with gr.Row():
+                threshold = gr.Number(label="Threshold (plaintext share of the distortion, in [0, 1))", value=0.01)
+                packing = gr.Radio(list(PACKINGS), value="sparse", label="Packing",
+                                   info="sparse: the selected elements and their positions; dense: the whole latent")
+                channels = gr.Radio(list(CHANNELS), value="reference", label="HILL channels",
+                                    info="reference: filter across the channels as HE-Diffusion; separate: each "
+                                         "channel on its own")
+            encrypt_offsets = gr.Checkbox(label="Encrypt the offsets too (the worker never sees the model's "
+                                                "predictions)", value=False)
+            worker = gr.Textbox(label="Worker HOST:PORT (empty: both roles in this process)",
+                                placeholder="127.0.0.1:7000")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="privdiff_he_generate")
+                interrupt_button(host)
+            status = gr.HTML(elem_id="privdiff_he_status")
+        with gr.Column():
+            gallery = gr.Gallery(label="Samples", columns=4)
+            report = gr.Textbox(label="Report", lines=8, interactive=False)
+
+    fields = {"prompt": prompt, "negative_prompt": negative, "sampler": sampler, "steps": steps, "cfg": cfg,
+              "seed": seed, "width": width, "height": height, "num_images": num_images, "threshold": threshold,
+              "packing": packing, "channels": channels, "encrypt_offsets": encrypt_offsets, "worker": worker}
+
+    def run(_task_id, *values):
+        form = logic.EncryptedForm(**dict(zip(fields, values, strict=True)))
+        files, text, line = logic.encrypted_sample(host, form)
+        return [str(f) for f in files], text, status_html(line)
+
+    task = gr.Textbox(visible=False)
+    generate.click(fn=job(run, 3), inputs=[task, *fields.values()], outputs=[gallery, report, status],
+                   **progress_js("privdiff_he_status"))
