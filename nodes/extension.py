@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from .aggregate import PrivdiffDPAggregateEmbeddings
 from .dataset import PrivdiffLoadPrivateImages
 from .guidance import PrivdiffDPStyleTarget, PrivdiffGuidedSampler, PrivdiffStyleGuider
+from .he import PrivdiffEncryptedSampler
 from .report import PrivdiffPrivacyReport
 from .textual_inversion import PrivdiffDPTextualInversion
 from .wavelet import PrivdiffSpectralFinetune, PrivdiffSpectralSample
@@ -26,4 +27,5 @@ class PrivdiffExtension(ComfyExtension):
             PrivdiffStyleGuider,
             PrivdiffSpectralFinetune,
             PrivdiffSpectralSample,
+            PrivdiffEncryptedSampler,
         ]

@@ -45,7 +45,7 @@ START_TIMEOUT = 240.0
 RUN_TIMEOUT = 900.0
 OUR_NODES = ("PrivdiffLoadPrivateImages", "PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings",
              "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler", "PrivdiffStyleGuider",
-             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample")
+             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample", "PrivdiffEncryptedSampler")
 CLIP_VISION = "privdiff_random_vit_l.safetensors"
 N_IMAGES = 4
 PUBLIC_PRIOR = "pdtest_public_prior.safetensors"
@@ -331,6 +331,7 @@ def prepare(workflow: Path, **overrides: dict) -> dict:
         "PrivdiffSpectralSample": {"prior": PUBLIC_PRIOR, "num_images": 2},
         "UpscaleModelLoader": {"model_name": UPSCALER},
         "ImageScale": {"width": 64, "height": 64},
+        "PrivdiffEncryptedSampler": {"steps": 2},
     }
     for node in prompt.values():
         for name, value in {**small.get(node["class_type"], {}), **overrides.get(node["class_type"], {})}.items():
@@ -418,7 +419,9 @@ def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings:
 
     for nid in _nodes_of(prompt, "PreviewAny"):
         (text,) = outputs[nid]["text"]
-        assert "epsilon" in text.lower(), f"{workflow.name}: PreviewAny {nid} shows {text[:300]!r}"
+        source = prompt[prompt[nid]["inputs"]["source"][0]]["class_type"]
+        want = "privdiff encrypted denoising" if source == "PrivdiffEncryptedSampler" else "epsilon"
+        assert want in text.lower(), f"{workflow.name}: PreviewAny {nid} shows {text[:300]!r}"
 
     from PIL import Image
 
@@ -645,3 +648,91 @@ print(json.dumps({{"arch": model.architecture.name, "scale": model.scale, "coars
     assert result["shape"] == [2, 3, SPECTRAL_SIZE * UPSCALE, SPECTRAL_SIZE * UPSCALE]
     assert 0 <= result["min"] <= result["max"] <= 1 and result["std"] > 0
     assert result["error"] and "\n" not in result["error"] and "not_a_model" in result["error"], result["error"]
+
+
+# --- encrypted denoising ----------------------------------------------------------------------------------------
+
+
+def _he_prompt(sampler: str, steps: int = 3, **inputs: object) -> dict:
+    """The shipped HE workflow (small), its latent also saved by SaveLatent under pdtest/he_<sampler>."""
+    prompt = prepare(ROOT / "workflows" / "api" / "he_sampler.json",
+                     PrivdiffEncryptedSampler={"sampler_name": sampler, "steps": steps, **inputs},
+                     SaveImage={"filename_prefix": f"pdtest/he_{sampler}"})
+    (nid,) = _nodes_of(prompt, "PrivdiffEncryptedSampler")
+    prompt["90"] = {"class_type": "SaveLatent",
+                    "inputs": {"samples": [nid, 0], "filename_prefix": f"pdtest/he_{sampler}"}}
+    return prompt
+
+
+def _saved_latent(comfy: Comfy, outputs: dict) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    (latent,) = outputs["90"]["latents"]
+    return load_file(comfy.base / "output" / latent["subfolder"] / latent["filename"])["latent_tensor"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim"])
+def test_encrypted_sampler_matches_ksampler(comfy: Comfy, sampler: str):
+    """The same graph with KSampler (same seed, steps, schedule) gives the same latent: the encrypted steps are
+    ComfyUI's steps."""
+    encrypted = _he_prompt(sampler, scheduler="karras", threshold=0.05)
+    outputs = comfy.run(encrypted)
+    (report,) = outputs[_nodes_of(encrypted, "PreviewAny")[0]]["text"]
+    assert f"ComfyUI sampler {sampler}, scheduler karras" in report and "both roles in this process" in report
+    assert "sparse packing" in report and "% of the elements" in report
+    he_latent = _saved_latent(comfy, outputs)
+
+    plain = _he_prompt(sampler, scheduler="karras")
+    (nid,) = _nodes_of(plain, "PrivdiffEncryptedSampler")
+    kept = ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
+            "denoise")
+    plain[nid] = {"class_type": "KSampler", "inputs": {k: plain[nid]["inputs"][k] for k in kept}}
+    del plain[_nodes_of(plain, "PreviewAny")[0]]
+    ks_latent = _saved_latent(comfy, comfy.run(plain))
+    assert he_latent.shape == ks_latent.shape and ks_latent.abs().max() > 0
+    assert torch.allclose(he_latent, ks_latent, rtol=1e-4, atol=1e-4), (he_latent - ks_latent).abs().max()
+
+
+def test_encrypted_sampler_img2img_and_worker_process(comfy: Comfy):
+    """denoise < 1 runs the tail of the schedule; a `privdiff he worker` does the worker's part."""
+    import threading
+
+    from privdiff.he.protocol import WorkerServer
+
+    server = WorkerServer((HOST, 0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"{HOST}:{server.server_address[1]}"
+    try:
+        prompt = _he_prompt("euler", steps=2, denoise=0.5, worker=address, packing="dense", encrypt_offsets=True)
+        outputs = comfy.run(prompt)
+    finally:
+        server.shutdown()
+        server.server_close()
+    (report,) = outputs[_nodes_of(prompt, "PreviewAny")[0]]["text"]
+    assert f"worker at {address}" in report and "dense packing" in report and "offsets encrypted" in report
+    assert _saved_latent(comfy, outputs).abs().max() > 0
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"worker": "no-port-here"}, "is not HOST:PORT"),
+    ({"worker": f"{HOST}:1"}, "unreachable"),
+])
+def test_encrypted_sampler_bad_input_is_a_clear_error(comfy: Comfy, inputs: dict, message: str):
+    entry = comfy.wait(comfy.queue(_he_prompt("euler", **inputs)))
+    assert entry["status"]["status_str"] == "error"
+    (error,) = _messages(entry, "execution_error")
+    assert message in error["exception_message"], error["exception_message"]
+    assert "\n" not in error["exception_message"].strip(), "the error should be one readable line"
+
+
+def test_encrypted_sampler_threshold_out_of_range_is_refused(comfy: Comfy):
+    status, body = _http(f"{comfy.url}/prompt", {"prompt": _he_prompt("euler", threshold=1.0)})
+    assert status == 400 and "threshold" in json.dumps(body), body
+
+
+def test_interrupt_during_encrypted_sampling(comfy: Comfy):
+    prompt = _he_prompt("euler", steps=1000)
+    (sampler,) = _nodes_of(prompt, "PrivdiffEncryptedSampler")
+    before = set((comfy.base / "output").rglob("*.png")) if (comfy.base / "output").exists() else set()
+    _interrupt_after_progress(comfy, prompt, sampler)
+    assert set((comfy.base / "output").rglob("*.png")) == before, "an interrupted sampling must save nothing"

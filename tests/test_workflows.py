@@ -76,6 +76,14 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
         [],
         ["GUIDER"],
     ),
+    "PrivdiffEncryptedSampler": (
+        [("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
+         ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+         ("latent_image", "LATENT"), ("denoise", "FLOAT"), ("threshold", "FLOAT"), ("packing", "COMBO"),
+         ("channels", "COMBO"), ("encrypt_offsets", "BOOLEAN"), ("worker", "STRING")],
+        [],
+        ["LATENT", "STRING"],
+    ),
 }
 
 CORE_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
@@ -104,7 +112,8 @@ CORE_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[s
 }
 NODES = {**CORE_NODES, **OUR_NODES}
 # Widgets the frontend follows with a "control after generate" value (fixed/increment/...).
-CONTROL_WIDGETS = {("KSampler", "seed"), ("PrivdiffGuidedSampler", "seed"), ("PrivdiffSpectralSample", "seed")}
+CONTROL_WIDGETS = {("KSampler", "seed"), ("PrivdiffGuidedSampler", "seed"), ("PrivdiffSpectralSample", "seed"),
+                   ("PrivdiffEncryptedSampler", "seed")}
 
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted(API.glob("*.json"))
@@ -266,3 +275,17 @@ def test_spectral_workflow_upsamples_both_ways():
     (ksampler,) = [n for n in prompt.values() if n["class_type"] == "KSampler"]
     assert ksampler["inputs"]["latent_image"] == [encode, 0] and 0 < ksampler["inputs"]["denoise"] < 1
     assert len([n for n in prompt.values() if n["class_type"] == "SaveImage"]) == 2
+
+
+def test_he_workflow_replaces_ksampler():
+    """Empty latent -> Encrypted Sampler -> VAE Decode -> Save Image, its report shown, both roles in ComfyUI."""
+    prompt = json.loads((API / "he_sampler.json").read_text())
+    (nid,) = [nid for nid, n in prompt.items() if n["class_type"] == "PrivdiffEncryptedSampler"]
+    sampler = prompt[nid]["inputs"]
+    assert prompt[sampler["latent_image"][0]]["class_type"] == "EmptyLatentImage" and sampler["denoise"] == 1.0
+    assert sampler["worker"] == "" and sampler["threshold"] == 0.01 and sampler["packing"] == "sparse"
+    (decode,) = [n for n in prompt.values() if n["class_type"] == "VAEDecode"]
+    assert decode["inputs"]["samples"] == [nid, 0]
+    (report,) = [n for n in prompt.values() if n["class_type"] == "PreviewAny"]
+    assert report["inputs"]["source"] == [nid, 1]
+    assert not [n for n in prompt.values() if n["class_type"] == "KSampler"]
