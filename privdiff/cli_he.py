@@ -22,7 +22,7 @@ def _threshold(text: str) -> float:
 def _cmd_worker(args: argparse.Namespace) -> None:
     from privdiff.he.protocol import WorkerServer, parse_address
 
-    host, port = parse_address(args.listen)
+    host, port = parse_address(args.listen, any_port=True)
     try:
         server = WorkerServer((host, port), log=lambda line: print(line, file=sys.stderr, flush=True))
     except OSError as error:

@@ -207,9 +207,10 @@ class WorkerServer(socketserver.ThreadingTCPServer):
         self.log = log
 
 
-def parse_address(address: str) -> tuple[str, int]:
+def parse_address(address: str, any_port: bool = False) -> tuple[str, int]:
+    """(host, port) from HOST:PORT; port 0 (the system picks one) only where ``any_port``."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise PrivdiffError(f"worker address {address!r} is not HOST:PORT")
     return host, int(port)
 
