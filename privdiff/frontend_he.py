@@ -86,5 +86,5 @@ def sampler_report(config: HEConfig, stats: StepStats, sampler: str, scheduler: 
                    worker: str = "", params: CKKSParams = DEFAULT_PARAMS) -> str:
     """The report of one run: the host's sampler and schedule, what was encrypted, and what each party saw."""
     where = f"worker at {worker.strip()}" if worker.strip() else "both roles in this process"
-    mode = f"ComfyUI sampler {sampler}, scheduler {scheduler}, denoise {denoise:g}; {where}"
-    return report(config, stats, describe(params), mode)
+    mode = f"ComfyUI scheduler {scheduler}, denoise {denoise:g}; {where}"
+    return report(config, stats, describe(params), mode, sampler)

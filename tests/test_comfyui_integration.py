@@ -678,7 +678,8 @@ def test_encrypted_sampler_matches_ksampler(comfy: Comfy, sampler: str):
     encrypted = _he_prompt(sampler, scheduler="karras", threshold=0.05)
     outputs = comfy.run(encrypted)
     (report,) = outputs[_nodes_of(encrypted, "PreviewAny")[0]]["text"]
-    assert f"ComfyUI sampler {sampler}, scheduler karras" in report and "both roles in this process" in report
+    assert f"denoising: {sampler}," in report and "scheduler karras" in report
+    assert "both roles in this process" in report
     assert "sparse packing" in report and "% of the elements" in report
     he_latent = _saved_latent(comfy, outputs)
 

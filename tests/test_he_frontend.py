@@ -133,7 +133,7 @@ def test_worker_process_gives_the_same_result():
         server.server_close()
     assert torch.allclose(out, plain("euler_ancestral"), rtol=0, atol=1e-6)
     text = he.sampler_report(config, stepper.stats, "euler_ancestral", "karras", 1.0, address)
-    assert f"worker at {address}" in text and "ComfyUI sampler euler_ancestral, scheduler karras" in text
+    assert f"worker at {address}" in text and "denoising: euler_ancestral," in text and "scheduler karras" in text
     assert "offsets encrypted" in text
 
 

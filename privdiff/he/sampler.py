@@ -92,15 +92,16 @@ def sample(backend: SDBackend, cond: Cond, uncond: Cond, latents: torch.Tensor, 
     return z
 
 
-def report(config: HEConfig, stats: StepStats, params: str, mode: str) -> str:
-    """The report string: settings, what was encrypted, and what each party saw (the threat model)."""
+def report(config: HEConfig, stats: StepStats, params: str, mode: str, sampler: str | None = None) -> str:
+    """The report string: settings, what was encrypted, and what each party saw (the threat model);
+    ``sampler`` names the host's sampler where it is not one of :data:`SAMPLERS`."""
     offsets = ("encrypted" if config.encrypt_offsets else
                "in plaintext (they carry the model's noise prediction for those elements)")
     where = ("dense packing: every element, positions implicit" if config.packing == "dense" else
              f"sparse packing: {stats.fraction:.1%} of the elements on average (HILL threshold {config.threshold:g}, "
              f"{config.channels} filtering), with their positions")
     return "\n".join([
-        f"privdiff encrypted denoising: {config.sampler}, {config.steps} steps, CFG {config.cfg:g}; "
+        f"privdiff encrypted denoising: {sampler or config.sampler}, {config.steps} steps, CFG {config.cfg:g}; "
         f"CKKS {params}; {mode}",
         f"encrypted each step: {where}",
         f"HE overhead: {stats.seconds / max(stats.steps, 1) * 1e3:.1f} ms per step; "
