@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from privdiff import cli
 from privdiff.errors import PrivdiffError
@@ -40,17 +41,19 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from privdiff.backends.tiny import load_model
     from privdiff.devices import check_device
     from privdiff.he.ckks import KeyHolder
-    from privdiff.he.protocol import parse_address
+    from privdiff.he.protocol import RemoteWorker
     from privdiff.he.sampler import HEConfig, sample_images
     from privdiff.image_output import save_images
     from privdiff.progress import tqdm_progress
 
     config = HEConfig(steps=args.steps, cfg=args.cfg, sampler=args.sampler, threshold=args.threshold,
                       packing=args.packing, channels=args.channels, encrypt_offsets=args.encrypt_offsets)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PrivdiffError(f"--out {out} is a file, not a folder")
+    holder = KeyHolder()  # refuses unusable CKKS parameters before the model loads
     if args.worker:
-        parse_address(args.worker)
-    KeyHolder()  # refuses unusable CKKS parameters before the model loads
-    out_dir = cli._out_dir(args.out)
+        RemoteWorker(args.worker, holder.public_context()).close()  # reachable, and a privdiff worker
     device = check_device(args.device)
     backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
     backend.freeze()
@@ -62,7 +65,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                 "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler, "threshold": config.threshold,
                 "packing": config.packing, "channels": config.channels, "encrypt_offsets": config.encrypt_offsets}
-    written = save_images(images, out_dir, settings)
+    written = save_images(images, cli._out_dir(args.out), settings)
     cli._print_json({"images": [str(p) for p in written], **settings, "report": report.splitlines()})
 
 

@@ -292,6 +292,13 @@ def test_cli_worker_and_key_holder_in_two_processes(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "privdiff.cli", "he", "sample", "--model", "tiny", "--prompt", "x",
                               "--out", str(tmp_path / "bad"), "--threshold", "1.2"], capture_output=True, text=True)
         assert bad.returncode != 0 and "must be a number in [0, 1)" in bad.stderr and not (tmp_path / "bad").exists()
+        worker.terminate()
+        worker.wait(timeout=30)
+        gone = subprocess.run([sys.executable, "-m", "privdiff.cli", "he", "sample", "--model", "tiny", "--prompt",
+                               "x", "--out", str(tmp_path / "gone"), "--worker", address], capture_output=True,
+                              text=True, timeout=120)
+        assert gone.returncode != 0 and f"the worker at {address} is unreachable" in gone.stderr
+        assert len(gone.stderr.strip().splitlines()) == 1 and not (tmp_path / "gone").exists()
     finally:
         worker.terminate()
         worker.wait(timeout=30)
