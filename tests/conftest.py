@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight SD1/SDXL pipelines and their backends (built once per session)."""
 
 import os
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
@@ -46,3 +47,15 @@ def sdxl_backend(tiny_sdxl):
     backend = DiffusersBackend(tiny_sdxl)
     backend.freeze()
     return backend
+
+
+@pytest.fixture
+def he_worker():
+    """HOST:PORT of a ``privdiff he worker`` server running in a thread."""
+    from privdiff.he.protocol import WorkerServer
+
+    server = WorkerServer(("127.0.0.1", 0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -400,19 +400,6 @@ def he_form(**overrides):
     return logic.EncryptedForm(**{**options, **overrides})
 
 
-@pytest.fixture
-def he_worker():
-    """``privdiff he worker`` in a thread: its HOST:PORT."""
-    from privdiff.he.protocol import WorkerServer
-
-    server = WorkerServer(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def _closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -22,7 +22,6 @@ from privdiff.he.protocol import (
     LocalWorker,
     Message,
     RemoteWorker,
-    WorkerServer,
     decode,
     encode,
     read_message,
@@ -199,19 +198,9 @@ def test_sparse_packing_shows_the_plaintext_remainder_and_its_positions(sd1_back
 
 # -- two processes --------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def server():
-    srv = WorkerServer(("127.0.0.1", 0))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_two_roles_over_loopback_match_one_process(holder, server):
+def test_two_roles_over_loopback_match_one_process(holder, he_worker):
     z, update = _latent(8), steps.ddim(_latent(9), 0.5, 0.6)
-    remote = RemoteWorker(server, holder.public_context())
+    remote = RemoteWorker(he_worker, holder.public_context())
     far = EncryptedStepper(holder, remote)(z, update)
     near = EncryptedStepper(holder, LocalWorker(holder.public_context()))(z, update)
     assert (far - update.apply(z)).abs().max() < STEP_ERROR and (far - near).abs().max() < STEP_ERROR
@@ -223,8 +212,8 @@ TRUNCATED = MAGIC + bytes([UPDATE]) + (10).to_bytes(8, "little") + b"{}"
 
 
 @pytest.mark.parametrize("payload", [b"GET / HTTP/1.0\r\n\r\n" + bytes(20), TRUNCATED])
-def test_the_worker_refuses_a_malformed_message(server, payload):
-    host, port = server.rsplit(":", 1)
+def test_the_worker_refuses_a_malformed_message(he_worker, payload):
+    host, port = he_worker.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)

@@ -4,14 +4,12 @@ match the plaintext loop with the same noise, the last step reaches sigma 0, pro
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 import torch
 
 from privdiff import frontend_he as he
 from privdiff.errors import PrivdiffError
-from privdiff.he.protocol import WorkerServer
 from privdiff.he.sampler import HEConfig
 from privdiff.he.steps import Update
 
@@ -119,18 +117,11 @@ def test_progress_is_called_after_every_step_and_cancels():
     assert len(denoised) == 2 and stepper.stats.steps == 2
 
 
-def test_worker_process_gives_the_same_result():
-    server = WorkerServer(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        address = f"127.0.0.1:{server.server_address[1]}"
-        config = HEConfig(sampler="euler", encrypt_offsets=True)
-        with he.encrypted_stepper(config, f" {address} ") as stepper:
-            out = he.sample(toy_denoise, start(), SIGMAS, stepper, "euler_ancestral", noise_sampler())
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_worker_process_gives_the_same_result(he_worker):
+    address = he_worker
+    config = HEConfig(sampler="euler", encrypt_offsets=True)
+    with he.encrypted_stepper(config, f" {address} ") as stepper:
+        out = he.sample(toy_denoise, start(), SIGMAS, stepper, "euler_ancestral", noise_sampler())
     assert torch.allclose(out, plain("euler_ancestral"), rtol=0, atol=1e-6)
     text = he.sampler_report(config, stepper.stats, "euler_ancestral", "karras", 1.0, address)
     assert f"worker at {address}" in text and "denoising: euler_ancestral," in text and "scheduler karras" in text
