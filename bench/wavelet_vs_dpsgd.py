@@ -245,6 +245,7 @@ def breakdown(prior: SpectralPrior, tokens: torch.Tensor, sigma: float, args: ar
         dp_opt.original_optimizer.step()
         tick("DP: Adam", t)
     module._close()
+    dp_opt.close()
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 

@@ -21,7 +21,7 @@ from privdiff.privacy import dpsgd
 from privdiff.privacy.accountants import epsilon_for
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
 from privdiff.privacy.mechanism import bound_vectors
-from privdiff.privacy.randomness import SecureRandom
+from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 B = 3
 
@@ -143,7 +143,8 @@ def test_run_dpsgd_ti(tmp_path, sd1_backend, monkeypatch, recwarn):
     (opt,) = made
     assert opt.max_grad_norm == 0.3 and opt.noise_multiplier == report.noise_multiplier
     assert opt.expected_batch_size == 2 and isinstance(opt.rng, SecureRandom) and not opt.rng.reproducible
-    assert noised == [(torch.float64, 0.3, 1.0, SecureRandom)] * 3  # every step's noise: one noisy_sum
+    assert noised == [(torch.float64, 0.3, 1.0, NoiseAhead)] * 3  # every step's noise: one noisy_sum
+    assert not opt.noise.rng.reproducible and opt.noise._next is None  # its thread stopped with training
     assert sampled == [SecureRandom] * 3
     vec = result.embedding.vectors["clip_l"]
     init = initial_vectors(sd1_backend, config)["clip_l"]

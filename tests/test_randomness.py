@@ -11,7 +11,7 @@ from scipy import stats
 
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import randomness
-from privdiff.privacy.randomness import SecureRandom
+from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 HIGH_BIT_SEEDS = [5, 5 + 2**32, 5 + 2**40]
 
@@ -163,6 +163,18 @@ def test_geometric_matches_its_pmf():
     assert stats.chisquare(observed, n * pmf).pvalue > 1e-4
 
 
+def test_geometric_sends_every_word_inside_any_bracket_to_the_exact_path(monkeypatch):
+    """Only the bracket just below a word is checked: no other bracket may hold it (they overlap near 0)."""
+    low, high = randomness._geometric_thresholds()
+    words = sorted({w for x in low.tolist() for w in range(max(0, x - 3), x + 4)} | set(range(64)))
+    rng, sent = SecureRandom(9), []
+    monkeypatch.setattr(rng, "uint64", lambda k: np.array(words, dtype=np.uint64))
+    monkeypatch.setattr(rng, "_exact_geometric", lambda w: sent.append(w) or 0)
+    rng._geometric(len(words))
+    brackets = list(zip(low.tolist(), high.tolist(), strict=True))
+    assert sent == [w for w in words if any(lo <= w < hi for lo, hi in brackets)]
+
+
 def test_geometric_settles_words_inside_a_bracket_exactly(monkeypatch):
     """w = floor(e^-1 2**64): U < e^-1 depends on U's further bits (odds: the fraction), and U < e^-2 cannot hold."""
     rng, n = SecureRandom(8), 20_000
@@ -174,6 +186,29 @@ def test_geometric_settles_words_inside_a_bracket_exactly(monkeypatch):
     assert set(np.unique(v)) <= {0, 1} and abs(v.mean() - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
     monkeypatch.setattr(rng, "uint64", lambda k: np.zeros(k, dtype=np.uint64))  # U < 2**-64: V is 44 or more
     assert (rng._geometric(20) >= 44).all()
+
+
+def test_spawned_streams_are_independent_and_reproducible_when_seeded():
+    parent = SecureRandom(11)
+    child = parent.spawn()
+    assert child.reproducible and child.random_bytes(32) != parent.random_bytes(32)
+    assert SecureRandom(11).spawn().random_bytes(32) == SecureRandom(11).spawn().random_bytes(32)
+    assert not SecureRandom().spawn().reproducible
+
+
+def test_noise_ahead_gives_the_spawned_stream_draws_in_order(monkeypatch):
+    ahead = NoiseAhead(SecureRandom(12))
+    twin = SecureRandom(12).spawn()
+    try:
+        for _ in range(3):  # repeated arguments: each draw was prepared in the background
+            assert np.array_equal(ahead.discrete_gaussian(500, 2.0**30), twin.discrete_gaussian(500, 2.0**30))
+        changed = ahead.discrete_gaussian(40, 3.0)  # the prepared draw is discarded, never reused
+        twin.discrete_gaussian(500, 2.0**30)
+        assert np.array_equal(changed, twin.discrete_gaussian(40, 3.0))
+        assert ahead._next is not None and ahead._next[0] == (40, 3.0)
+    finally:
+        ahead.close()
+    assert ahead._next is None
 
 
 def test_float_exp_is_checked_against_exact_brackets(monkeypatch):

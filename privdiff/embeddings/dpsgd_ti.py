@@ -107,25 +107,28 @@ def run_dpsgd_ti(
         expected_batch_size=max(1, round(params.sample_rate * report.public_size)),
     )
     templates = TEMPLATES[config.templates]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
-        for step in range(config.steps):
-            optimizer.zero_grad(set_to_none=True)
-            batch = poisson_sample(n, params.sample_rate, rng)
-            if len(batch) == 0:
-                shared.weight.grad_sample = torch.zeros(0, *shared.weight.shape, device=device)
-            else:
-                x0 = latents[batch]
-                rows = module(x0).split(widths, dim=-1)
-                vectors = {k: r.to(backend.dtype) for k, r in zip(keys, rows, strict=True)}
-                prompts = [templates[int(i)].format(PLACEHOLDER)
-                           for i in torch.randint(len(templates), (len(batch),), generator=generator)]
-                t = torch.randint(len(backend.alphas_cumprod), (len(batch),), generator=generator)
-                noise = torch.randn(x0.shape, generator=generator)
-                diffusion_loss(backend, x0, t, noise, prompts, vectors).mean().backward()
-            optimizer.step()
-            if progress is not None:
-                progress(step + 1, config.steps)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+            for step in range(config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                batch = poisson_sample(n, params.sample_rate, rng)
+                if len(batch) == 0:
+                    shared.weight.grad_sample = torch.zeros(0, *shared.weight.shape, device=device)
+                else:
+                    x0 = latents[batch]
+                    rows = module(x0).split(widths, dim=-1)
+                    vectors = {k: r.to(backend.dtype) for k, r in zip(keys, rows, strict=True)}
+                    prompts = [templates[int(i)].format(PLACEHOLDER)
+                               for i in torch.randint(len(templates), (len(batch),), generator=generator)]
+                    t = torch.randint(len(backend.alphas_cumprod), (len(batch),), generator=generator)
+                    noise = torch.randn(x0.shape, generator=generator)
+                    diffusion_loss(backend, x0, t, noise, prompts, vectors).mean().backward()
+                optimizer.step()
+                if progress is not None:
+                    progress(step + 1, config.steps)
+    finally:
+        optimizer.close()
 
     trained = shared.weight.detach().cpu().split(widths, dim=-1)
     vectors = dict(zip(keys, trained, strict=True))

@@ -2,7 +2,8 @@
 
 opacus computes the per-sample gradients (``GradSampleModule``) and runs the optimizer; this subclass
 replaces its float32 clipping and torch noise: per-sample gradients are clipped and summed in float64 by
-``clipped_sum`` and the sum is noised by ``noisy_sum`` from a ``SecureRandom``.
+``clipped_sum`` and the sum is noised by ``noisy_sum`` from a ``SecureRandom`` (its own stream, each step's
+noise drawn while the step before computes: ``NoiseAhead``).
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from privdiff.privacy.mechanism import clipped_sum, noisy_sum
-from privdiff.privacy.randomness import SecureRandom
+from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 
 class PrivdiffDPOptimizer(DPOptimizer):
     """opacus' ``DPOptimizer`` with privdiff's bounding and noise instead of opacus' float32 clip and torch noise.
 
     Each example's gradient (all parameters together) is clipped to ``max_grad_norm`` and summed in float64 by
-    ``clipped_sum``; the noise is one ``noisy_sum`` over all parameters from ``rng``.
+    ``clipped_sum``; the noise is one ``noisy_sum`` over all parameters, from a stream spawned from ``rng``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kwargs: object) -> None:
         super().__init__(optimizer, **kwargs)
         self.rng = rng
+        self.noise = NoiseAhead(rng)
+
+    def close(self) -> None:
+        """Stop the noise thread; call when training ends."""
+        self.noise.close()
 
     def _sizes(self) -> list[int]:
         return [p.numel() for p in self.params]
@@ -42,7 +48,7 @@ class PrivdiffDPOptimizer(DPOptimizer):
         for p in self.params:
             _check_processed_flag(p.summed_grad)
         total = torch.cat([p.summed_grad.reshape(-1).to(torch.float64) for p in self.params])
-        noisy = noisy_sum(total, self.max_grad_norm, self.noise_multiplier, self.rng)
+        noisy = noisy_sum(total, self.max_grad_norm, self.noise_multiplier, self.noise)
         for p, part in zip(self.params, noisy.split(self._sizes()), strict=True):
             p.grad = part.view_as(p).to(p.dtype)
             _mark_as_processed(p.summed_grad)

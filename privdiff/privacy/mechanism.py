@@ -40,7 +40,7 @@ from torch import Tensor
 
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
-from privdiff.privacy.randomness import SecureRandom
+from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 log = logging.getLogger("privdiff")
 
@@ -50,6 +50,10 @@ _GRID_NOISE_BITS = 40  # coarser grids for larger sigma keep the grid noise s be
 _NORM_CHUNK = 1024  # clipped_sum's norms: columns per chunk, small enough for a 2**-13 error bound in float32
 _SUM_BLOCK = 8192  # clipped_sum's float64 sums: columns converted at a time
 _MAX_STEPS = 2**62  # snapped sums are clamped to +-2**62 steps (1-Lipschitz: the sensitivity is kept)
+
+
+def _check_noise_source(rng: object) -> SecureRandom | NoiseAhead:
+    return rng if isinstance(rng, NoiseAhead) else _check_rng(rng)
 
 
 def _check_rng(rng: object) -> SecureRandom:
@@ -184,7 +188,7 @@ def noise_grid(clip_norm: float, noise_multiplier: float) -> float:
     return math.ldexp(1.0, math.frexp(c)[1] - 1 - bits)
 
 
-def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float, rng: SecureRandom) -> Tensor:
+def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float, rng: SecureRandom | NoiseAhead) -> Tensor:
     """``total`` plus discrete Gaussian noise of std about sigma * C, on the grid ``noise_grid(C, sigma)``.
 
     ``total`` must be a float64-computed sum of rows of norm <= ``clip_norm`` (its L2 sensitivity). Returns
@@ -193,7 +197,7 @@ def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float, rng: Sec
     """
     c = checks.positive("clip_norm", clip_norm)
     sigma = checks.positive("noise_multiplier", noise_multiplier)
-    rng = _check_rng(rng)
+    rng = _check_noise_source(rng)
     if not isinstance(total, Tensor) or not total.is_floating_point():
         raise PrivdiffError("total must be a floating-point torch tensor")
     if not bool(torch.isfinite(total).all()):

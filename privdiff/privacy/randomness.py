@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import MIN_EMIN, ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, localcontext
 from fractions import Fraction
 
@@ -51,10 +52,19 @@ class SecureRandom:
             if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
                 raise PrivdiffError(f"seed must be an integer in [0, 2**64), got {seed!r}")
             key = hashlib.sha256(_SEED_DOMAIN + int(seed).to_bytes(8, "little")).digest()
-        self._reproducible = seed is not None
+        self._start(key, seed is not None)
+
+    def _start(self, key: bytes, reproducible: bool) -> None:
+        self._reproducible = reproducible
         self._encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
         self._used = 0
         self._next_word = self._words().__next__
+
+    def spawn(self) -> SecureRandom:
+        """A new, independent stream keyed with the next 256 bits of this one (reproducible if this one is)."""
+        child = SecureRandom.__new__(SecureRandom)
+        child._start(self.random_bytes(32), self._reproducible)
+        return child
 
     @property
     def reproducible(self) -> bool:
@@ -247,6 +257,41 @@ class SecureRandom:
             out.append(kept)
             have += len(out[-1])
         return np.concatenate(out)[:size] if out else np.zeros(0, dtype=np.int64)
+
+
+class NoiseAhead:
+    """Discrete Gaussian draws from a stream of their own, each next draw prepared in a background thread.
+
+    DP-SGD's noise does not depend on the data (its size and sigma are public), so the next step's noise can
+    be drawn while the current step computes. Asking again for the same (size, sigma) returns the prepared
+    draw; other arguments wait for it, discard it and draw afresh, so no keystream byte is used twice, and
+    the stream is only ever read by one thread at a time. The draws are those of ``rng.spawn()``, in order.
+    """
+
+    def __init__(self, rng: SecureRandom) -> None:
+        self.rng = rng.spawn()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="privdiff-noise")
+        self._next: tuple[tuple[int, float], Future] | None = None
+
+    def discrete_gaussian(self, size: int, sigma: float) -> np.ndarray:
+        """As :meth:`SecureRandom.discrete_gaussian`; the following draw starts in the background."""
+        drawn = None
+        if self._next is not None:
+            args, future = self._next
+            self._next = None
+            ready = future.result()
+            drawn = ready if args == (size, sigma) else None
+        if drawn is None:
+            drawn = self.rng.discrete_gaussian(size, sigma)
+        self._next = ((size, sigma), self._pool.submit(self.rng.discrete_gaussian, size, sigma))
+        return drawn
+
+    def close(self) -> None:
+        """Stop the background thread (a prepared draw is discarded)."""
+        if self._next is not None:
+            self._next[1].cancel()
+            self._next = None
+        self._pool.shutdown(wait=True)
 
 
 def _exp_neg_bracket(num: int, den: int, bits: int) -> tuple[int, int]:

@@ -201,19 +201,22 @@ def finetune(
         if saved.release_id != report.release_id:
             raise PrivdiffError(f"{checkpoint.path} belongs to release {saved.release_id}, not {report.release_id}")
     prior.train()
-    for step in range(done, report.steps):
-        optimizer.zero_grad(set_to_none=True)
-        batch = poisson_sample(n, report.sample_rate, optimizer.rng)
-        if len(batch) == 0:
-            for p in prior.parameters():
-                p.grad_sample = torch.zeros(0, *p.shape, device=device)
-        else:
-            module(tokens[batch].to(device)).sum().backward()
-        optimizer.step()
-        if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
-            checkpoint.save(prior, optimizer, step + 1, report)
-        if progress is not None:
-            progress(step + 1, report.steps)
+    try:
+        for step in range(done, report.steps):
+            optimizer.zero_grad(set_to_none=True)
+            batch = poisson_sample(n, report.sample_rate, optimizer.rng)
+            if len(batch) == 0:
+                for p in prior.parameters():
+                    p.grad_sample = torch.zeros(0, *p.shape, device=device)
+            else:
+                module(tokens[batch].to(device)).sum().backward()
+            optimizer.step()
+            if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
+                checkpoint.save(prior, optimizer, step + 1, report)
+            if progress is not None:
+                progress(step + 1, report.steps)
+    finally:
+        optimizer.close()
     module._close()  # removes the per-sample gradients from the prior
     prior.eval()
     return prior
