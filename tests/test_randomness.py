@@ -206,6 +206,8 @@ def test_noise_ahead_gives_the_spawned_stream_draws_in_order(monkeypatch):
         twin.discrete_gaussian(500, 2.0**30)
         assert np.array_equal(changed, twin.discrete_gaussian(40, 3.0))
         assert ahead._next is not None and ahead._next[0] == (40, 3.0)
+        ahead.wait()
+        assert ahead._next[1].done()
     finally:
         ahead.close()
     assert ahead._next is None

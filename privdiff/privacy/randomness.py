@@ -286,6 +286,11 @@ class NoiseAhead:
         self._next = ((size, sigma), self._pool.submit(self.rng.discrete_gaussian, size, sigma))
         return drawn
 
+    def wait(self) -> None:
+        """Block until the draw being prepared is ready (to time what runs next without it)."""
+        if self._next is not None:
+            self._next[1].result()
+
     def close(self) -> None:
         """Stop the background thread (a prepared draw is discarded)."""
         if self._next is not None:
