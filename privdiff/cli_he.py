@@ -61,7 +61,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     with tqdm_progress("encrypted sampling") as progress:
         images, report = sample_images(backend, args.prompt, args.negative_prompt, args.num_images, (height, width),
                                        config, args.seed, args.worker, progress=progress,
-                                       vae_factor=backend.pipe.vae_scale_factor)
+                                       vae_factor=backend.pipe.vae_scale_factor, holder=holder)
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                 "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler, "threshold": config.threshold,
                 "packing": config.packing, "channels": config.channels, "encrypt_offsets": config.encrypt_offsets}

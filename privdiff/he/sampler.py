@@ -120,13 +120,16 @@ def describe(params: CKKSParams) -> str:
 
 def sample_images(backend: SDBackend, prompt: str, negative_prompt: str, num_images: int, size: tuple[int, int],
                   config: HEConfig, seed: int, worker: str | None = None, params: CKKSParams = DEFAULT_PARAMS,
-                  progress: Progress | None = None, vae_factor: int = 8) -> tuple[torch.Tensor, str]:
-    """Images [N,3,H,W] in 0..1 and the report string: key holder here, worker in this process or at
-    ``worker`` (HOST:PORT). The backend needs ``encode_text``. Same seed, same initial noise."""
+                  progress: Progress | None = None, vae_factor: int = 8,
+                  holder: KeyHolder | None = None) -> tuple[torch.Tensor, str]:
+    """Images [N,3,H,W] in 0..1 and the report string: key holder here (``holder``, or a new one with
+    ``params``), worker in this process or at ``worker`` (HOST:PORT). The backend needs ``encode_text``.
+    Same seed, same initial noise."""
     height, width = size
     if height % vae_factor or width % vae_factor:
         raise PrivdiffError(f"height/width {height}x{width} must be multiples of {vae_factor} for this model")
-    holder = KeyHolder(params)
+    holder = holder or KeyHolder(params)
+    params = holder.params
     link = RemoteWorker(worker, holder.public_context()) if worker else LocalWorker(holder.public_context())
     try:
         stepper = EncryptedStepper(holder, link, config.threshold, config.packing, config.channels,
