@@ -231,24 +231,6 @@ def test_extension_imports_without_diffusers_gradio_or_a1111():
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
-@pytest.fixture(scope="module")
-def public_prior(tmp_path_factory):
-    """A tiny public spectral prior: 16 px, 3 scales of 16 tokens, codebooks of 16 codes, a one-block transformer
-    of width 32, pre-trained a few steps on procedural public images."""
-    from privdiff.reference.shapes import public_dataset
-    from privdiff.wavelet.prior import PriorConfig, SpectralPrior, save_prior
-    from privdiff.wavelet.tokenizer import fit_tokenizer
-    from privdiff.wavelet.training import TrainConfig, pretrain
-
-    images = torch.from_numpy(public_dataset(40, seed=0)[0]).permute(0, 3, 1, 2).float()
-    tokenizer = fit_tokenizer(images, size=16, base=4, codebook_size=16, iterations=5)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=32, layers=1, heads=2))
-    pretrain(prior, tokenizer.encode(images), TrainConfig(steps=5, batch_size=8, lr=1e-3))
-    return save_prior(prior, tokenizer, tmp_path_factory.mktemp("public") / "public.safetensors")
-
-
 def spectral_form(images, **overrides):
     options = dict(images=str(images), prior="public", name="dp_prior", epsilon=8.0, delta=1e-3, sample_rate=0.5,
                    steps=2, learning_rate=1e-3)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from privdiff.demo_data import write_style_images
@@ -104,22 +103,6 @@ def test_bad_input_is_one_line_and_writes_nothing(webui, tmp_path):
         webui.call("/privdiff/v1/textual-inversion", {"images": str(private), "name": "x", "unknown_field": 1})
 
 
-def _public_prior(path: Path) -> Path:
-    """A tiny public spectral prior (16 px, codebooks of 16, one block of width 32) made here, outside A1111."""
-    from privdiff.reference.shapes import public_dataset
-    from privdiff.wavelet.prior import PriorConfig, SpectralPrior, save_prior
-    from privdiff.wavelet.tokenizer import fit_tokenizer
-    from privdiff.wavelet.training import TrainConfig, pretrain
-
-    images = torch.from_numpy(public_dataset(40, seed=0)[0]).permute(0, 3, 1, 2).float()
-    tokenizer = fit_tokenizer(images, size=16, base=4, codebook_size=16, iterations=5)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=32, layers=1, heads=2))
-    pretrain(prior, tokenizer.encode(images), TrainConfig(steps=5, batch_size=8, lr=1e-3))
-    return save_prior(prior, tokenizer, path)
-
-
 def _tiny_upscaler(path: Path) -> Path:
     """A random 2x ESRGAN file, written with the web UI's own spandrel (A1111 1.10 ships it)."""
     code = ("import sys, torch\nfrom spandrel.architectures.ESRGAN import RRDBNet\n"
@@ -132,10 +115,10 @@ def _image(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_spectral_finetune_and_sampling_in_the_webui(webui, tmp_path):
+def test_spectral_finetune_and_sampling_in_the_webui(webui, tmp_path, public_prior):
     before = _txt2img(webui, "a painting of a cat")
     private = write_style_images(tmp_path / "private", count=4, size=32)
-    fields = {"images": str(private), "prior": str(_public_prior(tmp_path / "public.safetensors")),
+    fields = {"images": str(private), "prior": str(public_prior),
               "name": "privdiff_spectral", "epsilon": 8.0, "delta": 1e-3, "sample_rate": 0.5, "steps": 2,
               "learning_rate": 1e-3, "ledger": str(tmp_path / "ledger.json")}
     answer = webui.call("/privdiff/v1/spectral-finetune", fields)

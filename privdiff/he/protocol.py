@@ -257,8 +257,7 @@ class LocalWorker:
     """Both roles in one process: the worker still sees only the encoded messages and the public context."""
 
     def __init__(self, public_context: bytes, record: list[Request] | None = None) -> None:
-        self.worker = Worker(decode(HELLO, encode(Message(HELLO, blobs={"context": [public_context]}))[13:])
-                             .blobs["context"][0])
+        self.worker = Worker(public_context)
         self.record = record
         self.sent = self.received = 0
 
