@@ -139,7 +139,8 @@ def test_clipped_sum_drops_nan_rows_with_a_count(caplog):
     torch.testing.assert_close(out[0], torch.full((3,), 3.0, dtype=torch.float64), rtol=1e-14, atol=0)
     (record,) = caplog.records
     assert record.getMessage().startswith("1 of 4 vectors held NaN/inf")
-    assert clipped_sum([torch.zeros(0, 3)], 1.0)[0].shape == (3,)
+    empty = clipped_sum([torch.zeros(0, 3), torch.zeros(0, 5, 1000)], 1.0)  # an empty Poisson batch
+    assert [e.shape for e in empty] == [(3,), (5, 1000)] and not any(e.any() for e in empty)
     with pytest.raises(PrivdiffError, match="parts disagree on the number of rows"):
         clipped_sum([torch.ones(2, 3), torch.ones(3, 3)], 1.0)
     with pytest.raises(PrivdiffError, match="clip_norm must be > 0"):

@@ -129,7 +129,7 @@ def _row_norm_bounds(flats: list[Tensor]) -> tuple[Tensor, Tensor]:
         n = f.shape[1]
         whole = n - n % _NORM_CHUNK
         if whole:
-            chunks = torch.linalg.vector_norm(f[:, :whole].reshape(rows, -1, _NORM_CHUNK), dim=2)
+            chunks = torch.linalg.vector_norm(f[:, :whole].reshape(rows, whole // _NORM_CHUNK, _NORM_CHUNK), dim=2)
             squares += chunks.to(torch.float64).square().sum(dim=1)
         if n > whole:
             squares += torch.linalg.vector_norm(f[:, whole:], dim=1).to(torch.float64).square()
