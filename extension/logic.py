@@ -549,14 +549,14 @@ class EncryptedForm:
     sampler: str = "ddim"
     steps: int = 50
     cfg: float = 7.5
-    seed: int = 0
+    seed: int = -1
     width: int = 512
     height: int = 512
     num_images: int = 1
     threshold: float = 0.01
-    packing: str = "sparse"
+    packing: str = "dense"
     channels: str = "reference"
-    encrypt_offsets: bool = False
+    encrypt_offsets: bool = True
     worker: str = ""
 
 
@@ -575,7 +575,7 @@ def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, 
         size = (_whole("height", form.height, 8, MAX_SIZE), _whole("width", form.width, 8, MAX_SIZE))
         count = _whole("batch size", form.num_images, 1, MAX_BATCH)
         seed = _whole("seed", form.seed, -1, MAX_SEED)
-        seed = secrets.randbelow(MAX_SEED + 1) if seed < 0 else seed
+        seed = None if seed < 0 else seed  # -1: secret noise from a 256-bit key, not recorded
         worker = (form.worker or "").strip() or None
         if worker is not None:
             parse_address(worker)
@@ -583,12 +583,14 @@ def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, 
         with training_session(model) as backend:
             images, report = sample_images(backend, form.prompt, form.negative_prompt, count, size, config, seed,
                                            worker, progress=host.progress("privdiff: encrypted denoising"))
-        settings = {"prompt": form.prompt, "negative_prompt": form.negative_prompt, "seed": seed,
+        settings = {"prompt": form.prompt, "negative_prompt": form.negative_prompt,
+                    "seed": "secret" if seed is None else seed,
                     "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler,
                     "threshold": config.threshold, "packing": config.packing, "channels": config.channels,
                     "encrypt_offsets": config.encrypt_offsets, "worker": worker or "this process"}
         folder = host.outputs_dir(HE_FOLDER)
         written = save_images(images, folder, settings)
         mode = f"the worker at {worker}" if worker else "both roles in this process"
-        return written, report, f"{len(written)} image(s) in {folder}, seed {seed}; encrypted steps with {mode}"
+        noise = "secret noise" if seed is None else f"seed {seed}"
+        return written, report, f"{len(written)} image(s) in {folder}, {noise}; encrypted steps with {mode}"
     return [], "", out[0]

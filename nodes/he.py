@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import comfy.k_diffusion.sampling
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
@@ -14,7 +13,17 @@ import torch
 from comfy_api.latest import io
 
 from privdiff.errors import PrivdiffError
-from privdiff.frontend_he import SAMPLERS, check_sampler, check_worker, encrypted_stepper, sample, sampler_report
+from privdiff.frontend_he import (
+    NOISE_SOURCES,
+    SAMPLERS,
+    check_sampler,
+    check_worker,
+    encrypted_stepper,
+    latent_noise,
+    sample,
+    sampler_report,
+)
+from privdiff.he.noise import LatentNoise
 from privdiff.he.sampler import HEConfig
 from privdiff.he.selection import CHANNELS
 from privdiff.he.stepper import PACKINGS, EncryptedStepper
@@ -31,9 +40,10 @@ def schedule(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
     return sigmas[-(steps + 1):]
 
 
-def sampler_function(sampler: str, stepper: EncryptedStepper) -> Callable:
-    """A k-diffusion sampler function for comfy.samplers.KSAMPLER: ComfyUI's denoiser, privdiff's encrypted step.
-    Each step reports to ComfyUI's callback (progress bar and preview) and is a cancel point."""
+def sampler_function(sampler: str, stepper: EncryptedStepper, noise: LatentNoise) -> Callable:
+    """A k-diffusion sampler function for comfy.samplers.KSAMPLER: ComfyUI's denoiser, privdiff's encrypted step,
+    euler_ancestral's noise from ``noise``. Each step reports to ComfyUI's callback (progress bar and preview) and
+    is a cancel point."""
 
     @torch.no_grad()
     def run(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
@@ -52,10 +62,10 @@ def sampler_function(sampler: str, stepper: EncryptedStepper) -> Callable:
                 callback({"i": done - 1, **last})
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        noise = None
-        if sampler == "euler_ancestral":
-            noise = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
-        return sample(denoise, x, sigmas, stepper, sampler, noise, progress)
+        def ancestral(sigma: float, sigma_next: float) -> torch.Tensor:
+            return noise(x.shape).to(x)
+
+        return sample(denoise, x, sigmas, stepper, sampler, ancestral, progress)
 
     return run
 
@@ -77,7 +87,7 @@ class PrivdiffEncryptedSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model used for denoising (the key holder runs it)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the initial noise (and of euler_ancestral's noise), as KSampler's."),
+                             tooltip="Seed of the initial and euler_ancestral noise, used only with noise = seed."),
                 io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Denoising steps."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale."),
@@ -95,17 +105,22 @@ class PrivdiffEncryptedSampler(io.ComfyNode):
                 io.Float.Input("threshold", default=0.01, min=0.0, max=0.999, step=0.001, round=False,
                                tooltip="Share of the HILL distortion left in plaintext, in [0, 1): 0 encrypts every "
                                        "element that carries distortion. Ignored with dense packing."),
-                io.Combo.Input("packing", options=list(PACKINGS), default="sparse",
-                               tooltip="sparse: the selected elements and their positions (HE-Diffusion); dense: "
-                                       "the whole latent, so positions reveal nothing."),
+                io.Combo.Input("packing", options=list(PACKINGS), default="dense",
+                               tooltip="dense (safest): the whole latent, so positions reveal nothing; sparse: the "
+                                       "selected elements and their positions (HE-Diffusion; the worker rebuilds "
+                                       "much of the image, see README)."),
                 io.Combo.Input("channels", options=list(CHANNELS), default="reference",
                                tooltip="HILL filtering across the channels as HE-Diffusion (reference) or per "
                                        "channel."),
-                io.Boolean.Input("encrypt_offsets", default=False,
-                                 tooltip="Encrypt the updates' offsets too, so the worker never sees the model's "
-                                         "predictions for the encrypted elements."),
+                io.Boolean.Input("encrypt_offsets", default=True,
+                                 tooltip="Encrypt the updates' offsets too (safest), so the worker never sees the "
+                                         "model's predictions for the encrypted elements."),
                 io.String.Input("worker", default="",
                                 tooltip="HOST:PORT of `privdiff he worker`; empty: both roles in this process."),
+                io.Combo.Input("noise", options=list(NOISE_SOURCES), default="secret",
+                               tooltip="secret: initial and ancestral noise from a 256-bit key, not recorded; seed: "
+                                       "reproducible from the seed, and a worker who knows it can rebuild the image "
+                                       "(the seed is saved in workflows and PNGs)."),
             ],
             outputs=[
                 io.Latent.Output(tooltip="The denoised latent; decode with VAE Decode."),
@@ -117,7 +132,7 @@ class PrivdiffEncryptedSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
                 negative, latent_image, denoise: float, threshold: float, packing: str, channels: str,
-                encrypt_offsets: bool, worker: str) -> io.NodeOutput:
+                encrypt_offsets: bool, worker: str, noise: str = "secret") -> io.NodeOutput:
         config = HEConfig(steps=steps, cfg=cfg, sampler="euler", threshold=threshold, packing=packing,
                           channels=channels, encrypt_offsets=encrypt_offsets)  # every sampler here steps as Euler
         check_sampler(sampler_name)
@@ -125,15 +140,17 @@ class PrivdiffEncryptedSampler(io.ComfyNode):
         if sampler_name == "euler_ancestral" and isinstance(model.get_model_object("model_sampling"),
                                                             comfy.model_sampling.CONST):
             raise PrivdiffError("euler_ancestral is not available for flow-matching models here; use euler")
+        source = latent_noise(noise, seed)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        initial = source(latent.shape)
         sigmas = schedule(model, scheduler, steps, denoise)
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
         with encrypted_stepper(config, worker) as stepper:
-            ksampler = comfy.samplers.KSAMPLER(sampler_function(sampler_name, stepper),
+            ksampler = comfy.samplers.KSAMPLER(sampler_function(sampler_name, stepper, source),
                                                inpaint_options={"random": True} if sampler_name == "ddim" else {})
-            samples = comfy.sample.sample_custom(model, noise, cfg, ksampler, sigmas, positive, negative, latent,
+            samples = comfy.sample.sample_custom(model, initial, cfg, ksampler, sigmas, positive, negative, latent,
                                                  noise_mask=latent_image.get("noise_mask"), callback=callback,
                                                  disable_pbar=True, seed=seed)
         out = {**latent_image, "samples": samples}
-        return io.NodeOutput(out, sampler_report(config, stepper.stats, sampler_name, scheduler, denoise, worker))
+        return io.NodeOutput(out, sampler_report(config, stepper.stats, sampler_name, scheduler, denoise, source,
+                                                 worker))

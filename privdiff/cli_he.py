@@ -62,7 +62,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         images, report = sample_images(backend, args.prompt, args.negative_prompt, args.num_images, (height, width),
                                        config, args.seed, args.worker, progress=progress,
                                        vae_factor=backend.pipe.vae_scale_factor, holder=holder)
-    settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+    settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
+                "seed": "secret" if args.seed is None else args.seed,
                 "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler, "threshold": config.threshold,
                 "packing": config.packing, "channels": config.channels, "encrypt_offsets": config.encrypt_offsets}
     written = save_images(images, cli._out_dir(args.out), settings)
@@ -89,14 +90,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=cli._integer(1, 1000), default=50, help="scheduler steps (default 50)")
     p.add_argument("--sampler", choices=["ddim", "plms", "euler"], default="ddim", help="default ddim")
     p.add_argument("--cfg", type=cli._real(100), default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=cli._integer(0, cli.MAX_SEED), default=0, help="sampling seed (default 0)")
-    p.add_argument("--packing", choices=["sparse", "dense"], default="sparse",
-                   help="sparse: the selected elements and their positions (HE-Diffusion); dense: the whole latent, "
-                        "so positions reveal nothing")
+    p.add_argument("--seed", type=cli._integer(0, cli.MAX_SEED), default=None,
+                   help="reproducible noise from this seed: a worker who knows it can rebuild the image (default: "
+                        "secret noise from a 256-bit key, not recorded)")
+    p.add_argument("--packing", choices=["sparse", "dense"], default="dense",
+                   help="dense (default, safest): the whole latent, so positions reveal nothing; sparse: the selected "
+                        "elements and their positions (HE-Diffusion; the worker rebuilds much of the image)")
     p.add_argument("--channels", choices=["reference", "separate"], default="reference",
                    help="HILL filtering across the channels as HE-Diffusion (reference) or per channel")
-    p.add_argument("--encrypt-offsets", action="store_true",
-                   help="encrypt the updates' offsets too, so the worker never sees the model's predictions")
+    p.add_argument("--encrypt-offsets", action=argparse.BooleanOptionalAction, default=True,
+                   help="encrypt the updates' offsets too, so the worker never sees the model's predictions "
+                        "(default; --no-encrypt-offsets sends them in plaintext, as HE-Diffusion)")
     p.add_argument("--num-images", type=cli._integer(1, 64), default=1, help="images in the batch (default 1)")
     p.add_argument("--height", type=cli._resolution, default=None, help="pixels (default: the model's)")
     p.add_argument("--width", type=cli._resolution, default=None, help="pixels (default: the model's)")

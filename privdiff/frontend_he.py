@@ -15,6 +15,7 @@ import torch
 from privdiff.errors import PrivdiffError
 from privdiff.he import steps
 from privdiff.he.ckks import DEFAULT_PARAMS, CKKSParams, KeyHolder
+from privdiff.he.noise import LatentNoise
 from privdiff.he.protocol import LocalWorker, RemoteWorker, parse_address
 from privdiff.he.sampler import HEConfig, describe, report
 from privdiff.he.stepper import EncryptedStepper, StepStats
@@ -82,9 +83,20 @@ def encrypted_stepper(config: HEConfig, worker: str = "",
         link.close()
 
 
+NOISE_SOURCES = ("secret", "seed")
+
+
+def latent_noise(source: str, seed: int) -> LatentNoise:
+    """The run's noise: ``secret`` (a 256-bit key, not recorded) or reproducible from ``seed``."""
+    if source not in NOISE_SOURCES:
+        raise PrivdiffError(f"noise {source!r} is not one of {', '.join(NOISE_SOURCES)}")
+    return LatentNoise(seed if source == "seed" else None)
+
+
 def sampler_report(config: HEConfig, stats: StepStats, sampler: str, scheduler: str, denoise: float,
-                   worker: str = "", params: CKKSParams = DEFAULT_PARAMS) -> str:
-    """The report of one run: the host's sampler and schedule, what was encrypted, and what each party saw."""
+                   noise: LatentNoise, worker: str = "", params: CKKSParams = DEFAULT_PARAMS) -> str:
+    """The report of one run: the host's sampler and schedule, what was encrypted, the noise, and what each party
+    saw."""
     where = f"worker at {worker.strip()}" if worker.strip() else "both roles in this process"
     mode = f"ComfyUI scheduler {scheduler}, denoise {denoise:g}; {where}"
-    return report(config, stats, describe(params), mode, sampler)
+    return report(config, stats, describe(params), mode, noise, sampler)

@@ -89,7 +89,7 @@ def test_threshold_outside_zero_one_is_refused(threshold):
 def test_worker_context_has_no_secret_key_and_cannot_decrypt(holder):
     worker = Worker(holder.public_context())
     assert holder.context.is_private() and not worker.context.is_private()
-    blob = holder.encrypt(np.arange(5.0))[0]
+    blob = holder.encrypt(np.arange(5.0))[0].serialize()
     with pytest.raises(ValueError, match="secret"):
         worker.load(blob).decrypt()
     with pytest.raises(PrivdiffError, match="secret key"):
@@ -129,7 +129,7 @@ def test_nothing_selected_gives_the_plaintext_step_exactly(holder):
     """A flat latent has zero HILL cost, so zero distortion: nothing is encrypted and the result is exact."""
     z = torch.full((1, 4, 8, 8), 0.7, dtype=torch.float64)
     update = steps.ddim(_latent(5, (1, 4, 8, 8)), 0.3, 0.4)
-    stepper = EncryptedStepper(holder, LocalWorker(holder.public_context()), 0.0)
+    stepper = EncryptedStepper(holder, LocalWorker(holder.public_context()), 0.0, "sparse", encrypt_offsets=False)
     assert torch.equal(stepper(z, update), update.apply(z)) and stepper.stats.encrypted == 0
 
 

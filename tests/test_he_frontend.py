@@ -123,9 +123,10 @@ def test_worker_process_gives_the_same_result(he_worker):
     with he.encrypted_stepper(config, f" {address} ") as stepper:
         out = he.sample(toy_denoise, start(), SIGMAS, stepper, "euler_ancestral", noise_sampler())
     assert torch.allclose(out, plain("euler_ancestral"), rtol=0, atol=1e-6)
-    text = he.sampler_report(config, stepper.stats, "euler_ancestral", "karras", 1.0, address)
+    text = he.sampler_report(config, stepper.stats, "euler_ancestral", "karras", 1.0, he.latent_noise("seed", 4),
+                             address)
     assert f"worker at {address}" in text and "denoising: euler_ancestral," in text and "scheduler karras" in text
-    assert "offsets encrypted" in text
+    assert "offsets encrypted" in text and "noise: seed 4" in text
 
 
 def test_bad_input_is_a_one_line_error():
@@ -134,6 +135,7 @@ def test_bad_input_is_a_one_line_error():
         port = s.getsockname()[1]
     cases = [
         (lambda: he.check_worker("no-port"), "is not HOST:PORT"),
+        (lambda: he.latent_noise("torch", 0), "noise 'torch' is not one of secret, seed"),
         (lambda: he.check_worker("host:99999"), "is not HOST:PORT"),
         (lambda: he.encrypted_stepper(HEConfig(sampler="euler"), f"127.0.0.1:{port}").__enter__(), "unreachable"),
         (lambda: HEConfig(threshold=1.0), "threshold must be in"),

@@ -35,20 +35,23 @@ def build(host: logic.Host, job) -> None:
                 sampler = gr.Radio(list(SAMPLERS), value="ddim", label="Sampler")
                 steps = gr.Number(label="Steps", value=50, precision=0)
                 cfg = gr.Number(label="CFG scale", value=7.5)
-                seed = gr.Number(label="Seed (-1: random)", value=0, precision=0)
+                seed = gr.Number(label="Seed (-1: secret noise, not recorded)", value=-1, precision=0,
+                                 info="a seed makes the run reproducible, and lets a worker who knows it rebuild "
+                                      "the image")
             with gr.Row():
                 width = gr.Number(label="Width", value=512, precision=0)
                 height = gr.Number(label="Height", value=512, precision=0)
                 num_images = gr.Number(label="Batch size", value=1, precision=0)
             with gr.Row():
                 threshold = gr.Number(label="Threshold (plaintext share of the distortion, in [0, 1))", value=0.01)
-                packing = gr.Radio(list(PACKINGS), value="sparse", label="Packing",
-                                   info="sparse: the selected elements and their positions; dense: the whole latent")
+                packing = gr.Radio(list(PACKINGS), value="dense", label="Packing",
+                                   info="dense (safest): the whole latent; sparse: the selected elements and their "
+                                        "positions (the worker rebuilds much of the image)")
                 channels = gr.Radio(list(CHANNELS), value="reference", label="HILL channels",
                                     info="reference: filter across the channels as HE-Diffusion; separate: each "
                                          "channel on its own")
             encrypt_offsets = gr.Checkbox(label="Encrypt the offsets too (the worker never sees the model's "
-                                                "predictions)", value=False)
+                                                "predictions; safest)", value=True)
             worker = gr.Textbox(label="Worker HOST:PORT (empty: both roles in this process)",
                                 placeholder="127.0.0.1:7000")
             with gr.Row():

@@ -6,6 +6,13 @@ decrypt them. Ciphertexts hold the values at scale 2**scale_bits under a single 
 additions never need a rescale (depth 0): the update's scalar factor is public and applied in the clear.
 Vectors are built, read and added through TenSEAL's C++ objects (``tenseal._ts_cpp``), which its Python
 wrappers wrap: the wrappers' conversions cost about as much as the encryption itself.
+
+The worker is untrusted. A ciphertext (c0, c1) decrypts to c0 + c1·s, so a key holder that decrypted whatever
+came back would be a decryption oracle: a reply (0, 1) decrypts to the secret key itself. Before decrypting
+anything, ``KeyHolder.decrypt_reply`` checks that each reply differs from what the worker may compute (the
+ciphertext sent, plus the encrypted offset sent with it) in c0 alone: their difference must be transparent
+(c1 = 0). Then decryption gives the sent value plus whatever the worker added to c0, which is a function of
+nothing secret; the caller checks that value against the update it expects.
 """
 
 from __future__ import annotations
@@ -74,12 +81,16 @@ DEFAULT_PARAMS = CKKSParams()
 
 
 class KeyHolder:
-    """The secret-key side: encrypts values into ciphertexts of ``slots`` values, decrypts the replies."""
+    """The secret-key side: encrypts values into ciphertexts of ``slots`` values, decrypts checked replies.
+
+    ``precision`` bounds the round-trip error a context may show on its probe (None: no probe).
+    """
 
     def __init__(self, params: CKKSParams = DEFAULT_PARAMS, precision: float | None = PRECISION) -> None:
         tenseal = _tenseal()
         params.check()
         self.params = params
+        self.precision = PRECISION if precision is None else precision
         self.context = tenseal.context(tenseal.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
                                        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
                                        encryption_type=tenseal.ENCRYPTION_TYPE.SYMMETRIC)
@@ -94,8 +105,9 @@ class KeyHolder:
         """The context without its secret key: all a worker gets."""
         return self.context.serialize(save_secret_key=False)
 
-    def encrypt(self, values: np.ndarray) -> list[bytes]:
-        """Serialised ciphertexts of ``values`` (1-D), ``slots`` values each; refuses values the modulus cannot hold."""
+    def encrypt(self, values: np.ndarray) -> list:
+        """TenSEAL C++ vectors of ``values`` (1-D), ``slots`` values each; refuses values the modulus cannot hold.
+        Serialise them with ``.serialize()``; keep them to check the worker's reply (``decrypt_reply``)."""
         values = np.asarray(values, dtype=np.float64)
         top = float(np.abs(values).max(initial=0.0))
         if not math.isfinite(top) or top >= self.params.capacity:
@@ -103,25 +115,47 @@ class KeyHolder:
                                 f"{self.params.capacity:g} with a {self.params.coeff_mod_bit_sizes[0]}-bit first "
                                 f"prime and scale 2**{self.params.scale_bits})")
         slots, scale = self.params.slots, self.context.global_scale
-        return [ts._ts_cpp.CKKSVector(self.context.data, values[i:i + slots].tolist(), scale).serialize()
+        return [ts._ts_cpp.CKKSVector(self.context.data, values[i:i + slots].tolist(), scale)
                 for i in range(0, len(values), slots)]
 
-    def decrypt(self, ciphertexts: list[bytes], count: int) -> np.ndarray:
-        """The ``count`` values (float64) held by ``ciphertexts``."""
-        try:
-            vectors = [ts._ts_cpp.CKKSVector(self.context.data, blob) for blob in ciphertexts]
-        except Exception as error:  # noqa: BLE001 - any parse failure is a bad reply
-            raise PrivdiffError(f"the worker's reply holds an unreadable ciphertext ({error})") from None
-        out = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors] or [np.zeros(0)])
-        if len(out) != count:
-            raise PrivdiffError(f"the worker's reply holds {len(out)} encrypted values, expected {count}")
-        return out
+    def decrypt_reply(self, sent: list, reply: list[bytes], added: list | None = None) -> np.ndarray:
+        """The values (float64) of the worker's ``reply`` to the vectors ``sent`` (plus ``added``, the encrypted
+        offsets sent with them), decrypted only once every reply ciphertext is shown to differ from its sent
+        ciphertext (+ added) in c0 alone; anything else is refused in one line before any decryption."""
+        if len(reply) != len(sent):
+            raise PrivdiffError(f"the worker returned {len(reply)} ciphertexts for the {len(sent)} it was sent")
+        vectors = []
+        for i, blob in enumerate(reply):
+            try:
+                vector = ts._ts_cpp.CKKSVector(self.context.data, blob)
+            except Exception as error:  # noqa: BLE001 - any parse failure is a bad reply
+                raise PrivdiffError(f"the worker's reply holds an unreadable ciphertext ({error})") from None
+            expected = sent[i] if added is None else sent[i].add(added[i])
+            if vector.size() != sent[i].size() or not _differ_in_c0_only(vector, expected):
+                raise PrivdiffError(f"the worker's ciphertext {i + 1} is not the update of the one it was sent: "
+                                    "refused undecrypted (a malicious or broken worker)")
+            vectors.append(vector)
+        return np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors] or [np.zeros(0)])
 
     def _probe_error(self) -> float:
         probe = np.random.default_rng(0).uniform(-4, 4, min(self.params.slots, 4096))
         worker = Worker(self.public_context())
-        (blob,) = worker.add([self.encrypt(probe)[0]], probe)
-        return float(np.abs(self.decrypt([blob], len(probe)) - 2 * probe).max())
+        sent = self.encrypt(probe)
+        reply = worker.add([sent[0].serialize()], probe)
+        return float(np.abs(self.decrypt_reply(sent, reply) - 2 * probe).max())
+
+
+def _differ_in_c0_only(vector, expected) -> bool:  # noqa: ANN001 - TenSEAL's C++ CKKSVectors
+    """Whether ``vector - expected`` is transparent (c1 = 0 and no further polynomial): the worker changed c0 only.
+    SEAL refuses to return a transparent result where it is built to ("result ciphertext is transparent"); a
+    mismatch of parameters, level or scale raises something else and counts as a difference."""
+    if len(vector.ciphertext()) != 1 or len(expected.ciphertext()) != 1:
+        return False
+    try:
+        difference = vector.sub(expected)
+    except Exception as error:  # noqa: BLE001 - SEAL's refusal is the answer
+        return "transparent" in str(error)
+    return all(c.is_transparent() for c in difference.ciphertext())
 
 
 class Worker:

@@ -20,6 +20,7 @@ from privdiff.errors import PrivdiffError
 from privdiff.guidance.sampler import Cond, cfg_noise, ddim_timesteps
 from privdiff.he import steps
 from privdiff.he.ckks import DEFAULT_PARAMS, CKKSParams, KeyHolder
+from privdiff.he.noise import LatentNoise
 from privdiff.he.protocol import LocalWorker, RemoteWorker
 from privdiff.he.selection import CHANNELS, check_threshold
 from privdiff.he.stepper import PACKINGS, EncryptedStepper, StepStats
@@ -31,15 +32,17 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class HEConfig:
-    """Sampling and encryption settings (HE-Diffusion's: PLMS, 50 steps, CFG 7.5, threshold 0.01, sparse)."""
+    """Sampling and encryption settings. The defaults are the safest configuration of the README's leak table
+    (dense packing, encrypted offsets: the worker learns nothing but the public factors); HE-Diffusion's own is
+    ``packing="sparse", encrypt_offsets=False``."""
 
     steps: int = 50
     cfg: float = 7.5
     sampler: str = "ddim"
     threshold: float = 0.01
-    packing: str = "sparse"
+    packing: str = "dense"
     channels: str = "reference"
-    encrypt_offsets: bool = False
+    encrypt_offsets: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
@@ -92,9 +95,10 @@ def sample(backend: SDBackend, cond: Cond, uncond: Cond, latents: torch.Tensor, 
     return z
 
 
-def report(config: HEConfig, stats: StepStats, params: str, mode: str, sampler: str | None = None) -> str:
-    """The report string: settings, what was encrypted, and what each party saw (the threat model);
-    ``sampler`` names the host's sampler where it is not one of :data:`SAMPLERS`."""
+def report(config: HEConfig, stats: StepStats, params: str, mode: str, noise: LatentNoise,
+           sampler: str | None = None) -> str:
+    """The report string: settings, what was encrypted, where the noise came from, and what each party saw (the
+    threat model); ``sampler`` names the host's sampler where it is not one of :data:`SAMPLERS`."""
     offsets = ("encrypted" if config.encrypt_offsets else
                "in plaintext (they carry the model's noise prediction for those elements)")
     where = ("dense packing: every element, positions implicit" if config.packing == "dense" else
@@ -106,6 +110,7 @@ def report(config: HEConfig, stats: StepStats, params: str, mode: str, sampler: 
         f"encrypted each step: {where}",
         f"HE overhead: {stats.seconds / max(stats.steps, 1) * 1e3:.1f} ms per step; "
         f"{(stats.sent + stats.received) / max(stats.steps, 1) / 1e6:.2f} MB per step between the roles",
+        noise.describe(),
         "key holder (secret key; runs the UNet): sees everything — the prompt, every latent, every prediction.",
         f"worker (public context only): sees the ciphertexts, the public factor of each update, the plaintext "
         f"remainder{' and its positions' if config.packing == 'sparse' else ''}, and the offsets {offsets}.",
@@ -119,12 +124,12 @@ def describe(params: CKKSParams) -> str:
 
 
 def sample_images(backend: SDBackend, prompt: str, negative_prompt: str, num_images: int, size: tuple[int, int],
-                  config: HEConfig, seed: int, worker: str | None = None, params: CKKSParams = DEFAULT_PARAMS,
-                  progress: Progress | None = None, vae_factor: int = 8,
+                  config: HEConfig, seed: int | None = None, worker: str | None = None,
+                  params: CKKSParams = DEFAULT_PARAMS, progress: Progress | None = None, vae_factor: int = 8,
                   holder: KeyHolder | None = None) -> tuple[torch.Tensor, str]:
     """Images [N,3,H,W] in 0..1 and the report string: key holder here (``holder``, or a new one with
     ``params``), worker in this process or at ``worker`` (HOST:PORT). The backend needs ``encode_text``.
-    Same seed, same initial noise."""
+    The initial noise is secret (``seed`` None) or reproducible from ``seed`` (see ``LatentNoise``)."""
     height, width = size
     if height % vae_factor or width % vae_factor:
         raise PrivdiffError(f"height/width {height}x{width} must be multiples of {vae_factor} for this model")
@@ -136,12 +141,12 @@ def sample_images(backend: SDBackend, prompt: str, negative_prompt: str, num_ima
                                    config.encrypt_offsets)
         cond = backend.encode_text([prompt] * num_images, size=size)
         uncond = backend.encode_text([negative_prompt] * num_images, size=size)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(num_images, 4, height // vae_factor, width // vae_factor, generator=generator)
+        noise = LatentNoise(seed)
+        latents = noise((num_images, 4, height // vae_factor, width // vae_factor))
         z = sample(backend, cond, uncond, latents.to(backend.device), config, stepper, progress)
     finally:
         link.close()
     mode = f"worker at {worker}" if worker else "both roles in this process"
     with torch.no_grad():
         return backend.decode_latents(z.to(backend.dtype)).float().cpu(), report(config, stepper.stats,
-                                                                                  describe(params), mode)
+                                                                                  describe(params), mode, noise)

@@ -84,6 +84,19 @@ class SecureRandom:
         n = checks.count("n", n, minimum=0)
         return np.frombuffer(self.random_bytes(8 * n), dtype="<u8").astype(np.uint64, copy=False)
 
+    def standard_normal(self, n: int) -> np.ndarray:
+        """``n`` independent standard normal floats (float64; Box-Muller on 53-bit uniforms from the stream).
+
+        For noise that must stay secret but carries no DP guarantee (a sampler's initial and ancestral noise);
+        DP noise is ``discrete_gaussian``.
+        """
+        n = checks.count("n", n, minimum=0)
+        half = (n + 1) // 2
+        words = self.uint64(2 * half) >> np.uint64(11)
+        radius = np.sqrt(-2.0 * np.log((words[:half].astype(np.float64) + 1.0) * 2.0**-53))  # uniform in (0, 1]
+        angle = (2.0 * np.pi * 2.0**-53) * words[half:].astype(np.float64)
+        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+
     def _words(self) -> Iterator[int]:
         """Uniform 64-bit Python ints, read from the stream in prefetched blocks (each word used once)."""
         while True:
