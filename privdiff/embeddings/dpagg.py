@@ -34,7 +34,7 @@ from privdiff.privacy.report import PrivacyReport, make_report
 
 log = logging.getLogger("privdiff")
 
-MAX_RECORDS = 100_000
+MAX_RECORDS = 100_000  # <= mechanism.MAX_SUM_ROWS - 1: a neighbour's sum is still within the grid's slack
 MECHANISM = "DPAgg-TI: subsampled Gaussian mean of per-image textual-inversion embeddings"
 
 
