@@ -15,7 +15,7 @@ public C and sigma (b = 30, fewer for sigma > 2**10 so that the noise stays belo
 3. the result gamma (snapped + Z) is returned in float64: exact multiples of gamma whose every bit is a
    function of the exact integer snapped + Z, so nothing finer than the grid is released.
 
-Why this is the accountant's (eps, delta) for noise multiplier sigma: neighbouring sums of rows of norm <= C
+What the grid proves: neighbouring sums of rows of norm <= C
 differ by at most C. ``total`` is summed in float64 by ``pairwise_sum`` (a binary tree of depth L = ceil(log2 m)
 over m rows): for the correctly rounded products w_b x_b and additions, each coordinate errs by at most
 gamma_{L+1} sum_b |w_b x_b| <= gamma_{L+1} m C, gamma_n = n u / (1 - n u), u = 2**-53 (Higham 2002, Accuracy and
@@ -23,10 +23,10 @@ Stability of Numerical Algorithms, (3.4) and (4.6)). Since gamma = 2**(floor(log
 below gamma/2 while (L + 1) m u <= 2**-32, i.e. for m <= MAX_SUM_ROWS = 116,000 rows (at most 0.87 gamma/2 at the
 100,000 records a release accepts, ``dpagg.MAX_RECORDS``). Snapping moves each coordinate by at most gamma/2, so
 neighbouring snapped sums differ by an integer vector D of L2 norm at most (C + 2 gamma sqrt(d)) / gamma =
-C' / gamma. Z is the discrete Gaussian with noise multiplier exactly sigma on that sensitivity, and an integer
-shift with |D| <= C' / gamma is exactly the case where the discrete Gaussian's Renyi divergences are at most the
-continuous Gaussian's (CKS 2020, Prop. 5 / Cor. 9), so every accountant's bound for the continuous Gaussian is an
-upper bound here (docs/privacy.md, "Why discrete noise is accounted as continuous").
+C' / gamma. Z is the discrete Gaussian with noise multiplier exactly sigma on that sensitivity. For an integer shift
+its Renyi divergences of every order are at most the continuous Gaussian's (CKS 2020): the unsampled release's
+RDP and zCDP are proven; docs/privacy.md ("Discrete noise, continuous accounting") says what that covers of the
+accountants' subsampled (eps, delta) and what is argued rather than proven.
 The slack 2 gamma sqrt(d) adds a relative 2**-29 sqrt(d) to the noise (2**-22 for d = 16384).
 """
 
@@ -220,7 +220,7 @@ def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float, rng: Sec
 
     ``total`` must be a float64-computed sum of rows of norm <= ``clip_norm`` (its L2 sensitivity). Returns
     float64 exact multiples of the grid, of ``total``'s shape and device. See the module docstring for the
-    design and why the accountant's (eps, delta) for noise multiplier sigma holds.
+    design and what the accountant's (eps, delta) for noise multiplier sigma rests on.
     """
     c = checks.positive("clip_norm", clip_norm)
     sigma = checks.positive("noise_multiplier", noise_multiplier)
