@@ -9,13 +9,16 @@ import pytest
 import torch
 from scipy import stats
 
+from privdiff.embeddings import dpagg
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.mechanism import (
+    MAX_SUM_ROWS,
     bound_vectors,
     clipped_sum,
     gaussian_aggregate,
     noise_grid,
     noisy_sum,
+    pairwise_sum_,
     poisson_sample,
 )
 from privdiff.privacy.randomness import SecureRandom
@@ -129,6 +132,43 @@ def test_clipped_rows_have_exact_norm_at_most_clip(dtype):
             scaled = (row / row.norm() * clip * factor).to(dtype)
             out = clipped_sum([scaled[:, :100], scaled[:, 100:]], clip)
             assert _exact_norm_squared(torch.cat(out)) <= Fraction(clip) ** 2
+
+
+# Values whose low bits a running (BLAS) sum of ~1e5 rows rounds away in one direction, add after add.
+_HARD_VALUES = (1.5 + 2.0**-40, 1.875 + 2.0**-41 + 2.0**-45, 1 + 2.0**-20 + 2.0**-45, 0.75 + 2.0**-41)
+
+
+@pytest.mark.parametrize("rows", [8192, dpagg.MAX_RECORDS + 1])
+def test_clipped_sum_error_is_within_the_grid_slack_at_the_record_cap(rows):
+    """Every coordinate of the float64 sum is within the proven pairwise bound gamma_{L+1} m C, and so within half
+    a grid step of the exact sum of the scaled rows, up to the record cap (torch.mv erred by 5x at 8192 rows)."""
+    clip = 2 - 2.0**-40
+    half_step = noise_grid(clip, 1.0) / 2
+    depth = math.ceil(math.log2(rows)) + 1
+    proven = depth * 2.0**-53 / (1 - depth * 2.0**-53) * rows * clip
+    assert proven < half_step
+    for value in _HARD_VALUES:
+        x = torch.zeros(rows, 2, dtype=torch.float64)
+        x[:, 0] = value  # row norm value < C (1 - 2**-11): each row is scaled by exactly 1 - 2**-50, a rounded product
+        (got,) = clipped_sum([x], clip)
+        exact = Fraction(value * (1 - 2.0**-50)) * rows
+        assert abs(Fraction(float(got[0])) - exact) <= Fraction(proven), value
+        assert float(got[1]) == 0.0
+
+
+def test_pairwise_sum_is_exact_on_a_tree_and_bounded_on_hard_rows():
+    for rows in (0, 1, 2, 3, 5, 1000, 1023):
+        x = torch.arange(rows * 3, dtype=torch.float64).view(rows, 3)
+        assert torch.equal(pairwise_sum_(x.clone()), x.sum(dim=0))  # small integers: every order is exact
+    rows = dpagg.MAX_RECORDS
+    depth = math.ceil(math.log2(rows))
+    for value in _HARD_VALUES:
+        got = float(pairwise_sum_(torch.full((rows, 1), value, dtype=torch.float64))[0])
+        assert abs(Fraction(got) - Fraction(value) * rows) <= Fraction(depth * 2.0**-53 * rows * value)
+    with pytest.raises(PrivdiffError, match="float64"):
+        pairwise_sum_(torch.ones(2, 2))
+    with pytest.raises(PrivdiffError, match=f"{MAX_SUM_ROWS + 1} rows are over"):
+        clipped_sum([torch.zeros(MAX_SUM_ROWS + 1, 1)], 1.0)
 
 
 def test_clipped_sum_drops_nan_rows_with_a_count(caplog):

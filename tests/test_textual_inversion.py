@@ -107,6 +107,23 @@ def test_batched_matches_one_at_a_time_in_float32(sd1_backend):
     assert (want - init["clip_l"]).abs().max() > 1e-3
 
 
+def test_an_images_embedding_does_not_depend_on_its_chunk_or_position(sd1_backend):
+    """float32, where kernels round by shape: image 4 trained last in a chunk of 2, alone in the last chunk, or
+    first in a full chunk beside other images gets the same embedding bit for bit (the last chunk is padded to
+    batch_size), so adding or removing an image moves no other image's row."""
+    config = TIConfig(steps=2, batch_size=3)
+    latents = _latents(5, seed=4)
+    init = initial_vectors(sd1_backend, config)
+
+    def train(order: list[int]) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(100 + i) for i in order]
+        return train_embeddings(sd1_backend, latents[order], init, config, gens)["clip_l"]
+
+    in_pair, alone, first = train([0, 1, 2, 3, 4])[4], train([1, 2, 3, 4])[3], train([4, 2, 1])[0]
+    assert torch.equal(in_pair, alone) and torch.equal(in_pair, first)
+    assert (in_pair - init["clip_l"]).abs().max() > 1e-3
+
+
 def test_batched_equals_one_at_a_time_sdxl():
     backend = _float64_backend("sdxl")
     config = TIConfig(steps=2, batch_size=3, templates="object")

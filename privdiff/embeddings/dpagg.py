@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from privdiff.backends.protocol import SDBackend
+from privdiff.batching import padded
 from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import (
     Progress,
@@ -34,7 +35,7 @@ from privdiff.privacy.report import PrivacyReport, make_report
 
 log = logging.getLogger("privdiff")
 
-MAX_RECORDS = 100_000
+MAX_RECORDS = 100_000  # <= mechanism.MAX_SUM_ROWS - 1: a neighbour's sum is still within the grid's slack
 MECHANISM = "DPAgg-TI: subsampled Gaussian mean of per-image textual-inversion embeddings"
 
 
@@ -248,9 +249,11 @@ def run_dpagg_ti(
 def encode_in_batches(
     backend: SDBackend, images: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """VAE latents of ``images`` computed ``batch_size`` at a time, on the CPU."""
+    """VAE latents of ``images`` computed ``batch_size`` at a time (the last batch padded with dummies,
+    ``privdiff.batching``), on the CPU."""
     latents = [
-        backend.encode_images(images[i:i + batch_size].to(backend.device, backend.dtype), generator)
+        backend.encode_images(padded(images[i:i + batch_size], batch_size).to(backend.device, backend.dtype),
+                              generator)[:len(images[i:i + batch_size])]
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat([z.float().cpu() for z in latents])

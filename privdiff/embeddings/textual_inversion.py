@@ -1,8 +1,11 @@
 """Batched textual inversion: one embedding per image, all trained together by one optimiser.
 
-Each image owns a random stream (template choice, timestep, noise) drawn from its own generator,
-and the loss is a sum of per-image losses, so row ``i`` of a batched run receives exactly the
-gradients, and Adam exactly the updates, of training image ``i`` alone with the same stream.
+Each image owns a random stream (template choice, timestep, noise) drawn from its own generator, and the loss
+is a sum of per-image losses, so row ``i`` receives its own image's gradients and Adam's updates, which depend
+on the other rows only through the kernels' choice of algorithm for the batch's shape. Every chunk therefore has
+exactly ``batch_size`` rows, the last padded with public dummies (``privdiff.batching``): an image's embedding is
+the same, bit for bit, in any chunk and position (checked on CPU by the tests). Trained alone (a batch of one)
+it agrees only to rounding (~1e-6 relative in float32; to the last bit in float64 in the tests).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from privdiff.backends.protocol import SDBackend
+from privdiff.batching import dummy_generator, padded
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.randomness import SecureRandom
@@ -111,7 +115,7 @@ def train_embeddings(
 
     ``latents`` are the VAE latents of the m images, ``init`` the public initial vectors
     {encoder: [n_vectors, dim]}, and ``generators[i]`` the random stream of image ``i``.
-    Images are trained ``config.batch_size`` at a time.
+    Images are trained ``config.batch_size`` at a time, the last chunk padded to that size with dummies.
     """
     if len(generators) != len(latents):
         raise ValueError("one generator per image is required")
@@ -128,9 +132,11 @@ def train_embeddings(
     out = {enc: torch.empty(m, *v.shape) for enc, v in init.items()}
     for s in starts:
         e = min(s + config.batch_size, m)
-        trained = _train_chunk(backend, latents[s:e], init, config, generators[s:e], on_step)
+        dummies = [dummy_generator() for _ in range(config.batch_size - (e - s))]
+        chunk = padded(latents[s:e], config.batch_size)
+        trained = _train_chunk(backend, chunk, init, config, generators[s:e] + dummies, on_step)
         for enc, v in trained.items():
-            out[enc][s:e] = v
+            out[enc][s:e] = v[:e - s]
     return out
 
 

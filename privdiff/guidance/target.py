@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from privdiff.atomic import atomic_write
+from privdiff.batching import padded
 from privdiff.embeddings.dpagg import DPParams, plan_release
 from privdiff.embeddings.textual_inversion import Progress
 from privdiff.errors import PrivdiffError
@@ -61,10 +62,12 @@ def target_params(epsilon: float | None, delta: float, sample_rate: float = 1.0,
 @torch.no_grad()
 def embed_in_batches(encoder: ImageEncoder, images: torch.Tensor, batch_size: int = 16,
                      progress: Progress | None = None) -> torch.Tensor:
-    """Embeddings [N, D] (float64, CPU) of images [N,3,H,W] in 0..1."""
+    """Embeddings [N, D] (float64, CPU) of images [N,3,H,W] in 0..1, ``batch_size`` at a time (the last batch
+    padded with dummies, ``privdiff.batching``)."""
     out = []
     for start in range(0, len(images), batch_size):
-        out.append(encoder.embed(images[start:start + batch_size]).double().cpu())
+        batch = images[start:start + batch_size]
+        out.append(encoder.embed(padded(batch, batch_size))[:len(batch)].double().cpu())
         if progress is not None:
             progress(min(start + batch_size, len(images)), len(images))
     return torch.cat(out) if out else torch.empty(0, encoder.dim, dtype=torch.float64)

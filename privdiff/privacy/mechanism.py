@@ -15,16 +15,18 @@ public C and sigma (b = 30, fewer for sigma > 2**10 so that the noise stays belo
 3. the result gamma (snapped + Z) is returned in float64: exact multiples of gamma whose every bit is a
    function of the exact integer snapped + Z, so nothing finer than the grid is released.
 
-Why this is the accountant's (eps, delta) for noise multiplier sigma: neighbouring sums of rows of norm <= C
-differ by at most C. ``total`` is summed in float64 (torch's cascaded sum errs by about log2(m) 2**-53 m C per
-coordinate, below gamma/2 ~ 2**-31 C for up to ~10^5 rows) and snapping moves each coordinate by at most gamma/2,
-so neighbouring snapped sums differ by an integer vector D of L2 norm at most (C + 2 gamma sqrt(d)) / gamma =
-C' / gamma. Z is the discrete Gaussian with noise multiplier exactly sigma on that sensitivity. For an integer
-shift D, E_0[(p_D/p_0)^k] = exp(k(k-1)|D|^2 / (2 s^2)) for the discrete Gaussian exactly as for the continuous
-one (complete the square: the shifted lattice sum is unchanged), so its Renyi/zCDP guarantee is the continuous
-Gaussian's (CKS 2020, Thm 14) and the RDP accountant's moments are the same; its (eps, delta) curve differs from
-the continuous one only in that the privacy loss lives on a lattice of spacing |D|/s^2 <= 1/(sigma s), with
-s >= min(sigma 2**30, 2**40) grid steps: a discretisation far below the accountants' own numerical tolerance.
+What the grid proves: neighbouring sums of rows of norm <= C
+differ by at most C. ``total`` is summed in float64 by ``pairwise_sum`` (a binary tree of depth L = ceil(log2 m)
+over m rows): for the correctly rounded products w_b x_b and additions, each coordinate errs by at most
+gamma_{L+1} sum_b |w_b x_b| <= gamma_{L+1} m C, gamma_n = n u / (1 - n u), u = 2**-53 (Higham 2002, Accuracy and
+Stability of Numerical Algorithms, (3.4) and (4.6)). Since gamma = 2**(floor(log2 C) - b) > 2**-31 C, this is
+below gamma/2 while (L + 1) m u <= 2**-32, i.e. for m <= MAX_SUM_ROWS = 116,000 rows (at most 0.87 gamma/2 at the
+100,000 records a release accepts, ``dpagg.MAX_RECORDS``). Snapping moves each coordinate by at most gamma/2, so
+neighbouring snapped sums differ by an integer vector D of L2 norm at most (C + 2 gamma sqrt(d)) / gamma =
+C' / gamma. Z is the discrete Gaussian with noise multiplier exactly sigma on that sensitivity. For an integer shift
+its Renyi divergences of every order are at most the continuous Gaussian's (CKS 2020): the unsampled release's
+RDP and zCDP are proven; docs/privacy.md ("Discrete noise, continuous accounting") says what that covers of the
+accountants' subsampled (eps, delta) and what is argued rather than proven.
 The slack 2 gamma sqrt(d) adds a relative 2**-29 sqrt(d) to the noise (2**-22 for d = 16384).
 """
 
@@ -49,6 +51,7 @@ GRID_BITS = 30  # gamma = 2**(floor(log2 C) - GRID_BITS) for sigma <= 2**10
 _GRID_NOISE_BITS = 40  # coarser grids for larger sigma keep the grid noise s below about 2**42
 _NORM_CHUNK = 1024  # clipped_sum's norms: columns per chunk, small enough for a 2**-13 error bound in float32
 _SUM_BLOCK = 8192  # clipped_sum's float64 sums: columns converted at a time
+MAX_SUM_ROWS = 116_000  # the largest m with (ceil(log2 m) + 1) m 2**-53 <= 2**-32: pairwise_sum's error < gamma/2
 _MAX_STEPS = 2**62  # snapped sums are clamped to +-2**62 steps (1-Lipschitz: the sensitivity is kept)
 
 
@@ -94,8 +97,8 @@ def clipped_sum(parts: Sequence[Tensor], clip_norm: float) -> list[Tensor]:
     For per-sample gradients kept per parameter ([B, *shape] each), without concatenating them. Each row is
     scaled by min(1, C / N) (1 - 2**-50), where N >= the row's exact norm is a rigorous bound from
     ``_row_norm_bounds``, so every scaled row's exact norm is <= C; the scaled rows are summed in float64 (one
-    sum per part, shapes ``parts[k].shape[1:]``), with the rounding ``noisy_sum`` allows. Rows holding NaN/inf
-    count as zero, with one warning giving their count.
+    sum per part, shapes ``parts[k].shape[1:]``, by ``pairwise_sum_``), with the rounding ``noisy_sum`` allows
+    (at most ``MAX_SUM_ROWS`` rows). Rows holding NaN/inf count as zero, with one warning giving their count.
     """
     c = checks.positive("clip_norm", clip_norm)
     if not parts:
@@ -105,6 +108,7 @@ def clipped_sum(parts: Sequence[Tensor], clip_norm: float) -> list[Tensor]:
     rows = parts[0].shape[0]
     if any(part.shape[0] != rows for part in parts):
         raise PrivdiffError(f"parts disagree on the number of rows: {[part.shape[0] for part in parts]}")
+    _check_rows(rows)
     flats = [part.reshape(rows, math.prod(part.shape[1:])) for part in parts]
     norms, bad = _row_norm_bounds(flats)
     scales = _row_scales(norms, bad, c, "clip") * (1 - 2.0**-50)
@@ -144,7 +148,8 @@ def _row_norm_bounds(flats: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def _weighted_rows(flat: Tensor, weights: Tensor) -> Tensor:
-    """sum_b weights[b] flat[b] in float64, converting ``flat`` a block of columns at a time (no full copy)."""
+    """sum_b weights[b] flat[b] in float64 by ``pairwise_sum``, converting ``flat`` a block of columns at a time
+    (no full copy)."""
     rows, n = flat.shape
     out = torch.empty(n, dtype=torch.float64, device=flat.device)
     block = torch.empty(rows, min(n, _SUM_BLOCK), dtype=torch.float64, device=flat.device)
@@ -152,8 +157,30 @@ def _weighted_rows(flat: Tensor, weights: Tensor) -> Tensor:
         width = min(_SUM_BLOCK, n - j)
         columns = block[:, :width]
         columns.copy_(flat[:, j:j + width])
-        torch.mv(columns.t(), weights, out=out[j:j + width])
+        columns.mul_(weights[:, None])
+        out[j:j + width] = pairwise_sum_(columns)
     return out
+
+
+def pairwise_sum_(rows: Tensor) -> Tensor:
+    """The sum over the first dim of ``rows`` (float64, overwritten), by pairwise addition: a binary tree of depth
+    ceil(log2 m), so each coordinate errs by at most gamma_{ceil(log2 m)} times the sum of its |terms|.
+
+    Every step is an elementwise, correctly rounded addition whose order depends on m alone (unlike BLAS or
+    torch reductions, whose order is theirs to choose). Returns a new tensor of shape ``rows.shape[1:]``.
+    """
+    if rows.dtype != torch.float64:
+        raise PrivdiffError(f"pairwise_sum_ needs float64 rows, got {rows.dtype}")
+    m = rows.shape[0]
+    if m == 0:
+        return torch.zeros(rows.shape[1:], dtype=torch.float64, device=rows.device)
+    while m > 1:
+        half = m // 2
+        rows[:half] += rows[half:2 * half]
+        if m % 2:
+            rows[half] = rows[2 * half]
+        m -= half
+    return rows[0].clone()
 
 
 def _row_scales(norms: Tensor, bad: Tensor, c: float, bound: str) -> Tensor:
@@ -193,7 +220,7 @@ def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float, rng: Sec
 
     ``total`` must be a float64-computed sum of rows of norm <= ``clip_norm`` (its L2 sensitivity). Returns
     float64 exact multiples of the grid, of ``total``'s shape and device. See the module docstring for the
-    design and why the accountant's (eps, delta) for noise multiplier sigma holds.
+    design and what the accountant's (eps, delta) for noise multiplier sigma rests on.
     """
     c = checks.positive("clip_norm", clip_norm)
     sigma = checks.positive("noise_multiplier", noise_multiplier)
@@ -219,18 +246,28 @@ def gaussian_aggregate(
     rng: SecureRandom,
     bound: str = "clip",
 ) -> Tensor:
-    """DP mean of the rows of ``vectors``: bound each to ``clip_norm`` and sum (float64), ``noisy_sum``
-    (noise std sigma * C), divide by the public ``divisor`` (e.g. q * N).
+    """DP mean of the rows of ``vectors``: bound each to ``clip_norm`` and sum (float64, ``pairwise_sum_``),
+    ``noisy_sum`` (noise std sigma * C), divide by the public ``divisor`` (e.g. q * N).
 
-    ``vectors`` [m, ...] are the sampled rows (m may be 0); the result has shape ``vectors.shape[1:]``,
-    the input's dtype and device.
+    ``vectors`` [m, ...] are the sampled rows (m may be 0, at most ``MAX_SUM_ROWS``); the result has shape
+    ``vectors.shape[1:]``, the input's dtype and device. A bounded row's float64-computed norm is <= C, so its exact
+    norm is <= C (1 + (d/2 + 2) u) (Higham (3.4)): the excess over C is covered by the 0.13 gamma/2 per coordinate
+    that the sum's error leaves of the grid's slack, for any d below 10**11.
     """
     sigma = checks.positive("noise_multiplier", noise_multiplier)
     count = checks.positive("divisor", divisor)
     _check_rng(rng)
+    _check_rows(vectors.shape[0] if isinstance(vectors, Tensor) and vectors.dim() else 0)
     bounded = bound_vectors(vectors, clip_norm, bound)
-    noisy = noisy_sum(bounded.sum(dim=0), clip_norm, sigma, rng)
+    total = pairwise_sum_(bounded.reshape(len(bounded), math.prod(vectors.shape[1:]))).view(vectors.shape[1:])
+    noisy = noisy_sum(total, clip_norm, sigma, rng)
     return (noisy / count).to(vectors.dtype)
+
+
+def _check_rows(rows: int) -> None:
+    # Callers cap the records of a release (``dpagg.MAX_RECORDS``) before sampling; this keeps the sum's proof.
+    if rows > MAX_SUM_ROWS:
+        raise PrivdiffError(f"{rows} rows are over the {MAX_SUM_ROWS} whose float64 sum the noise's grid covers")
 
 
 def _check_vectors(vectors: Tensor) -> None:
