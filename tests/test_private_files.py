@@ -1,6 +1,8 @@
 """Who may read what privdiff writes: the ledger and private checkpoints are the owner's only (0600 in a
-0700 folder) under any umask."""
+0700 folder) under any umask; released PNGs name files by base name and keep the HE prompt and seed out
+unless asked."""
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from privdiff import cli
 from privdiff.atomic import PRIVATE, atomic_write_text, private_folder
 from privdiff.embeddings.dpagg import DPParams
 from privdiff.errors import PrivdiffError
@@ -108,3 +111,46 @@ def test_pretraining_checkpoints_and_the_default_folder_are_private(public_prior
                        training.TrainConfig(steps=3, batch_size=4), dim=16, layers=1, heads=2,
                        progress=stop_after_checkpoint, checkpoint_every=1)
     assert seen and set(seen) == {(0o700, 0o600)}
+
+
+def _parameters(png: Path) -> dict:
+    with Image.open(png) as image:
+        return json.loads(image.text["parameters"])
+
+
+def test_spectral_sample_pngs_name_the_prior_by_base_name(public_prior, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert cli.main(["wavelet", "sample", "--prior", str(public_prior), "--num-images", "1", "--out", str(out),
+                     "--scale", "2"]) == 0
+    pngs = sorted(out.iterdir())
+    assert len(pngs) == 2
+    for png in pngs:
+        settings = _parameters(png)
+        assert settings["prior"] == public_prior.name and str(public_prior.parent) not in json.dumps(settings)
+
+
+@pytest.mark.parametrize("save_prompt", [False, True])
+def test_he_pngs_keep_the_prompt_and_seed_only_when_asked(tmp_path, capsys, save_prompt):
+    out = tmp_path / "he"
+    args = ["he", "sample", "--model", "tiny", "--prompt", "a secret prompt", "--negative-prompt", "hidden too",
+            "--seed", "1234", "--steps", "1", "--out", str(out), *(["--save-prompt"] if save_prompt else [])]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    (png,) = out.iterdir()
+    settings = _parameters(png)
+    with Image.open(png) as image:
+        text = json.dumps(image.text)
+    if save_prompt:
+        assert (settings["prompt"], settings["negative_prompt"], settings["seed"]) == ("a secret prompt",
+                                                                                        "hidden too", 1234)
+    else:
+        assert "secret" not in text and "hidden" not in text and "1234" not in text
+        assert not {"prompt", "negative_prompt", "seed"} & set(settings)
+    assert settings["steps"] == 1 and settings["packing"]
+
+
+def test_prompt_settings_are_empty_unless_asked():
+    from privdiff.image_output import file_name, prompt_settings
+
+    assert prompt_settings("p", "n", 3, False) == {}
+    assert prompt_settings("p", "n", 3, True) == {"prompt": "p", "negative_prompt": "n", "seed": 3}
+    assert file_name("/home/me/private work/dp.safetensors") == "dp.safetensors" and file_name(None) is None
