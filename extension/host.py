@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from privdiff.atomic import private_folder
 from privdiff.errors import PrivdiffError
 
 from .a1111 import LEDGER_SETTING
@@ -79,12 +80,10 @@ class A1111Host:
 
     def checkpoints_dir(self) -> Path:
         """Private state of interrupted spectral fine-tunes: ``<data dir>/privdiff/checkpoints`` (never next to
-        outputs or priors)."""
+        outputs or priors), 0700."""
         from modules import paths_internal
 
-        folder = Path(paths_internal.data_path) / "privdiff" / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        return private_folder(Path(paths_internal.data_path) / "privdiff" / "checkpoints", tighten=True)
 
     def outputs_dir(self, folder: str = GUIDED_FOLDER) -> Path:
         """``folder`` in the txt2img outputs (or the one folder for all images, when Settings names one)."""

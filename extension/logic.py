@@ -499,13 +499,13 @@ def spectral_sample(host: Host, form: SpectralSampleForm) -> tuple[list[Path], s
             images = upscale(images, upscaler)
         if scale > 1:
             images = F.interpolate(images, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        settings: dict[str, object] = {"prior": str(prior), "seed": seed, "temperature": temperature,
+        settings: dict[str, object] = {"prior": prior.name, "seed": seed, "temperature": temperature,
                                        "prior_release_id": loaded.report.release_id if loaded.report else None,
                                        "upsampling": form.upsampling}
         if scale > 1:
             settings["scale"] = scale
         if upscaler is not None:
-            settings["upscaler"] = form.upscaler.strip()
+            settings["upscaler"] = Path(form.upscaler.strip()).name
         if refining:
             with training_session(model) as backend:
                 size = size or backend.resolution
@@ -542,7 +542,8 @@ MAX_SIZE = 4096
 
 @dataclass(frozen=True)
 class EncryptedForm:
-    """The encrypted denoising inputs (``worker``: HOST:PORT of ``privdiff he worker``; empty: both roles here)."""
+    """The encrypted denoising inputs (``worker``: HOST:PORT of ``privdiff he worker``; empty: both roles here;
+    ``save_prompt``: store the prompt, negative prompt and seed in the PNGs)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -558,6 +559,7 @@ class EncryptedForm:
     channels: str = "reference"
     encrypt_offsets: bool = True
     worker: str = ""
+    save_prompt: bool = False
 
 
 def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, str]:
@@ -565,7 +567,7 @@ def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, 
     outputs folder's ``privdiff-he``. Returns (image files, report, status line); the report is empty on error."""
     from privdiff.he.protocol import parse_address
     from privdiff.he.sampler import HEConfig, sample_images
-    from privdiff.image_output import save_images
+    from privdiff.image_output import prompt_settings, save_images
 
     out: list[str] = []
     with _one_line_errors(out):
@@ -583,8 +585,7 @@ def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, 
         with training_session(model) as backend:
             images, report = sample_images(backend, form.prompt, form.negative_prompt, count, size, config, seed,
                                            worker, progress=host.progress("privdiff: encrypted denoising"))
-        settings = {"prompt": form.prompt, "negative_prompt": form.negative_prompt,
-                    "seed": "secret" if seed is None else seed,
+        settings = {**prompt_settings(form.prompt, form.negative_prompt, seed, bool(form.save_prompt)),
                     "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler,
                     "threshold": config.threshold, "packing": config.packing, "channels": config.channels,
                     "encrypt_offsets": config.encrypt_offsets, "worker": worker or "this process"}

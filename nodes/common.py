@@ -10,6 +10,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from privdiff.atomic import private_folder
+
 CATEGORY = "privdiff"
 Dataset = io.Custom("PRIVDIFF_DATASET")
 
@@ -126,10 +128,9 @@ def priors_dir() -> Path:
 
 
 def checkpoints_dir() -> Path:
-    """Private resumable state of DP fine-tunes: ComfyUI's user/privdiff/checkpoints, never next to outputs."""
-    folder = Path(folder_paths.get_user_directory()) / "privdiff" / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """Private resumable state of DP fine-tunes: ComfyUI's user/privdiff/checkpoints (0700), never next to
+    outputs."""
+    return private_folder(Path(folder_paths.get_user_directory()) / "privdiff" / "checkpoints", tighten=True)
 
 
 def input_path(path: str) -> Path:

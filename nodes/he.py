@@ -117,7 +117,7 @@ class PrivdiffEncryptedSampler(io.ComfyNode):
                                          "model's predictions for the encrypted elements."),
                 io.String.Input("worker", default="",
                                 tooltip="HOST:PORT of `privdiff he worker`; empty: both roles in this process."),
-                io.Combo.Input("noise", options=list(NOISE_SOURCES), default="secret",
+                io.Combo.Input("noise", options=list(NOISE_SOURCES), default="secret", optional=True,
                                tooltip="secret: initial and ancestral noise from a 256-bit key, not recorded; seed: "
                                        "reproducible from the seed, and a worker who knows it can rebuild the image "
                                        "(the seed is saved in workflows and PNGs)."),

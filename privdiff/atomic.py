@@ -2,6 +2,8 @@
 
 :func:`replace_files` does this for a set of files (an embedding and its report sidecar): all of them
 are written before any is renamed, and a failure while renaming puts back the files already replaced.
+Released artifacts get the usual mode (0o666 less the umask); files only the data owner may read (the
+ledger, private checkpoints) are written with ``mode=PRIVATE`` and live in :func:`private_folder` folders.
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ from privdiff.errors import PrivdiffError
 
 Writer = Callable[[Path], None]
 """Writes a file's new content to the temporary path it is given."""
+PRIVATE = 0o600
+"""The mode of a file only its owner may read or write (the ledger, private checkpoints)."""
+PRIVATE_FOLDER = 0o700
+"""The mode of a folder only its owner may list or enter (private checkpoints)."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: bool = False, *,
+                 mode: int | None = None) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path``; nothing is left behind on failure.
 
-    An existing ``path`` is refused unless ``force`` is true.
+    An existing ``path`` is refused unless ``force`` is true. ``mode`` sets the file's permissions (e.g.
+    :data:`PRIVATE`: the temporary file is 0600 from its creation, so private bytes are never readable by
+    others); None gives a released artifact the usual 0o666 less the umask.
     """
     target = Path(path)
     if target.exists() and not force:
@@ -34,7 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: 
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        tmp.chmod(0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        tmp.chmod(_released_mode() if mode is None else mode)  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -42,9 +51,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: 
     return target
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, force: bool = False) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=force)
+def atomic_write_text(path: str | os.PathLike, text: str, force: bool = False, *, mode: int | None = None) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, with ``mode`` as for :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=force, mode=mode)
+
+
+def private_folder(path: str | os.PathLike, tighten: bool = False) -> Path:
+    """The folder ``path``, created (with missing parents) as :data:`PRIVATE_FOLDER` when it does not exist.
+
+    An existing folder keeps its mode (it may be the user's own) unless ``tighten``, for a folder privdiff
+    names itself; an OSError becomes a one-line PrivdiffError naming the folder.
+    """
+    folder = Path(path)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=PRIVATE_FOLDER)
+            tighten = True  # mkdir's mode is narrowed by the umask: set it exactly
+        except FileExistsError:
+            if not folder.is_dir():
+                raise PrivdiffError(f"{folder} is a file, not a folder") from None
+        if tighten:
+            folder.chmod(PRIVATE_FOLDER)
+    except OSError as exc:
+        raise PrivdiffError(f"cannot create private folder {folder}: {os_reason(exc)}") from exc
+    return folder
 
 
 def os_reason(exc: BaseException) -> str:
@@ -73,7 +104,7 @@ def replace_files(files: Mapping[Path, Writer | None]) -> None:
                 os.close(fd)
                 temps[current] = Path(name)
                 write(temps[current])
-                temps[current].chmod(0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+                temps[current].chmod(_released_mode())  # mkstemp creates 0600
         for current in files:
             existed = os.path.lexists(current)
             if existed and len(files) > 1:
@@ -117,7 +148,8 @@ def _backup(path: Path) -> Path:
     return backup
 
 
-def _umask() -> int:
+def _released_mode() -> int:
+    """0o666 less the umask: the mode an ordinary file write gives a released artifact."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask

@@ -43,7 +43,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from privdiff.he.ckks import KeyHolder
     from privdiff.he.protocol import RemoteWorker
     from privdiff.he.sampler import HEConfig, sample_images
-    from privdiff.image_output import save_images
+    from privdiff.image_output import prompt_settings, save_images
     from privdiff.progress import tqdm_progress
 
     config = HEConfig(steps=args.steps, cfg=args.cfg, sampler=args.sampler, threshold=args.threshold,
@@ -62,8 +62,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         images, report = sample_images(backend, args.prompt, args.negative_prompt, args.num_images, (height, width),
                                        config, args.seed, args.worker, progress=progress,
                                        vae_factor=backend.pipe.vae_scale_factor, holder=holder)
-    settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
-                "seed": "secret" if args.seed is None else args.seed,
+    settings = {**prompt_settings(args.prompt, args.negative_prompt, args.seed, args.save_prompt),
                 "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler, "threshold": config.threshold,
                 "packing": config.packing, "channels": config.channels, "encrypt_offsets": config.encrypt_offsets}
     written = save_images(images, cli._out_dir(args.out), settings)
@@ -101,6 +100,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encrypt-offsets", action=argparse.BooleanOptionalAction, default=True,
                    help="encrypt the updates' offsets too, so the worker never sees the model's predictions "
                         "(default; --no-encrypt-offsets sends them in plaintext, as HE-Diffusion)")
+    p.add_argument("--save-prompt", action="store_true",
+                   help="store the prompt, negative prompt and seed in the PNGs (default: left out, as from the "
+                        "worker; the PNGs then hold the release settings only)")
     p.add_argument("--num-images", type=cli._integer(1, 64), default=1, help="images in the batch (default 1)")
     p.add_argument("--height", type=cli._resolution, default=None, help="pixels (default: the model's)")
     p.add_argument("--width", type=cli._resolution, default=None, help="pixels (default: the model's)")

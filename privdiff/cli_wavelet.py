@@ -65,7 +65,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
-    from privdiff.image_output import save_images
+    from privdiff.image_output import file_name, save_images
     from privdiff.progress import tqdm_progress
     from privdiff.wavelet.upsample import load_upscaler, refine, upscale
     from privdiff.wavelet.workflow import sample_prior
@@ -75,7 +75,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     with tqdm_progress("sampling") as progress:
         coarse, loaded = sample_prior(args.prior, args.num_images, seed=args.seed, temperature=args.temperature,
                                       progress=progress)
-    settings = {"prior": args.prior, "seed": args.seed, "temperature": args.temperature,
+    settings = {"prior": file_name(args.prior), "seed": args.seed, "temperature": args.temperature,
                 "prior_release_id": loaded.report.release_id if loaded.report else None}
     result = {"coarse": [str(p) for p in save_images(coarse, out_dir, settings, prefix="coarse")]}
     upsampled = coarse
@@ -93,8 +93,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     elif args.scale > 1 and upscaler is None:
         upsampled = F.interpolate(coarse, scale_factor=args.scale, mode="bicubic", align_corners=False).clamp(0, 1)
     if upsampled is not coarse:
-        more = {"upscaler": args.upscaler, "refine_model": args.refine_model, "refine_prompt": args.refine_prompt,
-                "strength": args.strength}
+        more = {"upscaler": file_name(args.upscaler), "refine_model": file_name(args.refine_model),
+                "refine_prompt": args.refine_prompt, "strength": args.strength}
         written = save_images(upsampled, out_dir, {**settings, **more}, prefix="upsampled")
         result["upsampled"] = [str(p) for p in written]
     cli._print_json({**result, **settings})

@@ -1,14 +1,33 @@
-"""Generated images to disk: numbered PNGs that never overwrite, their settings in a PNG text chunk."""
+"""Generated images to disk: numbered PNGs that never overwrite, their settings in a PNG text chunk.
+
+The settings travel with every copy of an image: they name input files by :func:`file_name` only (never a
+path, which tells where the user keeps private work) and leave out what a mode hides unless asked.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
 from privdiff.atomic import atomic_write
+
+
+def file_name(path: str | os.PathLike | None) -> str | None:
+    """The last part of ``path`` (a file's base name, or a registry name as given), for PNG settings."""
+    return None if path is None else Path(path).name
+
+
+def prompt_settings(prompt: str, negative_prompt: str, seed: int | None, save: bool) -> dict[str, object]:
+    """The prompt, negative prompt and seed (None: secret noise, no seed) as PNG settings when the user asks to
+    ``save`` them, else none: encrypted denoising hides them from the worker, and a shared image should not give
+    them away."""
+    if not save:
+        return {}
+    return {"prompt": prompt, "negative_prompt": negative_prompt, **({} if seed is None else {"seed": seed})}
 
 
 def save_images(images: torch.Tensor, folder: Path, settings: dict[str, object],

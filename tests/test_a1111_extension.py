@@ -266,6 +266,7 @@ def test_spectral_finetune_writes_a_dp_prior_with_its_report_and_samples_from_it
     assert _pixels(files[0]).shape == (16, 16, 3) and len(_spent(host)) == 1
     settings = json.loads(Image.open(files[0]).text["parameters"])
     assert settings["seed"] == 5 and settings["prior_release_id"] == load_prior(path).report.release_id
+    assert settings["prior"] == "dp_prior.safetensors"  # its base name, never the folder it lives in
 
 
 def test_spectral_finetune_bad_input_is_one_line_and_writes_nothing(host, private, public_prior, tmp_path):
@@ -399,7 +400,9 @@ def test_encrypted_denoising_writes_images_and_returns_the_report(host, he_worke
     assert (host.state.textinfo, host.state.sampling_step, host.state.sampling_steps) == (
         "privdiff: encrypted denoising", 2, 2)
     settings = json.loads(Image.open(files[0]).text["parameters"])
-    assert settings["seed"] == 4 and settings["threshold"] == 0.01 and settings["worker"] == "this process"
+    assert settings["threshold"] == 0.01 and settings["worker"] == "this process"
+    assert not {"prompt", "negative_prompt", "seed"} & set(settings)  # hidden from the worker: not in the file
+    assert "a painting of a cat" not in json.dumps(Image.open(files[0]).text)
     assert {name: p.requires_grad for name, p in host.model.named_parameters()} == flags
 
     again, _, _ = logic.encrypted_sample(host, he_form())  # the same seed: the same images, up to CKKS rounding
@@ -407,11 +410,14 @@ def test_encrypted_denoising_writes_images_and_returns_the_report(host, he_worke
     diff = np.abs(_pixels(again[0]).astype(int) - _pixels(files[0]).astype(int))
     assert diff.max() <= 1
 
-    remote = he_form(sampler="plms", packing="dense", encrypt_offsets=True, worker=f" {he_worker} ", num_images=1)
+    remote = he_form(sampler="plms", packing="dense", encrypt_offsets=True, worker=f" {he_worker} ", num_images=1,
+                     save_prompt=True)
     files, report, status = logic.encrypted_sample(host, remote)
     assert len(files) == 1 and status.endswith(f"encrypted steps with the worker at {he_worker}"), status
     assert f"worker at {he_worker}" in report and "dense packing" in report and "the offsets encrypted" in report
-    assert json.loads(Image.open(files[0]).text["parameters"])["worker"] == he_worker
+    settings = json.loads(Image.open(files[0]).text["parameters"])
+    assert settings["worker"] == he_worker
+    assert (settings["prompt"], settings["negative_prompt"], settings["seed"]) == ("a painting of a cat", "blurry", 4)
 
 
 def test_encrypted_denoising_bad_input_is_one_line_and_writes_nothing(host):

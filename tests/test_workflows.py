@@ -81,7 +81,7 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
          ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
          ("latent_image", "LATENT"), ("denoise", "FLOAT"), ("threshold", "FLOAT"), ("packing", "COMBO"),
          ("channels", "COMBO"), ("encrypt_offsets", "BOOLEAN"), ("worker", "STRING")],
-        [],
+        [("noise", "COMBO")],
         ["LATENT", "STRING"],
     ),
 }
@@ -283,7 +283,9 @@ def test_he_workflow_replaces_ksampler():
     (nid,) = [nid for nid, n in prompt.items() if n["class_type"] == "PrivdiffEncryptedSampler"]
     sampler = prompt[nid]["inputs"]
     assert prompt[sampler["latent_image"][0]]["class_type"] == "EmptyLatentImage" and sampler["denoise"] == 1.0
-    assert sampler["worker"] == "" and sampler["threshold"] == 0.01 and sampler["packing"] == "sparse"
+    assert sampler["worker"] == "" and sampler["threshold"] == 0.01
+    # the safest configuration of the README's leak table, and noise the worker cannot recompute from a seed
+    assert sampler["packing"] == "dense" and sampler["encrypt_offsets"] is True and sampler["noise"] == "secret"
     (decode,) = [n for n in prompt.values() if n["class_type"] == "VAEDecode"]
     assert decode["inputs"]["samples"] == [nid, 0]
     (report,) = [n for n in prompt.values() if n["class_type"] == "PreviewAny"]

@@ -54,6 +54,9 @@ def build(host: logic.Host, job) -> None:
                                                 "predictions; safest)", value=True)
             worker = gr.Textbox(label="Worker HOST:PORT (empty: both roles in this process)",
                                 placeholder="127.0.0.1:7000")
+            save_prompt = gr.Checkbox(label="Save the prompt, negative prompt and seed in the PNGs (hidden from the "
+                                            "worker; left out by default)", value=False,
+                                      elem_id="privdiff_he_save_prompt")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="privdiff_he_generate")
                 interrupt_button(host)
@@ -64,7 +67,8 @@ def build(host: logic.Host, job) -> None:
 
     fields = {"prompt": prompt, "negative_prompt": negative, "sampler": sampler, "steps": steps, "cfg": cfg,
               "seed": seed, "width": width, "height": height, "num_images": num_images, "threshold": threshold,
-              "packing": packing, "channels": channels, "encrypt_offsets": encrypt_offsets, "worker": worker}
+              "packing": packing, "channels": channels, "encrypt_offsets": encrypt_offsets, "worker": worker,
+              "save_prompt": save_prompt}
 
     def run(_task_id, *values):
         form = logic.EncryptedForm(**dict(zip(fields, values, strict=True)))

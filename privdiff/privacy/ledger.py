@@ -38,7 +38,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from privdiff.atomic import atomic_write_text
+from privdiff.atomic import PRIVATE, atomic_write_text
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
 from privdiff.privacy.accountants import ADD_REMOVE, REPLACE_ONE, Event, composed_epsilon
@@ -291,7 +291,8 @@ class BudgetLedger:
 
     def _save(self, data: dict) -> None:
         try:
-            atomic_write_text(self.path, json.dumps(data, indent=1, allow_nan=False) + "\n", force=True)
+            atomic_write_text(self.path, json.dumps(data, indent=1, allow_nan=False) + "\n", force=True,
+                              mode=PRIVATE)  # it holds image digests: the owner's eyes only
         except OSError as exc:
             raise PrivdiffError(f"cannot write budget ledger {self.path}: {exc.strerror or exc}") from exc
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from privdiff.atomic import private_folder
 from privdiff.embeddings.dpagg import DPParams, check_params
 from privdiff.errors import PrivdiffError
 from privdiff.images import check_image, list_images, load_private_dataset
@@ -44,6 +45,14 @@ Progress = Callable[[int, int], None]
 def default_checkpoint_dir() -> Path:
     """``$XDG_CACHE_HOME/privdiff/checkpoints`` (default ``~/.cache``): private, away from any output."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "privdiff" / "checkpoints"
+
+
+def checkpoint_folder(checkpoint_dir: str | Path | None = None) -> Path:
+    """The checkpoint folder: ``checkpoint_dir``, else the default; created 0700 when missing (the default is
+    made 0700 even when it exists). Checkpoint files are 0600 in either."""
+    if checkpoint_dir:
+        return private_folder(Path(checkpoint_dir).expanduser())
+    return private_folder(default_checkpoint_dir(), tighten=True)
 
 
 def load_folder(folder: str | Path, size: int) -> torch.Tensor:
@@ -87,8 +96,7 @@ def pretrain_prior(tokenizer: SpectralTokenizer, images: str | Path, out: str | 
     request = {"tokenizer": tokenizer.identity, "images": sorted(image_digests(files)), "config": asdict(config),
                "shape": [dim, layers, heads], "seed": seed, "out": str(path.resolve())}
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:32]
-    folder = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = checkpoint_folder(checkpoint_dir)
     checkpoint = folder / f"pretrain-{key}.pt"
     tokens = tokenizer.encode(load_folder(images, tokenizer.size))
     with torch.random.fork_rng(devices=[]):
@@ -128,8 +136,7 @@ def finetune_prior(
                "config": asdict(config), "images": sorted(image_digests(files)), "out": str(path.resolve()),
                "seed": seed}
     key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    folder = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = checkpoint_folder(checkpoint_dir)
     if folder.resolve() == path.parent.resolve():
         raise PrivdiffError(f"the checkpoint folder {folder} is the output's folder; keep private state elsewhere")
     checkpoint = Checkpoint(folder / f"wavelet-{key}.safetensors", checkpoint_every)
