@@ -25,7 +25,9 @@ def _cmd_worker(args: argparse.Namespace) -> None:
 
     host, port = parse_address(args.listen, any_port=True)
     try:
-        server = WorkerServer((host, port), log=lambda line: print(line, file=sys.stderr, flush=True))
+        server = WorkerServer((host, port), log=lambda line: print(line, file=sys.stderr, flush=True),
+                              max_connections=args.max_connections, timeout=args.timeout,
+                              idle_timeout=args.idle_timeout)
     except OSError as error:
         raise PrivdiffError(f"cannot listen on {args.listen} ({error.strerror or error})") from None
     cli._print_json({"listening": f"{host}:{server.server_address[1]}"})
@@ -75,6 +77,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         dest="he_command", metavar="SUBCOMMAND", required=True)
     p = he.add_parser("worker", help="serve encrypted updates (public context only; never sees a secret key)")
     p.add_argument("--listen", required=True, help="HOST:PORT to listen on, e.g. 127.0.0.1:7000 (port 0: any)")
+    p.add_argument("--max-connections", type=cli._integer(1, 1024), default=8,
+                   help="key holders served at once; more are refused (default 8)")
+    p.add_argument("--timeout", type=cli._real(3600), default=30.0,
+                   help="seconds a message may stall before the connection is dropped (default 30)")
+    p.add_argument("--idle-timeout", type=cli._real(86400), default=600.0,
+                   help="seconds a key holder may take between updates, e.g. for its model (default 600)")
     p.set_defaults(func=_cmd_worker)
 
     p = he.add_parser("sample", help="the key holder: sample with encrypted scheduler steps")

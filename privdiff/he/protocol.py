@@ -3,18 +3,28 @@
 A frame is b"PDHE", a kind byte, the body length (8 bytes, little-endian) and the body: a JSON header
 (length-prefixed) naming float fields, float64/int64 arrays and byte blobs, then the arrays' and blobs' bytes
 in header order. Every length, dtype and field is checked before use; anything else is refused with one line.
-What crosses the wire is exactly the dataclasses below: ciphertexts, the public context, and the plaintext
-fields an update needs (see README's threat model).
+What crosses the wire is exactly the dataclasses below: ciphertexts, the public context (its parameters only),
+and the plaintext fields an update needs (see README's threat model).
+
+Neither end trusts the other's sizes or pace. A frame's size is capped by ``Limits``, derived from the CKKS
+parameters: the key holder splits a step into updates of at most ``Limits.ciphertexts`` ciphertexts (and as
+many slots' worth of plaintext values), so the largest legitimate frame is known before any of it is read, and
+a declared length over the cap is refused from the frame's first 13 bytes. Every read has a timeout, and a
+frame must arrive within the timeout plus its size at ``MIN_RATE``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import socketserver
 import struct
-from collections.abc import Callable
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +34,14 @@ from privdiff.he.ckks import Worker
 
 MAGIC = b"PDHE"
 HELLO, READY, UPDATE, RESULT, ERROR = range(1, 6)
-MAX_BODY = 1 << 31  # 2 GiB: far above a 4 x 128 x 128 latent's ciphertexts
+HEAD = 13  # magic, kind, body length
+MAX_HEADER = 1 << 16  # the JSON header: a few names, and one length per blob (at most 2 x MAX_CIPHERTEXTS)
+MAX_CONTEXT = 1 << 14  # the public context as sent: its parameters only (131 bytes at degree 32768, 15 primes)
+SMALL_FRAME = 4 + MAX_HEADER + MAX_CONTEXT  # HELLO, READY, ERROR
+FRAME_CIPHERTEXT_BYTES = 1 << 24  # an update's ciphertexts (values and offsets) fill at most 16 MiB
+MAX_CIPHERTEXTS = 1024  # per list and message, whatever the parameters (keeps the header under MAX_HEADER)
+MIN_RATE = 1 << 18  # bytes/s: the slowest link a frame may take (256 KiB/s)
+MAX_ERROR = 200  # characters of a peer's error text that are shown
 _DTYPES = {"f8": np.float64, "i8": np.int64}
 _FIELDS = {  # kind -> (floats, arrays, blob lists)
     HELLO: ((), (), ("context",)),
@@ -33,6 +50,60 @@ _FIELDS = {  # kind -> (floats, arrays, blob lists)
     RESULT: ((), ("plain",), ("ciphertexts",)),
     ERROR: ((), (), ()),
 }
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-_])")
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+class Closed(PrivdiffError):
+    """The peer hung up between two messages."""
+
+
+def one_line(text: str, limit: int = MAX_ERROR) -> str:
+    """``text`` safe to print: terminal escapes and control characters removed, whitespace folded, truncated."""
+    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in _ESCAPES.sub("", text))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest legitimate messages for one CKKS context: slots per ciphertext, and a bound on a
+    serialised ciphertext (two polynomials of degree N over the data level's primes, 8 bytes a coefficient,
+    plus compression's worst-case growth and headers)."""
+
+    slots: int
+    ciphertext_bytes: int
+
+    @classmethod
+    def of(cls, context) -> Limits:  # noqa: ANN001 - a TenSEAL context
+        data = context.seal_context().data.first_context_data()
+        degree, primes = data.parms().poly_modulus_degree(), data.chain_index() + 1
+        raw = 2 * degree * primes * 8
+        return cls(degree // 2, raw + raw // 128 + 4096)
+
+    @property
+    def ciphertexts(self) -> int:
+        """Ciphertexts per list in one update (values, and encrypted offsets)."""
+        return max(1, min(MAX_CIPHERTEXTS, FRAME_CIPHERTEXT_BYTES // (2 * self.ciphertext_bytes)))
+
+    @property
+    def values(self) -> int:
+        """Values per array in one update."""
+        return self.ciphertexts * self.slots
+
+    @property
+    def update_frame(self) -> int:
+        return 4 + MAX_HEADER + 2 * self.ciphertexts * self.ciphertext_bytes + 4 * 8 * self.values
+
+    def result_frame(self, ciphertexts: int, plain: int) -> int:
+        return 4 + MAX_HEADER + ciphertexts * self.ciphertext_bytes + 8 * plain
+
+    def check(self, request: Request) -> None:
+        """Refuse an update larger than one message may be."""
+        counts = [len(request.ciphertexts), len(request.offset_ciphertexts)]
+        sizes = [len(request.offsets), len(request.plain), len(request.plain_offsets), len(request.indices)]
+        if max(counts) > self.ciphertexts or max(sizes) > self.values:
+            raise PrivdiffError(f"an update holds more than {self.ciphertexts} ciphertexts or {self.values} values")
 
 
 @dataclass
@@ -80,18 +151,42 @@ def encode(message: Message) -> bytes:
     return MAGIC + bytes([message.kind]) + struct.pack("<Q", len(body)) + body
 
 
-def decode(kind: int, body: bytes) -> Message:
-    """Parse a body of ``kind``; any inconsistency raises PrivdiffError."""
+def _parse_header(text: bytes) -> dict:
+    """The JSON header, refused when nested deeper than its fixed shape (dict -> dict -> list)."""
+    brackets = np.frombuffer(_STRINGS.sub(b'""', text), dtype=np.uint8)
+    depth = np.cumsum(np.isin(brackets, list(b"[{")).astype(np.int64) - np.isin(brackets, list(b"]}")))
+    if depth.size and depth.max() > 3:
+        raise ValueError("the header is nested too deeply")
+    header = json.loads(text)
+    if not isinstance(header, dict) or not all(isinstance(header.get(k), dict) for k in ("floats", "arrays", "blobs")):
+        raise ValueError("the header is not an object of floats, arrays and blobs")
+    if not isinstance(header.get("error", ""), str):
+        raise ValueError("the error is not text")
+    return header
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a length")
+    return value
+
+
+def decode(kind: int, body: bytes | bytearray, header_limit: int = MAX_HEADER) -> Message:
+    """Parse a body of ``kind`` whose header is at most ``header_limit`` bytes; any inconsistency raises
+    PrivdiffError."""
     if kind not in _FIELDS:
-        raise PrivdiffError(f"unknown message kind {kind}")
+        raise PrivdiffError(f"malformed message: unknown message kind {kind}")
+    view = memoryview(body)
     try:
-        (size,) = struct.unpack_from("<I", body)
-        header = json.loads(body[4:4 + size])
+        (size,) = struct.unpack_from("<I", view)
+        if size > min(header_limit, len(body) - 4):
+            raise ValueError(f"a header of {size} bytes (at most {min(header_limit, len(body) - 4)})")
+        header = _parse_header(bytes(view[4:4 + size]))
         floats, arrays, blobs = header["floats"], header["arrays"], header["blobs"]
         want_floats, want_arrays, want_blobs = _FIELDS[kind]
         if set(floats) != set(want_floats) or set(arrays) != set(want_arrays) or set(blobs) != set(want_blobs):
             raise ValueError("unexpected fields")
-        message = Message(kind, error=str(header.get("error", ""))[:500])
+        message = Message(kind, error=one_line(header.get("error", ""), 500))
         for name in want_floats:
             value = floats[name]
             if not isinstance(value, int | float) or not np.isfinite(value):
@@ -100,29 +195,27 @@ def decode(kind: int, body: bytes) -> Message:
         at = 4 + size
         for name in want_arrays:
             code, count = arrays[name]
-            dtype = _DTYPES[code]
-            nbytes = int(count) * 8
-            if count < 0 or at + nbytes > len(body):
+            dtype, count = _DTYPES[code], _count(count)
+            if at + count * 8 > len(body):
                 raise ValueError(f"array {name} runs past the message")
-            array = np.frombuffer(body, dtype=dtype, count=int(count), offset=at)
+            array = np.frombuffer(view, dtype=dtype, count=count, offset=at)
             if dtype == np.float64 and not np.isfinite(array).all():
                 raise ValueError(f"array {name} holds NaN or inf")
             message.arrays[name] = array
-            at += nbytes
+            at += count * 8
         for name in want_blobs:
-            sizes = blobs[name]
+            if not isinstance(blobs[name], list):
+                raise ValueError(f"blob {name} has no lengths")
             message.blobs[name] = []
-            for n in sizes:
-                if not isinstance(n, int) or n < 0 or at + n > len(body):
+            for n in map(_count, blobs[name]):
+                if at + n > len(body):
                     raise ValueError(f"blob {name} runs past the message")
-                message.blobs[name].append(body[at:at + n])
+                message.blobs[name].append(bytes(view[at:at + n]))
                 at += n
         if at != len(body):
             raise ValueError(f"{len(body) - at} unexpected bytes at the end")
-    except PrivdiffError:
-        raise
-    except (ValueError, KeyError, TypeError, IndexError, struct.error, json.JSONDecodeError) as error:
-        raise PrivdiffError(f"malformed message: {error}") from None
+    except (ValueError, KeyError, TypeError, IndexError, struct.error, RecursionError) as error:
+        raise PrivdiffError(f"malformed message: {one_line(str(error))}") from None
     return message
 
 
@@ -139,6 +232,19 @@ def request_of(message: Message) -> Request:
                    a["plain_offsets"], a["indices"])
 
 
+def split(request: Request, limits: Limits) -> Iterator[Request]:
+    """``request`` as updates that each fit one message (at least one). Ciphertext i holds values
+    i * slots onwards, as ``KeyHolder.encrypt`` packs them, so its plain offsets and indices go with it."""
+    c, v = limits.ciphertexts, limits.values
+    parts = max(1, -(-len(request.ciphertexts) // c), -(-len(request.offset_ciphertexts) // c),
+                -(-len(request.offsets) // v), -(-len(request.indices) // v), -(-len(request.plain) // v))
+    for i in range(parts):
+        cts, values = slice(i * c, (i + 1) * c), slice(i * v, (i + 1) * v)
+        yield Request(request.factor, request.ciphertexts[cts], request.offsets[values],
+                      request.offset_ciphertexts[cts], request.plain[values], request.plain_offsets[values],
+                      request.indices[values])
+
+
 def work(worker: Worker, request: Request) -> Reply:
     """The worker's whole job: ciphertext + offset for the encrypted values, factor x value + offset for the rest."""
     if len(request.plain) != len(request.plain_offsets):
@@ -147,64 +253,160 @@ def work(worker: Worker, request: Request) -> Reply:
     return Reply(worker.add(request.ciphertexts, offsets), request.factor * request.plain + request.plain_offsets)
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(min(n - got, 1 << 20))
+def _read_exactly(sock: socket.socket, n: int, deadline: float, timeout: float) -> bytearray:
+    """``n`` bytes, each read within ``timeout`` and all by ``deadline`` (time.monotonic); the buffer grows with
+    what arrives, never ahead of it."""
+    data = bytearray()
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{len(data)} of {n} bytes arrived in time")
+        sock.settimeout(min(timeout, left))
+        try:
+            chunk = sock.recv(min(n - len(data), 1 << 20))
+        except TimeoutError:
+            raise TimeoutError(f"{len(data)} of {n} bytes arrived in time") from None
         if not chunk:
-            raise PrivdiffError(f"the connection closed after {got} of {n} bytes")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+            raise PrivdiffError(f"the connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
 
 
-def read_message(sock: socket.socket) -> tuple[Message, int]:
-    """The next message and its size on the wire."""
-    head = _read_exactly(sock, 13)
+def read_message(sock: socket.socket, limit: int = SMALL_FRAME, timeout: float = 30.0,
+                 wait: float | None = None) -> tuple[Message, int]:
+    """The next message and its size on the wire. Its first byte may take ``wait`` seconds (default
+    ``timeout``); then every read must progress within ``timeout``, and the whole frame arrive within
+    ``timeout`` plus its size at MIN_RATE. A body declared over ``limit`` bytes is refused unread.
+    A peer that hangs up before the first byte raises Closed; one that stalls, TimeoutError."""
+    wait = timeout if wait is None else wait
+    sock.settimeout(wait)
+    try:
+        first = sock.recv(1)
+    except TimeoutError:
+        raise TimeoutError(f"no message for {wait:g} s") from None
+    if not first:
+        raise Closed("the connection closed")
+    start = time.monotonic()
+    head = first + _read_exactly(sock, HEAD - 1, start + timeout, timeout)
     if head[:4] != MAGIC:
         raise PrivdiffError("malformed message: not a privdiff HE frame")
     (length,) = struct.unpack("<Q", head[5:])
-    if length > MAX_BODY:
-        raise PrivdiffError(f"malformed message: body of {length} bytes is over the limit")
-    return decode(head[4], _read_exactly(sock, length)), 13 + length
+    if length > limit:
+        raise PrivdiffError(f"malformed message: a body of {length} bytes is over the limit of {limit}")
+    body = _read_exactly(sock, length, start + timeout + length / MIN_RATE, timeout)
+    return decode(head[4], body), HEAD + length
+
+
+def _send(sock: socket.socket, data: bytes, timeout: float) -> None:
+    """All of ``data`` within ``timeout`` plus its size at MIN_RATE."""
+    sock.settimeout(timeout + len(data) / MIN_RATE)
+    sock.sendall(data)
 
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
+        server: WorkerServer = self.server  # type: ignore[assignment]
         sock: socket.socket = self.request
-        worker = None
+        worker, limits = None, None
         try:
             while True:
-                try:
-                    message, _ = read_message(sock)
-                except PrivdiffError as error:
-                    if "closed after 0 of" in str(error):
-                        return  # the key holder hung up between messages
-                    raise
+                try:  # between updates the key holder runs its model: it may take idle_timeout
+                    message, _ = read_message(sock, max(SMALL_FRAME, limits.update_frame) if limits else SMALL_FRAME,
+                                              server.read_timeout, server.idle_timeout if worker else None)
+                except Closed:
+                    return
                 if message.kind == HELLO:
-                    worker = Worker(message.blobs["context"][0] if message.blobs["context"] else b"")
-                    sock.sendall(encode(Message(READY)))
-                elif message.kind == UPDATE and worker is not None:
-                    reply = work(worker, request_of(message))
-                    sock.sendall(encode(Message(RESULT, arrays={"plain": reply.plain},
-                                                blobs={"ciphertexts": reply.ciphertexts})))
+                    if len(message.blobs["context"]) != 1 or len(message.blobs["context"][0]) > MAX_CONTEXT:
+                        raise PrivdiffError(f"the public context must be one blob of at most {MAX_CONTEXT} bytes "
+                                            f"(its parameters only)")
+                    worker = Worker(message.blobs["context"][0])
+                    limits = Limits.of(worker.context)
+                    _send(sock, encode(Message(READY)), server.read_timeout)
+                elif message.kind == UPDATE and worker is not None and limits is not None:
+                    request = request_of(message)
+                    limits.check(request)
+                    reply = work(worker, request)
+                    _send(sock, encode(Message(RESULT, arrays={"plain": reply.plain},
+                                               blobs={"ciphertexts": reply.ciphertexts})), server.read_timeout)
                 else:
                     raise PrivdiffError("unexpected message: send the public context first, then updates")
+        except TimeoutError as error:
+            self._refuse(f"timed out: {error}")
         except PrivdiffError as error:
-            self.server.log(f"refused a request from {self.client_address[0]}: {error}")  # type: ignore[attr-defined]
-            with contextlib.suppress(OSError):
-                sock.sendall(encode(Message(ERROR, error=str(error))))
+            self._refuse(str(error))
+        except Exception as error:  # noqa: BLE001 - TenSEAL's and anything else's errors are one ERROR line too
+            self._refuse(f"could not apply the update ({type(error).__name__}: {error})")
+
+    def _refuse(self, error: str) -> None:
+        error = one_line(error)
+        self.server.log(f"refused a request from {self.client_address[0]}: {error}")  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            _send(self.request, encode(Message(ERROR, error=error)), 1.0)
+            _linger(self.request)
+
+
+def _linger(sock: socket.socket, budget: int = 1 << 16, seconds: float = 0.5) -> None:
+    """Half-close, then read (and drop) what the peer still sends, at most ``budget`` bytes for ``seconds``:
+    closing with unread input makes the kernel reset the connection, which can discard the ERROR unread."""
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + seconds
+    while budget > 0 and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        chunk = sock.recv(min(budget, 1 << 14))
+        if not chunk:
+            return
+        budget -= len(chunk)
 
 
 class WorkerServer(socketserver.ThreadingTCPServer):
-    """Serves encrypted updates; each connection brings its own public context."""
+    """Serves encrypted updates; each connection brings its own public context. At most ``max_connections``
+    are served at once (others get one ERROR and are closed, without a thread); a connection that sends
+    nothing for ``idle_timeout`` seconds between updates, or stalls ``timeout`` seconds inside a message, is
+    dropped; a message over what the context's parameters need is refused unread."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], log: Callable[[str], None] = lambda line: None) -> None:
+    def __init__(self, address: tuple[str, int], log: Callable[[str], None] = lambda line: None,
+                 max_connections: int = 8, timeout: float = 30.0, idle_timeout: float = 600.0) -> None:
+        if max_connections < 1:
+            raise PrivdiffError(f"max_connections={max_connections} must be at least 1")
+        if not 0 < timeout <= idle_timeout:
+            raise PrivdiffError(f"a timeout of {timeout:g} s must be above 0 and at most the idle timeout "
+                                f"({idle_timeout:g} s)")
         super().__init__(address, _Handler)
         self.log = log
+        self.max_connections, self.read_timeout, self.idle_timeout = max_connections, timeout, idle_timeout
+        self._open = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        if not self._open.acquire(blocking=False):
+            self.log(f"refused a connection from {client_address[0]}: {self.max_connections} are open")
+            with contextlib.suppress(OSError):
+                request.settimeout(0.0)  # never wait on a peer being turned away
+                request.sendall(encode(Message(ERROR, error=f"busy: {self.max_connections} connections are open")))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._open.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._open.release()
+
+
+def public_parameters(public_context: bytes) -> tuple[bytes, Limits]:
+    """What a worker is sent of ``public_context``: its parameters only (adding needs no evaluation keys), and
+    the context's limits. Refuses a context that holds the secret key."""
+    context = Worker(public_context).context
+    return context.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False,
+                             save_relin_keys=False), Limits.of(context)
 
 
 def parse_address(address: str, any_port: bool = False) -> tuple[str, int]:
@@ -216,38 +418,60 @@ def parse_address(address: str, any_port: bool = False) -> tuple[str, int]:
 
 
 class RemoteWorker:
-    """The key holder's end of a connection to ``privdiff he worker``; counts the bytes each way."""
+    """The key holder's end of a connection to ``privdiff he worker``; counts the bytes each way. Every reply
+    must come within ``timeout`` seconds (plus its size at MIN_RATE) and fit what the request needs; anything
+    else ends the run with one line."""
 
-    def __init__(self, address: str, public_context: bytes, timeout: float = 120.0) -> None:
-        self.address = address
+    def __init__(self, address: str, public_context: bytes, timeout: float = 30.0,
+                 connect_timeout: float = 10.0) -> None:
+        self.address, self.timeout = address, timeout
+        parameters, self.limits = public_parameters(public_context)
         try:
-            self.sock = socket.create_connection(parse_address(address), timeout=min(timeout, 10.0))
+            self.sock = socket.create_connection(parse_address(address), timeout=connect_timeout)
         except OSError as error:
             raise PrivdiffError(f"the worker at {address} is unreachable ({error.strerror or error})") from None
-        self.sock.settimeout(timeout)
         self.sent = self.received = 0
-        self._exchange(Message(HELLO, blobs={"context": [public_context]}), READY)
+        try:
+            self._exchange(Message(HELLO, blobs={"context": [parameters]}), READY, SMALL_FRAME)
+        except PrivdiffError:
+            self.close()
+            raise
 
-    def _exchange(self, message: Message, expect: int) -> Message:
+    def _exchange(self, message: Message, expect: int, limit: int) -> Message:
         data = encode(message)
         try:
-            self.sock.sendall(data)
-            reply, size = read_message(self.sock)
+            _send(self.sock, data, self.timeout)
+            reply, size = read_message(self.sock, limit, self.timeout)
+        except TimeoutError:
+            raise PrivdiffError(f"the worker at {self.address} did not answer within {self.timeout:g} s") from None
         except OSError as error:
             raise PrivdiffError(f"the worker at {self.address} stopped answering ({error})") from None
+        except Closed:
+            raise PrivdiffError(f"the worker at {self.address} closed the connection") from None
         except PrivdiffError as error:
             raise PrivdiffError(f"the worker at {self.address} answered with a bad message ({error})") from None
         self.sent += len(data)
         self.received += size
         if reply.kind == ERROR:
-            raise PrivdiffError(f"the worker at {self.address} refused the request: {reply.error}")
+            raise PrivdiffError(f"the worker at {self.address} refused the request: {one_line(reply.error)}")
         if reply.kind != expect:
-            raise PrivdiffError(f"the worker at {self.address} answered with an unexpected message")
+            raise PrivdiffError(f"the worker at {self.address} answered with an unexpected message (kind "
+                                f"{reply.kind}, not {expect})")
         return reply
 
     def update(self, request: Request) -> Reply:
-        reply = self._exchange(request_message(request), RESULT)
-        return Reply(reply.blobs["ciphertexts"], reply.arrays["plain"])
+        """The worker's reply to ``request``, sent as updates that each fit one message."""
+        ciphertexts, plain = [], []
+        for part in split(request, self.limits):
+            limit = self.limits.result_frame(len(part.ciphertexts), len(part.plain))
+            reply = self._exchange(request_message(part), RESULT, limit)
+            got, values = reply.blobs["ciphertexts"], reply.arrays["plain"]
+            if len(got) != len(part.ciphertexts) or len(values) != len(part.plain):
+                raise PrivdiffError(f"the worker at {self.address} returned {len(got)} ciphertexts and {len(values)} "
+                                    f"plaintext values for {len(part.ciphertexts)} and {len(part.plain)}")
+            ciphertexts += got
+            plain.append(values)
+        return Reply(ciphertexts, np.concatenate(plain))
 
     def close(self) -> None:
         self.sock.close()
@@ -263,7 +487,7 @@ class LocalWorker:
 
     def update(self, request: Request) -> Reply:
         data = encode(request_message(request))
-        seen = request_of(decode(UPDATE, data[13:]))
+        seen = request_of(decode(UPDATE, data[HEAD:], len(data)))  # one message, however large
         if self.record is not None:
             self.record.append(seen)
         reply = work(self.worker, seen)
