@@ -244,7 +244,7 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     def produce() -> object:  # runs once the release is charged
         backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
         backend.freeze()
-        check_config(backend, config)  # --vectors against the model's text context, before any image is read
+        check_config(backend, config)  # --vectors against the model's text context, before any image is decoded
         resolution = backend.resolution if args.resolution is None else args.resolution  # checked by _resolution
         images = private.load(resolution).images
         with tqdm_progress(f"{args.method}: training") as progress:

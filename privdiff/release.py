@@ -5,7 +5,8 @@ written the same way:
 
 1. the output plan is checked before anything else (``privdiff.output_plan.plan_output``);
 2. the release's report is planned (σ calibrated, no model needed) and reserved in the ledger under its
-   lock, refused over budget, before a model loads or any private data is read;
+   lock, refused over budget, before a model loads or any private pixel is decoded (each file was read
+   once, earlier: the ledger charges the digests of the very bytes decoded);
 3. the work runs, the artifact is written atomically, then the reservation is committed.
 
 A clean failure or an interrupt before the write cancels the reservation (no file, no charge, the ledger

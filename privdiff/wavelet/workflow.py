@@ -3,7 +3,7 @@
 1. ``train_tokenizer``: codebooks from a public folder.
 2. ``pretrain_prior``: the prior on the same (or another) public folder; the file holds its tokenizer.
    An interrupted pre-training continues from its checkpoint when run again.
-3. ``finetune_prior``: the DP release. Checked and charged before any private image is read; state is
+3. ``finetune_prior``: the DP release. Checked and charged before any private image is decoded; state is
    checkpointed to a private folder (never next to the output), and running the same request again after
    an interruption resumes it: same report, remaining steps only, no second charge.
 4. ``sample_prior``: coarse images from any prior (post-processing of a DP prior: no budget).
