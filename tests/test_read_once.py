@@ -207,3 +207,34 @@ def test_a_style_target_at_another_resolution_is_a_new_request(tmp_path, folder)
                                            default_ledger=ledger)
     assert "released before" not in larger
     assert len(json.loads(ledger.read_text())["releases"]) == 2
+
+
+def test_a_fine_tune_refuses_a_ledger_charging_other_images(public_prior, tmp_path, folder):
+    from privdiff.embeddings.dpagg import DPParams
+    from privdiff.errors import PrivdiffError
+    from privdiff.images import read_private_files
+    from privdiff.release import open_ledger
+    from privdiff.wavelet.training import TrainConfig
+    from privdiff.wavelet.workflow import finetune_prior
+
+    other = read_private_files(write_style_images(tmp_path / "other", count=4, size=32, seed=5))
+    params = DPParams(epsilon=8.0, delta=1e-3, sample_rate=0.5, clip_norm=1.0)
+    with pytest.raises(PrivdiffError, match="charges other images"):
+        finetune_prior(public_prior, read_private_files(folder), tmp_path / "dp.safetensors", params,
+                       TrainConfig(steps=1), ledger=open_ledger(tmp_path / "ledger.json", other.digests),
+                       checkpoint_dir=tmp_path / "ck")
+    assert not (tmp_path / "ledger.json").exists() and not (tmp_path / "dp.safetensors").exists()
+
+
+def test_private_files_decode_the_bytes_read_and_refuse_duplicates(tmp_path, folder):
+    from privdiff.errors import PrivdiffError
+    from privdiff.images import read_private_files
+
+    private = read_private_files(folder)
+    before, loaded = _digests(folder), load_private_dataset(folder, 32)
+    _replace(folder / "private_000.png")
+    dataset = private.load(32)
+    assert set(dataset.digests) == set(loaded.digests) == before and torch.equal(dataset.images, loaded.images)
+    (folder / "copy.png").write_bytes((folder / "private_001.png").read_bytes())
+    with pytest.raises(PrivdiffError, match="private_001.png is identical to .*copy.png"):
+        load_private_dataset(folder, 32)
