@@ -238,3 +238,14 @@ def test_private_files_decode_the_bytes_read_and_refuse_duplicates(tmp_path, fol
     (folder / "copy.png").write_bytes((folder / "private_001.png").read_bytes())
     with pytest.raises(PrivdiffError, match="private_001.png is identical to .*copy.png"):
         load_private_dataset(folder, 32)
+
+
+def test_open_ledger_refuses_no_images_and_a_duplicated_digest(tmp_path):
+    from privdiff.errors import PrivdiffError
+    from privdiff.release import open_ledger
+
+    digest = hashlib.sha256(b"image").hexdigest()
+    for digests, needle in (([], "without image files"), ([digest, digest], "identical")):
+        with pytest.raises(PrivdiffError, match=needle):
+            open_ledger(tmp_path / "ledger.json", digests)
+    assert open_ledger(tmp_path / "ledger.json", [digest]).digests == [digest]

@@ -132,7 +132,8 @@ def finetune_prior(
     if public.report is not None:
         raise PrivdiffError(f"{prior_file} is already a DP fine-tune; start from the public prior")
     if ledger is not None and sorted(ledger.digests) != sorted(images.digests):
-        raise PrivdiffError("the ledger charges other images than the fine-tune reads; please report this bug")
+        raise PrivdiffError("the ledger charges other images than the fine-tune reads: open it with the digests of "
+                            "the images passed (PrivateFiles.digests)")
     check_params(params, len(images), n_public_by_convention=True)
     _check_sizes(images.files, images.sizes, public.tokenizer.size)
     request = {"prior": hashlib.sha256(Path(prior_file).read_bytes()).hexdigest(), "params": asdict(params),
