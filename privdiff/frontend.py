@@ -23,7 +23,7 @@ from privdiff.embeddings.dpagg import (
     per_image_files,
     plan_files_release,
 )
-from privdiff.embeddings.files import load_embedding
+from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.guidance.encoders import ImageEncoder
@@ -143,6 +143,17 @@ def pixels_request(dataset: PrivateDataset) -> dict[str, object]:
     return {"resolution": list(pixels.shape[-2:]), "pixels": hashlib.sha256(pixels.numpy()).hexdigest()}
 
 
+def _vectors_digest(embedding: Embedding | None) -> str:
+    """A digest of an embedding's vectors (its content, not its file name), or "" for none."""
+    if embedding is None:
+        return ""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(embedding.vectors.items()):
+        digest.update(f"{name}{list(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().to(torch.float32).contiguous().numpy())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def model_identity(backend: SDBackend, config: TIConfig) -> str:
     """A public fingerprint of the model for request keys: the init word's token vectors and the UNet's
@@ -246,7 +257,8 @@ def aggregate_files(
         raise PrivdiffError(f"images_folder holds {len(sources)} images but folder holds {len(files)} embedding "
                             "files; they must correspond one to one")
     target = embeddings_dir / f"{release.name}.safetensors"
-    request = release.request(center=center, embeddings=sorted(image_digests(files)))
+    request = release.request(center=center, center_vectors=_vectors_digest(public_center),
+                              embeddings=sorted(image_digests(files)))
     ledger = _ledger(release, image_digests(sources), default_ledger, request) if sources else None
     if (earlier := _earlier_release(ledger, release, target)) is not None:
         return earlier

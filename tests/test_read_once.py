@@ -249,3 +249,27 @@ def test_open_ledger_refuses_no_images_and_a_duplicated_digest(tmp_path):
         with pytest.raises(PrivdiffError, match=needle):
             open_ledger(tmp_path / "ledger.json", digests)
     assert open_ledger(tmp_path / "ledger.json", [digest]).digests == [digest]
+
+
+def test_an_aggregate_with_a_changed_centre_under_the_same_name_is_a_new_request(tmp_path, folder):
+    from privdiff.embeddings.files import Embedding, save_embedding
+
+    per_image, out, center = tmp_path / "per_image", tmp_path / "embeddings", tmp_path / "center.safetensors"
+    per_image.mkdir()
+    out.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(4):
+        save_embedding(Embedding({"clip_l": torch.randn(1, 768, generator=generator) * 0.1}),
+                       per_image / f"img{i}.safetensors")
+    options, ledger = _release(overwrite=True), tmp_path / "ledger.json"
+
+    def aggregate() -> str:
+        return frontend.aggregate_files(str(per_image), True, str(center), options, out, images_folder=str(folder),
+                                        default_ledger=ledger)[1]
+
+    save_embedding(Embedding({"clip_l": torch.zeros(1, 768)}), center)
+    aggregate()
+    assert "released before" in aggregate()
+    save_embedding(Embedding({"clip_l": torch.full((1, 768), 0.01)}), center, force=True)
+    assert "released before" not in aggregate()
+    assert len(json.loads(ledger.read_text())["releases"]) == 2
