@@ -33,7 +33,8 @@ class PrivdiffLoadPrivateImages(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder: str, resolution: int) -> str:
-        """Changes whenever a file of the folder is added, removed, renamed or modified: ComfyUI reloads."""
+        """Changes whenever an image of the folder is added, removed, renamed or modified (by content digest, so an
+        edit keeping size and mtime counts): ComfyUI reloads."""
         return folder_state(input_path(folder))
 
     @classmethod

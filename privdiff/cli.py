@@ -164,8 +164,8 @@ def _cmd_embedding_convert(args: argparse.Namespace) -> None:
     _print_json({"written": str(out), "format": plan.fmt})
 
 
-def _ledger_request(args: argparse.Namespace, files: list) -> object:
-    """The LedgerRequest for ``--ledger`` charging the images ``files``, or None without a ledger."""
+def _ledger_request(args: argparse.Namespace, digests: list[str]) -> object:
+    """The LedgerRequest for ``--ledger`` charging the images of SHA-256 ``digests``, or None without a ledger."""
     if not args.ledger:
         if args.budget_epsilon is not None or args.budget_delta is not None or args.change_budget \
                 or args.force_budget:
@@ -176,7 +176,7 @@ def _ledger_request(args: argparse.Namespace, files: list) -> object:
     from privdiff.release import open_ledger
 
     budget_delta = args.delta if args.budget_delta is None else args.budget_delta  # 0 is refused, not replaced
-    return open_ledger(args.ledger, files, budget_epsilon=args.budget_epsilon, budget_delta=budget_delta,
+    return open_ledger(args.ledger, digests, budget_epsilon=args.budget_epsilon, budget_delta=budget_delta,
                        change_budget=args.change_budget, force=args.force_budget, accountant=args.accountant)
 
 
@@ -216,16 +216,16 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     from privdiff.devices import check_device
     from privdiff.embeddings.dpagg import check_params
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
-    from privdiff.images import check_image, check_memory, list_images, load_image_folder
-    from privdiff.privacy.ledger import image_digests
+    from privdiff.images import check_memory, read_private_files
     from privdiff.progress import tqdm_progress
     from privdiff.release import release_embedding
     from privdiff.training import METHODS, PLANS
 
     output = _output(args)
-    files = list_images(args.images)  # fail on an empty or missing folder before loading a model
-    for file in files:
-        check_image(file)  # headers only: a corrupt or oversized image fails before the model loads
+    # Each file read once, before a model loads: an empty folder, a corrupt or oversized header or a duplicated
+    # image fails now, and the ledger charges the digests of the very bytes decoded after the charge.
+    private = read_private_files(args.images)
+    files = private.files
     if args.resolution is not None:
         check_memory(len(files), args.resolution)
     config = TIConfig(n_vectors=args.vectors, init_word=args.init_word, steps=args.steps, lr=args.lr,
@@ -237,18 +237,16 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     if args.method == "dpsgd" and args.bound != "clip":
         raise PrivdiffError(f"--bound {args.bound} is not available for --method dpsgd (it clips gradients)")
     device = check_device(args.device)
-    ledger = _ledger_request(args, files)
-    if ledger is None:
-        image_digests(files)  # refuses duplicated images, which would count twice
+    ledger = _ledger_request(args, private.digests)
     report = PLANS[args.method](params, len(files), config, seed=args.reproducible_seed,
                                 dataset_label=args.dataset_label)
 
     def produce() -> object:  # runs once the release is charged
         backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
         backend.freeze()
-        check_config(backend, config)  # --vectors against the model's text context, before any image is read
+        check_config(backend, config)  # --vectors against the model's text context, before any image is decoded
         resolution = backend.resolution if args.resolution is None else args.resolution  # checked by _resolution
-        _, images = load_image_folder(args.images, resolution, files=files)
+        images = private.load(resolution).images
         with tqdm_progress(f"{args.method}: training") as progress:
             return METHODS[args.method](backend, images, params, config, seed=args.reproducible_seed,
                                         dataset_label=args.dataset_label, progress=progress, report=report)
@@ -267,6 +265,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     )
     from privdiff.embeddings.files import load_embedding
     from privdiff.images import list_images
+    from privdiff.privacy.ledger import image_digests
     from privdiff.release import release_embedding
 
     output = _output(args)
@@ -285,7 +284,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
         raise PrivdiffError(f"--images holds {len(sources)} images but --embeddings holds {len(files)} files; "
                             "they must correspond one to one")
     center = load_embedding(args.center) if args.center else None
-    ledger = _ledger_request(args, sources)
+    ledger = _ledger_request(args, image_digests(sources) if args.ledger else [])  # never decoded: one read
     report = plan_files_release(params, len(files), center_label(args.center), seed=args.reproducible_seed,
                                 dataset_label=args.dataset_label)
     path, result, reservation = release_embedding(
@@ -315,22 +314,18 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     from privdiff.embeddings.dpagg import check_params
     from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.target import make_target, plan_target, save_target, target_params
-    from privdiff.images import check_image, check_memory, list_images, load_image_folder
-    from privdiff.privacy.ledger import image_digests
+    from privdiff.images import check_memory, read_private_files
     from privdiff.progress import tqdm_progress
     from privdiff.release import carries_release, release_artifact
 
     out = _target_out(args.out, args.force)
-    files = list_images(args.images)
-    for file in files:
-        check_image(file)
+    private = read_private_files(args.images)  # read once: the ledger charges the bytes decoded below
+    files = private.files
     rate = 1.0 if args.sample_rate is None else args.sample_rate
     params = target_params(args.epsilon, args.delta, rate, accountant=args.accountant, public_size=args.public_size)
     check_params(params, len(files))
     device = check_device(args.device)
-    ledger = _ledger_request(args, files)
-    if ledger is None:
-        image_digests(files)  # refuses duplicated images, which would count twice
+    ledger = _ledger_request(args, private.digests)
     encoder = load_image_encoder(args.image_encoder).to(device)  # public: loaded before the charge, to name it
     size = encoder.size
     check_memory(len(files), size)
@@ -338,7 +333,7 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
                          dataset_label=args.dataset_label)
 
     def produce() -> object:
-        _, images = load_image_folder(args.images, size, files=files)
+        images = private.load(size).images
         with tqdm_progress("target: embedding") as progress:
             return make_target(encoder, images, params, seed=args.reproducible_seed, report=report,
                                progress=progress)

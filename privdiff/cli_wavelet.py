@@ -40,20 +40,20 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from privdiff.embeddings.dpagg import DPParams
-    from privdiff.images import list_images
+    from privdiff.images import read_private_files
     from privdiff.progress import tqdm_progress
     from privdiff.wavelet.workflow import finetune_prior
 
     if args.public_size is not None:
         raise PrivdiffError("--public-size does not apply to DP-SGD fine-tuning: it treats N as public (add-remove)")
-    files = list_images(args.images)
-    rate = args.sample_rate if args.sample_rate is not None else min(1.0, args.batch_size / max(1, len(files)))
+    private = read_private_files(args.images)  # read once: the ledger charges the very bytes decoded
+    rate = args.sample_rate if args.sample_rate is not None else min(1.0, args.batch_size / len(private))
     params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,
                       accountant=args.accountant)
-    ledger = cli._ledger_request(args, files)
+    ledger = cli._ledger_request(args, private.digests)
     with tqdm_progress("DP fine-tuning") as progress:
         path, report, resumed = finetune_prior(
-            args.prior, args.images, args.out, params, _train_config(args), ledger=ledger,
+            args.prior, private, args.out, params, _train_config(args), ledger=ledger,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.reproducible_seed,
             dataset_label=args.dataset_label, progress=progress, force=args.force, device=args.device or "cpu")
     summary = {"output": str(path), "resumed": resumed, **json.loads(report.to_json())}

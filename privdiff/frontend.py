@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,12 @@ from privdiff.embeddings.dpagg import (
     per_image_files,
     plan_files_release,
 )
-from privdiff.embeddings.files import load_embedding
+from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.guidance.encoders import ImageEncoder
 from privdiff.guidance.target import load_target, make_target, plan_target, save_target, target_params
-from privdiff.images import PrivateDataset, list_images
+from privdiff.images import PrivateDataset, image_file_digest, list_images, read_private_files
 from privdiff.output_plan import plan_output
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
@@ -122,13 +121,37 @@ def report_text(report: PrivacyReport) -> str:
     return "\n".join(lines + [f"note: {n}" for n in report.notes])
 
 
-def _ledger(release: Release, files: list[Path], default_ledger: Path | None, request: dict) -> LedgerRequest | None:
-    path = Path(release.ledger_path.strip()).expanduser() if release.ledger_path.strip() else default_ledger
+def _ledger(release: Release, digests: list[str], default_ledger: Path | None, request: dict) -> LedgerRequest | None:
+    """The ledger request charging the images of ``digests`` (those of the bytes released), or None without a
+    ledger; ``request`` keys "the same request" together with the digests."""
+    path = _ledger_path(release, default_ledger)
     if path is None:
         return None
     budget = release.budget_epsilon or None
-    return open_ledger(path, files, budget_epsilon=budget, budget_delta=release.delta if budget else None,
+    return open_ledger(path, digests, budget_epsilon=budget, budget_delta=release.delta if budget else None,
                        change_budget=release.change_budget, force=release.force_budget, request=request)
+
+
+def _ledger_path(release: Release, default_ledger: Path | None) -> Path | None:
+    return Path(release.ledger_path.strip()).expanduser() if release.ledger_path.strip() else default_ledger
+
+
+def pixels_request(dataset: PrivateDataset) -> dict[str, object]:
+    """What a dataset adds to a request key beyond its file digests: the resolution and a digest of the very
+    pixels the release trains on (LOCAL ONLY, like the file digests)."""
+    pixels = dataset.images.detach().cpu().contiguous()
+    return {"resolution": list(pixels.shape[-2:]), "pixels": hashlib.sha256(pixels.numpy()).hexdigest()}
+
+
+def _vectors_digest(embedding: Embedding | None) -> str:
+    """A digest of an embedding's vectors (its content, not its file name), or "" for none."""
+    if embedding is None:
+        return ""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(embedding.vectors.items()):
+        digest.update(f"{name}{list(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().to(torch.float32).contiguous().numpy())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -192,8 +215,9 @@ def train_embedding(
         params = DPParams(**{**params.__dict__, "sample_rate": min(1.0, config.batch_size / len(dataset))})
     check_params(params, len(dataset), n_public_by_convention=method == "dpsgd")
     target = embeddings_dir / f"{release.name}.safetensors"
-    ledger = _ledger(release, dataset.files, default_ledger,
-                     release.request(method=method, config=config.__dict__, model=model_identity(backend, config)))
+    ledger = _ledger(release, dataset.digests, default_ledger,
+                     release.request(method=method, config=config.__dict__, model=model_identity(backend, config),
+                                     **pixels_request(dataset)))
     if (earlier := _earlier_release(ledger, release, target)) is not None:
         return earlier
     output = plan_output(embedding_target(embeddings_dir, release.name, release.overwrite), "safetensors",
@@ -222,7 +246,7 @@ def aggregate_files(
     params = release.params()
     check_params(params, len(files))
     public_center = load_embedding(center) if center.strip() else None
-    ledger_wanted = bool(release.ledger_path.strip()) or default_ledger is not None
+    ledger_wanted = _ledger_path(release, default_ledger) is not None
     sources: list[Path] = []
     if images_folder.strip():
         sources = list_images(images_folder)
@@ -233,8 +257,9 @@ def aggregate_files(
         raise PrivdiffError(f"images_folder holds {len(sources)} images but folder holds {len(files)} embedding "
                             "files; they must correspond one to one")
     target = embeddings_dir / f"{release.name}.safetensors"
-    request = release.request(center=center, embeddings=sorted(image_digests(files)))
-    ledger = _ledger(release, sources, default_ledger, request) if sources else None
+    request = release.request(center=center, center_vectors=_vectors_digest(public_center),
+                              embeddings=sorted(image_digests(files)))
+    ledger = _ledger(release, image_digests(sources), default_ledger, request) if sources else None
     if (earlier := _earlier_release(ledger, release, target)) is not None:
         return earlier
     output = plan_output(embedding_target(embeddings_dir, release.name, release.overwrite), "safetensors",
@@ -276,8 +301,8 @@ def make_style_target(
                            public_size=release.public_size or None)
     check_params(params, len(dataset))
     path = target_path(targets_dir, release.name)
-    ledger = _ledger(release, dataset.files, default_ledger, release.request(kind="style target",
-                                                                              encoder=encoder.identity))
+    ledger = _ledger(release, dataset.digests, default_ledger,
+                     release.request(kind="style target", encoder=encoder.identity, **pixels_request(dataset)))
     if ledger is not None and not release.new_release and path.is_file():
         earlier = ledger.ledger.find(ledger.request)
         if earlier is not None and carries_release(path, earlier["release_id"]):
@@ -299,14 +324,14 @@ def _target_text(report: PrivacyReport, encoder: str) -> str:
 
 
 def folder_state(folder: Path) -> str:
-    """A digest of a folder's entries (names, sizes, modification times): changes when its files change."""
+    """A digest of a folder's image files (names and content digests): changes whenever what they hold changes,
+    even by an edit that keeps a file's size and modification time."""
     digest = hashlib.sha256(str(folder).encode())
     try:
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            stat = entry.stat(follow_symlinks=True) if not entry.is_symlink() or os.path.exists(entry.path) else None
-            digest.update(f"{entry.name}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
-    except OSError as exc:
-        digest.update(str(exc).encode())  # the node itself reports a missing folder
+        for path in list_images(folder, warn=False):
+            digest.update(f"{path.name}\0{image_file_digest(path)}\n".encode())
+    except PrivdiffError as exc:
+        digest.update(str(exc).encode())  # the node itself reports a missing folder or an unreadable file
     return digest.hexdigest()
 
 
@@ -344,12 +369,12 @@ def finetune_spectral(
     if Path(prior_file).expanduser().resolve() == path.resolve():
         raise PrivdiffError(f"the DP prior {path.name} would overwrite the public prior it starts from; pick "
                             "another name")
-    files = list_images(images)
+    private = read_private_files(images)  # read once: the ledger charges the very bytes decoded
     params = DPParams(epsilon=release.epsilon or None, delta=release.delta, sample_rate=release.sample_rate,
                       clip_norm=release.clip_norm, bound=release.bound,
                       noise_multiplier=release.noise_multiplier or None)
     prior_digest = hashlib.sha256(Path(prior_file).read_bytes()).hexdigest()
-    ledger = _ledger(release, files, default_ledger,
+    ledger = _ledger(release, private.digests, default_ledger,
                      release.request(kind="spectral prior", prior=prior_digest, config=config.__dict__))
     if ledger is not None and not release.new_release and path.is_file():
         earlier = ledger.ledger.find(ledger.request)
@@ -360,7 +385,7 @@ def finetune_spectral(
     if path.exists() and not release.overwrite:
         raise PrivdiffError(f"{path} already exists; pick another name or enable overwrite")
     out, report, resumed = finetune_prior(
-        prior_file, images, path, params, config, ledger=ledger, checkpoint_dir=checkpoint_dir,
+        prior_file, private, path, params, config, ledger=ledger, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, seed=release.seed(), dataset_label=release.label(), progress=progress,
         force=release.overwrite, device=device)
     text = _prior_text(report)

@@ -8,6 +8,8 @@ decoded, and only regular files are ever opened (a FIFO never blocks).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import numbers
 import os
@@ -16,7 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import BinaryIO
@@ -151,21 +153,28 @@ def _refuse_size(path: Path, size: tuple[int, int] | None) -> PrivdiffError:
 
 @contextmanager
 def _reading(path: Path) -> Iterator[BinaryIO]:
-    """Open ``path`` (a regular, non-empty file only) with PIL's decompression-bomb warnings raised as errors;
-    any failure inside becomes one PrivdiffError naming the file."""
+    """Open ``path`` (a regular, non-empty file only) inside :func:`_decoding`."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise PrivdiffError(f"cannot read image {path}: {_describe(exc)}") from None
-    with os.fdopen(fd, "rb") as fp, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with os.fdopen(fd, "rb") as fp, _decoding(path):
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise PrivdiffError(f"cannot read image {path}: not a regular file")
         if info.st_size == 0:
             raise PrivdiffError(f"cannot read image {path}: the file is empty")
+        yield fp
+
+
+@contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """PIL's decompression-bomb warnings raised as errors; any failure inside becomes one PrivdiffError naming
+    ``path``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            yield fp
+            yield
         except PrivdiffError:
             raise
         except UnidentifiedImageError:
@@ -297,9 +306,30 @@ def to_square_rgb(image: Image.Image, resolution: int, source: str | os.PathLike
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """One image file as [3, resolution, resolution] in 0..1 (first frame, upright); bad files raise PrivdiffError."""
     resolution = check_resolution(resolution)
-    path = Path(path)
+    return _decode(Path(path), _read(Path(path)), resolution)
+
+
+def image_file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the bytes of image file ``path``, read as loading reads them (a regular, non-empty file)."""
+    return hashlib.sha256(_read(Path(path))).hexdigest()
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of image file ``path`` (a regular, non-empty file), in one read."""
     with _reading(path) as fp:
-        image = _open_checked(path, fp)
+        return fp.read()
+
+
+def _header(path: Path, data: bytes) -> tuple[int, int]:
+    """The (width, height) that the image bytes ``data`` of ``path`` declare (see :func:`check_image`)."""
+    with _decoding(path):
+        return _open_checked(path, io.BytesIO(data)).size
+
+
+def _decode(path: Path, data: bytes, resolution: int) -> torch.Tensor:
+    """The image bytes ``data`` (read from ``path``, named in errors) as [3, resolution, resolution] in 0..1."""
+    with _decoding(path):
+        image = _open_checked(path, io.BytesIO(data))
         image.load()
         if image.getexif().get(ORIENTATION, 1) != 1:  # Pillow 9.5 (A1111's pin) has no in_place= and copies
             image = ImageOps.exif_transpose(image)
@@ -308,25 +338,29 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 
 def check_memory(count: int, resolution: int) -> None:
     """Refuse loading ``count`` images at ``resolution`` when their float32 pixels need over half the memory."""
-    need = count * 3 * resolution * resolution * 4
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
-        return
-    if need > total // 2:
+    need, half = count * 3 * resolution * resolution * 4, _half_memory()
+    if half is not None and need > half:
         raise PrivdiffError(f"{count} images at resolution {resolution} need {need / 2**20:,.0f} MiB of memory, "
-                            f"over half of this machine's {total / 2**20:,.0f} MiB; lower the resolution or use fewer "
-                            "images")
+                            f"over half of this machine's {2 * half / 2**20:,.0f} MiB; lower the resolution or use "
+                            "fewer images")
+
+
+def _half_memory() -> int | None:
+    """Half of this machine's memory in bytes, or None where it is not known (no sysconf: Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def load_image_folder(
     folder: str | os.PathLike, resolution: int, *, files: Sequence[Path] | None = None
 ) -> tuple[list[Path], torch.Tensor]:
-    """All images of ``folder`` as ([paths], [N, 3, resolution, resolution] in 0..1).
+    """All images of ``folder`` as ([paths], [N, 3, resolution, resolution] in 0..1), for public images.
 
     ``files``, when given, is an earlier ``list_images(folder)``: exactly those files are loaded, without listing
     (and warning about) the folder again. The resolution is checked first, then every file's header, and only then
-    are pixels decoded.
+    are pixels decoded. Private images load with :func:`load_private_dataset`, which keeps their digests.
     """
     resolution = check_resolution(resolution)
     files = list_images(folder) if files is None else [Path(p) for p in files]
@@ -343,16 +377,73 @@ def load_image_folder(
 
 @dataclass(frozen=True)
 class PrivateDataset:
-    """A folder of private images, loaded: the files (for the local ledger only) and the pixels."""
+    """A folder of private images, loaded: the files and the SHA-256 digests of the very bytes the pixels were
+    decoded from (both for the local ledger only), and the pixels."""
 
     files: list[Path]
     images: torch.Tensor
+    digests: list[str]
 
     def __len__(self) -> int:
         return len(self.files)
 
 
+@dataclass(frozen=True)
+class PrivateFiles:
+    """A folder of private image files, read once and not yet decoded: each file's bytes, declared (width,
+    height) and SHA-256 digest. The ledger charges ``digests``; :meth:`load` decodes these same bytes, so a file
+    replaced on disk afterwards changes neither. LOCAL ONLY: a digest tells neighbouring datasets apart."""
+
+    files: list[Path]
+    sizes: list[tuple[int, int]]
+    digests: list[str]
+    _data: list[bytes] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, resolution: int) -> PrivateDataset:
+        """The images decoded from the bytes read, as a PrivateDataset at ``resolution``."""
+        resolution = check_resolution(resolution)
+        check_memory(len(self.files), resolution)
+        images = torch.empty((len(self.files), 3, resolution, resolution), dtype=torch.float32)
+        for i, (path, data) in enumerate(zip(self.files, self._data, strict=True)):
+            images[i] = _decode(path, data, resolution)
+        return PrivateDataset(list(self.files), images, list(self.digests))
+
+
+def read_private_files(folder: str | os.PathLike) -> PrivateFiles:
+    """Read every image file of ``folder`` once: bytes, header (checked, no pixels decoded) and digest.
+
+    Two identical files are refused (that image would count twice in every release), as is a folder whose
+    files need over half the machine's memory.
+    """
+    files = list_images(folder)
+    need, half = sum(_file_size(path) for path in files), _half_memory()
+    if half is not None and need > half:
+        raise PrivdiffError(f"the images of {folder} hold {need / 2**20:,.0f} MiB, over half of this machine's "
+                            f"{2 * half / 2**20:,.0f} MiB of memory; use fewer images")
+    data, sizes, seen = [], [], {}
+    for path in files:
+        data.append(_read(path))
+        sizes.append(_header(path, data[-1]))
+        digest = hashlib.sha256(data[-1]).hexdigest()
+        if digest in seen:
+            raise PrivdiffError(f"{path} is identical to {seen[digest]}: remove one (a duplicated image counts "
+                                "twice in every release)")
+        seen[digest] = path
+    return PrivateFiles(files, sizes, list(seen), data)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise PrivdiffError(f"cannot read image {path}: {_describe(exc)}") from None
+
+
 def load_private_dataset(folder: str | os.PathLike, resolution: int) -> PrivateDataset:
-    """Load ``folder`` as a PrivateDataset of [N, 3, resolution, resolution] images in 0..1."""
-    files, images = load_image_folder(folder, resolution)
-    return PrivateDataset(files, images)
+    """Load ``folder`` as a PrivateDataset of [N, 3, resolution, resolution] images in 0..1, each file read once
+    (its pixels and its digest come from the same bytes)."""
+    check_resolution(resolution)
+    return read_private_files(folder).load(resolution)

@@ -5,7 +5,8 @@ written the same way:
 
 1. the output plan is checked before anything else (``privdiff.output_plan.plan_output``);
 2. the release's report is planned (σ calibrated, no model needed) and reserved in the ledger under its
-   lock, refused over budget, before a model loads or any private data is read;
+   lock, refused over budget, before a model loads or any private pixel is decoded (each file was read
+   once, earlier: the ledger charges the digests of the very bytes decoded);
 3. the work runs, the artifact is written atomically, then the reservation is committed.
 
 A clean failure or an interrupt before the write cancels the reservation (no file, no charge, the ledger
@@ -22,7 +23,7 @@ from typing import TypeVar
 from privdiff.embeddings.dpagg import DPAggResult
 from privdiff.errors import PrivdiffError
 from privdiff.output_plan import OutputPlan, save_planned
-from privdiff.privacy.ledger import BudgetLedger, Reservation, image_digests, request_key
+from privdiff.privacy.ledger import BudgetLedger, Reservation, request_key
 from privdiff.privacy.report import PrivacyReport
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ class LedgerRequest:
 
 def open_ledger(
     path: str | Path,
-    files: Sequence[Path],
+    digests: Sequence[str],
     *,
     budget_epsilon: float | None = None,
     budget_delta: float | None = None,
@@ -51,7 +52,9 @@ def open_ledger(
     accountant: str | None = None,
     request: dict[str, object] | None = None,
 ) -> LedgerRequest:
-    """A ledger request charging the images ``files``; nothing is written until the release reserves.
+    """A ledger request charging the images whose SHA-256 ``digests`` are given; nothing is written until the
+    release reserves. The digests must be those of the bytes the release reads: ``PrivateFiles.digests`` or
+    ``PrivateDataset.digests`` (or ``image_digests`` for images the release does not decode).
 
     ``request`` (the parameters that make two runs the same request) lets a front find an earlier
     identical release with ``ledger.find(LedgerRequest.request)``.
@@ -59,7 +62,12 @@ def open_ledger(
     if budget_epsilon is not None and budget_delta is None:
         raise PrivdiffError("a budget epsilon needs its delta")
     budget = None if budget_epsilon is None else (budget_epsilon, budget_delta)
-    digests = image_digests(files)
+    if not digests:
+        raise PrivdiffError("cannot charge a release without image files")
+    if len(set(digests)) != len(digests):
+        raise PrivdiffError("two of the images charged are identical: remove one (a duplicated image counts twice "
+                            "in every release)")
+    digests = list(digests)
     key = None if request is None else request_key(digests, request)
     return LedgerRequest(BudgetLedger(path, accountant=accountant), digests, budget,
                          change_budget=change_budget, force=force, request=key)

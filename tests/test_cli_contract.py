@@ -179,7 +179,7 @@ def test_too_many_vectors_blame_the_model_before_images_are_decoded(tmp_path, im
     def no_decoding(*args, **kwargs):
         raise AssertionError("images were decoded before --vectors was checked")
 
-    monkeypatch.setattr(privdiff.images, "load_image_folder", no_decoding)
+    monkeypatch.setattr(privdiff.images.PrivateFiles, "load", no_decoding)
     refused(capsys, tmp_path, ["ti-aggregate", "--images", images, "--out", tmp_path / "o.safetensors",
                                *VALID, "--vectors", "70"], "vectors 70 is too many for this model",
             "at most 66 vectors")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from privdiff.embeddings.dpagg import DPParams
 from privdiff.errors import PrivdiffError
+from privdiff.images import read_private_files
 from privdiff.privacy.accountants import epsilon_for
 from privdiff.privacy.ledger import BudgetLedger
 from privdiff.reference.shapes import public_dataset
@@ -113,7 +114,7 @@ def _params(**overrides) -> DPParams:
 
 def test_finetune_reports_the_accountants_epsilon_for_the_steps_that_ran(public_prior, private, tmp_path):
     config = training.TrainConfig(steps=4, batch_size=6, lr=1e-3)
-    ledger = open_ledger(tmp_path / "ledger.json", sorted(private.iterdir()))
+    ledger = open_ledger(tmp_path / "ledger.json", read_private_files(private).digests)
     steps = []
     path, report, resumed = finetune_prior(public_prior, private, tmp_path / "dp.safetensors", _params(), config,
                                            ledger=ledger, checkpoint_dir=tmp_path / "ck",
@@ -133,7 +134,7 @@ def test_an_interrupted_fine_tune_resumes_under_the_same_release(public_prior, p
 
     def run(progress=None):
         return finetune_prior(public_prior, private, tmp_path / "dp.safetensors", _params(), config,
-                              ledger=open_ledger(ledger_path, sorted(private.iterdir())),
+                              ledger=open_ledger(ledger_path, read_private_files(private).digests),
                               checkpoint_dir=tmp_path / "ck", checkpoint_every=2, progress=progress)
 
     def interrupt_at_5(done, total):

@@ -3,7 +3,7 @@
 1. ``train_tokenizer``: codebooks from a public folder.
 2. ``pretrain_prior``: the prior on the same (or another) public folder; the file holds its tokenizer.
    An interrupted pre-training continues from its checkpoint when run again.
-3. ``finetune_prior``: the DP release. Checked and charged before any private image is read; state is
+3. ``finetune_prior``: the DP release. Checked and charged before any private image is decoded; state is
    checkpointed to a private folder (never next to the output), and running the same request again after
    an interruption resumes it: same report, remaining steps only, no second charge.
 4. ``sample_prior``: coarse images from any prior (post-processing of a DP prior: no budget).
@@ -23,7 +23,7 @@ import torch
 from privdiff.atomic import private_folder
 from privdiff.embeddings.dpagg import DPParams, check_params
 from privdiff.errors import PrivdiffError
-from privdiff.images import check_image, list_images, load_private_dataset
+from privdiff.images import PrivateFiles, check_image, list_images, load_image_folder, read_private_files
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release import LedgerRequest, carries_release, release_artifact
@@ -56,13 +56,18 @@ def checkpoint_folder(checkpoint_dir: str | Path | None = None) -> Path:
 
 
 def load_folder(folder: str | Path, size: int) -> torch.Tensor:
-    """A folder's images [N,3,size,size] in 0..1; images smaller than ``size`` are refused, naming the file."""
+    """A public folder's images [N,3,size,size] in 0..1; images smaller than ``size`` are refused, naming the
+    file."""
     files = list_images(folder)
-    for path in files:
-        width, height = check_image(path)
+    _check_sizes(files, [check_image(path) for path in files], size)
+    return load_image_folder(folder, size, files=files)[1]
+
+
+def _check_sizes(files: list[Path], sizes: list[tuple[int, int]], size: int) -> None:
+    """Refuse an image (of ``files``, declaring ``sizes``) smaller than the working resolution ``size``."""
+    for path, (width, height) in zip(files, sizes, strict=True):
         if min(width, height) < size:
             raise PrivdiffError(f"{path} is {width}x{height}, smaller than the working resolution {size}")
-    return load_private_dataset(folder, size).images
 
 
 def _check_output(out: str | Path, force: bool) -> Path:
@@ -111,7 +116,7 @@ def pretrain_prior(tokenizer: SpectralTokenizer, images: str | Path, out: str | 
 
 def finetune_prior(
     prior_file: str | Path,
-    images: str | Path,
+    images: PrivateFiles | str | Path,
     out: str | Path,
     params: DPParams,
     config: TrainConfig,
@@ -125,15 +130,22 @@ def finetune_prior(
     force: bool = False,
     device: str = "cpu",
 ) -> tuple[Path, PrivacyReport, bool]:
-    """Release a DP fine-tune of a public prior on a private folder: (path, report, resumed)."""
+    """Release a DP fine-tune of a public prior on private images: (path, report, resumed). ``images`` is
+    ``read_private_files(folder)`` or a folder to read so; ``ledger`` must charge ``images.digests``, the digests
+    of the very bytes this release decodes."""
     path = _check_output(out, force)
+    if not isinstance(images, PrivateFiles):
+        images = read_private_files(images)
     public = load_prior(prior_file)
     if public.report is not None:
         raise PrivdiffError(f"{prior_file} is already a DP fine-tune; start from the public prior")
-    files = list_images(images)
-    check_params(params, len(files), n_public_by_convention=True)
+    if ledger is not None and sorted(ledger.digests) != sorted(images.digests):
+        raise PrivdiffError("the ledger charges other images than the fine-tune reads: open it with the digests of "
+                            "the images passed (PrivateFiles.digests)")
+    check_params(params, len(images), n_public_by_convention=True)
+    _check_sizes(images.files, images.sizes, public.tokenizer.size)
     request = {"prior": hashlib.sha256(Path(prior_file).read_bytes()).hexdigest(), "params": asdict(params),
-               "config": asdict(config), "images": sorted(image_digests(files)), "out": str(path.resolve()),
+               "config": asdict(config), "images": sorted(images.digests), "out": str(path.resolve()),
                "seed": seed}
     key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
     folder = checkpoint_folder(checkpoint_dir)
@@ -141,11 +153,11 @@ def finetune_prior(
         raise PrivdiffError(f"the checkpoint folder {folder} is the output's folder; keep private state elsewhere")
     checkpoint = Checkpoint(folder / f"wavelet-{key}.safetensors", checkpoint_every)
     resume = checkpoint.path.is_file()
-    report = checkpoint_report(checkpoint) if resume else plan_finetune(params, len(files), config, seed=seed,
+    report = checkpoint_report(checkpoint) if resume else plan_finetune(params, len(images), config, seed=seed,
                                                                         dataset_label=dataset_label)
 
     def produce() -> LoadedPrior:
-        tokens = public.tokenizer.encode(load_folder(images, public.tokenizer.size))
+        tokens = public.tokenizer.encode(images.load(public.tokenizer.size).images)
         prior = finetune(public.prior.to(device), tokens, params, config, report, seed=seed, checkpoint=checkpoint,
                          progress=progress)
         return LoadedPrior(prior.cpu(), public.tokenizer, report)
