@@ -11,7 +11,8 @@ not counted, only selection, packing, encryption, the update, decryption and mer
     ``privdiff he worker`` (bytes per step).
 The error is the largest difference from the plaintext step. Then the worker's view of whole sampling runs
 (the small reference model, 20 steps) is turned into its best estimate of the result (``privdiff.he.leak``):
-PSNR against the true final latent, and the share of elements it knows exactly. The last line is the ratio
+PSNR against the true final latent, the same for a worker who knows the seed (so the initial latent), and the
+share of elements it knows exactly. The last line is the ratio
 of the reference sparse method's per-step time to ours (sparse, one process).
 
     python bench/he_step.py [--steps 5] [--naive-elements 64]
@@ -87,8 +88,9 @@ def start_worker() -> tuple[subprocess.Popen, str]:
     return worker, json.loads("".join(lines))["listening"]
 
 
-def leak_rows(threshold: float) -> list[tuple[str, float, float, float]]:
-    """(mode, PSNR of the worker's estimate, PSNR of guessing zero, share known exactly) for whole runs."""
+def leak_rows(threshold: float) -> list[tuple[str, float, float, float, float]]:
+    """(mode, PSNR of the worker's estimate, the same knowing the seed, PSNR of guessing zero, share known
+    exactly) for whole runs."""
     backend = DiffusersBackend(load_model("small"))
     cond, uncond = backend.encode_text(["a red star in teal stripes style"] * 4), backend.encode_text([""] * 4)
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -105,11 +107,15 @@ def leak_rows(threshold: float) -> list[tuple[str, float, float, float]]:
                                        packing, encrypt_offsets=hidden)
             final = sample(backend, cond, uncond, latents, HEConfig(steps=20, cfg=3.0, sampler=sampler), stepper)
             truth = final.double().numpy().ravel()
+            initial = latents.double().numpy().ravel()
             if sampler == "euler":  # the stepper's state is k-diffusion's x = z / sqrt(alpha)
                 truth = truth / math.sqrt(float(alphas[0]))
+                initial = initial / math.sqrt(a)
             estimate, exact = reconstruct(view, truth.size, first if sampler == "ddim" else None)
+            seeded, _ = reconstruct(view, truth.size, initial=initial)
             label = f"{sampler}, {packing}, offsets {'encrypted' if hidden else 'plain'}"
-            rows.append((label, psnr(estimate, truth), psnr(np.zeros_like(truth), truth), float(exact.mean())))
+            rows.append((label, psnr(estimate, truth), psnr(seeded, truth), psnr(np.zeros_like(truth), truth),
+                         float(exact.mean())))
     return rows
 
 
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for packing in ("sparse", "dense"):
             link = RemoteWorker(address, holder.public_context())
             run(f"ours, {packing}, two processes over loopback",
-                EncryptedStepper(holder, link, THRESHOLD, packing), link)
+                EncryptedStepper(holder, link, THRESHOLD, packing, encrypt_offsets=False), link)
             link.close()
     finally:
         worker.terminate()
@@ -176,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         megabytes = f"{sent / 1e6:8.2f}" if sent is not None else f"{'-':>8}"
         print(f"{name:<58} {seconds * 1e3:10.1f} {error:10.1e} {share:10.1%} {megabytes}")
     print("the worker's view of whole runs (small model, 4 images, 20 steps): its estimate of the final latent")
-    print(f"{'':<58} {'PSNR dB':>10} {'guess 0':>10} {'exact':>10}")
-    for label, value, baseline, exact in leaks:
-        print(f"{label:<58} {value:10.1f} {baseline:10.1f} {exact:10.1%}")
+    print(f"{'':<58} {'PSNR dB':>10} {'knows seed':>10} {'guess 0':>10} {'exact':>10}")
+    for label, value, seeded, baseline, exact in leaks:
+        print(f"{label:<58} {value:10.1f} {seeded:10.1f} {baseline:10.1f} {exact:10.1%}")
     reference = rows[1][1]
     ours = rows[2][1]
     print(f"ratio reference-sparse/ours per-step HE overhead: {reference / ours:.1f}")

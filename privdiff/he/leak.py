@@ -17,22 +17,27 @@ import numpy as np
 from privdiff.he.protocol import Request
 
 
-def reconstruct(view: list[Request], size: int,
-                first_coefficient: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def reconstruct(view: list[Request], size: int, first_coefficient: float | None = None,
+                initial: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The worker's estimate (float64, ``size`` values) of the state after the last update it saw, and which
-    elements it knows exactly (seen in plaintext at some step, every later offset in plaintext too).
+    elements it knows exactly (seen in plaintext at some step, or from ``initial``, with every later offset in
+    plaintext too).
 
     With ``first_coefficient`` c (public: the first step's offset is c x the prediction, and at the first step
-    the noise prediction is close to the initial noise), the estimate starts from the first offset / c.
+    the noise prediction is close to the initial noise), the estimate starts from the first offset / c. With
+    ``initial`` (a worker who knows the seed recomputes the initial state), it starts from that state exactly.
     """
     estimate, exact = np.zeros(size), np.zeros(size, dtype=bool)
+    if initial is not None:
+        estimate, exact = np.asarray(initial, dtype=np.float64).ravel().copy(), np.ones(size, dtype=bool)
     for i, request in enumerate(view):
         encrypted = _encrypted_positions(request, size)
         offset = np.zeros(size)
         if len(request.offsets):
             offset[encrypted] = request.offsets * request.factor
         offset[~encrypted] = request.plain_offsets
-        if i == 0 and first_coefficient and len(request.offsets) + len(request.plain_offsets) == size:
+        every_offset = len(request.offsets) + len(request.plain_offsets) == size
+        if i == 0 and initial is None and first_coefficient and every_offset:
             estimate = offset / first_coefficient
         estimate[~encrypted] = request.plain  # seen in the clear this step
         exact |= ~encrypted
