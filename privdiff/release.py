@@ -68,6 +68,8 @@ def open_ledger(
         raise PrivdiffError("two of the images charged are identical: remove one (a duplicated image counts twice "
                             "in every release)")
     digests = list(digests)
+    if not all(isinstance(d, str) and len(d) == 64 and set(d) <= set("0123456789abcdef") for d in digests):
+        raise TypeError("open_ledger takes the SHA-256 hex digests of the images read, not their paths")
     key = None if request is None else request_key(digests, request)
     return LedgerRequest(BudgetLedger(path, accountant=accountant), digests, budget,
                          change_budget=change_budget, force=force, request=key)

@@ -14,6 +14,7 @@ from privdiff import cli
 from privdiff.atomic import PRIVATE, atomic_write_text, private_folder
 from privdiff.embeddings.dpagg import DPParams
 from privdiff.errors import PrivdiffError
+from privdiff.images import read_private_files
 from privdiff.privacy.ledger import BudgetLedger
 from privdiff.privacy.report import make_report
 from privdiff.release import open_ledger
@@ -84,7 +85,7 @@ def test_finetune_checkpoints_are_0600_in_a_0700_folder(public_prior, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         finetune_prior(public_prior, images, tmp_path / "dp.safetensors", params,
                        training.TrainConfig(steps=3, batch_size=4), checkpoint_dir=folder, checkpoint_every=1,
-                       ledger=open_ledger(tmp_path / "ledger.json", sorted(images.iterdir())),
+                       ledger=open_ledger(tmp_path / "ledger.json", read_private_files(images).digests),
                        progress=stop_after_checkpoint)
     assert seen and set(seen) == {(0o700, 0o600)}
     (checkpoint,) = folder.iterdir()

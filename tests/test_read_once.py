@@ -248,6 +248,8 @@ def test_open_ledger_refuses_no_images_and_a_duplicated_digest(tmp_path):
     for digests, needle in (([], "without image files"), ([digest, digest], "identical")):
         with pytest.raises(PrivdiffError, match=needle):
             open_ledger(tmp_path / "ledger.json", digests)
+    with pytest.raises(TypeError, match="not their paths"):
+        open_ledger(tmp_path / "ledger.json", [tmp_path / "a.png"])
     assert open_ledger(tmp_path / "ledger.json", [digest]).digests == [digest]
 
 
