@@ -395,8 +395,9 @@ def test_encrypted_denoising_writes_images_and_returns_the_report(host, he_worke
     folder = host.outputs_dir(logic.HE_FOLDER)
     assert len(files) == 2 and all(f.parent == folder for f in files) and folder.name == "privdiff-he", status
     assert status == f"2 image(s) in {folder}, seed 4; encrypted steps with both roles in this process"
-    assert report.startswith("privdiff encrypted denoising: ddim, 2 steps, CFG 7.5") and "sparse packing" in report
+    assert report.startswith("privdiff encrypted denoising: ddim, 2 steps, CFG 7.5") and "dense packing" in report
     assert "both roles in this process" in report and "worker (public context only)" in report
+    assert "the offsets encrypted" in report and "noise: seed 4" in report
     assert (host.state.textinfo, host.state.sampling_step, host.state.sampling_steps) == (
         "privdiff: encrypted denoising", 2, 2)
     settings = json.loads(Image.open(files[0]).text["parameters"])
@@ -410,11 +411,15 @@ def test_encrypted_denoising_writes_images_and_returns_the_report(host, he_worke
     diff = np.abs(_pixels(again[0]).astype(int) - _pixels(files[0]).astype(int))
     assert diff.max() <= 1
 
-    remote = he_form(sampler="plms", packing="dense", encrypt_offsets=True, worker=f" {he_worker} ", num_images=1,
-                     save_prompt=True)
+    secret, report, status = logic.encrypted_sample(host, he_form(seed=-1))  # the default: secret noise
+    assert "secret noise" in status and "not recorded" in report
+    assert np.abs(_pixels(secret[0]).astype(int) - _pixels(files[0]).astype(int)).max() > 1
+
+    remote = he_form(sampler="plms", packing="sparse", encrypt_offsets=False, worker=f" {he_worker} ",
+                     num_images=1, save_prompt=True)
     files, report, status = logic.encrypted_sample(host, remote)
     assert len(files) == 1 and status.endswith(f"encrypted steps with the worker at {he_worker}"), status
-    assert f"worker at {he_worker}" in report and "dense packing" in report and "the offsets encrypted" in report
+    assert f"worker at {he_worker}" in report and "sparse packing" in report and "the offsets in plaintext" in report
     settings = json.loads(Image.open(files[0]).text["parameters"])
     assert settings["worker"] == he_worker
     assert (settings["prompt"], settings["negative_prompt"], settings["seed"]) == ("a painting of a cat", "blurry", 4)
