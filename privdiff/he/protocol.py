@@ -44,6 +44,8 @@ FRAME_CIPHERTEXT_BYTES = 1 << 24  # an update's ciphertexts (values and offsets)
 MAX_CIPHERTEXTS = 1024  # per list and message, whatever the parameters (keeps the header under MAX_HEADER)
 MIN_RATE = 1 << 18  # bytes/s: the slowest link a frame may take (256 KiB/s)
 MAX_ERROR = 200  # characters of a peer's error text that are shown
+CONNECT_TIMEOUT = 10.0  # seconds the key holder waits to connect to its worker
+REPLY_TIMEOUT = 30.0  # seconds it waits for a reply (plus the reply's size at MIN_RATE)
 _DTYPES = {"f8": np.float64, "i8": np.int64}
 _FIELDS = {  # kind -> (floats, arrays, blob lists)
     HELLO: ((), (), ("context",)),
@@ -435,9 +437,11 @@ class RemoteWorker:
     must come within ``timeout`` seconds (plus its size at MIN_RATE) and fit what the request needs; anything
     else ends the run with one line."""
 
-    def __init__(self, address: str, public_context: bytes, timeout: float = 30.0,
-                 connect_timeout: float = 10.0) -> None:
-        self.address, self.timeout = address, timeout
+    def __init__(self, address: str, public_context: bytes, timeout: float | None = None,
+                 connect_timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = REPLY_TIMEOUT if timeout is None else timeout
+        connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         parameters, self.limits = public_parameters(public_context)
         try:
             self.sock = socket.create_connection(parse_address(address), timeout=connect_timeout)
