@@ -15,6 +15,7 @@ from privdiff.errors import PrivdiffError
 
 if TYPE_CHECKING:
     from privdiff.output_plan import OutputPlan
+    from privdiff.privacy.ledger import BudgetLedger
 
 # Parse-time sanity ranges of the numeric options; the library checks the finer rules (e.g. delta < 1/N).
 MAX_STEPS = 1_000_000
@@ -398,27 +399,37 @@ def _cmd_guidance_inspect(args: argparse.Namespace) -> None:
                  "privacy_report": json.loads(target.report.to_json())})
 
 
-def _cmd_ledger_show(args: argparse.Namespace) -> None:
-    from privdiff.privacy.ledger import BudgetLedger
+def _existing_ledger(path: str) -> BudgetLedger:
+    """The BudgetLedger at ``path``, which must be a regular file (a FIFO or folder is refused unopened)."""
+    from pathlib import Path
 
-    ledger = BudgetLedger(args.ledger, accountant=args.accountant)
-    if not ledger.path.is_file():
-        raise PrivdiffError(f"ledger {ledger.path} does not exist")
+    from privdiff.privacy.ledger import BudgetLedger
+    from privdiff.untrusted import regular_file
+
+    return BudgetLedger(regular_file(Path(path).expanduser(), "ledger"))
+
+
+def _cmd_ledger_show(args: argparse.Namespace) -> None:
+    ledger = _existing_ledger(args.ledger)
+    ledger.accountant = args.accountant
     _print_json(ledger.summary())
 
 
 def _cmd_ledger_clear(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from privdiff.privacy.ledger import BudgetLedger
     from privdiff.release import carries_release
+    from privdiff.untrusted import file_kind
 
-    ledger = BudgetLedger(args.ledger)
-    if not ledger.path.is_file():
-        raise PrivdiffError(f"ledger {ledger.path} does not exist")
+    ledger = _existing_ledger(args.ledger)
     entry = ledger.release(args.release_id)
-    if entry and entry["output"] and carries_release(Path(entry["output"]), args.release_id):
-        raise PrivdiffError(f"release {args.release_id} is in {entry['output']}: it was released, so its spend stays")
+    output = entry and entry["output"]
+    kind = output and file_kind(output)
+    if kind and kind != "missing":  # never opened: a FIFO would block, and what it holds cannot be told
+        raise PrivdiffError(f"release {args.release_id}'s output {output} is {kind}: cannot tell whether it was "
+                            "released, so its spend stays (move it away to clear the reservation)")
+    if output and not kind and carries_release(Path(output), args.release_id):
+        raise PrivdiffError(f"release {args.release_id} is in {output}: it was released, so its spend stays")
     ledger.clear(args.release_id)
     _print_json({"cleared": args.release_id, "ledger": str(ledger.path)})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from privdiff import cli
@@ -18,6 +19,21 @@ def _threshold(text: str) -> float:
         return check_threshold(float(text))
     except (ValueError, PrivdiffError):
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+
+
+def _address(any_port: bool) -> Callable[[str], str]:
+    """argparse type: HOST:PORT that ``privdiff.he.protocol.parse_address`` reads."""
+
+    def parse(text: str) -> str:
+        from privdiff.he.protocol import parse_address
+
+        try:
+            parse_address(text, any_port=any_port)
+            return text
+        except PrivdiffError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
@@ -76,7 +92,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     he = sub.add_parser("he", help="denoising with CKKS-encrypted scheduler steps (HE-Diffusion)").add_subparsers(
         dest="he_command", metavar="SUBCOMMAND", required=True)
     p = he.add_parser("worker", help="serve encrypted updates (public context only; never sees a secret key)")
-    p.add_argument("--listen", required=True, help="HOST:PORT to listen on, e.g. 127.0.0.1:7000 (port 0: any)")
+    p.add_argument("--listen", type=_address(any_port=True), required=True,
+                   help="HOST:PORT to listen on, e.g. 127.0.0.1:7000 (port 0: any)")
     p.add_argument("--max-connections", type=cli._integer(1, 1024), default=8,
                    help="key holders served at once; more are refused (default 8)")
     p.add_argument("--timeout", type=cli._real(3600), default=30.0,
@@ -90,7 +107,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     p.add_argument("--out", required=True, help="output folder for the PNG images (created if missing)")
-    p.add_argument("--worker", default=None, help="HOST:PORT of `privdiff he worker` (default: both roles here)")
+    p.add_argument("--worker", type=_address(any_port=False), default=None,
+                   help="HOST:PORT of `privdiff he worker` (default: both roles here)")
     p.add_argument("--threshold", type=_threshold, default=0.01,
                    help="share of the distortion left in plaintext, in [0, 1) (default 0.01; 0 encrypts every "
                         "element that carries distortion)")

@@ -338,14 +338,14 @@ def _decode(path: Path, data: bytes, resolution: int) -> torch.Tensor:
 
 def check_memory(count: int, resolution: int) -> None:
     """Refuse loading ``count`` images at ``resolution`` when their float32 pixels need over half the memory."""
-    need, half = count * 3 * resolution * resolution * 4, _half_memory()
+    need, half = count * 3 * resolution * resolution * 4, half_memory()
     if half is not None and need > half:
         raise PrivdiffError(f"{count} images at resolution {resolution} need {need / 2**20:,.0f} MiB of memory, "
                             f"over half of this machine's {2 * half / 2**20:,.0f} MiB; lower the resolution or use "
                             "fewer images")
 
 
-def _half_memory() -> int | None:
+def half_memory() -> int | None:
     """Half of this machine's memory in bytes, or None where it is not known (no sysconf: Windows)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
@@ -419,7 +419,7 @@ def read_private_files(folder: str | os.PathLike) -> PrivateFiles:
     files need over half the machine's memory.
     """
     files = list_images(folder)
-    need, half = sum(_file_size(path) for path in files), _half_memory()
+    need, half = sum(_file_size(path) for path in files), half_memory()
     if half is not None and need > half:
         raise PrivdiffError(f"the images of {folder} hold {need / 2**20:,.0f} MiB, over half of this machine's "
                             f"{2 * half / 2**20:,.0f} MiB of memory; use fewer images")

@@ -186,13 +186,14 @@ def test_a_killed_run_keeps_its_reservation_until_cleared(digests, tmp_path):
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        ("{not json", "not JSON"),
+        ("{not json", "not valid JSON"),
         ("[]", "not a privdiff-budget-ledger file"),
         ('{"format": "privdiff-budget-ledger", "version": 1, "datasets": {}}', "version 1 is not 2"),
-        ('{"format": "privdiff-budget-ledger", "version": 2, "budget": null, "images": {}}', "missing key 'releases'"),
+        ('{"format": "privdiff-budget-ledger", "version": 2, "budget": null, "images": {}}',
+         "the ledger has no 'releases'"),
         ('{"format": "privdiff-budget-ledger", "version": 2, "budget": null, "images": {}, "releases": {"a": '
          '{"status": "committed", "relation": "add-remove", "noise_multiplier": -1, "sample_rate": 1, "steps": 1}}}',
-         "noise_multiplier must be > 0, got -1"),
+         "noise_multiplier must be a finite number in [0.001, 1e+06], got -1"),
         ('{"format": "privdiff-budget-ledger", "version": 2, "budget": {"epsilon": 1, "delta": 2}, "images": {}, '
          '"releases": {}}', "budget delta must be in (0, 1)"),
     ],

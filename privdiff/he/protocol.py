@@ -16,6 +16,7 @@ frame must arrive within the timeout plus its size at ``MIN_RATE``.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import re
 import socket
@@ -43,6 +44,8 @@ FRAME_CIPHERTEXT_BYTES = 1 << 24  # an update's ciphertexts (values and offsets)
 MAX_CIPHERTEXTS = 1024  # per list and message, whatever the parameters (keeps the header under MAX_HEADER)
 MIN_RATE = 1 << 18  # bytes/s: the slowest link a frame may take (256 KiB/s)
 MAX_ERROR = 200  # characters of a peer's error text that are shown
+CONNECT_TIMEOUT = 10.0  # seconds the key holder waits to connect to its worker
+REPLY_TIMEOUT = 30.0  # seconds it waits for a reply (plus the reply's size at MIN_RATE)
 _DTYPES = {"f8": np.float64, "i8": np.int64}
 _FIELDS = {  # kind -> (floats, arrays, blob lists)
     HELLO: ((), (), ("context",)),
@@ -51,6 +54,8 @@ _FIELDS = {  # kind -> (floats, arrays, blob lists)
     RESULT: ((), ("plain",), ("ciphertexts",)),
     ERROR: ((), (), ()),
 }
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit also takes "²", which int() refuses
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-_])")
 
 
@@ -408,11 +413,23 @@ def public_parameters(public_context: bytes) -> tuple[bytes, Limits]:
 
 
 def parse_address(address: str, any_port: bool = False) -> tuple[str, int]:
-    """(host, port) from HOST:PORT; port 0 (the system picks one) only where ``any_port``."""
+    """(host, port) from HOST:PORT (an IPv6 host in brackets or bare); port 0 (the system picks one) only where
+    ``any_port``. The port is ASCII digits; the host an IP address or a DNS name (labels of 1-63 letters, digits,
+    hyphens or underscores), so no later encoding of it can fail."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
-        raise PrivdiffError(f"worker address {address!r} is not HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not _PORT.fullmatch(port) or not (0 if any_port else 1) <= int(port) < 65536 or not _valid_host(host):
+        raise PrivdiffError(f"address {one_line(address, 80)!r} is not HOST:PORT (an IP address or host name, "
+                            f"and a port of {0 if any_port else 1} to 65535)")
     return host, int(port)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split("."))
 
 
 class RemoteWorker:
@@ -420,9 +437,11 @@ class RemoteWorker:
     must come within ``timeout`` seconds (plus its size at MIN_RATE) and fit what the request needs; anything
     else ends the run with one line."""
 
-    def __init__(self, address: str, public_context: bytes, timeout: float = 30.0,
-                 connect_timeout: float = 10.0) -> None:
-        self.address, self.timeout = address, timeout
+    def __init__(self, address: str, public_context: bytes, timeout: float | None = None,
+                 connect_timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = REPLY_TIMEOUT if timeout is None else timeout
+        connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         parameters, self.limits = public_parameters(public_context)
         try:
             self.sock = socket.create_connection(parse_address(address), timeout=connect_timeout)

@@ -24,6 +24,7 @@ from privdiff.he.noise import LatentNoise
 from privdiff.he.protocol import LocalWorker, RemoteWorker
 from privdiff.he.selection import CHANNELS, check_threshold
 from privdiff.he.stepper import PACKINGS, EncryptedStepper, StepStats
+from privdiff.images import half_memory
 
 SAMPLERS = ("ddim", "plms", "euler")
 Step = Callable[[torch.Tensor, steps.Update], torch.Tensor]
@@ -123,6 +124,51 @@ def describe(params: CKKSParams) -> str:
             f"scale 2**{params.scale_bits}")
 
 
+# Bytes per element, measured on the tiny and small models with margin (float32 activations kept alive at once):
+UNET_BYTES = 4 * 32  # per latent position, per channel of the UNet's first block, per batch row (CFG doubles rows)
+VAE_BYTES = 4 * 8  # per output pixel, per channel of the VAE decoder's last block
+PIXEL_BYTES = 4 * 3 * 3  # per output pixel: the decoded float32 image, its copy on the CPU and its 8-bit PNG rows
+HE_COPIES = 6  # a step's ciphertexts live as TenSEAL objects, serialised, in the frame and in the reply
+PLAIN_BYTES = 8 * 12  # per latent element: the key holder's float64 state, offsets, expectations and results
+
+
+def memory_need(backend: SDBackend, num_images: int, size: tuple[int, int], vae_factor: int,
+                encrypt_offsets: bool = True, params: CKKSParams = DEFAULT_PARAMS) -> tuple[int, int]:
+    """Estimated peak bytes of ``sample_images``: (on the model's device: UNet and VAE activations, on the CPU:
+    ciphertexts, the key holder's arrays and the decoded images)."""
+    height, width = size
+    latent, pixels = (height // vae_factor) * (width // vae_factor), height * width
+    pipe = getattr(backend, "pipe", None)
+    unet = pipe.unet.config.block_out_channels[0] if pipe is not None else 320  # SD's widths where unknown
+    vae = pipe.vae.config.block_out_channels[0] if pipe is not None else 128
+    model = max(2 * num_images * latent * unet * UNET_BYTES, num_images * pixels * vae * VAE_BYTES)
+    per_value = 32 * (len(params.coeff_mod_bit_sizes) - 1) * (2 if encrypt_offsets else 1) * HE_COPIES
+    host = num_images * 4 * latent * (per_value + PLAIN_BYTES) + num_images * pixels * PIXEL_BYTES
+    return model, host
+
+
+def check_memory(backend: SDBackend, num_images: int, size: tuple[int, int], vae_factor: int,
+                 encrypt_offsets: bool = True, params: CKKSParams = DEFAULT_PARAMS) -> None:
+    """Refuse, in one line saying how many images of that size fit, a batch whose ``memory_need`` exceeds half
+    of this machine's memory (or, for the model's part, a CUDA device's memory)."""
+    model, host = memory_need(backend, num_images, size, vae_factor, encrypt_offsets, params)
+    half = half_memory()
+    device = torch.device(backend.device)
+    ram = "of this machine's memory (half)"
+    if device.type == "cuda":
+        limits = [(host, half, ram), (model, torch.cuda.get_device_properties(device).total_memory,
+                                      f"of {device}'s memory")]
+    else:
+        limits = [(host + model, half, ram)]
+    for need, limit, where in limits:
+        if limit is not None and need > limit:
+            fit = limit * num_images // need
+            raise PrivdiffError(
+                f"{num_images} image(s) of {size[0]}x{size[1]} need about {need / 2**30:,.1f} GiB, over the "
+                f"{limit / 2**30:,.1f} GiB {where}; " + (f"at most {fit} image(s) of that size fit" if fit else
+                                                          "lower the height and width"))
+
+
 def sample_images(backend: SDBackend, prompt: str, negative_prompt: str, num_images: int, size: tuple[int, int],
                   config: HEConfig, seed: int | None = None, worker: str | None = None,
                   params: CKKSParams = DEFAULT_PARAMS, progress: Progress | None = None, vae_factor: int = 8,
@@ -133,8 +179,9 @@ def sample_images(backend: SDBackend, prompt: str, negative_prompt: str, num_ima
     height, width = size
     if height % vae_factor or width % vae_factor:
         raise PrivdiffError(f"height/width {height}x{width} must be multiples of {vae_factor} for this model")
+    params = holder.params if holder else params
+    check_memory(backend, num_images, size, vae_factor, config.encrypt_offsets, params)
     holder = holder or KeyHolder(params)
-    params = holder.params
     link = RemoteWorker(worker, holder.public_context()) if worker else LocalWorker(holder.public_context())
     try:
         stepper = EncryptedStepper(holder, link, config.threshold, config.packing, config.channels,

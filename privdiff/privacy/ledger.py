@@ -41,8 +41,17 @@ except ImportError:  # Windows
 from privdiff.atomic import PRIVATE, atomic_write_text
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
-from privdiff.privacy.accountants import ADD_REMOVE, REPLACE_ONE, Event, composed_epsilon
+from privdiff.privacy.accountants import (
+    ADD_REMOVE,
+    MAX_STEPS,
+    MIN_SAMPLE_RATE,
+    NOISE_MULTIPLIERS,
+    REPLACE_ONE,
+    Event,
+    composed_epsilon,
+)
 from privdiff.privacy.report import PrivacyReport
+from privdiff.untrusted import config_float, config_int, parse_json, read_bytes
 
 LEDGER_FORMAT = "privdiff-budget-ledger"
 LEDGER_VERSION = 2
@@ -50,6 +59,10 @@ RESERVED, COMMITTED = "reserved", "committed"
 LOCK_TIMEOUT_S = 120.0
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
+MAX_LEDGER_BYTES = 64 << 20  # ~1.7 million (image, release) charges; a larger file is refused unread
+_DEPTH = 4  # ledger -> releases -> entry -> (a value): anything deeper is not a ledger
+_TEXT = 4096  # characters of a text field (a path, a label, a time)
+_ENTRY_TEXT = ("dataset_label", "created", "reserved", "committed", "request", "output")  # text or null
 
 
 def image_digests(files: Sequence[str | os.PathLike]) -> list[str]:
@@ -275,18 +288,12 @@ class BudgetLedger:
     def _load(self) -> dict:
         if not self.path.exists():
             return {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "budget": None, "releases": {}, "images": {}}
+        text = read_bytes(self.path, "budget ledger", MAX_LEDGER_BYTES)  # refuses a FIFO or folder unopened
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise PrivdiffError(f"cannot read budget ledger {self.path}: {exc.strerror or exc}") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PrivdiffError(f"budget ledger {self.path} is corrupt (not JSON: {exc})") from exc
-        try:
+            data = parse_json(text, "its text", MAX_LEDGER_BYTES, _DEPTH)
             _validate(data)
-        except KeyError as exc:
-            raise PrivdiffError(f"budget ledger {self.path} is corrupt (missing key {exc})") from exc
-        except (PrivdiffError, TypeError, AttributeError) as exc:
-            raise PrivdiffError(f"budget ledger {self.path} is corrupt ({exc})") from exc
+        except PrivdiffError as exc:
+            raise PrivdiffError(f"budget ledger {self.path} is corrupt ({exc})") from None
         return data
 
     def _save(self, data: dict) -> None:
@@ -376,32 +383,66 @@ def _round_up(value: float, digits: int = 3) -> float:
 
 
 def _check_budget(budget: tuple[float, float]) -> dict:
-    epsilon, delta = budget
+    epsilon, delta = (config_float(value, f"budget {name}", 0, math.inf)
+                      for name, value in zip(("epsilon", "delta"), budget, strict=True))
     return {"epsilon": checks.positive("budget epsilon", epsilon), "delta": checks.open_unit("budget delta", delta)}
 
 
 def _validate(data: object) -> None:
+    """Every field of a loaded ledger, typed and in range; one line naming the first bad field."""
     if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
         raise PrivdiffError(f"not a {LEDGER_FORMAT} file")
     if data.get("version") != LEDGER_VERSION:
-        raise PrivdiffError(f"version {data.get('version')!r} is not {LEDGER_VERSION}: ledgers of privdiff 0.1 "
+        raise PrivdiffError(f"version {data.get('version')!r:.60} is not {LEDGER_VERSION}: ledgers of privdiff 0.1 "
                             "charged whole datasets, not images; start a new ledger")
-    if data["budget"] is not None:
-        _check_budget((data["budget"]["epsilon"], data["budget"]["delta"]))
-    if not isinstance(data["releases"], dict) or not isinstance(data["images"], dict):
+    budget, releases, images = (_field(data, key, "the ledger") for key in ("budget", "releases", "images"))
+    if budget is not None:
+        if not isinstance(budget, dict) or set(budget) != {"epsilon", "delta"}:
+            raise PrivdiffError("budget must be null or an object of epsilon and delta")
+        _check_budget((budget["epsilon"], budget["delta"]))
+    if not isinstance(releases, dict) or not isinstance(images, dict):
         raise PrivdiffError("'releases' and 'images' must be objects")
-    for release in data["releases"].values():
-        if release["status"] not in (RESERVED, COMMITTED):
-            raise PrivdiffError(f"unknown release status {release['status']!r}")
-        if release["relation"] not in (ADD_REMOVE, REPLACE_ONE):
-            raise PrivdiffError(f"unknown relation {release['relation']!r}")
-        checks.positive("noise_multiplier", release["noise_multiplier"])
-        checks.sample_rate(release["sample_rate"])
-        checks.count("steps", release["steps"])
-    for digest, ids in data["images"].items():
+    for release_id, release in releases.items():
+        _check_release(release_id, release)
+    for digest, ids in images.items():
         _check_digest(digest)
-        if not isinstance(ids, list) or any(i not in data["releases"] for i in ids):
+        if not isinstance(ids, list) or any(not isinstance(i, str) or i not in releases for i in ids):
             raise PrivdiffError(f"image {digest[:12]}… lists an unknown release")
+
+
+def _check_release(release_id: str, release: object) -> None:
+    """A release entry as ``_release_entry`` writes it (``committed`` once committed); unknown fields are kept."""
+    where = f"release {release_id[:40]!r}"
+    if not release_id or len(release_id) > 64 or not release_id.isprintable():
+        raise PrivdiffError(f"{where}: a release id must be 1 to 64 printable characters")
+    if not isinstance(release, dict):
+        raise PrivdiffError(f"{where} is not an object")
+    for key, allowed in (("status", (RESERVED, COMMITTED)), ("relation", (ADD_REMOVE, REPLACE_ONE))):
+        if _field(release, key, where) not in allowed:
+            raise PrivdiffError(f"{where}: unknown {key} {release[key]!r:.60}")
+    config_float(_field(release, "noise_multiplier", where), f"{where}: noise_multiplier", *NOISE_MULTIPLIERS)
+    config_float(_field(release, "sample_rate", where), f"{where}: sample_rate", MIN_SAMPLE_RATE, 1)
+    config_int(_field(release, "steps", where), f"{where}: steps", 1, MAX_STEPS)
+    for key in ("clip_norm", "epsilon"):
+        checks.positive(f"{where}: {key}", config_float(_field(release, key, where), f"{where}: {key}", 0, math.inf))
+    checks.open_unit(f"{where}: delta", config_float(_field(release, "delta", where), f"{where}: delta", 0, 1))
+    for key in ("mechanism", "accountant"):
+        if not isinstance(_field(release, key, where), str) or not 0 < len(release[key]) <= 200:
+            raise PrivdiffError(f"{where}: {key} must be text of 1 to 200 characters, got {release[key]!r:.60}")
+    for key in ("private", "forced"):
+        if not isinstance(_field(release, key, where), bool):
+            raise PrivdiffError(f"{where}: {key} must be true or false, got {release[key]!r:.60}")
+    for key in _ENTRY_TEXT:
+        value = release.get(key) if key == "committed" else _field(release, key, where)
+        if value is not None and (not isinstance(value, str) or len(value) > _TEXT or "\0" in value):
+            raise PrivdiffError(f"{where}: {key} must be null or text of at most {_TEXT} characters without NUL, "
+                                f"got {value!r:.60}")
+
+
+def _field(obj: dict, key: str, where: str) -> object:
+    if key not in obj:
+        raise PrivdiffError(f"{where} has no {key!r}")
+    return obj[key]
 
 
 def _check_digest(digest: object) -> str:
