@@ -35,6 +35,7 @@ from privdiff.frontend import (
 from privdiff.images import check_resolution, load_private_dataset
 from privdiff.output_plan import FORMATS, SUFFIXES, plan_output, save_planned
 from privdiff.privacy.ledger import BudgetLedger
+from privdiff.untrusted import file_kind
 
 from .a1111_backend import training_session
 
@@ -363,8 +364,10 @@ def _prior_path(folder: Path, choice: str) -> Path:
             raise PrivdiffError(f"prior {text!r} must be a file in {folder} or an absolute path")
         path = folder / path
     path = path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-    if not path.is_file():
-        raise PrivdiffError(f"prior {path} does not exist (priors go in {folder})")
+    kind = file_kind(path)  # from stat alone: a FIFO is refused, never opened
+    if kind is not None:
+        raise PrivdiffError(f"prior {path} does not exist (priors go in {folder})" if kind == "missing" else
+                            f"prior {path} is {kind}, not a prior file")
     return path
 
 

@@ -42,10 +42,12 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from privdiff.embeddings.dpagg import DPParams
     from privdiff.images import read_private_files
     from privdiff.progress import tqdm_progress
-    from privdiff.wavelet.workflow import finetune_prior
+    from privdiff.wavelet.workflow import default_checkpoint_dir, finetune_prior, plan_file, plan_folder
 
     if args.public_size is not None:
         raise PrivdiffError("--public-size does not apply to DP-SGD fine-tuning: it treats N as public (add-remove)")
+    plan_file(args.out, args.force)  # the output and the checkpoint folder first, then the private images
+    plan_folder(args.checkpoint_dir or default_checkpoint_dir(), "checkpoint folder")
     private = read_private_files(args.images)  # read once: the ledger charges the very bytes decoded
     rate = args.sample_rate if args.sample_rate is not None else min(1.0, args.batch_size / len(private))
     params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,
@@ -66,37 +68,47 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     from privdiff.image_output import file_name, save_images
+    from privdiff.images import check_memory
     from privdiff.progress import tqdm_progress
+    from privdiff.wavelet.prior import load_prior
     from privdiff.wavelet.upsample import load_upscaler, refine, upscale
-    from privdiff.wavelet.workflow import sample_prior
+    from privdiff.wavelet.workflow import draw, plan_folder
 
-    out_dir = cli._out_dir(args.out)
-    upscaler = load_upscaler(args.upscaler) if args.upscaler else None  # a bad file fails before sampling
-    with tqdm_progress("sampling") as progress:
-        coarse, loaded = sample_prior(args.prior, args.num_images, seed=args.seed, temperature=args.temperature,
-                                      progress=progress)
-    settings = {"prior": file_name(args.prior), "seed": args.seed, "temperature": args.temperature,
-                "prior_release_id": loaded.report.release_id if loaded.report else None}
-    result = {"coarse": [str(p) for p in save_images(coarse, out_dir, settings, prefix="coarse")]}
-    upsampled = coarse
-    if upscaler is not None:
-        upsampled = upscale(upsampled, upscaler)
+    out_dir = plan_folder(args.out, "--out")  # every input is checked, and every image made, before it is created
+    loaded = load_prior(args.prior)
+    upscaler = load_upscaler(args.upscaler) if args.upscaler else None
+    side = loaded.tokenizer.size * (int(getattr(upscaler, "scale", 1)) if upscaler is not None else args.scale)
+    backend = None
     if args.refine_model:
         from privdiff.backends.diffusers_backend import DiffusersBackend
         from privdiff.backends.tiny import load_model
 
         backend = DiffusersBackend(load_model(args.refine_model))
         backend.freeze()
-        size = args.refine_size or backend.resolution
-        upsampled = refine(backend, upsampled, args.refine_prompt, size=size, strength=args.strength,
+        side = args.refine_size or backend.resolution
+    check_memory(args.num_images, side)
+    with tqdm_progress("sampling") as progress:
+        coarse = draw(loaded, args.num_images, seed=args.seed, temperature=args.temperature, progress=progress)
+    upsampled = coarse
+    if upscaler is not None:
+        upsampled = upscale(upsampled, upscaler)
+    if backend is not None:
+        upsampled = refine(backend, upsampled, args.refine_prompt, size=side, strength=args.strength,
                            steps=args.refine_steps, seed=args.seed)
     elif args.scale > 1 and upscaler is None:
         upsampled = F.interpolate(coarse, scale_factor=args.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-    if upsampled is not coarse:
-        more = {"upscaler": file_name(args.upscaler), "refine_model": file_name(args.refine_model),
-                "refine_prompt": args.refine_prompt, "strength": args.strength}
-        written = save_images(upsampled, out_dir, {**settings, **more}, prefix="upsampled")
-        result["upsampled"] = [str(p) for p in written]
+    settings = {"prior": file_name(args.prior), "seed": args.seed, "temperature": args.temperature,
+                "prior_release_id": loaded.report.release_id if loaded.report else None}
+    more = {"upscaler": file_name(args.upscaler), "refine_model": file_name(args.refine_model),
+            "refine_prompt": args.refine_prompt, "strength": args.strength}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = {"coarse": [str(p) for p in save_images(coarse, out_dir, settings, prefix="coarse")]}
+        if upsampled is not coarse:
+            written = save_images(upsampled, out_dir, {**settings, **more}, prefix="upsampled")
+            result["upsampled"] = [str(p) for p in written]
+    except OSError as exc:
+        raise PrivdiffError(f"cannot write the images in {out_dir}: {exc.strerror or exc}") from None
     cli._print_json({**result, **settings})
 
 

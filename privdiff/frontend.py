@@ -361,6 +361,7 @@ def finetune_spectral(
     training or charging again, unless ``new_release`` is set. Running the same request again after an
     interruption resumes it from ``checkpoint_dir`` (a private folder) without a second charge.
     """
+    from privdiff.untrusted_tensors import file_digest
     from privdiff.wavelet.workflow import finetune_prior
 
     if release.public_size:
@@ -373,7 +374,7 @@ def finetune_spectral(
     params = DPParams(epsilon=release.epsilon or None, delta=release.delta, sample_rate=release.sample_rate,
                       clip_norm=release.clip_norm, bound=release.bound,
                       noise_multiplier=release.noise_multiplier or None)
-    prior_digest = hashlib.sha256(Path(prior_file).read_bytes()).hexdigest()
+    prior_digest = file_digest(prior_file, "prior")  # a FIFO or folder is refused, never read
     ledger = _ledger(release, private.digests, default_ledger,
                      release.request(kind="spectral prior", prior=prior_digest, config=config.__dict__))
     if ledger is not None and not release.new_release and path.is_file():

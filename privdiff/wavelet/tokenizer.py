@@ -16,14 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from privdiff.atomic import atomic_write
+from privdiff.atomic import atomic_write, os_reason
 from privdiff.errors import PrivdiffError
+from privdiff.images import _half_memory
+from privdiff.untrusted import config_int
+from privdiff.untrusted_tensors import TensorSpec, open_tensor_file
 from privdiff.wavelet.transform import block_mean, decompose, levels_for, reconstruct
 
 KIND = "privdiff spectral tokenizer"
+MAX_SIZE, MAX_BASE, MAX_CODES = 1024, 64, 65536
+"""The largest coarse size, base and codebook a tokenizer may have (``privdiff wavelet tokenizer``'s ranges)."""
 
 
 @dataclass(frozen=True)
@@ -97,21 +102,80 @@ class SpectralTokenizer:
         tensors = {f"codebook_{k}": c.to(torch.float32).contiguous() for k, c in enumerate(self.codebooks)}
         metadata = {"privdiff_kind": KIND, "size": str(self.size), "base": str(self.base),
                     "identity": self.identity}
+        return write_tensors(path, tensors, metadata, force=force)
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  force: bool = False) -> Path:
+    """Write a safetensors file atomically; a failure is one line naming ``path`` (never its temporary)."""
+    try:
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), force=force)
+    except (OSError, SafetensorError) as exc:
+        raise PrivdiffError(f"cannot write {path}: {os_reason(exc)}") from None
 
 
 def load_tokenizer(path: str | Path) -> SpectralTokenizer:
-    """A tokenizer file; anything else raises a one-line PrivdiffError naming the file."""
+    """A tokenizer file, checked before its codebooks are read; anything else raises one line naming the file."""
+    with open_tensor_file(path, "tokenizer") as file:
+        if file.metadata.get("privdiff_kind") != KIND:
+            raise PrivdiffError(f"{file.what} is not a privdiff spectral tokenizer file")
+        size, base = geometry(file.metadata, file.what)
+        check_codebooks(file.specs, size, base, file.what)
+        tensors = file.tensors()
+    codebooks = tuple(tensors[f"codebook_{k}"].to(torch.float32) for k in range(len(tensors)))
+    return checked_tokenizer(SpectralTokenizer(size, base, codebooks), file.metadata.get("identity"), file.what)
+
+
+def geometry(metadata: dict[str, str], what: str) -> tuple[int, int]:
+    """(size, base) from a tokenizer's or prior's metadata: whole numbers in range, powers of two, base <= size."""
+    size, base = (_metadata_int(metadata, key, 1, high, what) for key, high in (("size", MAX_SIZE), ("base", MAX_BASE)))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("privdiff_kind") != KIND:
-                raise PrivdiffError(f"{path} is not a privdiff spectral tokenizer file")
-            n = len([k for k in list(f.keys()) if k.startswith("codebook_")])
-            codebooks = tuple(f.get_tensor(f"codebook_{k}") for k in range(n))
-        return SpectralTokenizer(int(metadata["size"]), int(metadata["base"]), codebooks)
-    except (OSError, SafetensorError, ValueError, KeyError) as exc:
-        raise PrivdiffError(f"cannot read tokenizer {path}: {' '.join(str(exc).split())}") from exc
+        levels_for(size, base)
+    except PrivdiffError as exc:
+        raise PrivdiffError(f"{what}: {exc}") from None
+    return size, base
+
+
+def _metadata_int(metadata: dict[str, str], key: str, low: int, high: int, what: str) -> int:
+    text = metadata.get(key)
+    if not isinstance(text, str) or not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise PrivdiffError(f"{what}'s {key} {text!r:.40} is not a whole number")
+    return config_int(int(text), f"{what}'s {key}", low, high)
+
+
+def codebook_dims(size: int, base: int) -> tuple[int, ...]:
+    """Each scale's vector length: 3 for the approximation, then 9·p² for detail patches of side p = 1, 2, 4, ..."""
+    return (3, *(9 * 4**k for k in range(levels_for(size, base))))
+
+
+def check_codebooks(specs: dict[str, TensorSpec], size: int, base: int, what: str,
+                    vocab_sizes: tuple[int, ...] | None = None) -> None:
+    """``specs`` must be exactly one codebook [K_k, dim_k] per scale, 1 <= K_k <= MAX_CODES (``vocab_sizes``, when
+    given: the sizes a prior's config records)."""
+    dims = codebook_dims(size, base)
+    names = [f"codebook_{k}" for k in range(len(dims))]
+    if set(specs) != set(names):
+        found = sum(name.startswith("codebook_") for name in specs)
+        raise PrivdiffError(f"{what} has {found} codebooks and {len(specs) - found} other tensors, but size {size} "
+                            f"and base {base} need {len(dims)} codebooks (one per scale) and nothing else")
+    for k, (name, dim) in enumerate(zip(names, dims, strict=True)):
+        shape = specs[name].shape
+        if len(shape) != 2 or shape[1] != dim or not 1 <= shape[0] <= MAX_CODES:
+            raise PrivdiffError(f"{what}'s {name} has shape {list(shape)}, not [codes (1..{MAX_CODES}), {dim}]")
+        if vocab_sizes is not None and shape[0] != vocab_sizes[k]:
+            raise PrivdiffError(f"{what} is damaged: its config records {vocab_sizes[k]} codes for scale {k}, its "
+                                f"codebook has {shape[0]}")
+
+
+def checked_tokenizer(tokenizer: SpectralTokenizer, identity: object, what: str) -> SpectralTokenizer:
+    """``tokenizer`` if its codebooks are finite and match the ``identity`` recorded with them."""
+    if not all(torch.isfinite(c).all() for c in tokenizer.codebooks):
+        raise PrivdiffError(f"{what} holds non-finite codebook values")
+    if not isinstance(identity, str) or not identity:
+        raise PrivdiffError(f"{what} has no tokenizer identity record")
+    if tokenizer.identity != identity:
+        raise PrivdiffError(f"{what} is damaged: its codebooks do not match its tokenizer record {identity[:20]!r}")
+    return tokenizer
 
 
 def _to_patches(band: np.ndarray, base: int) -> torch.Tensor:
@@ -131,6 +195,23 @@ def _from_patches(vectors: np.ndarray, base: int, detail: bool) -> np.ndarray:
     x = vectors.reshape(b, base, base, channels, p, p).transpose(0, 3, 1, 4, 2, 5)
     x = x.reshape(b, channels, base * p, base * p)
     return x.reshape(b, 3, 3, base * p, base * p) if detail else x
+
+
+def check_fit_memory(count: int, size: int, base: int, codebook_size: int) -> None:
+    """Refuse k-means over ``count`` images when its float64 distances and patches need over half the memory."""
+    rows = count * base * base
+    dims = codebook_dims(size, base)
+
+    def need(codes: int) -> int:
+        return 8 * 3 * (rows * (min(codes, rows) + max(dims)) + count * 3 * size * size)
+
+    half = _half_memory()
+    if half is not None and need(codebook_size) > half:
+        fits = max((k for k in range(2, codebook_size) if need(k) <= half), default=None) if need(2) <= half else None
+        hint = f"at most {fits} codes per scale fit" if fits else "use fewer images or a smaller --size"
+        raise PrivdiffError(f"k-means over {count} images with {codebook_size} codes per scale needs about "
+                            f"{need(codebook_size) / 2**20:,.0f} MiB, over half of this machine's "
+                            f"{2 * half / 2**20:,.0f} MiB of memory; {hint}")
 
 
 def fit_tokenizer(

@@ -23,7 +23,7 @@ from opacus.grad_sample import GradSampleModuleExpandedWeights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from privdiff.atomic import PRIVATE, atomic_write
+from privdiff.atomic import PRIVATE, atomic_write, os_reason
 from privdiff.embeddings.dpagg import DPParams, plan_release
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
@@ -90,11 +90,19 @@ def pretrain(prior: SpectralPrior, tokens: torch.Tensor, config: TrainConfig, se
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
             state = {"prior": prior.state_dict(), "optimizer": optimizer.state_dict(),
                      "generator": generator.get_state(), "losses": losses}
-            atomic_write(checkpoint, lambda tmp, state=state: torch.save(state, tmp), force=True, mode=PRIVATE)
+            _write_checkpoint(checkpoint, lambda tmp, state=state: torch.save(state, tmp))
         if progress is not None:
             progress(step + 1, config.steps)
     prior.eval()
     return losses
+
+
+def _write_checkpoint(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a private (0600) checkpoint atomically; a failure is one line naming it (not its temporary)."""
+    try:
+        atomic_write(path, write, force=True, mode=PRIVATE)
+    except (OSError, SafetensorError) as exc:
+        raise PrivdiffError(f"cannot write checkpoint {path}: {os_reason(exc)}") from None
 
 
 def plan_finetune(params: DPParams, dataset_size: int, config: TrainConfig, *, seed: int | None = None,
@@ -121,7 +129,7 @@ class Checkpoint:
             for name, value in moments.get(p, {}).items():
                 state[f"adam.{i}.{name}"] = torch.as_tensor(value).detach().cpu().reshape(-1).contiguous()
         metadata = {**report.to_metadata(), "privdiff_steps_done": str(done)}
-        atomic_write(self.path, lambda tmp: save_file(state, str(tmp), metadata=metadata), force=True, mode=PRIVATE)
+        _write_checkpoint(self.path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
     def load(self, prior: SpectralPrior, optimizer: torch.optim.Optimizer) -> tuple[int, PrivacyReport]:
         """Restore weights and optimizer moments; (steps done, the release's report)."""

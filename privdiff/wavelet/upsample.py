@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from privdiff.backends.protocol import SDBackend
 from privdiff.errors import PrivdiffError
 from privdiff.guidance.sampler import GuidanceConfig, ddim_timesteps, guided_noise
+from privdiff.untrusted import regular_file
 
 
 def load_upscaler(path: str | Path) -> torch.nn.Module:
     """An image super-resolution model file spandrel recognises; one-line errors otherwise."""
+    regular_file(path, "upscaler")  # a FIFO or folder is refused by kind, never opened
     try:
         import spandrel
     except Exception as exc:  # spandrel imports torchvision, which may be missing or broken
         raise PrivdiffError(f"upscalers need spandrel, which cannot be imported here ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:160]}); install spandrel with a working torchvision, "
                             "or refine with an SD model instead") from exc
-    if not Path(path).is_file():
-        raise PrivdiffError(f"upscaler {path} does not exist")
     try:
         descriptor = spandrel.ModelLoader().load_from_file(str(path))
     except Exception as exc:

@@ -24,11 +24,13 @@ from privdiff.atomic import private_folder
 from privdiff.embeddings.dpagg import DPParams, check_params
 from privdiff.errors import PrivdiffError
 from privdiff.images import PrivateFiles, check_image, list_images, load_image_folder, read_private_files
+from privdiff.output_plan import plan_output
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release import LedgerRequest, carries_release, release_artifact
-from privdiff.wavelet.prior import LoadedPrior, PriorConfig, SpectralPrior, load_prior, save_prior
-from privdiff.wavelet.tokenizer import SpectralTokenizer, fit_tokenizer
+from privdiff.untrusted_tensors import file_digest
+from privdiff.wavelet.prior import LoadedPrior, PriorConfig, SpectralPrior, check_memory, load_prior, save_prior
+from privdiff.wavelet.tokenizer import SpectralTokenizer, check_fit_memory, fit_tokenizer
 from privdiff.wavelet.training import (
     Checkpoint,
     TrainConfig,
@@ -38,6 +40,7 @@ from privdiff.wavelet.training import (
     plan_finetune,
     pretrain,
 )
+from privdiff.wavelet.transform import levels_for
 
 Progress = Callable[[int, int], None]
 
@@ -47,18 +50,31 @@ def default_checkpoint_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "privdiff" / "checkpoints"
 
 
+def plan_folder(folder: str | Path, what: str) -> Path:
+    """``folder`` checked before any work but not created: a writable folder, or one that can be created in the
+    nearest folder above it that exists (``what`` names it in the one-line error)."""
+    folder = Path(folder).expanduser()
+    existing = next(p for p in (folder, *folder.absolute().parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise PrivdiffError(f"{what} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PrivdiffError(f"{what} {folder} cannot be {'written' if existing == folder else 'created'}: "
+                            f"{existing} is not writable")
+    return folder
+
+
 def checkpoint_folder(checkpoint_dir: str | Path | None = None) -> Path:
     """The checkpoint folder: ``checkpoint_dir``, else the default; created 0700 when missing (the default is
-    made 0700 even when it exists). Checkpoint files are 0600 in either."""
+    made 0700 even when it exists). Checkpoint files are 0600 in either. Called once the inputs are read."""
     if checkpoint_dir:
         return private_folder(Path(checkpoint_dir).expanduser())
     return private_folder(default_checkpoint_dir(), tighten=True)
 
 
-def load_folder(folder: str | Path, size: int) -> torch.Tensor:
+def load_folder(folder: str | Path, size: int, files: list[Path] | None = None) -> torch.Tensor:
     """A public folder's images [N,3,size,size] in 0..1; images smaller than ``size`` are refused, naming the
-    file."""
-    files = list_images(folder)
+    file. ``files``: an earlier ``list_images(folder)``."""
+    files = list_images(folder) if files is None else files
     _check_sizes(files, [check_image(path) for path in files], size)
     return load_image_folder(folder, size, files=files)[1]
 
@@ -70,23 +86,24 @@ def _check_sizes(files: list[Path], sizes: list[tuple[int, int]], size: int) -> 
             raise PrivdiffError(f"{path} is {width}x{height}, smaller than the working resolution {size}")
 
 
-def _check_output(out: str | Path, force: bool) -> Path:
+def plan_file(out: str | Path, force: bool) -> Path:
+    """A tokenizer's or prior's output, checked before any work (and again just before the write): it ends in
+    .safetensors, is not a folder or special file, exists only with ``force``, and its folder takes a new file."""
     path = Path(out).expanduser()
     if path.suffix != ".safetensors":
         raise PrivdiffError(f"output {path} must end in .safetensors")
-    if path.exists() and not force:
-        raise PrivdiffError(f"{path} already exists; pass --force (force=True) to overwrite it")
-    if not path.parent.is_dir():
-        raise PrivdiffError(f"output folder {path.parent} does not exist")
-    return path
+    return plan_output(path, "safetensors", force=force).path
 
 
 def train_tokenizer(images: str | Path, out: str | Path, *, size: int = 32, base: int = 4,
                     codebook_size: int = 256, seed: int = 0, force: bool = False) -> SpectralTokenizer:
     """Fit a tokenizer on a **public** folder and write it."""
-    path = _check_output(out, force)
-    tokenizer = fit_tokenizer(load_folder(images, size), size, base, codebook_size, seed=seed)
-    tokenizer.save(path, force=force)
+    path = plan_file(out, force)
+    levels_for(size, base)
+    files = list_images(images)
+    check_fit_memory(len(files), size, base, codebook_size)
+    tokenizer = fit_tokenizer(load_folder(images, size, files), size, base, codebook_size, seed=seed)
+    tokenizer.save(plan_file(path, force), force=force)
     return tokenizer
 
 
@@ -96,20 +113,22 @@ def pretrain_prior(tokenizer: SpectralTokenizer, images: str | Path, out: str | 
                    checkpoint_every: int = 100) -> list[float]:
     """Pre-train a prior on a **public** folder; returns the training losses. Running the same request again
     after an interruption continues from its checkpoint in ``checkpoint_dir``."""
-    path = _check_output(out, force)
+    path = plan_file(out, force)
+    shape = PriorConfig.for_tokenizer(tokenizer, dim=dim, layers=layers, heads=heads)
+    check_memory(shape, "pre-training", batch=config.batch_size, training=True, batch_name="images per batch")
+    plan_folder(checkpoint_dir or default_checkpoint_dir(), "checkpoint folder")
     files = list_images(images)
     request = {"tokenizer": tokenizer.identity, "images": sorted(image_digests(files)), "config": asdict(config),
                "shape": [dim, layers, heads], "seed": seed, "out": str(path.resolve())}
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:32]
-    folder = checkpoint_folder(checkpoint_dir)
-    checkpoint = folder / f"pretrain-{key}.pt"
-    tokens = tokenizer.encode(load_folder(images, tokenizer.size))
+    tokens = tokenizer.encode(load_folder(images, tokenizer.size, files))
+    checkpoint = checkpoint_folder(checkpoint_dir) / f"pretrain-{key}.pt"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # weight init of a public model
-        prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=dim, layers=layers, heads=heads)).to(device)
+        prior = SpectralPrior(shape).to(device)
     losses = pretrain(prior, tokens, config, seed=seed, progress=progress, checkpoint=checkpoint,
                       checkpoint_every=checkpoint_every)
-    save_prior(prior.cpu(), tokenizer, path, force=force)
+    save_prior(prior.cpu(), tokenizer, plan_file(path, force), force=force)
     checkpoint.unlink(missing_ok=True)
     return losses
 
@@ -133,7 +152,10 @@ def finetune_prior(
     """Release a DP fine-tune of a public prior on private images: (path, report, resumed). ``images`` is
     ``read_private_files(folder)`` or a folder to read so; ``ledger`` must charge ``images.digests``, the digests
     of the very bytes this release decodes."""
-    path = _check_output(out, force)
+    path = plan_file(out, force)
+    planned = plan_folder(checkpoint_dir or default_checkpoint_dir(), "checkpoint folder")
+    if planned.resolve() == path.parent.resolve():
+        raise PrivdiffError(f"the checkpoint folder {planned} is the output's folder; keep private state elsewhere")
     if not isinstance(images, PrivateFiles):
         images = read_private_files(images)
     public = load_prior(prior_file)
@@ -144,30 +166,37 @@ def finetune_prior(
                             "the images passed (PrivateFiles.digests)")
     check_params(params, len(images), n_public_by_convention=True)
     _check_sizes(images.files, images.sizes, public.tokenizer.size)
-    request = {"prior": hashlib.sha256(Path(prior_file).read_bytes()).hexdigest(), "params": asdict(params),
+    batch = max(1, round(params.sample_rate * len(images)))
+    check_memory(public.prior.config, "DP fine-tuning", batch=batch, training=True, per_sample=True,
+                 batch_name="images per expected batch (sample rate x images)")
+    request = {"prior": file_digest(prior_file, "prior"), "params": asdict(params),
                "config": asdict(config), "images": sorted(images.digests), "out": str(path.resolve()),
                "seed": seed}
     key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    folder = checkpoint_folder(checkpoint_dir)
-    if folder.resolve() == path.parent.resolve():
-        raise PrivdiffError(f"the checkpoint folder {folder} is the output's folder; keep private state elsewhere")
-    checkpoint = Checkpoint(folder / f"wavelet-{key}.safetensors", checkpoint_every)
+    checkpoint = Checkpoint(planned / f"wavelet-{key}.safetensors", checkpoint_every)
     resume = checkpoint.path.is_file()
     report = checkpoint_report(checkpoint) if resume else plan_finetune(params, len(images), config, seed=seed,
                                                                         dataset_label=dataset_label)
 
     def produce() -> LoadedPrior:
         tokens = public.tokenizer.encode(images.load(public.tokenizer.size).images)
+        checkpoint_folder(checkpoint_dir)  # created once every image decoded
         prior = finetune(public.prior.to(device), tokens, params, config, report, seed=seed, checkpoint=checkpoint,
                          progress=progress)
         return LoadedPrior(prior.cpu(), public.tokenizer, report)
 
+    def write(result: LoadedPrior) -> Path:
+        try:
+            return save_prior(result.prior, result.tokenizer, plan_file(path, force), report=report, force=force)
+        except PrivdiffError as exc:  # the last step's checkpoint holds the finished release
+            raise PrivdiffError(f"{exc}; the finished fine-tune stays in its private checkpoint "
+                                f"{checkpoint.path}: fix that and run the same request again to write it (no "
+                                "second charge)") from None
+
     def carries(target: Path, release_id: str) -> bool:
         return carries_release(target, release_id) or carries_checkpoint(checkpoint, release_id)
 
-    release_artifact(produce, report, path,
-                     lambda result: save_prior(result.prior, result.tokenizer, path, report=report, force=force),
-                     carries, ledger, resume=resume)
+    release_artifact(produce, report, path, write, carries, ledger, resume=resume)
     checkpoint.path.unlink(missing_ok=True)  # released: the private intermediate is not kept
     return path, report, resume
 
@@ -175,9 +204,16 @@ def finetune_prior(
 def sample_prior(prior_file: str | Path, num_images: int, *, seed: int = 0, temperature: float = 1.0,
                  progress: Progress | None = None, device: str = "cpu") -> tuple[torch.Tensor, LoadedPrior]:
     """Coarse images [n,3,size,size] in 0..1 from a prior file (the same seed gives the same images)."""
+    loaded = load_prior(prior_file)
+    return draw(loaded, num_images, seed=seed, temperature=temperature, progress=progress, device=device), loaded
+
+
+def draw(loaded: LoadedPrior, num_images: int, *, seed: int = 0, temperature: float = 1.0,
+         progress: Progress | None = None, device: str = "cpu") -> torch.Tensor:
+    """Coarse images [n,3,size,size] in 0..1 from a loaded prior; refused first when they would not fit in memory."""
     if num_images < 1:
         raise PrivdiffError(f"number of images {num_images} must be at least 1")
-    loaded = load_prior(prior_file)
+    check_memory(loaded.prior.config, f"sampling {num_images} images", batch=num_images)
     generator = torch.Generator().manual_seed(seed)
     tokens = loaded.prior.to(device).sample(num_images, generator, temperature, progress)
-    return loaded.tokenizer.decode(tokens.cpu()), loaded
+    return loaded.tokenizer.decode(tokens.cpu())
