@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 
 from privdiff.errors import PrivdiffError
-from privdiff.images import _half_memory
+from privdiff.images import half_memory
 from privdiff.untrusted import file_kind, parse_json, regular_file
 
 MAX_HEADER_BYTES = 1 << 22  # a prior of 64 layers declares about 800 tensors: some 100 KB of header
@@ -51,7 +51,7 @@ class TensorFile:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, read from the open file (the header is read again and must not have changed); refused
         first when the file and its tensors would need over half the machine's memory."""
-        half = _half_memory()
+        half = half_memory()
         if half is not None and 2 * self.size > half:
             raise PrivdiffError(f"{self.what} holds {self.size / 2**20:,.0f} MiB: reading it needs over half of this "
                                 f"machine's {2 * half / 2**20:,.0f} MiB of memory")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privdiff.errors import PrivdiffError
-from privdiff.images import _half_memory
+from privdiff.images import half_memory
 from privdiff.privacy.report import REPORT_KEY, PrivacyReport
 from privdiff.untrusted import config_int, parse_json
 from privdiff.untrusted_tensors import open_tensor_file
@@ -208,7 +208,7 @@ def check_memory(config: PriorConfig, what: str, batch: int = 0, training: bool 
                  per_sample: bool = False, batch_name: str = "images at once") -> None:
     """Refuse ``what`` (e.g. "pre-training") with a prior of ``config`` when :meth:`PriorConfig.memory` is over half
     of this machine's memory, in one line saying what would fit."""
-    need, half = config.memory(batch, training, per_sample), _half_memory()
+    need, half = config.memory(batch, training, per_sample), half_memory()
     if half is None or need <= half:
         return
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from privdiff.atomic import atomic_write, os_reason
 from privdiff.errors import PrivdiffError
-from privdiff.images import _half_memory
+from privdiff.images import half_memory
 from privdiff.untrusted import config_int
 from privdiff.untrusted_tensors import TensorSpec, open_tensor_file
 from privdiff.wavelet.transform import block_mean, decompose, levels_for, reconstruct
@@ -205,7 +205,7 @@ def check_fit_memory(count: int, size: int, base: int, codebook_size: int) -> No
     def need(codes: int) -> int:
         return 8 * 3 * (rows * (min(codes, rows) + max(dims)) + count * 3 * size * size)
 
-    half = _half_memory()
+    half = half_memory()
     if half is not None and need(codebook_size) > half:
         fits = max((k for k in range(2, codebook_size) if need(k) <= half), default=None) if need(2) <= half else None
         hint = f"at most {fits} codes per scale fit" if fits else "use fewer images or a smaller --size"
