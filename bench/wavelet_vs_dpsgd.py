@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModuleExpandedWeights
 
 from privdiff.embeddings.dpagg import DPParams
-from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.reference.shapes import public_dataset, style_images
 from privdiff.wavelet.prior import PriorConfig, SpectralPrior
 from privdiff.wavelet.tokenizer import SpectralTokenizer, fit_tokenizer
-from privdiff.wavelet.training import TrainConfig, finetune, plan_finetune, pretrain
+from privdiff.wavelet.training import TrainConfig, finetune, per_sample_gradients, plan_finetune, pretrain
 
 STYLE = "teal stripes"
 SIZE, COARSE, BASE = 32, 16, 4
@@ -221,6 +221,7 @@ def breakdown(prior: SpectralPrior, tokens: torch.Tensor, sigma: float, args: ar
     dp_opt = PrivdiffDPOptimizer(torch.optim.Adam(module.parameters(), lr=args.dp_lr), rng=SecureRandom(),
                                  noise_multiplier=sigma, max_grad_norm=args.clip, expected_batch_size=args.dp_batch)
     generator = torch.Generator().manual_seed(2)
+    size = microbatch_size(args.dp_batch)  # as finetune computes them
     times: dict[str, list[float]] = {}
 
     def tick(name: str, start: float) -> float:
@@ -238,7 +239,7 @@ def breakdown(prior: SpectralPrior, tokens: torch.Tensor, sigma: float, args: ar
         tick("plain: Adam", t)
         t = time.perf_counter()
         dp_opt.zero_grad(set_to_none=True)
-        module(batch).sum().backward()
+        per_sample_gradients(module, batch, size)
         t = tick("DP: forward + backward, per-sample gradients (ExpandedWeights)", t)
         dp_opt.clip_and_accumulate()
         t = tick("DP: clip (rigorous norm bounds) and sum in float64", t)
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         t = m.times
         print(f"{m.name:<12} {t['pretrain'].median * 1e3:8.1f}ms {t['plain'].median * 1e3:10.1f}ms "
               f"{t['dp'].median * 1e3:8.1f}ms {t['dp'].median / t['plain'].median:15.1f} {t['dp'].total:7.0f}s")
-    print(f"one step at batch {args.dp_batch}, parts timed alternately (median of {args.repeats}), ms:")
+    print(f"one step at batch {args.dp_batch} (per-sample gradients {microbatch_size(args.dp_batch)} at a time), "
+          f"parts timed alternately (median of {args.repeats}), ms:")
     print(f"{'':<68} " + " ".join(f"{m.name:>9}" for m in methods))
     for part in stats[methods[0].name]:
         print(f"  {part:<66} " + " ".join(f"{stats[m.name][part] * 1e3:9.1f}" for m in methods))

@@ -19,8 +19,8 @@ from privdiff.errors import PrivdiffError
 from privdiff.images import load_image_folder
 from privdiff.privacy import dpsgd
 from privdiff.privacy.accountants import epsilon_for
-from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
-from privdiff.privacy.mechanism import bound_vectors
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size
+from privdiff.privacy.mechanism import _row_norm_bounds, bound_vectors, clipped_sum
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 B = 3
@@ -187,3 +187,88 @@ def test_dpsgd_sdxl_widths(tmp_path, sdxl_backend):
     result = run_dpsgd_ti(sdxl_backend, images, params, TIConfig(steps=1), seed=0)
     shapes = {k: tuple(v.shape) for k, v in result.embedding.vectors.items()}
     assert shapes == {"clip_l": (1, 768), "clip_g": (1, 1280)}
+
+
+def test_microbatch_size_is_a_power_of_two_near_a_quarter_of_the_expected_batch():
+    assert [microbatch_size(b) for b in (0.2, 1, 3, 4, 5, 8, 64, 65, 100)] == [1, 1, 1, 1, 2, 2, 16, 32, 32]
+
+
+def _examples(backend, count, seed=0):
+    """``count`` examples (latent, timestep, noise, prompt): example 0 is the one every batch shares."""
+    g = torch.Generator().manual_seed(seed)
+    x0, noise = torch.randn(count, 4, 8, 8, generator=g), torch.randn(count, 4, 8, 8, generator=g)
+    t = torch.randint(len(backend.alphas_cumprod), (count,), generator=g)
+    prompts = [TEMPLATES["style"][i % len(TEMPLATES["style"])].format(PLACEHOLDER) for i in range(count)]
+    return x0, t, noise, prompts
+
+
+def _ti_rows(backend, init, examples, order, size):
+    """The per-sample gradients of ``examples`` taken in ``order``, as run_dpsgd_ti computes them."""
+    module = GradSampleModule(SharedVectors(init), loss_reduction="sum")
+    x0, t, noise, prompts = examples
+    dpsgd_ti.per_sample_gradients(backend, module, [init.shape[-1]], ["clip_l"], size, x0[order], t[order],
+                                  noise[order], [prompts[i] for i in order])
+    return module._module.weight.grad_sample
+
+
+@hook_warning_ignored
+def test_an_examples_gradient_is_the_same_in_any_poisson_batch(sd1_backend):
+    """Example 0's per-sample gradient and its norm bound (so its clipped row) are bit-identical alone, in a pair, or
+    anywhere among many."""
+    init = initial_vectors(sd1_backend, TIConfig(n_vectors=2))["clip_l"]
+    examples = _examples(sd1_backend, 7)
+    size = 3
+    alone = _ti_rows(sd1_backend, init, examples, [0], size)[0]
+    assert alone.norm() > 0
+    (bound,), _ = _row_norm_bounds([alone.flatten()[None]])  # what clipped_sum scales the row by
+    for order in ([1, 0], [0, 1], [2, 3, 4, 5, 6, 1, 0], [3, 4, 0, 1, 2, 5], [1, 2, 3, 4, 5, 6, 0]):
+        rows = _ti_rows(sd1_backend, init, examples, order, size)
+        assert rows.shape == (len(order), *init.shape)
+        position = order.index(0)
+        assert torch.equal(rows[position], alone), order
+        bounds, _ = _row_norm_bounds([rows.flatten(1)])  # among the others: the same bound, so the same clipped row
+        assert torch.equal(bounds[position], bound), order
+
+
+@hook_warning_ignored
+def test_dummies_never_reach_the_noisy_sum(sd1_backend, monkeypatch):
+    """A batch of 4 in microbatches of 3 (two dummies): the clipped sum is that of the 4 examples computed alone."""
+    init = initial_vectors(sd1_backend, TIConfig())["clip_l"]
+    examples = _examples(sd1_backend, 4, seed=2)
+    size, clip = 3, 1e-3
+    assert _ti_rows(sd1_backend, init, examples, [], size).shape == (0, *init.shape)  # an empty batch: no rows
+    module = GradSampleModule(SharedVectors(init), loss_reduction="sum")
+    seen = []
+    real_sum = dpsgd.clipped_sum
+    monkeypatch.setattr(dpsgd, "clipped_sum", lambda parts, c: seen.append(parts[0].clone()) or real_sum(parts, c))
+    optimizer = PrivdiffDPOptimizer(torch.optim.SGD(module.parameters(), lr=1.0), rng=SecureRandom(3),
+                                     noise_multiplier=1.0, max_grad_norm=clip, expected_batch_size=4)
+    x0, t, noise, prompts = examples
+    dpsgd_ti.per_sample_gradients(sd1_backend, module, [init.shape[-1]], ["clip_l"], size, x0, t, noise, prompts)
+    optimizer.clip_and_accumulate()
+    optimizer.close()
+    singles = torch.cat([_ti_rows(sd1_backend, init, examples, [i], size) for i in range(4)])
+    assert len(seen) == 1 and torch.equal(seen[0], singles)  # the 4 real rows, once, in order
+    assert torch.equal(module._module.weight.summed_grad, clipped_sum([singles], clip)[0])
+    # A dummy's own gradient is not zero: had it entered, the sum would show it.
+    padded_alone = GradSampleModule(SharedVectors(init), loss_reduction="sum")
+    vectors = {"clip_l": padded_alone(torch.zeros(1, 4, 8, 8))}
+    diffusion_loss(sd1_backend, torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, 8, 8),
+                   [PLACEHOLDER], vectors).sum().backward()
+    assert padded_alone._module.weight.grad_sample.norm() > 0
+
+
+def test_run_dpsgd_ti_computes_every_gradient_in_microbatches_of_one_shape(tmp_path, sd1_backend, monkeypatch):
+    write_style_images(tmp_path / "imgs", count=6, size=32)
+    images = load_image_folder(tmp_path / "imgs", 32)[1]
+    shapes = []
+
+    def spy_loss(backend, x0, t, noise, prompts, vectors):
+        shapes.append((x0.shape[0], t.shape[0], noise.shape[0], len(prompts), vectors["clip_l"].shape[0]))
+        return diffusion_loss(backend, x0, t, noise, prompts, vectors)
+
+    monkeypatch.setattr(dpsgd_ti, "diffusion_loss", spy_loss)
+    params = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=0.9, accountant="rdp")
+    run_dpsgd_ti(sd1_backend, images, params, TIConfig(steps=3, batch_size=8), seed=1)
+    size = microbatch_size(round(0.9 * 6))  # 2: below the batch size 8, which would otherwise cap it
+    assert size == 2 and shapes and set(shapes) == {(size,) * 5}

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from privdiff.embeddings import dpagg
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.mechanism import (
     MAX_SUM_ROWS,
+    _row_norm_bounds,
     bound_vectors,
     clipped_sum,
     gaussian_aggregate,
@@ -113,6 +115,30 @@ def test_clipped_sum_matches_bound_vectors_without_concatenating(clip):
     short = [p * clip / 100 for p in parts]  # rows far below C are not scaled: an exact float64 sum
     want = torch.cat([p.flatten(1) for p in short], dim=1).double().sum(dim=0)
     torch.testing.assert_close(torch.cat([g.flatten() for g in clipped_sum(short, clip)]), want, rtol=1e-13, atol=0)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the aten ops that run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_rows_norm_bound_is_computed_elementwise():
+    """No reduction kernel: on CUDA its summation order follows the number of rows (Reduce.cuh sizes its blocks by
+    the output count), which would make a row's clip depend on the other rows of the Poisson batch."""
+    x = _randn(5, 3000, seed=4)
+    with _Ops() as ops:  # clipped_sum's row scales come from these bounds, elementwise
+        _row_norm_bounds([x[:, :2500], x[:, 2500:]])
+    reductions = {"sum", "norm", "linalg_vector_norm", "mean", "mv", "mm", "addmv", "dot", "prod", "cumsum"}
+    assert ops.names and not ops.names & reductions, sorted(ops.names)
+    bounds = torch.stack([_row_norm_bounds([x[i:i + 1]])[0][0] for i in range(5)])
+    assert torch.equal(_row_norm_bounds([x])[0], bounds)
 
 
 def test_clipped_sum_float32_overflow_falls_back_to_float64():

@@ -14,8 +14,11 @@ from PIL import Image
 from privdiff.embeddings.dpagg import DPParams
 from privdiff.errors import PrivdiffError
 from privdiff.images import read_private_files
+from privdiff.privacy import dpsgd
 from privdiff.privacy.accountants import epsilon_for
+from privdiff.privacy.dpsgd import microbatch_size
 from privdiff.privacy.ledger import BudgetLedger
+from privdiff.privacy.mechanism import _row_norm_bounds
 from privdiff.reference.shapes import public_dataset
 from privdiff.release import open_ledger
 from privdiff.wavelet import training
@@ -263,3 +266,54 @@ def test_an_interrupted_pretraining_continues_to_the_same_prior(tokenizer, tmp_p
     assert steps == [5, 6] and losses == pytest.approx(expected)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _prior_rows(prior, tokens, order, size):
+    """Per-sample gradients of ``tokens[order]`` (flattened, all parameters), as finetune computes them."""
+    module = GradSampleModuleExpandedWeights(prior, loss_reduction="sum")
+    training.per_sample_gradients(module, tokens[order], size)
+    rows = torch.cat([p.grad_sample.flatten(1) for p in prior.parameters()], dim=1)
+    module._close()
+    return rows
+
+
+def test_an_examples_gradient_is_the_same_in_any_poisson_batch(tokenizer):
+    """Example 0's per-sample gradient and norm bound are bit-identical alone, in a pair, or anywhere among many."""
+    prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=16, layers=2, heads=2))
+    tokens = tokenizer.encode(_images(9, seed=5))
+    size = 4
+    alone = _prior_rows(prior, tokens, [0], size)[0]
+    (bound,), _ = _row_norm_bounds([alone[None]])
+    for order in ([1, 0], [0, 1], [2, 3, 4, 5, 6, 7, 8, 0, 1], [3, 4, 0, 1, 2, 5], [1, 2, 3, 4, 5, 6, 0]):
+        rows = _prior_rows(prior, tokens, order, size)
+        position = order.index(0)
+        assert rows.shape[0] == len(order) and torch.equal(rows[position], alone), order
+        bounds, _ = _row_norm_bounds([rows])
+        assert torch.equal(bounds[position], bound), order
+
+
+def test_finetune_sums_the_real_examples_only(tokenizer, monkeypatch):
+    """Every forward has the microbatch's shape; the clipped sum holds the sampled examples, computed alone, and no
+    dummy (whose own gradient is not zero)."""
+    prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=16, layers=1, heads=2))
+    tokens = tokenizer.encode(_images(10, seed=6))
+    reference = SpectralPrior(prior.config)
+    reference.load_state_dict(prior.state_dict())
+    shapes, sums, batches = [], [], []
+    real_forward, real_sum, real_poisson = SpectralPrior.forward, dpsgd.clipped_sum, training.poisson_sample
+    monkeypatch.setattr(SpectralPrior, "forward", lambda self, x: shapes.append(x.shape[0]) or real_forward(self, x))
+    monkeypatch.setattr(dpsgd, "clipped_sum", lambda parts, c: sums.append([p.clone() for p in parts])
+                        or real_sum(parts, c))
+    monkeypatch.setattr(training, "poisson_sample", lambda n, q, rng: batches.append(real_poisson(n, q, rng))
+                        or batches[-1])
+    params = _params(sample_rate=0.7, clip_norm=0.05)
+    config = training.TrainConfig(steps=1, batch_size=7)
+    training.finetune(prior, tokens, params, config, training.plan_finetune(params, 10, config), seed=3)
+    size = microbatch_size(7)
+    assert size == 2 and set(shapes) == {size}
+    (batch,), (parts,) = batches, sums
+    assert len(batch) > size  # more than one microbatch, the last padded or not
+    singles = torch.cat([_prior_rows(reference, tokens, [int(i)], size) for i in batch])
+    assert torch.equal(torch.cat([p.flatten(1) for p in parts], dim=1), singles)
+    dummy = _prior_rows(reference, torch.zeros_like(tokens[:1]), [0], size)
+    assert dummy.norm() > 0

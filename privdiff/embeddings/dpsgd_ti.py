@@ -1,7 +1,9 @@
 """The DP-SGD baseline of DPAgg-TI: one embedding over all images, per-sample clipped noisy gradients.
 
 Opacus computes the per-sample gradients; the trainable vectors live in a tiny module whose per-sample
-gradient is simply the gradient of its broadcast output. Clipping and noise are privdiff's own
+gradient is simply the gradient of its broadcast output. They are computed in microbatches of a fixed public size
+padded with a public dummy (``privdiff.privacy.dpsgd.sample_gradients``), so an example's gradient is the same, bit
+for bit, whichever other examples the Poisson batch holds. Clipping and noise are privdiff's own
 (``privdiff.privacy.dpsgd.PrivdiffDPOptimizer``), the same noise as every other DP path.
 """
 
@@ -15,6 +17,7 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 from privdiff.backends.protocol import SDBackend
+from privdiff.batching import padded
 from privdiff.embeddings.dpagg import DPAggResult, DPParams, encode_in_batches, plan_release
 from privdiff.embeddings.files import Embedding
 from privdiff.embeddings.templates import TEMPLATES
@@ -27,7 +30,7 @@ from privdiff.embeddings.textual_inversion import (
     training_generator,
 )
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
@@ -55,6 +58,28 @@ def _shared_vectors_grad_sample(
 ) -> dict[nn.Parameter, torch.Tensor]:
     # Row b of the output is the weight itself for example b: its gradient is that example's.
     return {layer.weight: backprops}
+
+
+def per_sample_gradients(
+    backend: SDBackend, module: GradSampleModule, widths: list[int], keys: list[str], size: int,
+    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str],
+) -> None:
+    """Set the shared vectors' ``grad_sample`` [B, n_vectors, total_dim] to each example's loss gradient.
+
+    Example b is latent ``x0[b]`` at timestep ``t[b]`` with ``noise[b]`` and ``prompts[b]``; ``module`` wraps the
+    ``SharedVectors`` (loss reduction "sum"). The examples run ``size`` at a time, the last microbatch padded with
+    the public dummy (zero latent, timestep 0, zero noise, the bare placeholder as prompt), whose rows are dropped.
+    """
+
+    def backward(start: int, stop: int) -> None:
+        latents = padded(x0[start:stop], size)
+        rows = module(latents).split(widths, dim=-1)
+        vectors = {k: r.to(backend.dtype) for k, r in zip(keys, rows, strict=True)}
+        texts = prompts[start:stop] + [PLACEHOLDER] * (size - (stop - start))
+        diffusion_loss(backend, latents, padded(t[start:stop], size), padded(noise[start:stop], size), texts,
+                       vectors).sum().backward()
+
+    sample_gradients([module._module.weight], len(x0), size, backward)
 
 
 def plan_dpsgd_ti(
@@ -100,12 +125,13 @@ def run_dpsgd_ti(
     latents = encode_in_batches(backend, images, config.batch_size, training_generator(rng)).to(device)
     generator = training_generator(rng)  # templates, timesteps, diffusion noise: not relied on by the guarantee
     shared = SharedVectors(torch.cat([init[k] for k in keys], dim=-1)).to(device)
-    module = GradSampleModule(shared)  # wraps `shared`; it does not forward attributes such as .weight
+    module = GradSampleModule(shared, loss_reduction="sum")  # wraps `shared`; it does not forward .weight
+    expected = max(1, round(params.sample_rate * report.public_size))
     optimizer = PrivdiffDPOptimizer(
         torch.optim.Adam(module.parameters(), lr=config.lr), rng=rng,
-        noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm,
-        expected_batch_size=max(1, round(params.sample_rate * report.public_size)),
+        noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm, expected_batch_size=expected,
     )
+    size = min(config.batch_size, microbatch_size(expected))  # public; config.batch_size bounds the memory
     templates = TEMPLATES[config.templates]
     try:
         with warnings.catch_warnings():
@@ -113,17 +139,12 @@ def run_dpsgd_ti(
             for step in range(config.steps):
                 optimizer.zero_grad(set_to_none=True)
                 batch = poisson_sample(n, params.sample_rate, rng)
-                if len(batch) == 0:
-                    shared.weight.grad_sample = torch.zeros(0, *shared.weight.shape, device=device)
-                else:
-                    x0 = latents[batch]
-                    rows = module(x0).split(widths, dim=-1)
-                    vectors = {k: r.to(backend.dtype) for k, r in zip(keys, rows, strict=True)}
-                    prompts = [templates[int(i)].format(PLACEHOLDER)
-                               for i in torch.randint(len(templates), (len(batch),), generator=generator)]
-                    t = torch.randint(len(backend.alphas_cumprod), (len(batch),), generator=generator)
-                    noise = torch.randn(x0.shape, generator=generator)
-                    diffusion_loss(backend, x0, t, noise, prompts, vectors).mean().backward()
+                x0 = latents[batch]
+                prompts = [templates[int(i)].format(PLACEHOLDER)
+                           for i in torch.randint(len(templates), (len(batch),), generator=generator)]
+                t = torch.randint(len(backend.alphas_cumprod), (len(batch),), generator=generator)
+                noise = torch.randn(x0.shape, generator=generator)
+                per_sample_gradients(backend, module, widths, keys, size, x0, t, noise, prompts)
                 optimizer.step()
                 if progress is not None:
                     progress(step + 1, config.steps)

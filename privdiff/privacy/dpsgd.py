@@ -4,14 +4,24 @@ opacus computes the per-sample gradients (``GradSampleModule``) and runs the opt
 replaces its float32 clipping and torch noise: per-sample gradients are clipped and summed in float64 by
 ``clipped_sum`` and the sum is noised by ``noisy_sum`` from a ``SecureRandom`` (its own stream, each step's
 noise drawn while the step before computes: ``NoiseAhead``).
+
+An example's per-sample gradient must not depend on which other examples the Poisson batch holds: kernels pick
+their algorithm by shape, so a batch of the sampled count would move every example's gradient (~1e-6 relative)
+when one example is added or removed. ``sample_gradients`` computes them ``size`` examples at a time, always
+exactly ``size`` rows (the last microbatch padded with a fixed public dummy, ``privdiff.batching``), drops the
+dummies' rows and hands the optimizer the real rows only, so ``clipped_sum`` clips and sums them once.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from privdiff.errors import PrivdiffError
 from privdiff.privacy.mechanism import clipped_sum, noisy_sum
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
@@ -52,3 +62,37 @@ class PrivdiffDPOptimizer(DPOptimizer):
         for p, part in zip(self.params, noisy.split(self._sizes()), strict=True):
             p.grad = part.view_as(p).to(p.dtype)
             _mark_as_processed(p.summed_grad)
+
+
+def microbatch_size(expected_batch_size: float) -> int:
+    """The fixed number of rows per-sample gradients are computed in: a public function of the expected batch size.
+
+    A quarter of it rounded up to a power of two (at least 1): a Poisson batch then runs in about four microbatches
+    and pads at most one, so the dummies cost about an eighth of the work, while each call stays large enough for
+    the kernels to run efficiently.
+    """
+    return 1 << max(0, math.ceil(math.log2(max(1.0, expected_batch_size / 4))))
+
+
+def sample_gradients(params: Sequence[torch.Tensor], rows: int, size: int,
+                     backward: Callable[[int, int], None]) -> None:
+    """Set each parameter's ``grad_sample`` to the per-sample gradients of ``rows`` examples, ``size`` at a time.
+
+    ``backward(start, stop)`` runs forward and backward on examples ``start:stop`` padded to exactly ``size`` rows
+    with the public dummy (rows ``stop - start`` onward), leaving each parameter's ``grad_sample`` [size, ...].
+    The dummies' rows are dropped here, before anything is clipped or summed; the result has ``rows`` rows in
+    order (none for an empty batch).
+    """
+    parts: list[list[torch.Tensor]] = [[] for _ in params]
+    for start in range(0, rows, size):
+        stop = min(start + size, rows)
+        backward(start, stop)
+        for p, part in zip(params, parts, strict=True):
+            sample = p.grad_sample
+            if not isinstance(sample, torch.Tensor) or sample.shape != (size, *p.shape):
+                raise PrivdiffError(f"a microbatch of {size} gave per-sample gradients of shape "
+                                    f"{getattr(sample, 'shape', None)} for a parameter of shape {tuple(p.shape)}")
+            part.append(sample[:stop - start])
+            p.grad_sample = None
+    for p, part in zip(params, parts, strict=True):
+        p.grad_sample = torch.cat(part) if part else p.new_zeros(0, *p.shape)

@@ -49,7 +49,7 @@ log = logging.getLogger("privdiff")
 BOUNDS = ("clip", "normalize")
 GRID_BITS = 30  # gamma = 2**(floor(log2 C) - GRID_BITS) for sigma <= 2**10
 _GRID_NOISE_BITS = 40  # coarser grids for larger sigma keep the grid noise s below about 2**42
-_NORM_CHUNK = 1024  # clipped_sum's norms: columns per chunk, small enough for a 2**-13 error bound in float32
+_NORM_CHUNK = 1024  # clipped_sum's norms: columns per chunk, small enough for a 2**-20 error bound in float32
 _SUM_BLOCK = 8192  # clipped_sum's float64 sums: columns converted at a time
 MAX_SUM_ROWS = 116_000  # the largest m with (ceil(log2 m) + 1) m 2**-53 <= 2**-32: pairwise_sum's error < gamma/2
 _MAX_STEPS = 2**62  # snapped sums are clamped to +-2**62 steps (1-Lipschitz: the sensitivity is kept)
@@ -121,30 +121,63 @@ def _row_norm_bounds(flats: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Float64 upper bounds on the exact L2 norms of the rows of the concatenated ``flats``, and which rows hold
     NaN/inf.
 
-    Norms are taken per chunk of at most 1024 columns in the parts' own precision (float32 and wider; any
-    order of accumulation errs by at most 2m units of roundoff for m <= 1024 terms, 2**-13 in float32, plus
-    m 2**-149 from underflow), and their squares summed in float64: S <= (1 + 2**-11) sum_chunks n_chunk^2 +
-    d 2**-148, for d coordinates. Rows whose float32 bound overflows are recomputed in float64.
+    Squares are summed per chunk of 1024 columns (each part's last, partial chunks together, zero-padded) in the
+    parts' own precision (float32 and wider) by pairwise addition (``_halving_sums_``: about 11 roundoffs for 1024
+    terms, 2**-20 in float32, plus 2 * 1024 * 2**-149 from underflow), and the chunks' sums added in float64
+    (relative error below 2**-20 for d < 2**40 coordinates): S <= (1 + 2**-11) sum_chunks s_chunk + d 2**-148.
+    Every step is elementwise, so a row's bound does not depend on the other rows or their number (a reduction
+    kernel may pick its order by shape). Rows whose float32 sums overflow are recomputed in float64.
     """
     rows = flats[0].shape[0]
     squares = torch.zeros(rows, dtype=torch.float64, device=flats[0].device)
+    tails = []
     for f in flats:
         f = f if f.dtype in (torch.float32, torch.float64) else f.float()
-        n = f.shape[1]
-        whole = n - n % _NORM_CHUNK
+        whole = f.shape[1] - f.shape[1] % _NORM_CHUNK
         if whole:
-            chunks = torch.linalg.vector_norm(f[:, :whole].reshape(rows, whole // _NORM_CHUNK, _NORM_CHUNK), dim=2)
-            squares += chunks.to(torch.float64).square().sum(dim=1)
-        if n > whole:
-            squares += torch.linalg.vector_norm(f[:, whole:], dim=1).to(torch.float64).square()
+            squares += _chunk_square_sums(f[:, :whole])
+        tails.append(f[:, whole:])
+    tail = torch.cat(tails, dim=1)  # every part's last, partial chunk together, zero-padded to whole chunks
+    squares += _chunk_square_sums(torch.cat([tail, tail.new_zeros(rows, -tail.shape[1] % _NORM_CHUNK)], dim=1))
     d = sum(f.shape[1] for f in flats)
     bounds = (squares * (1 + 2.0**-11) + d * 2.0**-148).sqrt() * (1 + 2.0**-50)
     bad = torch.zeros(rows, dtype=torch.bool, device=bounds.device)
     for i in torch.nonzero(~torch.isfinite(bounds)).flatten().tolist():  # NaN/inf, or a float32 overflow
         row = torch.cat([f[i].to(torch.float64) for f in flats])
         bad[i] = not bool(torch.isfinite(row).all())
-        bounds[i] = row.norm() * (1 + 2.0**-40) if not bad[i] else 1.0
+        bounds[i] = _square_sums(row).sqrt() * (1 + 2.0**-40) if not bad[i] else 1.0
     return bounds, bad
+
+
+def _chunk_square_sums(f: Tensor) -> Tensor:
+    """Float64 [rows]: the sums of squares of ``f``'s rows (columns a multiple of 1024), per 1024-column chunk by
+    ``_square_sums`` and over the chunks by ``pairwise_sum_``, a block of columns at a time (one buffer)."""
+    rows, n = f.shape
+    out = torch.zeros(rows, dtype=torch.float64, device=f.device)
+    buffer = torch.empty(rows * min(n, _SUM_BLOCK), dtype=f.dtype, device=f.device)
+    for j in range(0, n, _SUM_BLOCK):
+        block = f[:, j:min(j + _SUM_BLOCK, n)].unflatten(1, (-1, _NORM_CHUNK))
+        squares = torch.mul(block, block, out=buffer[:block.numel()].view(block.shape))
+        out += pairwise_sum_(_halving_sums_(squares).to(torch.float64).T.contiguous())
+    return out
+
+
+def _square_sums(columns: Tensor) -> Tensor:
+    """The sums of squares over the last dim, by pairwise addition of elementwise squares (a binary tree whose shape
+    depends on the last dim's length alone), so each result depends on its own entries only, on any device."""
+    return _halving_sums_(columns.square())
+
+
+def _halving_sums_(terms: Tensor) -> Tensor:
+    """The sums over the last dim of ``terms`` (overwritten) by pairwise addition, as ``pairwise_sum_`` does."""
+    n = terms.shape[-1]
+    while n > 1:
+        half = n // 2
+        terms[..., :half] += terms[..., half:2 * half]
+        if n % 2:
+            terms[..., half] = terms[..., 2 * half]
+        n -= half
+    return terms[..., 0].clone()
 
 
 def _weighted_rows(flat: Tensor, weights: Tensor) -> Tensor:

@@ -3,7 +3,9 @@
 Pre-training sees public images only (a seeded generator is fine). Fine-tuning is DP-SGD through opacus:
 Poisson sampling with rate q and privdiff's float64 clipping and CSPRNG noise
 (``privdiff.privacy.dpsgd.PrivdiffDPOptimizer``), σ calibrated by the project's accountant for (ε, δ) over
-the planned steps; one image is one example, and N is public by DP-SGD's convention (add-remove).
+the planned steps; one image is one example, and N is public by DP-SGD's convention (add-remove). Per-sample
+gradients run in microbatches of a fixed public size padded with a public dummy (``dpsgd.sample_gradients``), so
+an example's gradient does not depend on which other examples the Poisson batch holds.
 
 A fine-tune writes a checkpoint (weights, optimizer state, steps done, the release's report) every
 ``checkpoint_every`` steps to a private folder. Resuming continues the same release: same report, same σ,
@@ -24,9 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from privdiff.atomic import PRIVATE, atomic_write, os_reason
+from privdiff.batching import padded
 from privdiff.embeddings.dpagg import DPParams, plan_release
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.dpsgd import PrivdiffDPOptimizer
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
@@ -178,6 +181,18 @@ def checkpoint_report(checkpoint: Checkpoint) -> PrivacyReport:
     return report
 
 
+def per_sample_gradients(module: GradSampleModuleExpandedWeights, tokens: torch.Tensor, size: int) -> None:
+    """Set each prior parameter's ``grad_sample`` to the per-example loss gradients of ``tokens`` [B, L].
+
+    ``module`` wraps the prior (loss reduction "sum"); the examples run ``size`` at a time, the last microbatch
+    padded with the public dummy (all-zero codes), whose rows are dropped.
+    """
+    def backward(start: int, stop: int) -> None:
+        module(padded(tokens[start:stop], size)).sum().backward()
+
+    sample_gradients(list(module._module.parameters()), len(tokens), size, backward)
+
+
 def finetune(
     prior: SpectralPrior,
     tokens: torch.Tensor,
@@ -199,10 +214,11 @@ def finetune(
     device = next(prior.parameters()).device
     # torch's ExpandedWeights: per-sample gradients computed in place of the batch gradient, not beside it
     module = GradSampleModuleExpandedWeights(prior, loss_reduction="sum")
+    expected = max(1, round(report.sample_rate * n))
     optimizer = PrivdiffDPOptimizer(
         torch.optim.Adam(module.parameters(), lr=config.lr), rng=SecureRandom(seed),
-        noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm,
-        expected_batch_size=max(1, round(report.sample_rate * n)))
+        noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm, expected_batch_size=expected)
+    size = microbatch_size(expected)
     done = 0
     if checkpoint is not None and carries_checkpoint(checkpoint, report.release_id):
         done, saved = checkpoint.load(prior, optimizer)
@@ -213,11 +229,7 @@ def finetune(
         for step in range(done, report.steps):
             optimizer.zero_grad(set_to_none=True)
             batch = poisson_sample(n, report.sample_rate, optimizer.rng)
-            if len(batch) == 0:
-                for p in prior.parameters():
-                    p.grad_sample = torch.zeros(0, *p.shape, device=device)
-            else:
-                module(tokens[batch].to(device)).sum().backward()
+            per_sample_gradients(module, tokens[batch].to(device), size)
             optimizer.step()
             if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
                 checkpoint.save(prior, optimizer, step + 1, report)
