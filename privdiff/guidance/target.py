@@ -152,7 +152,7 @@ def load_target(path: str | Path) -> StyleTarget:
         raise PrivdiffError(f"cannot read target file {path}: {str(exc)[:200]}") from exc
     if vector is None:
         raise PrivdiffError(f"{path} is not a privdiff style target (tensors {sorted(keys)[:8]})")
-    if vector.dim() != 1 or not torch.isfinite(vector).all():
+    if vector.dim() != 1 or not torch.isfinite(vector).all() or not torch.isfinite(vector.norm()):
         raise PrivdiffError(f"target file {path} holds a non-finite or misshapen vector")
     encoder = metadata.get(ENCODER_KEY)
     try:
@@ -164,4 +164,6 @@ def load_target(path: str | Path) -> StyleTarget:
     if not encoder.isprintable() or len(encoder) > MAX_ENCODER_NAME:
         raise PrivdiffError(f"target file {path} names its image encoder with control characters or over "
                             f"{MAX_ENCODER_NAME} characters")
+    if not float(vector.norm()) > 0:
+        raise PrivdiffError(f"target file {path} holds a zero vector")
     return StyleTarget(vector=unit(vector), encoder=encoder, report=report)
