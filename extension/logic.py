@@ -289,7 +289,7 @@ def guided_sample(host: Host, form: GuidedForm) -> tuple[list[Path], str]:
     """Universal-guidance sampling toward a style target with the loaded checkpoint; the images go to the
     txt2img outputs folder. Returns (image files, status line)."""
     from privdiff.guidance.encoders import load_image_encoder
-    from privdiff.guidance.sampler import GuidanceConfig, sample_images
+    from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, sample_images
     from privdiff.guidance.target import check_encoder, load_target
     from privdiff.image_output import save_images
 
@@ -297,6 +297,7 @@ def guided_sample(host: Host, form: GuidedForm) -> tuple[list[Path], str]:
     with _one_line_errors(out):
         config = GuidanceConfig(steps=int(form.steps), cfg=form.cfg, weight=form.guidance_weight,
                                 recurrence=int(form.recurrence))
+        check_sample_memory(int(form.num_images), int(form.height), int(form.width))
         target_file = target_path(host.targets_dir(), form.target)
         target = load_target(target_file)
         encoder = load_image_encoder(form.image_encoder.strip())

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 
 from privdiff.frontend import Release, make_style_target, target_path
 from privdiff.guidance.encoders import clip_preprocess, weight_identity
-from privdiff.guidance.sampler import GuidanceConfig, sample
+from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, sample
 from privdiff.guidance.target import StyleTarget, check_encoder, load_target
 
 from .comfy_backend import ComfyBackend, gradient_session
@@ -158,6 +158,7 @@ class PrivdiffGuidedSampler(io.ComfyNode):
         latent = latent_image["samples"]
         noise = comfy.sample.prepare_noise(latent, seed)
         height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
+        check_sample_memory(len(noise), height, width)
         with guidance_session(model, vae, clip_vision) as (backend, encoder):
             check_encoder(dp_target, encoder, path.name, "the clip_vision input")
             cond = conditioning(backend, positive, height, width)

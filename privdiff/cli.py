@@ -39,16 +39,19 @@ def _one_line(text: object) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-def _real(high: float = math.inf, high_open: bool = False) -> Callable[[str], float]:
-    """argparse type: a finite number > 0 and below ``high`` (open or closed), else one line naming the value."""
-    rule = "a finite number > 0" + ("" if high == math.inf else f" and {'<' if high_open else '<='} {high:g}")
+def _real(high: float = math.inf, high_open: bool = False, zero: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number > 0 (>= 0 with ``zero``) and below ``high`` (open or closed), else one line
+    naming the value."""
+    rule = f"a finite number {'>=' if zero else '>'} 0" + ("" if high == math.inf else
+                                                             f" and {'<' if high_open else '<='} {high:g}")
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
-        if not (math.isfinite(value) and value > 0 and (value < high if high_open else value <= high)):
+        if not (math.isfinite(value) and (value >= 0 if zero else value > 0)
+                and (value < high if high_open else value <= high)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text.strip()}")
         return value
 
@@ -225,7 +228,7 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     output = _output(args)
     # Each file read once, before a model loads: an empty folder, a corrupt or oversized header or a duplicated
     # image fails now, and the ledger charges the digests of the very bytes decoded after the charge.
-    private = read_private_files(args.images)
+    private = read_private_files(args.images, warn=False)
     files = private.files
     if args.resolution is not None:
         check_memory(len(files), args.resolution)
@@ -241,6 +244,7 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     ledger = _ledger_request(args, private.digests)
     report = PLANS[args.method](params, len(files), config, seed=args.reproducible_seed,
                                 dataset_label=args.dataset_label)
+    private.warn_skipped()  # every check passed: the warning comes before the work, never before an error
 
     def produce() -> object:  # runs once the release is charged
         backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
@@ -312,7 +316,7 @@ def _target_out(path: str, force: bool) -> object:
 
 def _cmd_guidance_target(args: argparse.Namespace) -> None:
     from privdiff.devices import check_device
-    from privdiff.embeddings.dpagg import check_params
+    from privdiff.embeddings.dpagg import check_params, expected_snr
     from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.target import make_target, plan_target, save_target, target_params
     from privdiff.images import check_memory, read_private_files
@@ -320,7 +324,7 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     from privdiff.release import carries_release, release_artifact
 
     out = _target_out(args.out, args.force)
-    private = read_private_files(args.images)  # read once: the ledger charges the bytes decoded below
+    private = read_private_files(args.images, warn=False)  # read once: the ledger charges the bytes decoded below
     files = private.files
     rate = 1.0 if args.sample_rate is None else args.sample_rate
     params = target_params(args.epsilon, args.delta, rate, accountant=args.accountant, public_size=args.public_size)
@@ -332,6 +336,8 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     check_memory(len(files), size)
     report = plan_target(params, len(files), encoder.identity, seed=args.reproducible_seed,
                          dataset_label=args.dataset_label)
+    private.warn_skipped()  # every check passed: the warnings come before the work, never before an error
+    expected_snr(report.public_size, rate, report.noise_multiplier, encoder.dim)
 
     def produce() -> object:
         images = private.load(size).images
@@ -354,21 +360,24 @@ def _cmd_guidance_sample(args: argparse.Namespace) -> None:
     from privdiff.backends.tiny import load_model
     from privdiff.devices import check_device
     from privdiff.guidance.encoders import load_image_encoder
-    from privdiff.guidance.sampler import GuidanceConfig, sample_images
+    from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, decoder_channels, sample_images
     from privdiff.guidance.target import check_encoder, load_target
     from privdiff.image_output import save_images
     from privdiff.progress import tqdm_progress
 
     config = GuidanceConfig(steps=args.steps, cfg=args.cfg, weight=args.guidance_weight, recurrence=args.recurrence)
+    out_dir = _out_dir(args.out)  # checked, created only when the images are written
+    device = check_device(args.device)
+    if args.height and args.width:  # a lower bound before the model loads; the model's decoder refines it below
+        check_sample_memory(args.num_images, args.height, args.width, device=device)
     target = load_target(args.target)
     encoder = load_image_encoder(args.image_encoder)
     check_encoder(target, encoder, args.target, args.image_encoder)
-    device = check_device(args.device)
-    out_dir = _out_dir(args.out)
     backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
     backend.freeze()
-    encoder.to(device)
     height, width = args.height or backend.resolution, args.width or backend.resolution
+    check_sample_memory(args.num_images, height, width, decoder_channels(backend), device)
+    encoder.to(device)
     with tqdm_progress("guided sampling") as progress:
         images = sample_images(backend, args.prompt, args.negative_prompt, args.num_images, (height, width), config,
                                args.seed, encoder, target.vector, progress, vae_factor=backend.pipe.vae_scale_factor)
@@ -381,14 +390,10 @@ def _cmd_guidance_sample(args: argparse.Namespace) -> None:
 
 
 def _out_dir(path: str) -> object:
-    """An output folder for images: created if missing; a file there is refused."""
-    from pathlib import Path
+    """An output folder for images, checked but not created (``save_images`` creates it with the first image)."""
+    from privdiff.image_output import check_image_folder
 
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise PrivdiffError(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return check_image_folder(path, "--out")
 
 
 def _cmd_guidance_inspect(args: argparse.Namespace) -> None:
@@ -587,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     p.add_argument("--out", required=True, help="output folder for the PNG images (created if missing)")
-    p.add_argument("--guidance-weight", type=_real(1e6), default=6.0,
+    p.add_argument("--guidance-weight", type=_real(1e6, zero=True), default=6.0,
                    help="w: strength of the pull toward the target (default 6; 0 turns guidance off)")
     p.add_argument("--recurrence", type=_integer(1, 100), default=6,
                    help="k: passes per step (self-recurrence; default 6; cost grows k-fold)")

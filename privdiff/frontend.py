@@ -20,6 +20,7 @@ from privdiff.embeddings.dpagg import (
     aggregate_embedding_files,
     center_label,
     check_params,
+    expected_snr,
     per_image_files,
     plan_files_release,
 )
@@ -312,6 +313,7 @@ def make_style_target(
     if path.exists() and not release.overwrite:
         raise PrivdiffError(f"{path} already exists; pick another name or enable overwrite")
     report = plan_target(params, len(dataset), encoder.identity, seed=release.seed(), dataset_label=release.label())
+    expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, encoder.dim)  # warns before work
     release_artifact(
         lambda: make_target(encoder, dataset.images, params, seed=release.seed(), report=report, progress=progress),
         report, path, lambda target: save_target(target, path, force=release.overwrite), carries_release, ledger)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
-from privdiff.atomic import atomic_write
+from privdiff.atomic import atomic_write, os_reason
+from privdiff.errors import PrivdiffError
 
 
 def file_name(path: str | os.PathLike | None) -> str | None:
@@ -30,12 +32,37 @@ def prompt_settings(prompt: str, negative_prompt: str, seed: int | None, save: b
     return {"prompt": prompt, "negative_prompt": negative_prompt, **({} if seed is None else {"seed": seed})}
 
 
+def check_image_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` as a Path if ``save_images`` can write there: an existing folder that takes a new file, or a
+    missing one whose nearest existing parent is a folder that takes a new folder. Creates nothing (a probe
+    is made and removed at once), so a run refused later leaves no folder behind."""
+    out = Path(path).expanduser()
+    parent = out
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PrivdiffError(f"{what} {out} is a file, not a folder" if parent == out else
+                            f"{what} {out} cannot be created: {parent} is not a folder")
+    try:
+        if parent == out:
+            fd, probe = tempfile.mkstemp(prefix=".privdiff-", suffix=".probe.tmp", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".privdiff-", suffix=".probe", dir=parent))
+    except OSError as exc:
+        raise PrivdiffError(f"{what} {out} is not writable: {os_reason(exc)}") from None
+    return out
+
+
 def save_images(images: torch.Tensor, folder: Path, settings: dict[str, object],
                 prefix: str = "privdiff") -> list[Path]:
-    """Write images [B,3,H,W] in 0..1 as ``<prefix>_NNNNN.png`` after the highest number already in ``folder``.
+    """Write images [B,3,H,W] in 0..1 as ``<prefix>_NNNNN.png`` after the highest number already in ``folder``
+    (created when missing: callers check it first with ``check_image_folder``).
 
     Each file carries ``settings`` as JSON in its "parameters" text chunk; writes are atomic.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     numbers = (p.stem.rsplit("_", 1)[1] for p in folder.glob(f"{prefix}_*.png"))
     taken = [int(n) for n in numbers if n.isdigit()]
     start = max(taken, default=-1) + 1

@@ -82,6 +82,14 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
     Everything else (folders, broken links, FIFOs and other special files, hidden files, other suffixes) is
     skipped, with one warning on the "privdiff" logger that counts them (unless ``warn`` is false).
     """
+    files, note = _scan(folder)
+    if note and warn:
+        log.warning("%s", note)
+    return files
+
+
+def _scan(folder: str | os.PathLike) -> tuple[list[Path], str]:
+    """The image files of ``folder`` and a note counting the entries skipped ("" when none was)."""
     root = Path(folder)
     if not root.is_dir():
         raise PrivdiffError(f"image folder {root} does not exist or is not a folder")
@@ -98,13 +106,12 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
             skipped[kind] += 1
     if not files:
         raise PrivdiffError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if skipped and warn:
-        n = sum(skipped.values())
-        parts = ", ".join(f"{skipped[k]} {k if skipped[k] == 1 else p}" for k, p in _SKIPPED_PLURALS.items()
-                          if skipped[k])
-        log.warning("skipped %d %s of %s that %s not image files (%s)",
-                    n, "entry" if n == 1 else "entries", root, "is" if n == 1 else "are", parts)
-    return files
+    if not skipped:
+        return files, ""
+    n = sum(skipped.values())
+    parts = ", ".join(f"{skipped[k]} {k if skipped[k] == 1 else p}" for k, p in _SKIPPED_PLURALS.items() if skipped[k])
+    return files, (f"skipped {n} {'entry' if n == 1 else 'entries'} of {root} that {'is' if n == 1 else 'are'} not "
+                   f"image files ({parts})")
 
 
 def _describe(exc: BaseException) -> str:
@@ -398,9 +405,16 @@ class PrivateFiles:
     sizes: list[tuple[int, int]]
     digests: list[str]
     _data: list[bytes] = field(repr=False)
+    skipped: str = ""
+    """The warning about entries of the folder that are not images, when ``read_private_files`` deferred it."""
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def warn_skipped(self) -> None:
+        """Log the deferred skipped-entries warning (call it once every check has passed, before the work)."""
+        if self.skipped:
+            log.warning("%s", self.skipped)
 
     def load(self, resolution: int) -> PrivateDataset:
         """The images decoded from the bytes read, as a PrivateDataset at ``resolution``."""
@@ -412,13 +426,16 @@ class PrivateFiles:
         return PrivateDataset(list(self.files), images, list(self.digests))
 
 
-def read_private_files(folder: str | os.PathLike) -> PrivateFiles:
+def read_private_files(folder: str | os.PathLike, *, warn: bool = True) -> PrivateFiles:
     """Read every image file of ``folder`` once: bytes, header (checked, no pixels decoded) and digest.
 
     Two identical files are refused (that image would count twice in every release), as is a folder whose
-    files need over half the machine's memory.
+    files need over half the machine's memory. With ``warn`` false the skipped-entries warning waits for
+    ``PrivateFiles.warn_skipped``, so that a refusal after this call stays one line.
     """
-    files = list_images(folder)
+    files, note = _scan(folder)
+    if note and warn:
+        log.warning("%s", note)
     need, half = sum(_file_size(path) for path in files), half_memory()
     if half is not None and need > half:
         raise PrivdiffError(f"the images of {folder} hold {need / 2**20:,.0f} MiB, over half of this machine's "
@@ -432,7 +449,7 @@ def read_private_files(folder: str | os.PathLike) -> PrivateFiles:
             raise PrivdiffError(f"{path} is identical to {seen[digest]}: remove one (a duplicated image counts "
                                 "twice in every release)")
         seen[digest] = path
-    return PrivateFiles(files, sizes, list(seen), data)
+    return PrivateFiles(files, sizes, list(seen), data, "" if warn else note)
 
 
 def _file_size(path: Path) -> int:

@@ -306,7 +306,7 @@ def test_progress_shows_a_public_total_whatever_was_sampled(tmp_path, sd1_backen
         run_dpagg_ti(sd1_backend, images, params, config, seed=seed, progress=lambda d, t, c=calls: c.append((d, t)))
         assert {t for _, t in calls} == {4} and calls[-1] == (4, 4)
         assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # rescaled: no jump at the sample size
-    declared = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-3, sample_rate=0.5, public_size=1000)
+    declared = DPParams(epsilon=None, noise_multiplier=1.0, delta=1e-4, sample_rate=0.5, public_size=1000)
     calls = []
     run_dpagg_ti(sd1_backend, images, declared, config, seed=0, progress=lambda d, t: calls.append(t))
     assert set(calls) == {250 * config.steps}  # from the declared size, not the real N

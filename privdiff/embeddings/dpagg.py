@@ -97,6 +97,9 @@ def check_params(params: DPParams, dataset_size: int, n_public_by_convention: bo
         raise PrivdiffError("give a target epsilon or a noise multiplier")
     if params.public_size is not None:
         checks.count("public_size", params.public_size)
+        if not params.delta < 1 / params.public_size:  # the same rule as for N: δ ≥ 1/n allows naming one image
+            raise PrivdiffError(f"delta {params.delta} must be below 1/public_size = {1 / params.public_size:.3g} "
+                                f"for public_size={params.public_size}")
     elif not n_public_by_convention and params.accountant not in (None, "pld"):
         raise PrivdiffError(f"accountant {params.accountant!r} supports only the add-remove relation: use the pld "
                             "accountant for this replace-one release, or declare a public_size")
@@ -145,17 +148,19 @@ def plan_release(
 
 
 def expected_snr(dataset_size: int, sample_rate: float, noise_multiplier: float, dim: int) -> float:
-    """Best-case signal-to-noise ratio of the release, with a warning when it is below 1.
+    """Best-case signal-to-noise ratio of the release, from public values only, with a warning when below 1.
 
-    Per-image offsets all aligned at norm C give a mean of norm C; the noise added to the mean has
-    norm about σC√d/(qN). Real offsets disagree, so the true ratio is lower.
+    Per-image offsets all aligned at norm C give a mean of norm C; the noise added to the mean has std
+    σC/(qn) per coordinate, norm about σC√d/(qn), for the public size n. Real offsets disagree, so the
+    true ratio is lower.
     """
     snr = sample_rate * dataset_size / (noise_multiplier * math.sqrt(dim))
     if snr < 1:
         log.warning(
-            "only %d images for noise multiplier %.3g over %d dimensions: the best-case signal-to-noise "
-            "ratio of the release is %.2f, so it will be mostly noise; add images or raise epsilon",
-            dataset_size, noise_multiplier, dim, snr,
+            "the release will be mostly noise: the best-case signal-to-noise ratio of the release is %.2f (noise "
+            "std sigma*C/(q*n) = %.3g*C per coordinate over %d dimensions, for sigma %.3g, q %.3g and n %d, "
+            "against a mean of norm at most C); add images, raise the sample rate or epsilon",
+            snr, noise_multiplier / (sample_rate * dataset_size), dim, noise_multiplier, sample_rate, dataset_size,
         )
     return snr
 

@@ -9,7 +9,6 @@ front loaded them.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from privdiff.errors import PrivdiffError
+from privdiff.guidance.encoder_folder import check_encoder_folder
+from privdiff.untrusted import file_kind, regular_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -74,29 +75,30 @@ class TransformersCLIPVision:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> TransformersCLIPVision:
-        """Load a local transformers folder (config.json + weights; preprocessor_config.json is optional)."""
+        """Load a local transformers folder (config.json + weights; preprocessor_config.json is optional), its
+        content checked first (``encoder_folder``): transformers reads only what passed."""
         from transformers import CLIPVisionModelWithProjection
+        from transformers.utils import logging as hf_logging
+
+        from privdiff import images
 
         path = Path(folder)
-        config = path / "config.json"
-        if not config.is_file():
-            raise PrivdiffError(f"image encoder {path} is not a transformers CLIP vision folder (no config.json)")
+        checked = check_encoder_folder(path)
+        half = images._half_memory()
+        if half is not None and checked.weight_bytes > half:
+            raise PrivdiffError(f"image encoder {path} needs about {checked.weight_bytes / 2**20:,.0f} MiB for its "
+                                f"weights, over half of this machine's {2 * half / 2**20:,.0f} MiB")
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar on stderr would precede a later one-line error
         try:
-            kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-            if kind not in ("clip_vision_model", "clip"):
-                raise PrivdiffError(f"image encoder {path} is a {kind!r} model, not a CLIP vision model")
             model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, PrivdiffError):
-                raise
+        except Exception as exc:  # transformers raises many types for files it cannot use
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise PrivdiffError(f"cannot load image encoder {path}: {first}") from exc
-        mean, std = CLIP_MEAN, CLIP_STD
-        pre = path / "preprocessor_config.json"
-        if pre.is_file():
-            data = json.loads(pre.read_text(encoding="utf-8"))
-            mean, std = data.get("image_mean", mean), data.get("image_std", std)
-        return cls(model, mean, std)
+            raise PrivdiffError(f"cannot load image encoder {path}: {first[:200]}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        return cls(model, checked.mean or CLIP_MEAN, checked.std or CLIP_STD)
 
     @property
     def device(self) -> torch.device:
@@ -168,16 +170,19 @@ def load_image_encoder(spec: str | Path) -> ImageEncoder:
         from privdiff.reference.encoder import load_small_encoder
 
         return load_small_encoder()
-    if ":" in text and not Path(text).exists():
+    kind = file_kind(text) if text.strip() else "missing"
+    if ":" in text and kind == "missing":
         architecture, _, file = text.partition(":")
-        if not Path(file).is_file():
-            raise PrivdiffError(f"image encoder file not found: {file}")
-        return open_clip_encoder(file, architecture)
-    path = Path(text)
-    if not path.exists():
-        raise PrivdiffError(f"image encoder not found: {path} (expected 'tiny', 'small', a transformers CLIP vision "
+        if not architecture.strip() or not file.strip():
+            raise PrivdiffError(f"image encoder {text!r} names no {'architecture' if file.strip() else 'file'}: "
+                                "expected ARCH:FILE for open_clip (e.g. RN50:RN50.pt)")
+        return open_clip_encoder(regular_file(file, "image encoder file"), architecture)
+    if kind == "missing":
+        raise PrivdiffError(f"image encoder not found: {text!r} (expected 'tiny', 'small', a transformers CLIP vision "
                             "folder or ARCH:FILE for open_clip)")
-    if not path.is_dir():
-        raise PrivdiffError(f"image encoder {path} is a file: give its transformers folder, or ARCH:{path} for "
+    if kind is None:
+        raise PrivdiffError(f"image encoder {text} is a file: give its transformers folder, or ARCH:{text} for "
                             "an open_clip checkpoint")
-    return TransformersCLIPVision.from_folder(path)
+    if kind != "a folder":
+        regular_file(text, "image encoder")  # raises, naming what it is
+    return TransformersCLIPVision.from_folder(text)

@@ -49,6 +49,41 @@ class GuidanceConfig:
                 raise PrivdiffError(f"invalid {name} {value!r}")
 
 
+def pixel_bytes(decoder_channels: int = 0) -> int:
+    """Memory per output pixel of guided sampling: the decoded batch, its gradient, the encoder's resized copy
+    and the images kept (float32 RGB, 4 copies), plus the VAE decoder's full-resolution activations kept for
+    the backward pass (about 16 maps of ``decoder_channels``; 0 where the decoder is not known yet)."""
+    return 4 * (3 * 4 + 16 * decoder_channels)
+
+
+def decoder_channels(backend: object) -> int:
+    """The channels of a diffusers VAE decoder's full-resolution stage (0 where the backend does not say)."""
+    vae = getattr(getattr(backend, "pipe", None), "vae", None)
+    widths = getattr(getattr(vae, "config", None), "block_out_channels", None) or (0,)
+    return int(widths[0])
+
+
+def check_sample_memory(num_images: int, height: int, width: int, decoder: int = 0,
+                        device: str | torch.device | None = None) -> None:
+    """Refuse ``num_images`` images of ``height`` x ``width`` when guided sampling would need over half of this
+    machine's memory (or more than the GPU ``device`` has), saying how many fit."""
+    from privdiff import images
+
+    per_image = height * width * pixel_bytes(decoder)
+    budget, where = images._half_memory(), "half of this machine's memory"
+    if device is not None and torch.device(device).type == "cuda":
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        if budget is None or total < budget:
+            budget, where = total, f"the memory of {device}"
+    if budget is None or num_images * per_image <= budget:
+        return
+    fits = budget // per_image
+    advice = f"at most {fits} image(s) of that size fit" if fits else "not one image of that size fits: make it smaller"
+    advice += "" if decoder else " (fewer once the model's decoder is counted)"
+    raise PrivdiffError(f"{num_images} image(s) of {height}x{width} need about {num_images * per_image / 2**20:,.0f} "
+                        f"MiB for guided sampling, over {where} ({budget / 2**20:,.0f} MiB); {advice}")
+
+
 def ddim_timesteps(num_train: int, steps: int) -> list[tuple[int, int]]:
     """(t, t_prev) pairs of diffusers' DDIM schedule for SD ("leading", offset 1); t_prev −1 means ᾱ_0."""
     if steps > num_train:

@@ -8,7 +8,6 @@ released vector to unit length is post-processing. The file holds that unit vect
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,13 @@ from privdiff.guidance.encoders import ImageEncoder
 from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
+from privdiff.untrusted import regular_file
 
 MECHANISM = "DP style target: subsampled Gaussian mean of unit CLIP image embeddings"
 TENSOR = "target"
 ENCODER_KEY = "privdiff_image_encoder"
+MAX_TARGET_BYTES = 1 << 22  # a target is one float32 vector (CLIP widths are 512 to 1280) and its header
+MAX_ENCODER_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -136,21 +138,32 @@ def save_target(target: StyleTarget, path: str | Path, force: bool = False) -> P
 
 
 def load_target(path: str | Path) -> StyleTarget:
-    """Read a target file; refuses files that are not targets, carry no report, or hold a non-finite vector."""
-    path = Path(path)
-    if not path.is_file():
-        raise PrivdiffError(f"target file not found: {path}")
+    """Read a target file; refuses a file that is not regular or is over MAX_TARGET_BYTES (before reading), is no
+    target, carries no valid report or encoder name, or holds a non-finite vector."""
+    path = regular_file(Path(path), "target file")
+    if path.stat().st_size > MAX_TARGET_BYTES:
+        raise PrivdiffError(f"target file {path} has {path.stat().st_size} bytes, more than a target's "
+                            f"{MAX_TARGET_BYTES}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if set(f.keys()) != {TENSOR}:
-                raise PrivdiffError(f"{path} is not a privdiff style target (tensors {sorted(f.keys())})")
-            vector = f.get_tensor(TENSOR).float()
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise PrivdiffError(f"cannot read target file {path}: {exc}") from exc
-    if vector.dim() != 1 or not torch.isfinite(vector).all():
+            metadata, keys = f.metadata() or {}, set(f.keys())
+            vector = f.get_tensor(TENSOR).float() if keys == {TENSOR} else None
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise PrivdiffError(f"cannot read target file {path}: {str(exc)[:200]}") from exc
+    if vector is None:
+        raise PrivdiffError(f"{path} is not a privdiff style target (tensors {sorted(keys)[:8]})")
+    if vector.dim() != 1 or not torch.isfinite(vector).all() or not torch.isfinite(vector.norm()):
         raise PrivdiffError(f"target file {path} holds a non-finite or misshapen vector")
-    report = PrivacyReport.from_metadata(metadata)
-    if report is None or ENCODER_KEY not in metadata:
+    encoder = metadata.get(ENCODER_KEY)
+    try:
+        report = PrivacyReport.from_metadata(metadata)
+    except PrivdiffError as exc:
+        raise PrivdiffError(f"target file {path}: {exc}") from None
+    if report is None or encoder is None:
         raise PrivdiffError(f"target file {path} carries no privacy report or encoder")
-    return StyleTarget(vector=unit(vector), encoder=metadata[ENCODER_KEY], report=report)
+    if not encoder.isprintable() or len(encoder) > MAX_ENCODER_NAME:
+        raise PrivdiffError(f"target file {path} names its image encoder with control characters or over "
+                            f"{MAX_ENCODER_NAME} characters")
+    if not float(vector.norm()) > 0:
+        raise PrivdiffError(f"target file {path} holds a zero vector")
+    return StyleTarget(vector=unit(vector), encoder=encoder, report=report)

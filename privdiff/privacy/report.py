@@ -23,6 +23,7 @@ from pathlib import Path
 from privdiff.atomic import atomic_write_text
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
+from privdiff.untrusted import parse_json
 
 REPORT_KEY = "privdiff.privacy_report"
 SIDECAR_SUFFIX = ".privacy.json"
@@ -70,10 +71,9 @@ class PrivacyReport:
     @classmethod
     def from_json(cls, text: str) -> PrivacyReport:
         """Parse and type-check a report; unknown keys (from newer versions) are ignored."""
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise PrivdiffError(f"privacy report is not valid JSON: {exc}") from exc
+        if not isinstance(text, str | bytes):
+            raise PrivdiffError(f"privacy report must be JSON text, got {type(text).__name__}")
+        data = parse_json(text, "privacy report")  # bounded size and depth, NaN refused
         if not isinstance(data, dict):
             raise PrivdiffError(f"privacy report must be a JSON object, got {type(data).__name__}")
         values = {}
@@ -84,6 +84,7 @@ class PrivacyReport:
             if field.name not in data:
                 raise PrivdiffError(f"privacy report has no {field.name!r} field")
             values[field.name] = _typed(field.name, field.type, data[field.name])
+        _in_range(values)
         return cls(**values)
 
     def to_metadata(self) -> dict[str, str]:
@@ -161,6 +162,15 @@ def make_report(
         notes=all_notes,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+
+
+def _in_range(values: dict) -> None:
+    """The numbers of a parsed report in the ranges ``make_report`` gives them (one line naming the field)."""
+    for name, check in (("epsilon", checks.positive), ("delta", checks.open_unit),
+                        ("noise_multiplier", checks.positive), ("clip_norm", checks.positive),
+                        ("steps", checks.count), ("public_size", checks.count)):
+        check(f"privacy report field {name!r}", values[name])
+    checks.sample_rate(values["sample_rate"], "privacy report field 'sample_rate'")
 
 
 def _typed(name: str, annotation: str, value: object) -> object:
