@@ -261,14 +261,14 @@ def test_guidance_weight_zero_turns_guidance_off():
 
 
 def test_sample_sizes_that_cannot_fit_are_refused_before_the_model_loads(ws, capsys, no_model, monkeypatch):
-    monkeypatch.setattr(images, "_half_memory", lambda: 2**30)
+    monkeypatch.setattr(images, "half_memory", lambda: 2**30)
     line = refused(capsys, ws, [*sample_args(ws, ws / "target.safetensors"), "--num-images", "64", "--height", "4096",
                                 "--width", "4096"], "64 image(s) of 4096x4096", "at most 1 image(s)")
     assert "MiB" in line
 
 
 def test_sample_sizes_are_refused_with_the_models_decoder_counted(ws, capsys, monkeypatch):
-    monkeypatch.setattr(images, "_half_memory", lambda: 2**20)  # 32 px with the tiny decoder need 2 MiB each
+    monkeypatch.setattr(images, "half_memory", lambda: 2**20)  # 32 px with the tiny decoder need 2 MiB each
     refused(capsys, ws, [*sample_args(ws, ws / "target.safetensors"), "--num-images", "2"], "not one image")
 
 

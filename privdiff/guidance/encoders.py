@@ -84,7 +84,7 @@ class TransformersCLIPVision:
 
         path = Path(folder)
         checked = check_encoder_folder(path)
-        half = images._half_memory()
+        half = images.half_memory()
         if half is not None and checked.weight_bytes > half:
             raise PrivdiffError(f"image encoder {path} needs about {checked.weight_bytes / 2**20:,.0f} MiB for its "
                                 f"weights, over half of this machine's {2 * half / 2**20:,.0f} MiB")

@@ -70,7 +70,7 @@ def check_sample_memory(num_images: int, height: int, width: int, decoder: int =
     from privdiff import images
 
     per_image = height * width * pixel_bytes(decoder)
-    budget, where = images._half_memory(), "half of this machine's memory"
+    budget, where = images.half_memory(), "half of this machine's memory"
     if device is not None and torch.device(device).type == "cuda":
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         if budget is None or total < budget:
