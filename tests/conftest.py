@@ -77,3 +77,32 @@ def public_prior(tmp_path_factory):
         prior = SpectralPrior(PriorConfig.for_tokenizer(tokenizer, dim=32, layers=1, heads=2))
     pretrain(prior, tokenizer.encode(images), TrainConfig(steps=5, batch_size=8, lr=1e-3))
     return save_prior(prior, tokenizer, tmp_path_factory.mktemp("public") / "public.safetensors")
+
+
+@pytest.fixture
+def fake_worker():
+    """``fake_worker(answer, linger)``: HOST:PORT of a socket whose one connection reads the key holder's HELLO,
+    lets ``answer(conn)`` reply, and stays open ``linger`` seconds more (a hostile or broken worker)."""
+    import socket
+    import time
+
+    from privdiff.he.protocol import read_message
+
+    def start(answer, linger: float) -> str:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def run() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                read_message(conn, 1 << 20, 10)
+                answer(conn)
+                time.sleep(linger)
+            listener.close()
+
+        threading.Thread(target=run, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    return start

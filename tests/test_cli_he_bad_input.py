@@ -9,14 +9,13 @@ import importlib.util
 import resource
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from privdiff.he import protocol
-from privdiff.he.protocol import ERROR, MAGIC, READY, Message, encode, read_message
+from privdiff.he.protocol import ERROR, MAGIC, READY, Message, encode
 
 _spec = importlib.util.spec_from_file_location("privdiff_cli_checks", Path(__file__).with_name("cli_checks.py"))
 _checks = importlib.util.module_from_spec(_spec)
@@ -59,25 +58,6 @@ def test_a_batch_that_cannot_fit_is_refused_saying_what_fits(tmp_path, capsys):
     assert "lower the height and width" in line or "image(s) of that size fit" in line
 
 
-def _worker(answer) -> str:
-    """A fake worker that reads the key holder's HELLO and lets ``answer(conn)`` reply; returns its address."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-
-    def run():
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(10)
-            read_message(conn, 1 << 20, 10)
-            answer(conn)
-            time.sleep(4 * TIMEOUT)
-        listener.close()
-
-    threading.Thread(target=run, daemon=True).start()
-    return f"127.0.0.1:{listener.getsockname()[1]}"
-
-
 def _huge_frame(conn: socket.socket) -> None:
     conn.sendall(MAGIC + bytes([READY]) + struct.pack("<Q", 2 << 30))
     chunk = b"\0" * (1 << 20)
@@ -100,11 +80,12 @@ def _hostile_error(conn: socket.socket) -> None:
     (_huge_frame, "over the limit"),
     (_hostile_error, "refused the request: red text more 2J"),
 ], ids=["silent", "2-GiB-frame", "escapes"])
-def test_hostile_workers_end_he_sample_in_one_line(tmp_path, capsys, monkeypatch, no_model, answer, fragment):
+def test_hostile_workers_end_he_sample_in_one_line(tmp_path, capsys, monkeypatch, no_model, fake_worker, answer,
+                                                   fragment):
     monkeypatch.setattr(protocol, "REPLY_TIMEOUT", TIMEOUT)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.monotonic()
-    line = refused(capsys, tmp_path, _sample(tmp_path, "--worker", _worker(answer)), fragment)
+    line = refused(capsys, tmp_path, _sample(tmp_path, "--worker", fake_worker(answer, 4 * TIMEOUT)), fragment)
     assert time.monotonic() - start < 10 * TIMEOUT
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown) * 1024 < 64 << 20  # ru_maxrss: KiB
     assert line.isprintable() and "\x1b" not in line and "owned" not in line and len(line) < 400

@@ -212,24 +212,6 @@ def test_a_step_over_one_message_is_split_and_merged(server, holder, monkeypatch
 
 # -- the key holder -------------------------------------------------------------------------------------------
 
-def _fake_worker(answer):
-    """A listening socket whose one connection is handled by ``answer(conn)``; returns its address."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-
-    def run():
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(10)
-            read_message(conn, 1 << 20, 10)
-            answer(conn)
-            time.sleep(3 * TIMEOUT)
-        listener.close()
-
-    threading.Thread(target=run, daemon=True).start()
-    return f"127.0.0.1:{listener.getsockname()[1]}"
-
 
 HOSTILE = "\x1b[31mred\x1b[0m\x1b]0;owned\x07 line\r\nnext\x9b2J \u202eevil\x00" + "x" * 5000
 
@@ -245,10 +227,10 @@ HOSTILE = "\x1b[31mred\x1b[0m\x1b]0;owned\x07 line\r\nnext\x9b2J \u202eevil\x00"
     (lambda conn: None, f"did not answer within {TIMEOUT:g} s"),
     (lambda conn: conn.shutdown(socket.SHUT_RDWR), "closed the connection"),
 ], ids=["nested", "oversize", "wrong-kind", "hostile-error", "half-sent", "silent", "hang-up"])
-def test_every_bad_reply_is_one_line_for_the_key_holder(holder, answer, fragment):
+def test_every_bad_reply_is_one_line_for_the_key_holder(holder, fake_worker, answer, fragment):
     start = time.monotonic()
     with pytest.raises(PrivdiffError) as caught:
-        RemoteWorker(_fake_worker(answer), holder.public_context(), timeout=TIMEOUT)
+        RemoteWorker(fake_worker(answer, 3 * TIMEOUT), holder.public_context(), timeout=TIMEOUT)
     text = str(caught.value)
     assert fragment in text and time.monotonic() - start < 10 * TIMEOUT
     assert text.isprintable() and len(text) < 400 and "\x1b" not in text and "owned" not in text
