@@ -17,12 +17,18 @@ venv install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m privdiff.demo
 
+# The library and both plug-ins run on Python 3.10 (A1111's documented Python): vermin fails on newer names.
+PY310_CHECK := $(BIN)/vermin --target=3.10- --violations --no-tips --eval-annotations -q \
+	privdiff nodes extension __init__.py install.py scripts
+
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(PY310_CHECK)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(PY310_CHECK)
 
 # Retrain the shipped small reference model (privdiff/reference/weights) from the public procedural data.
 reference-model: $(STAMP)

@@ -1,6 +1,6 @@
 """privdiff: privacy-preserving adaptation and generation for Stable Diffusion."""
 
-import tomllib
+import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -13,10 +13,11 @@ def _version() -> str:
         return version("privdiff")
     except PackageNotFoundError:
         pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        try:
-            return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "0.0.0+unknown"
+        try:  # no tomllib: it is new in Python 3.11, and this is the one line needed
+            found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), re.MULTILINE)
+        except OSError:
+            found = None
+        return found.group(1) if found else "0.0.0+unknown"
 
 
 __version__ = _version()

@@ -17,7 +17,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from privdiff.atomic import atomic_write_text
@@ -160,7 +160,7 @@ def make_report(
         dataset_label=dataset_label,
         private=bool(private),
         notes=all_notes,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
 
