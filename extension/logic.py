@@ -584,7 +584,7 @@ def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, 
         seed = None if seed < 0 else seed  # -1: secret noise from a 256-bit key, not recorded
         worker = (form.worker or "").strip() or None
         if worker is not None:
-            parse_address(worker)
+            parse_address(worker, what="worker address")
         model = _training_model(host)
         with training_session(model) as backend:
             images, report = sample_images(backend, form.prompt, form.negative_prompt, count, size, config, seed,

@@ -64,7 +64,7 @@ def check_worker(worker: str) -> str:
     """The worker address stripped ("" for both roles in this process), or a one-line error."""
     worker = worker.strip()
     if worker:
-        parse_address(worker)
+        parse_address(worker, what="worker address")
     return worker
 
 

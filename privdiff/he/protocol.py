@@ -412,14 +412,14 @@ def public_parameters(public_context: bytes) -> tuple[bytes, Limits]:
                              save_relin_keys=False), Limits.of(context)
 
 
-def parse_address(address: str, any_port: bool = False) -> tuple[str, int]:
-    """(host, port) from HOST:PORT (an IPv6 host in brackets or bare); port 0 (the system picks one) only where
-    ``any_port``. The port is ASCII digits; the host an IP address or a DNS name (labels of 1-63 letters, digits,
-    hyphens or underscores), so no later encoding of it can fail."""
+def parse_address(address: str, any_port: bool = False, what: str = "address") -> tuple[str, int]:
+    """(host, port) from HOST:PORT (an IPv6 host in brackets or bare), refused in one line naming ``what``; port 0
+    (the system picks one) only where ``any_port``. The port is ASCII digits; the host an IP address or a DNS
+    name (labels of 1-63 letters, digits, hyphens or underscores), so no later encoding of it can fail."""
     host, _, port = address.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not _PORT.fullmatch(port) or not (0 if any_port else 1) <= int(port) < 65536 or not _valid_host(host):
-        raise PrivdiffError(f"address {one_line(address, 80)!r} is not HOST:PORT (an IP address or host name, "
+        raise PrivdiffError(f"{what} {one_line(address, 80)!r} is not HOST:PORT (an IP address or host name, "
                             f"and a port of {0 if any_port else 1} to 65535)")
     return host, int(port)
 
@@ -444,7 +444,8 @@ class RemoteWorker:
         connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         parameters, self.limits = public_parameters(public_context)
         try:
-            self.sock = socket.create_connection(parse_address(address), timeout=connect_timeout)
+            self.sock = socket.create_connection(parse_address(address, what="worker address"),
+                                                 timeout=connect_timeout)
         except OSError as error:
             raise PrivdiffError(f"the worker at {address} is unreachable ({error.strerror or error})") from None
         self.sent = self.received = 0
