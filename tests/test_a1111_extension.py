@@ -534,3 +534,81 @@ def test_encrypted_tab_defaults_match_the_form_and_generate_runs_it(host, monkey
     values = {f.name: i.kwargs.get("value", "") for f, i in zip(form, inputs[1:], strict=True)}
     gallery, report, status = run(None, *{**values, "width": 32, "height": 32, "steps": 1}.values())
     assert len(gallery) == 1 and "ddim, 1 steps" in report and "privdiff-ok" in status, status
+
+
+class _HTTPException(Exception):
+    def __init__(self, status_code, detail):
+        super().__init__(detail)
+        self.status_code, self.detail = status_code, detail
+
+
+@pytest.fixture
+def api_routes(host, monkeypatch):
+    """{(method, path): route function} of ``api.routes`` with stand-ins for FastAPI and A1111's modules."""
+    from extension import api
+
+    shared = SimpleNamespace(state=SimpleNamespace(begin=lambda job: None, end=lambda: None))
+    stubs = {"fastapi": SimpleNamespace(Body=lambda default: default, HTTPException=_HTTPException),
+             "modules": SimpleNamespace(shared=shared), "modules.shared": shared,
+             "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock())}
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    app = SimpleNamespace(routes={})
+    app.add_api_route = lambda path, fn, methods: app.routes.setdefault((methods[0], path), fn)
+    api.routes(app, host)
+    return app.routes
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "epsilon": "four"}, "epsilon"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "steps": "three"}, "steps"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "steps": 2.5}, "steps"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "delta": None}, "delta"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "batch_size": True}, "batch_size"),
+    ("/privdiff/v1/textual-inversion", {"images": ["x"], "name": "n"}, "images"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "overwrite": "yes"}, "overwrite"),
+    ("/privdiff/v1/textual-inversion", {"images": "x"}, "name"),
+    ("/privdiff/v1/spectral-finetune", {"images": "x", "prior": "p", "name": "n", "learning_rate": [1]},
+     "learning_rate"),
+    ("/privdiff/v1/spectral-sample", {"prior": "p", "num_images": {"n": 1}}, "num_images"),
+    ("/privdiff/v1/spectral-sample", {"prior": "p", "temperature": float("nan")}, "temperature"),
+    ("/privdiff/v1/he-sample", {"prompt": "a cat", "cfg": "7"}, "cfg"),
+    ("/privdiff/v1/he-sample", {"prompt": 3}, "prompt"),
+])
+def test_api_refuses_a_wrongly_typed_field_in_one_line_naming_it(api_routes, host, path, body, field):
+    with pytest.raises(_HTTPException) as refused:
+        api_routes["POST", path](body)
+    assert refused.value.status_code == 422 and f"'{field}'" in refused.value.detail
+    assert "\n" not in refused.value.detail and refused.value.detail.startswith("privdiff: ")
+    assert not _spent(host) and not any(host.embeddings_dir().iterdir())
+
+
+def test_api_refuses_a_body_that_is_not_an_object(api_routes):
+    with pytest.raises(_HTTPException) as refused:
+        api_routes["POST", "/privdiff/v1/he-sample"](["a cat"])
+    assert refused.value.status_code == 422 and "JSON object" in refused.value.detail
+
+
+def test_api_accepts_whole_floats_for_whole_fields():
+    form = logic.parse_form(logic.EncryptedForm, {"prompt": "a cat", "steps": 3.0, "cfg": 7})
+    assert (form.steps, type(form.steps), form.cfg, type(form.cfg)) == (3, int, 7.0, float)
+
+
+def test_report_route_reads_only_names_inside_privdiffs_folders(api_routes, host, private, tmp_path):
+    assert logic.train(host, form(private))[0]
+    report = api_routes["GET", "/privdiff/v1/report"]
+    assert "PRIVATE release" in report("dp_style.safetensors")["report"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "big.safetensors").write_bytes((host.embeddings_dir() / "dp_style.safetensors").read_bytes())
+    (host.embeddings_dir() / "link.safetensors").symlink_to(outside / "big.safetensors")
+    (host.embeddings_dir() / "sub").mkdir()
+    (host.embeddings_dir() / "sub" / "up").symlink_to(outside, target_is_directory=True)
+    for name in (str(outside / "big.safetensors"), "../elsewhere/big.safetensors",
+                 "sub/../../elsewhere/big.safetensors", "link.safetensors", "sub/up/big.safetensors",
+                 "~/big.safetensors", ""):
+        line = report(name)["report"]
+        assert line.startswith("privdiff: ") and "\n" not in line and "PRIVATE" not in line, (name, line)
+    (host.targets_dir() / "t.safetensors").write_bytes((host.embeddings_dir() / "dp_style.safetensors").read_bytes())
+    assert "PRIVATE release" in report("t.safetensors")["report"]
+    assert report("missing.safetensors")["report"].startswith("privdiff: file 'missing.safetensors' is in none of")
