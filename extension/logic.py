@@ -91,6 +91,11 @@ class Host(Protocol):
         """A progress callback for the web UI's bar; raises :class:`Interrupted` after Interrupt."""
         ...
 
+    def refresh_button(self, component: Any, choices: Callable[[], list[str]], elem_id: str) -> Any:
+        """The web UI's refresh button next to ``component`` (a dropdown), which sets its choices to ``choices()``
+        when clicked."""
+        ...
+
 
 def state_progress(state: Any, label: str) -> Callable[[int, int], None]:
     """Progress through A1111's ``shared.state`` (one job; steps = the work's public total), checking

@@ -75,6 +75,13 @@ class FakeHost:
     def checkpoints_dir(self):
         return self._folder("data/checkpoints")
 
+    def refresh_button(self, component, choices, elem_id):
+        import gradio as gr
+
+        button = gr.Button("\U0001f504", elem_id=elem_id)
+        button.click(fn=lambda: gr.update(choices=choices()), inputs=[], outputs=[component])
+        return button
+
     def progress(self, label):
         inner = logic.state_progress(self.state, label)
 
@@ -189,21 +196,59 @@ def test_state_progress_follows_a1111_state():
         progress(4, 10)
 
 
-def test_install_plan_never_touches_the_hosts_packages(tmp_path):
-    installed = {"torch": "2.1.2", "gradio": "3.41.2", "tqdm": "4.66.1", "filelock": "3.0.0"}
-    wanted = ["opacus>=1.5", "tqdm", "filelock>=3.12", "gradio>=4"]
-    to_install, notices = install.plan(wanted, installed, install._satisfied)
-    assert to_install == ["opacus>=1.5"] and len(notices) == 2 and "filelock 3.0.0" in notices[0]
-    to_install, notices = install.plan(wanted, installed, install._satisfied, host={"gradio", "torch"})
-    assert to_install == ["opacus>=1.5", "filelock>=3.12"]  # not pinned by the web UI: upgraded
-    assert len(notices) == 1 and "gradio 3.41.2 is pinned" in notices[0] and "\n" not in notices[0]
-    assert install.constraints(installed).splitlines() == ["filelock==3.0.0", "gradio==3.41.2", "torch==2.1.2",
-                                                           "tqdm==4.66.1"]
-    pins = tmp_path / "requirements_versions.txt"
-    pins.write_text("# A1111\nGitPython==3.1.32\ngradio==3.41.2\npydantic==1.10.11\nclean-fid\n")
-    assert install.protected(pins) == {"gitpython", "gradio", "pydantic", *install.HOST_PACKAGES}
-    assert install.constraints(installed, install.protected(pins)).splitlines() == ["gradio==3.41.2", "torch==2.1.2"]
-    assert install.protected(tmp_path / "missing.txt") is None
+A1111_STACK = {"torch": "2.1.2+cu121", "torchvision": "0.16.2", "gradio": "3.41.2", "attrs": "26.1.0",
+               "tqdm": "4.66.1", "filelock": "3.0.0", "safetensors": "0.4.2", "cryptography": "42.0.1"}
+"""A1111 1.10.1's documented stack (a few packages), with a filelock older than privdiff wants."""
+
+
+class FakePip:
+    """``launch.run_pip``: records each command and the constraints it ran with; fails for ``refuse``."""
+
+    def __init__(self, refuse=()):
+        self.calls, self.refuse = [], refuse
+
+    def __call__(self, command, desc):
+        pins = command.split('-c "')[1].split('"')[0]
+        self.calls.append((command.rsplit(" ", 1)[-1].strip('"'), Path(pins).read_text().splitlines()))
+        if any(name in command for name in self.refuse):
+            raise RuntimeError("Couldn't install\nERROR: ResolutionImpossible:\n  attrs>=27 is required")
+
+
+def test_install_adds_only_whats_missing_and_pins_every_installed_package():
+    pip = FakePip()
+    notices = install.install(pip, dict(A1111_STACK))
+    assert [r for r, _ in pip.calls] == ["opacus>=1.5,<1.5.4", "dp-accounting>=0.5,<0.7", "PyWavelets>=1.4",
+                                         "tenseal>=0.3.14"]  # opacus 1.5.4+ needs torch 2.4
+    assert all(pins == [f"{n}=={v}" for n, v in sorted(A1111_STACK.items())] for _, pins in pip.calls)
+    assert "attrs==26.1.0" in pip.calls[0][1]  # not pinned by A1111, still never moved
+    assert notices == ["privdiff: filelock 3.0.0 is installed but privdiff needs filelock>=3.12 (with torch "
+                       "2.1.2+cu121); left unchanged, so what needs filelock is unavailable"]
+
+
+def test_install_picks_opacus_for_the_torch_it_finds_and_never_replaces_one():
+    assert "opacus>=1.5,<1.7" in install.requirements("2.4.0") and "opacus>=1.5,<1.7" in install.requirements(None)
+    assert "opacus>=1.5,<1.5.4" in install.requirements("2.3.1+cpu")
+    pip = FakePip()
+    notices = install.install(pip, {**A1111_STACK, "opacus": "1.5.4", "filelock": "3.13.1"})
+    assert "opacus" not in str([r for r, _ in pip.calls]) and len(notices) == 1
+    assert notices[0].startswith("privdiff: opacus 1.5.4 is installed but privdiff needs opacus>=1.5,<1.5.4")
+    pip = FakePip()
+    assert install.install(pip, {**A1111_STACK, "torch": "2.5.1", "opacus": "1.5.4", "filelock": "3.13.1"}) == []
+
+
+def test_install_reports_a_requirement_it_cannot_meet_in_one_line_and_goes_on():
+    pip = FakePip(refuse=("tenseal",))
+    notices = install.install(pip, {**A1111_STACK, "filelock": "3.13.1"})
+    assert len(pip.calls) == 4 and len(notices) == 1 and "\n" not in notices[0]
+    assert notices[0].startswith("privdiff: could not install tenseal>=0.3.14 without changing an installed package")
+    assert install.install(FakePip(), {**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.3", "tenseal": "0.3.16",
+                                       "dp-accounting": "0.5.0", "pywavelets": "1.6.0"}) == []
+
+
+def test_unmet_requirements_are_named_for_the_tab():
+    lines = install.unmet({**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.4"})
+    assert any(line.startswith("privdiff: opacus 1.5.4 is installed") for line in lines)
+    assert "privdiff: tenseal>=0.3.14 is not installed, so what needs tenseal is unavailable" in lines
     assert install.installed_versions()["torch"] == torch.__version__
 
 
@@ -612,3 +657,54 @@ def test_report_route_reads_only_names_inside_privdiffs_folders(api_routes, host
     (host.targets_dir() / "t.safetensors").write_bytes((host.embeddings_dir() / "dp_style.safetensors").read_bytes())
     assert "PRIVATE release" in report("t.safetensors")["report"]
     assert report("missing.safetensors")["report"].startswith("privdiff: file 'missing.safetensors' is in none of")
+
+
+class _Recorded(_Component):
+    """A stand-in gradio component that also remembers every instance built."""
+
+    built: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _Recorded.built.append(self)
+
+
+def _build_tab(host, monkeypatch):
+    from extension import ui
+
+    gradio = SimpleNamespace(__version__="3.41.2", update=dict, **{name: _Recorded for name in (
+        "Blocks", "Tabs", "Tab", "Row", "Column", "Markdown", "Textbox", "Number", "Slider", "Radio", "Checkbox",
+        "Dropdown", "Button", "HTML", "Gallery")})
+    monkeypatch.setitem(sys.modules, "gradio", gradio)
+    monkeypatch.setattr(_Component, "clicks", [])
+    monkeypatch.setattr(_Recorded, "built", [])
+    ui.build(host, lambda fn, n_outputs: fn)
+    return _Recorded.built
+
+
+def test_every_labelled_field_of_every_subtab_has_its_own_label_and_id(host, monkeypatch):
+    """A1111 saves ui-config.json values by ``privdiff/<label>``: a label used twice shares one saved value."""
+    labelled = [c for c in _build_tab(host, monkeypatch) if "label" in c.kwargs]
+    labels = [c.kwargs["label"] for c in labelled]
+    ids = [c.kwargs.get("elem_id") for c in labelled]
+    assert len(labelled) > 60 and None not in ids and all(i.startswith("privdiff_") for i in ids)
+    assert sorted({x for x in labels if labels.count(x) > 1}) == [] and len(set(ids)) == len(ids)
+
+
+def test_embedding_lists_refresh_with_files_written_after_start_up(host, monkeypatch, private):
+    _build_tab(host, monkeypatch)
+    refresh = {c[0].kwargs.get("elem_id"): c for c in _Component.clicks}
+    for elem_id in ("privdiff_tools_refresh", "privdiff_reports_refresh"):
+        button, fn, inputs, (dropdown,), _ = refresh[elem_id]
+        assert button.args == ("\U0001f504",) and inputs == [] and dropdown.args == ([],)
+    assert logic.train(host, form(private))[0]
+    for elem_id in ("privdiff_tools_refresh", "privdiff_reports_refresh"):
+        assert refresh[elem_id][1]() == {"choices": ["dp_style.safetensors"]}
+
+
+def test_the_tab_names_what_install_could_not_provide(host, monkeypatch):
+    from extension import install
+
+    monkeypatch.setattr(install, "installed_versions", lambda: {**A1111_STACK, "opacus": "1.5.4"})
+    notes = [c.args[0] for c in _build_tab(host, monkeypatch) if c.args and str(c.args[0]).startswith("**Unavail")]
+    assert len(notes) == 1 and "opacus 1.5.4 is installed" in notes[0] and "tenseal>=0.3.14 is not" in notes[0]
