@@ -11,7 +11,7 @@
 - ``GET /privdiff/v1/report?file=NAME``: the privacy report an embedding file carries.
 
 The POST routes are queued like a txt2img job, so ``/sdapi/v1/progress`` and ``/sdapi/v1/interrupt`` work on them;
-unknown fields are a 422.
+an unknown, missing or wrongly typed field is a 422 with one line naming it.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ def routes(app: Any, host: logic.Host) -> None:
     def job(form_type: type, action: Callable[[logic.Host, Any], tuple], *keys: str) -> Callable[..., dict]:
         """A route for ``action``, which returns one value per key and then the status line; "ok" is whether the
         first value is non-empty."""
-        def run(fields: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's declaration style)
+        def run(fields: Any = Body(...)) -> dict:  # noqa: B008 (FastAPI's declaration style)
             try:
-                form = form_type(**fields)
-            except TypeError as exc:
-                raise HTTPException(status_code=422, detail=str(exc)) from exc
+                form = logic.parse_form(form_type, fields)
+            except logic.PrivdiffError as exc:
+                raise HTTPException(status_code=422, detail=f"privdiff: {exc}") from None
             with queue_lock:
                 shared.state.begin(job="privdiff")
                 try:

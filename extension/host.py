@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,3 +98,8 @@ class A1111Host:
         from modules import shared
 
         return state_progress(shared.state, label)
+
+    def refresh_button(self, component: Any, choices: Callable[[], list[str]], elem_id: str) -> Any:
+        from modules.ui_common import create_refresh_button
+
+        return create_refresh_button(component, lambda: None, lambda: {"choices": choices()}, elem_id)

@@ -1,10 +1,11 @@
 """Installs what privdiff needs into AUTOMATIC1111's venv (A1111 runs the root ``install.py`` shim at start-up).
 
-A1111 pins its own packages in ``requirements_versions.txt`` (gradio, transformers, pydantic, fastapi, ...)
-and installs its torch. Every pip call here runs with a constraints file pinning each of those to its
-installed version, so none is upgraded or replaced (other packages may move, as pip resolves them); a
-requirement that would need a pinned one to change is reported on one line and skipped, and the web UI
-starts regardless. Outside A1111 (ComfyUI-Manager also runs ``install.py``) it does nothing.
+It only adds what is missing, never upgrading, downgrading or replacing an installed package, pinned by the web
+UI or not: every pip call runs with a constraints file pinning each installed package to its version, one
+requirement at a time. Versions follow the torch it finds (opacus 1.5.4+ needs torch 2.4; older torch gets
+opacus 1.5.3 at most). A requirement it cannot meet that way is reported in one line and skipped, the tab names it
+(:func:`unmet`), and the web UI starts regardless. Outside A1111 (ComfyUI-Manager also runs ``install.py``) it
+does nothing.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ REQUIREMENTS = (
 )
 """What the extension's part of privdiff imports (no diffusers, and A1111's own transformers)."""
 
-HOST_PACKAGES = ("torch", "torchvision", "torchaudio", "xformers")
-"""Installed by the web UI's launcher rather than its requirements file; pinned too."""
+OLD_TORCH_OPACUS = "opacus>=1.5,<1.5.4"
+"""The opacus releases that run on torch < 2.4 (1.5.4 registers ``nn.RMSNorm``, new in torch 2.4): 1.5.3 at most."""
 
 
 def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _name(requirement: str) -> str:
+    return _normalise(re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0])
 
 
 def installed_versions() -> dict[str, str]:
@@ -42,39 +47,59 @@ def installed_versions() -> dict[str, str]:
             if d.metadata["Name"]}
 
 
-def plan(requirements: Iterable[str], installed: dict[str, str], satisfied: Callable[[str, str], bool],
-         host: set[str] | None = None) -> tuple[list[str], list[str]]:
-    """(requirements to pip-install, one-line notices). A requirement already satisfied is skipped; one whose
-    package is installed at a version it refuses is upgraded, unless the web UI pins that package (``host``;
-    None: every installed package counts as pinned), which keeps its version and gets a notice."""
+def requirements(torch_version: str | None) -> list[str]:
+    """REQUIREMENTS for the installed torch (``None``: none installed)."""
+    release = re.match(r"(\d+)\.(\d+)", torch_version or "")
+    old = release is not None and (int(release[1]), int(release[2])) < (2, 4)
+    return [OLD_TORCH_OPACUS if old and _name(r) == "opacus" else r for r in REQUIREMENTS]
+
+
+def plan(requirements: Iterable[str], installed: dict[str, str],
+         satisfied: Callable[[str, str], bool]) -> tuple[list[str], list[str]]:
+    """(missing requirements to pip-install, one-line notices). A requirement already satisfied is skipped; one
+    whose package is installed at a version it refuses keeps that version and gets a notice."""
     to_install, notices = [], []
     for requirement in requirements:
-        name = _normalise(re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0])
+        name = _name(requirement)
         version = installed.get(name)
-        if version is not None and satisfied(requirement, version):
-            continue
-        if version is not None and (host is None or name in host):
-            notices.append(f"privdiff: {name} {version} is pinned by the web UI but privdiff wants {requirement}; "
-                           "keeping the web UI's version (privdiff may not work until it is updated)")
-        else:
+        if version is None:
             to_install.append(requirement)
+        elif not satisfied(requirement, version):
+            notices.append(f"privdiff: {name} {version} is installed but privdiff needs {requirement} (with torch "
+                           f"{installed.get('torch', 'missing')}); left unchanged, so what needs {name} is unavailable")
     return to_install, notices
 
 
-def protected(requirements_file: Path) -> set[str] | None:
-    """The packages the web UI pins (``name==version`` lines of its requirements file) and its torch family;
-    None when the file is missing (then every installed package is pinned)."""
-    if not requirements_file.is_file():
-        return None
-    names = {_normalise(line.split("==")[0]) for line in requirements_file.read_text().splitlines()
-             if "==" in line and not line.lstrip().startswith("#")}
-    return names | set(HOST_PACKAGES)
+def constraints(installed: dict[str, str]) -> str:
+    """A pip constraints file pinning every installed package to its version."""
+    return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items()))
 
 
-def constraints(installed: dict[str, str], names: set[str] | None = None) -> str:
-    """A pip constraints file pinning the installed ``names`` (every installed package when None)."""
-    return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items())
-                   if names is None or name in names)
+def install(run_pip: Callable[[str, str], object], installed: dict[str, str],
+            satisfied: Callable[[str, str], bool] | None = None) -> list[str]:
+    """pip-install the missing requirements, one at a time, every installed package pinned; the one-line notices
+    (requirements left unmet)."""
+    to_install, notices = plan(requirements(installed.get("torch")), installed, satisfied or _satisfied)
+    if not to_install:
+        return notices
+    with tempfile.TemporaryDirectory(prefix="privdiff-install-") as tmp:
+        pins = Path(tmp) / "constraints.txt"
+        pins.write_text(constraints(installed))
+        for requirement in to_install:
+            try:
+                run_pip(f'install -c "{pins}" "{requirement}"', f"privdiff requirement: {requirement}")
+            except Exception as exc:  # never stop the web UI from starting
+                notices.append(f"privdiff: could not install {requirement} without changing an installed package "
+                               f"({' '.join(str(exc).split())[:200]})")
+    return notices
+
+
+def unmet(installed: dict[str, str] | None = None) -> list[str]:
+    """The requirements this environment does not meet, as lines for the tab (empty: all met)."""
+    installed = installed_versions() if installed is None else installed
+    wanted = requirements(installed.get("torch"))
+    missing, notices = plan(wanted, installed, _satisfied)
+    return [f"privdiff: {r} is not installed, so what needs {_name(r)} is unavailable" for r in missing] + notices
 
 
 def _satisfied(requirement: str, version: str) -> bool:
@@ -90,23 +115,8 @@ def main() -> None:
         import launch  # A1111's (and Forge's) launcher
     except ImportError:
         return
-    installed = installed_versions()
-    host = protected(Path(launch.__file__).resolve().parent / "requirements_versions.txt")
-    to_install, notices = plan(REQUIREMENTS, installed, _satisfied, host)
-    for line in notices:
+    for line in install(launch.run_pip, installed_versions()):
         print(line, file=sys.stderr)
-    if not to_install:
-        return
-    with tempfile.TemporaryDirectory(prefix="privdiff-install-") as tmp:
-        pins = Path(tmp) / "constraints.txt"
-        pins.write_text(constraints(installed, host))
-        try:
-            quoted = " ".join(f'"{r}"' for r in to_install)
-            launch.run_pip(f'install -c "{pins}" {quoted}',
-                           f"privdiff requirements: {', '.join(to_install)}")
-        except Exception as exc:  # never stop the web UI from starting
-            print(f"privdiff: could not install {', '.join(to_install)} ({' '.join(str(exc).split())[:300]})",
-                  file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_type_hints
 
 import torch
 
@@ -91,6 +91,11 @@ class Host(Protocol):
         """A progress callback for the web UI's bar; raises :class:`Interrupted` after Interrupt."""
         ...
 
+    def refresh_button(self, component: Any, choices: Callable[[], list[str]], elem_id: str) -> Any:
+        """The web UI's refresh button next to ``component`` (a dropdown), which sets its choices to ``choices()``
+        when clicked."""
+        ...
+
 
 def state_progress(state: Any, label: str) -> Callable[[int, int], None]:
     """Progress through A1111's ``shared.state`` (one job; steps = the work's public total), checking
@@ -147,6 +152,34 @@ class TrainForm:
                         lr=self.learning_rate, batch_size=int(self.batch_size))
 
 
+def _typed(name: str, kind: type, value: object) -> object:
+    """``value`` as a ``kind`` field of a JSON request (a whole float such as 3.0 counts as an int); else one line."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+        return value
+    if kind is float and number and math.isfinite(value):
+        return float(value)
+    if kind is int and number and math.isfinite(value) and value == int(value):
+        return int(value)
+    wanted = {bool: "true or false", str: "a string", float: "a finite number", int: "a whole number"}[kind]
+    raise PrivdiffError(f"field {name!r} must be {wanted}, got {json.dumps(value)[:60]}")
+
+
+def parse_form(form_type: type, body: object) -> Any:
+    """A form dataclass from a JSON request body; a field that is unknown, missing or of the wrong type is one
+    line naming it (PrivdiffError)."""
+    if not isinstance(body, dict):
+        raise PrivdiffError(f"the request body must be a JSON object of fields, got {type(body).__name__}")
+    hints, known = get_type_hints(form_type), {f.name: f for f in fields(form_type)}
+    for name in body:
+        if name not in known:
+            raise PrivdiffError(f"unknown field {name!r}; the fields are {', '.join(known)}")
+    for name, spec in known.items():
+        if name not in body and spec.default is MISSING:
+            raise PrivdiffError(f"field {name!r} is required")
+    return form_type(**{name: _typed(name, hints[name], value) for name, value in body.items()})
+
+
 def _training_model(host: Host) -> torch.nn.Module:
     if host.forge:
         raise PrivdiffError(FORGE_MESSAGE.removeprefix("privdiff: "))
@@ -191,11 +224,31 @@ def _embedding_path(folder: Path, choice: str) -> Path:
     return path if path.is_absolute() else folder / path
 
 
+def confined_path(folders: list[Path], choice: str) -> Path:
+    """The file named ``choice`` (a relative name) in the first of ``folders`` that has it, after links are
+    resolved; an absolute name, ``..`` or a link out of its folder is one line (the web UI may be on a network)."""
+    text = (choice or "").strip()
+    if not text:
+        raise PrivdiffError("pick an embedding file")
+    name = Path(text)
+    if name.is_absolute() or name.drive or ".." in name.parts or text.startswith("~"):
+        raise PrivdiffError(f"file {text!r} must be a name inside {', '.join(str(f) for f in folders)}")
+    for folder in folders:
+        root = folder.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise PrivdiffError(f"file {text!r} leads out of {folder}")
+        if path.exists():
+            return path
+    raise PrivdiffError(f"file {text!r} is in none of {', '.join(str(f) for f in folders)}")
+
+
 def report(host: Host, choice: str) -> str:
-    """The privacy report an embedding file carries (text and JSON)."""
+    """The privacy report a file in the embeddings, style-target or priors folder carries (text and JSON)."""
     out: list[str] = []
     with _one_line_errors(out):
-        return read_report(_embedding_path(host.embeddings_dir(), choice))
+        folders = [host.embeddings_dir(), host.targets_dir(), host.priors_dir()]
+        return read_report(confined_path(folders, choice))
     return out[0]
 
 

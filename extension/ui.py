@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .install import unmet
 from .logic import Host
 from .tabs import guidance, he, reports, spectral, textual_inversion, tools
 
@@ -33,6 +34,10 @@ def build(host: Host, job: Job):
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.Markdown("**privdiff**: differentially private adaptation of the loaded checkpoint. Every file it "
                     "writes carries its privacy report; a budget ledger tracks what each image has spent.")
+        missing = unmet()
+        if missing:  # install.py could not meet these without changing an installed package
+            gr.Markdown("**Unavailable here** (see the console at start-up):\n" + "".join(f"\n- {line}"
+                                                                                       for line in missing))
         with gr.Tabs(elem_id="privdiff_tabs"):
             for module in SUBTABS:
                 with gr.Tab(module.TITLE, elem_id=f"privdiff_{module.__name__.rsplit('.', 1)[-1]}"):

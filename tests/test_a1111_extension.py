@@ -75,6 +75,13 @@ class FakeHost:
     def checkpoints_dir(self):
         return self._folder("data/checkpoints")
 
+    def refresh_button(self, component, choices, elem_id):
+        import gradio as gr
+
+        button = gr.Button("\U0001f504", elem_id=elem_id)
+        button.click(fn=lambda: gr.update(choices=choices()), inputs=[], outputs=[component])
+        return button
+
     def progress(self, label):
         inner = logic.state_progress(self.state, label)
 
@@ -189,21 +196,59 @@ def test_state_progress_follows_a1111_state():
         progress(4, 10)
 
 
-def test_install_plan_never_touches_the_hosts_packages(tmp_path):
-    installed = {"torch": "2.1.2", "gradio": "3.41.2", "tqdm": "4.66.1", "filelock": "3.0.0"}
-    wanted = ["opacus>=1.5", "tqdm", "filelock>=3.12", "gradio>=4"]
-    to_install, notices = install.plan(wanted, installed, install._satisfied)
-    assert to_install == ["opacus>=1.5"] and len(notices) == 2 and "filelock 3.0.0" in notices[0]
-    to_install, notices = install.plan(wanted, installed, install._satisfied, host={"gradio", "torch"})
-    assert to_install == ["opacus>=1.5", "filelock>=3.12"]  # not pinned by the web UI: upgraded
-    assert len(notices) == 1 and "gradio 3.41.2 is pinned" in notices[0] and "\n" not in notices[0]
-    assert install.constraints(installed).splitlines() == ["filelock==3.0.0", "gradio==3.41.2", "torch==2.1.2",
-                                                           "tqdm==4.66.1"]
-    pins = tmp_path / "requirements_versions.txt"
-    pins.write_text("# A1111\nGitPython==3.1.32\ngradio==3.41.2\npydantic==1.10.11\nclean-fid\n")
-    assert install.protected(pins) == {"gitpython", "gradio", "pydantic", *install.HOST_PACKAGES}
-    assert install.constraints(installed, install.protected(pins)).splitlines() == ["gradio==3.41.2", "torch==2.1.2"]
-    assert install.protected(tmp_path / "missing.txt") is None
+A1111_STACK = {"torch": "2.1.2+cu121", "torchvision": "0.16.2", "gradio": "3.41.2", "attrs": "26.1.0",
+               "tqdm": "4.66.1", "filelock": "3.0.0", "safetensors": "0.4.2", "cryptography": "42.0.1"}
+"""A1111 1.10.1's documented stack (a few packages), with a filelock older than privdiff wants."""
+
+
+class FakePip:
+    """``launch.run_pip``: records each command and the constraints it ran with; fails for ``refuse``."""
+
+    def __init__(self, refuse=()):
+        self.calls, self.refuse = [], refuse
+
+    def __call__(self, command, desc):
+        pins = command.split('-c "')[1].split('"')[0]
+        self.calls.append((command.rsplit(" ", 1)[-1].strip('"'), Path(pins).read_text().splitlines()))
+        if any(name in command for name in self.refuse):
+            raise RuntimeError("Couldn't install\nERROR: ResolutionImpossible:\n  attrs>=27 is required")
+
+
+def test_install_adds_only_whats_missing_and_pins_every_installed_package():
+    pip = FakePip()
+    notices = install.install(pip, dict(A1111_STACK))
+    assert [r for r, _ in pip.calls] == ["opacus>=1.5,<1.5.4", "dp-accounting>=0.5,<0.7", "PyWavelets>=1.4",
+                                         "tenseal>=0.3.14"]  # opacus 1.5.4+ needs torch 2.4
+    assert all(pins == [f"{n}=={v}" for n, v in sorted(A1111_STACK.items())] for _, pins in pip.calls)
+    assert "attrs==26.1.0" in pip.calls[0][1]  # not pinned by A1111, still never moved
+    assert notices == ["privdiff: filelock 3.0.0 is installed but privdiff needs filelock>=3.12 (with torch "
+                       "2.1.2+cu121); left unchanged, so what needs filelock is unavailable"]
+
+
+def test_install_picks_opacus_for_the_torch_it_finds_and_never_replaces_one():
+    assert "opacus>=1.5,<1.7" in install.requirements("2.4.0") and "opacus>=1.5,<1.7" in install.requirements(None)
+    assert "opacus>=1.5,<1.5.4" in install.requirements("2.3.1+cpu")
+    pip = FakePip()
+    notices = install.install(pip, {**A1111_STACK, "opacus": "1.5.4", "filelock": "3.13.1"})
+    assert "opacus" not in str([r for r, _ in pip.calls]) and len(notices) == 1
+    assert notices[0].startswith("privdiff: opacus 1.5.4 is installed but privdiff needs opacus>=1.5,<1.5.4")
+    pip = FakePip()
+    assert install.install(pip, {**A1111_STACK, "torch": "2.5.1", "opacus": "1.5.4", "filelock": "3.13.1"}) == []
+
+
+def test_install_reports_a_requirement_it_cannot_meet_in_one_line_and_goes_on():
+    pip = FakePip(refuse=("tenseal",))
+    notices = install.install(pip, {**A1111_STACK, "filelock": "3.13.1"})
+    assert len(pip.calls) == 4 and len(notices) == 1 and "\n" not in notices[0]
+    assert notices[0].startswith("privdiff: could not install tenseal>=0.3.14 without changing an installed package")
+    assert install.install(FakePip(), {**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.3", "tenseal": "0.3.16",
+                                       "dp-accounting": "0.5.0", "pywavelets": "1.6.0"}) == []
+
+
+def test_unmet_requirements_are_named_for_the_tab():
+    lines = install.unmet({**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.4"})
+    assert any(line.startswith("privdiff: opacus 1.5.4 is installed") for line in lines)
+    assert "privdiff: tenseal>=0.3.14 is not installed, so what needs tenseal is unavailable" in lines
     assert install.installed_versions()["torch"] == torch.__version__
 
 
@@ -534,3 +579,132 @@ def test_encrypted_tab_defaults_match_the_form_and_generate_runs_it(host, monkey
     values = {f.name: i.kwargs.get("value", "") for f, i in zip(form, inputs[1:], strict=True)}
     gallery, report, status = run(None, *{**values, "width": 32, "height": 32, "steps": 1}.values())
     assert len(gallery) == 1 and "ddim, 1 steps" in report and "privdiff-ok" in status, status
+
+
+class _HTTPException(Exception):
+    def __init__(self, status_code, detail):
+        super().__init__(detail)
+        self.status_code, self.detail = status_code, detail
+
+
+@pytest.fixture
+def api_routes(host, monkeypatch):
+    """{(method, path): route function} of ``api.routes`` with stand-ins for FastAPI and A1111's modules."""
+    from extension import api
+
+    shared = SimpleNamespace(state=SimpleNamespace(begin=lambda job: None, end=lambda: None))
+    stubs = {"fastapi": SimpleNamespace(Body=lambda default: default, HTTPException=_HTTPException),
+             "modules": SimpleNamespace(shared=shared), "modules.shared": shared,
+             "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock())}
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    app = SimpleNamespace(routes={})
+    app.add_api_route = lambda path, fn, methods: app.routes.setdefault((methods[0], path), fn)
+    api.routes(app, host)
+    return app.routes
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "epsilon": "four"}, "epsilon"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "steps": "three"}, "steps"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "steps": 2.5}, "steps"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "delta": None}, "delta"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "batch_size": True}, "batch_size"),
+    ("/privdiff/v1/textual-inversion", {"images": ["x"], "name": "n"}, "images"),
+    ("/privdiff/v1/textual-inversion", {"images": "x", "name": "n", "overwrite": "yes"}, "overwrite"),
+    ("/privdiff/v1/textual-inversion", {"images": "x"}, "name"),
+    ("/privdiff/v1/spectral-finetune", {"images": "x", "prior": "p", "name": "n", "learning_rate": [1]},
+     "learning_rate"),
+    ("/privdiff/v1/spectral-sample", {"prior": "p", "num_images": {"n": 1}}, "num_images"),
+    ("/privdiff/v1/spectral-sample", {"prior": "p", "temperature": float("nan")}, "temperature"),
+    ("/privdiff/v1/he-sample", {"prompt": "a cat", "cfg": "7"}, "cfg"),
+    ("/privdiff/v1/he-sample", {"prompt": 3}, "prompt"),
+])
+def test_api_refuses_a_wrongly_typed_field_in_one_line_naming_it(api_routes, host, path, body, field):
+    with pytest.raises(_HTTPException) as refused:
+        api_routes["POST", path](body)
+    assert refused.value.status_code == 422 and f"'{field}'" in refused.value.detail
+    assert "\n" not in refused.value.detail and refused.value.detail.startswith("privdiff: ")
+    assert not _spent(host) and not any(host.embeddings_dir().iterdir())
+
+
+def test_api_refuses_a_body_that_is_not_an_object(api_routes):
+    with pytest.raises(_HTTPException) as refused:
+        api_routes["POST", "/privdiff/v1/he-sample"](["a cat"])
+    assert refused.value.status_code == 422 and "JSON object" in refused.value.detail
+
+
+def test_api_accepts_whole_floats_for_whole_fields():
+    form = logic.parse_form(logic.EncryptedForm, {"prompt": "a cat", "steps": 3.0, "cfg": 7})
+    assert (form.steps, type(form.steps), form.cfg, type(form.cfg)) == (3, int, 7.0, float)
+
+
+def test_report_route_reads_only_names_inside_privdiffs_folders(api_routes, host, private, tmp_path):
+    assert logic.train(host, form(private))[0]
+    report = api_routes["GET", "/privdiff/v1/report"]
+    assert "PRIVATE release" in report("dp_style.safetensors")["report"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "big.safetensors").write_bytes((host.embeddings_dir() / "dp_style.safetensors").read_bytes())
+    (host.embeddings_dir() / "link.safetensors").symlink_to(outside / "big.safetensors")
+    (host.embeddings_dir() / "sub").mkdir()
+    (host.embeddings_dir() / "sub" / "up").symlink_to(outside, target_is_directory=True)
+    for name in (str(outside / "big.safetensors"), "../elsewhere/big.safetensors",
+                 "sub/../../elsewhere/big.safetensors", "link.safetensors", "sub/up/big.safetensors",
+                 "~/big.safetensors", ""):
+        line = report(name)["report"]
+        assert line.startswith("privdiff: ") and "\n" not in line and "PRIVATE" not in line, (name, line)
+    (host.targets_dir() / "t.safetensors").write_bytes((host.embeddings_dir() / "dp_style.safetensors").read_bytes())
+    assert "PRIVATE release" in report("t.safetensors")["report"]
+    assert report("missing.safetensors")["report"].startswith("privdiff: file 'missing.safetensors' is in none of")
+
+
+class _Recorded(_Component):
+    """A stand-in gradio component that also remembers every instance built."""
+
+    built: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _Recorded.built.append(self)
+
+
+def _build_tab(host, monkeypatch):
+    from extension import ui
+
+    gradio = SimpleNamespace(__version__="3.41.2", update=dict, **{name: _Recorded for name in (
+        "Blocks", "Tabs", "Tab", "Row", "Column", "Markdown", "Textbox", "Number", "Slider", "Radio", "Checkbox",
+        "Dropdown", "Button", "HTML", "Gallery")})
+    monkeypatch.setitem(sys.modules, "gradio", gradio)
+    monkeypatch.setattr(_Component, "clicks", [])
+    monkeypatch.setattr(_Recorded, "built", [])
+    ui.build(host, lambda fn, n_outputs: fn)
+    return _Recorded.built
+
+
+def test_every_labelled_field_of_every_subtab_has_its_own_label_and_id(host, monkeypatch):
+    """A1111 saves ui-config.json values by ``privdiff/<label>``: a label used twice shares one saved value."""
+    labelled = [c for c in _build_tab(host, monkeypatch) if "label" in c.kwargs]
+    labels = [c.kwargs["label"] for c in labelled]
+    ids = [c.kwargs.get("elem_id") for c in labelled]
+    assert len(labelled) > 60 and None not in ids and all(i.startswith("privdiff_") for i in ids)
+    assert sorted({x for x in labels if labels.count(x) > 1}) == [] and len(set(ids)) == len(ids)
+
+
+def test_embedding_lists_refresh_with_files_written_after_start_up(host, monkeypatch, private):
+    _build_tab(host, monkeypatch)
+    refresh = {c[0].kwargs.get("elem_id"): c for c in _Component.clicks}
+    for elem_id in ("privdiff_tools_refresh", "privdiff_reports_refresh"):
+        button, fn, inputs, (dropdown,), _ = refresh[elem_id]
+        assert button.args == ("\U0001f504",) and inputs == [] and dropdown.args == ([],)
+    assert logic.train(host, form(private))[0]
+    for elem_id in ("privdiff_tools_refresh", "privdiff_reports_refresh"):
+        assert refresh[elem_id][1]() == {"choices": ["dp_style.safetensors"]}
+
+
+def test_the_tab_names_what_install_could_not_provide(host, monkeypatch):
+    from extension import install
+
+    monkeypatch.setattr(install, "installed_versions", lambda: {**A1111_STACK, "opacus": "1.5.4"})
+    notes = [c.args[0] for c in _build_tab(host, monkeypatch) if c.args and str(c.args[0]).startswith("**Unavail")]
+    assert len(notes) == 1 and "opacus 1.5.4 is installed" in notes[0] and "tenseal>=0.3.14 is not" in notes[0]

@@ -20,40 +20,45 @@ def build(host: logic.Host, job) -> None:
     if host.forge:
         gr.Markdown(logic.FORGE_MESSAGE)
     gr.Markdown(ENCODER_HELP)
-    encoder = gr.Textbox(label="Image encoder", placeholder="/path/to/clip-vit-large-patch14")
+    encoder = gr.Textbox(elem_id="privdiff_guidance_encoder",
+                         label="Image encoder", placeholder="/path/to/clip-vit-large-patch14")
     with gr.Row():
         with gr.Column():
             gr.Markdown("**1. DP style target** (spends privacy budget once)")
-            images = gr.Textbox(label="Private image folder")
-            name = gr.Textbox(label="Target name", value="my_dp_target")
+            images = gr.Textbox(elem_id="privdiff_guidance_images", label="Private image folder (style target)")
+            name = gr.Textbox(elem_id="privdiff_guidance_name", label="Target name", value="my_dp_target")
             with gr.Row():
-                epsilon = gr.Number(label="Epsilon", value=1.0)
-                delta = gr.Number(label="Delta (below 1/N)", value=1e-5)
-            ledger = gr.Textbox(label="Ledger (empty: the one in Settings)")
-            overwrite = gr.Checkbox(label="Overwrite an existing target", value=False)
+                epsilon = gr.Number(elem_id="privdiff_guidance_epsilon", label="Target epsilon", value=1.0)
+                delta = gr.Number(elem_id="privdiff_guidance_delta", label="Target delta (below 1/N)", value=1e-5)
+            ledger = gr.Textbox(elem_id="privdiff_guidance_ledger", label="Target ledger (empty: the one in Settings)")
+            overwrite = gr.Checkbox(elem_id="privdiff_guidance_overwrite",
+                                    label="Overwrite an existing target", value=False)
             make = gr.Button("Make DP style target", variant="primary")
             target_status = gr.HTML(elem_id="privdiff_target_status")
-            target_report = gr.Textbox(label="Privacy report", lines=10, interactive=False)
+            target_report = gr.Textbox(elem_id="privdiff_guidance_target_report",
+                                       label="Target privacy report", lines=10, interactive=False)
         with gr.Column():
             gr.Markdown("**2. Guided sampling** (post-processing of the target: no budget)")
-            target = gr.Textbox(label="Target (name in models/privdiff_targets, or a path)", value="my_dp_target")
-            prompt = gr.Textbox(label="Prompt", lines=2)
-            negative = gr.Textbox(label="Negative prompt")
+            target = gr.Textbox(elem_id="privdiff_guidance_target",
+                                label="Target (name in models/privdiff_targets, or a path)", value="my_dp_target")
+            prompt = gr.Textbox(elem_id="privdiff_guidance_prompt", label="Guided prompt", lines=2)
+            negative = gr.Textbox(elem_id="privdiff_guidance_negative", label="Guided negative prompt")
             with gr.Row():
-                num_images = gr.Number(label="Images", value=1, precision=0)
-                width = gr.Number(label="Width", value=512, precision=0)
-                height = gr.Number(label="Height", value=512, precision=0)
-                seed = gr.Number(label="Seed", value=0, precision=0)
+                num_images = gr.Number(elem_id="privdiff_guidance_num_images",
+                                       label="Guided images", value=1, precision=0)
+                width = gr.Number(elem_id="privdiff_guidance_width", label="Guided width", value=512, precision=0)
+                height = gr.Number(elem_id="privdiff_guidance_height", label="Guided height", value=512, precision=0)
+                seed = gr.Number(elem_id="privdiff_guidance_seed", label="Guided seed", value=0, precision=0)
             with gr.Row():
-                steps = gr.Number(label="Steps", value=30, precision=0)
-                cfg = gr.Number(label="CFG scale", value=7.0)
-                weight = gr.Number(label="Guidance weight", value=5.0)
-                recurrence = gr.Number(label="Recurrence", value=1, precision=0)
+                steps = gr.Number(elem_id="privdiff_guidance_steps", label="Guided steps", value=30, precision=0)
+                cfg = gr.Number(elem_id="privdiff_guidance_cfg", label="Guided CFG scale", value=7.0)
+                weight = gr.Number(elem_id="privdiff_guidance_weight", label="Guidance weight", value=5.0)
+                recurrence = gr.Number(elem_id="privdiff_guidance_recurrence", label="Recurrence", value=1, precision=0)
             with gr.Row():
                 sample = gr.Button("Sample", variant="primary")
                 interrupt_button(host)
             sample_status = gr.HTML(elem_id="privdiff_sample_status")
-            gallery = gr.Gallery(label="Guided samples", columns=4)
+            gallery = gr.Gallery(elem_id="privdiff_guidance_gallery", label="Guided samples", columns=4)
 
     target_fields = {"images": images, "name": name, "image_encoder": encoder, "epsilon": epsilon, "delta": delta,
                      "ledger": ledger, "overwrite": overwrite}

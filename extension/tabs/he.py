@@ -29,30 +29,36 @@ def build(host: logic.Host, job) -> None:
     gr.Markdown(THREAT_MODEL)
     with gr.Row():
         with gr.Column():
-            prompt = gr.Textbox(label="Prompt", lines=2)
-            negative = gr.Textbox(label="Negative prompt")
+            prompt = gr.Textbox(elem_id="privdiff_he_prompt", label="Prompt", lines=2)
+            negative = gr.Textbox(elem_id="privdiff_he_negative", label="Negative prompt")
             with gr.Row():
-                sampler = gr.Radio(list(SAMPLERS), value="ddim", label="Sampler")
-                steps = gr.Number(label="Steps", value=50, precision=0)
-                cfg = gr.Number(label="CFG scale", value=7.5)
-                seed = gr.Number(label="Seed (-1: secret noise, not recorded)", value=-1, precision=0,
+                sampler = gr.Radio(list(SAMPLERS), value="ddim", elem_id="privdiff_he_sampler", label="Sampler")
+                steps = gr.Number(elem_id="privdiff_he_steps", label="Denoising steps", value=50, precision=0)
+                cfg = gr.Number(elem_id="privdiff_he_cfg", label="CFG scale", value=7.5)
+                seed = gr.Number(elem_id="privdiff_he_seed",
+                                 label="Seed (-1: secret noise, not recorded)", value=-1, precision=0,
                                  info="a seed makes the run reproducible, and lets a worker who knows it rebuild "
                                       "the image")
             with gr.Row():
-                width = gr.Number(label="Width", value=512, precision=0)
-                height = gr.Number(label="Height", value=512, precision=0)
-                num_images = gr.Number(label="Batch size", value=1, precision=0)
+                width = gr.Number(elem_id="privdiff_he_width", label="Width", value=512, precision=0)
+                height = gr.Number(elem_id="privdiff_he_height", label="Height", value=512, precision=0)
+                num_images = gr.Number(elem_id="privdiff_he_num_images",
+                                       label="Encrypted batch size", value=1, precision=0)
             with gr.Row():
-                threshold = gr.Number(label="Threshold (plaintext share of the distortion, in [0, 1))", value=0.01)
-                packing = gr.Radio(list(PACKINGS), value="dense", label="Packing",
+                threshold = gr.Number(elem_id="privdiff_he_threshold",
+                                      label="Threshold (plaintext share of the distortion, in [0, 1))", value=0.01)
+                packing = gr.Radio(list(PACKINGS), value="dense", elem_id="privdiff_he_packing", label="Packing",
                                    info="dense (safest): the whole latent; sparse: the selected elements and their "
                                         "positions (the worker rebuilds much of the image)")
-                channels = gr.Radio(list(CHANNELS), value="reference", label="HILL channels",
+                channels = gr.Radio(list(CHANNELS), value="reference", elem_id="privdiff_he_channels",
+                                    label="HILL channels",
                                     info="reference: filter across the channels as HE-Diffusion; separate: each "
                                          "channel on its own")
-            encrypt_offsets = gr.Checkbox(label="Encrypt the offsets too (the worker never sees the model's "
+            encrypt_offsets = gr.Checkbox(elem_id="privdiff_he_encrypt_offsets",
+                                          label="Encrypt the offsets too (the worker never sees the model's "
                                                 "predictions; safest)", value=True)
-            worker = gr.Textbox(label="Worker HOST:PORT (empty: both roles in this process)",
+            worker = gr.Textbox(elem_id="privdiff_he_worker",
+                                label="Worker HOST:PORT (empty: both roles in this process)",
                                 placeholder="127.0.0.1:7000")
             save_prompt = gr.Checkbox(label="Save the prompt, negative prompt and seed in the PNGs (hidden from the "
                                             "worker; left out by default)", value=False,
@@ -62,8 +68,8 @@ def build(host: logic.Host, job) -> None:
                 interrupt_button(host)
             status = gr.HTML(elem_id="privdiff_he_status")
         with gr.Column():
-            gallery = gr.Gallery(label="Samples", columns=4)
-            report = gr.Textbox(label="Report", lines=8, interactive=False)
+            gallery = gr.Gallery(elem_id="privdiff_he_gallery", label="Encrypted samples", columns=4)
+            report = gr.Textbox(elem_id="privdiff_he_report", label="Report", lines=8, interactive=False)
 
     fields = {"prompt": prompt, "negative_prompt": negative, "sampler": sampler, "steps": steps, "cfg": cfg,
               "seed": seed, "width": width, "height": height, "num_images": num_images, "threshold": threshold,

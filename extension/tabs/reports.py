@@ -10,22 +10,24 @@ TITLE = "Privacy report / ledger"
 def build(host: logic.Host, job) -> None:
     import gradio as gr
 
-    def files():
-        return gr.update(choices=logic.embedding_files(host.embeddings_dir()))
+    def files() -> list[str]:
+        return logic.embedding_files(host.embeddings_dir())
 
     with gr.Row():
         with gr.Column():
-            choice = gr.Dropdown(logic.embedding_files(host.embeddings_dir()), label="Embedding file",
-                                 allow_custom_value=True)
             with gr.Row():
-                refresh = gr.Button("Refresh list")
-                show = gr.Button("Show report", variant="primary")
-            report = gr.Textbox(label="Privacy report", lines=18, interactive=False)
+                choice = gr.Dropdown(files(), elem_id="privdiff_reports_choice", label="Embedding file to report on",
+                                     allow_custom_value=True)
+                host.refresh_button(choice, files, "privdiff_reports_refresh")
+            show = gr.Button("Show report", variant="primary")
+            report = gr.Textbox(elem_id="privdiff_reports_report",
+                                label="The file's privacy report", lines=18, interactive=False)
         with gr.Column():
-            ledger_path = gr.Textbox(label="Ledger (empty: the one in Settings)")
+            ledger_path = gr.Textbox(elem_id="privdiff_reports_ledger_path",
+                                     label="Ledger to show (empty: the one in Settings)")
             show_ledger = gr.Button("Show ledger")
-            summary = gr.Textbox(label="Ledger: budget, releases, largest per-image spend", lines=18,
+            summary = gr.Textbox(elem_id="privdiff_reports_summary",
+                                 label="Ledger: budget, releases, largest per-image spend", lines=18,
                                  interactive=False)
-    refresh.click(fn=files, inputs=[], outputs=[choice])
     show.click(fn=lambda c: logic.report(host, c), inputs=[choice], outputs=[report])
     show_ledger.click(fn=lambda p: logic.ledger(host, p), inputs=[ledger_path], outputs=[summary])

@@ -32,53 +32,65 @@ def build(host: logic.Host, job) -> None:
         with gr.Column():
             gr.Markdown("**1. DP fine-tune** (spends privacy budget once; an interrupted run resumes when started "
                         "again with the same settings)")
-            images = gr.Textbox(label="Private image folder", placeholder="/path/to/private/images")
-            public = gr.Dropdown(priors(), label="Public prior (a file in models/privdiff_priors, or a path)",
+            images = gr.Textbox(elem_id="privdiff_spectral_images",
+                                label="Private image folder (prior fine-tune)", placeholder="/path/to/private/images")
+            public = gr.Dropdown(priors(), elem_id="privdiff_spectral_public",
+                                 label="Public prior (a file in models/privdiff_priors, or a path)",
                                  allow_custom_value=True)
-            name = gr.Textbox(label="DP prior name", value="my_dp_prior")
+            name = gr.Textbox(elem_id="privdiff_spectral_name", label="DP prior name", value="my_dp_prior")
             with gr.Row():
-                epsilon = gr.Number(label="Epsilon", value=4.0)
-                delta = gr.Number(label="Delta (below 1/N)", value=1e-5)
-                sample_rate = gr.Number(label="Sample rate q", value=0.25)
-                clip_norm = gr.Number(label="Clip norm C", value=1.0)
+                epsilon = gr.Number(elem_id="privdiff_spectral_epsilon", label="Prior epsilon", value=4.0)
+                delta = gr.Number(elem_id="privdiff_spectral_delta", label="Prior delta (below 1/N)", value=1e-5)
+                sample_rate = gr.Number(elem_id="privdiff_spectral_sample_rate",
+                                        label="Prior sample rate q", value=0.25)
+                clip_norm = gr.Number(elem_id="privdiff_spectral_clip_norm", label="Prior clip norm C", value=1.0)
             with gr.Row():
-                steps = gr.Number(label="Steps", value=300, precision=0)
-                learning_rate = gr.Number(label="Learning rate", value=3e-4)
-            ledger = gr.Textbox(label="Ledger (empty: the one in Settings)")
-            overwrite = gr.Checkbox(label="Overwrite an existing prior", value=False)
+                steps = gr.Number(elem_id="privdiff_spectral_steps", label="Fine-tune steps", value=300, precision=0)
+                learning_rate = gr.Number(elem_id="privdiff_spectral_learning_rate",
+                                          label="Fine-tune learning rate", value=3e-4)
+            ledger = gr.Textbox(elem_id="privdiff_spectral_ledger", label="Prior ledger (empty: the one in Settings)")
+            overwrite = gr.Checkbox(elem_id="privdiff_spectral_overwrite",
+                                    label="Overwrite an existing prior", value=False)
             with gr.Row():
                 finetune = gr.Button("Fine-tune DP prior", variant="primary", elem_id="privdiff_spectral_finetune")
                 interrupt_button(host)
             finetune_status = gr.HTML(elem_id="privdiff_spectral_finetune_status")
-            report = gr.Textbox(label="Privacy report", lines=10, interactive=False)
+            report = gr.Textbox(elem_id="privdiff_spectral_report",
+                                label="Prior privacy report", lines=10, interactive=False)
         with gr.Column():
             gr.Markdown("**2. Sample** (post-processing of the prior: no budget)")
             with gr.Row():
-                prior = gr.Dropdown(priors(), label="Prior (a file in models/privdiff_priors, or a path)",
+                prior = gr.Dropdown(priors(), elem_id="privdiff_spectral_prior",
+                                    label="Prior (a file in models/privdiff_priors, or a path)",
                                     allow_custom_value=True)
                 refresh = gr.Button("Refresh lists")
             with gr.Row():
-                num_images = gr.Number(label="Images", value=4, precision=0)
-                seed = gr.Number(label="Seed (-1: random)", value=0, precision=0)
-                temperature = gr.Number(label="Temperature", value=1.0)
-            upsampling = gr.Radio(list(logic.UPSAMPLING), value="none", label="Upsampling",
+                num_images = gr.Number(elem_id="privdiff_spectral_num_images",
+                                       label="Images to sample", value=4, precision=0)
+                seed = gr.Number(elem_id="privdiff_spectral_seed", label="Seed (-1: random)", value=0, precision=0)
+                temperature = gr.Number(elem_id="privdiff_spectral_temperature", label="Temperature", value=1.0)
+            upsampling = gr.Radio(list(logic.UPSAMPLING), value="none", elem_id="privdiff_spectral_upsampling",
+                                  label="Upsampling",
                                   info="bicubic: by the scale; upscaler: a model file spandrel reads; SD refine: an "
                                        "img2img pass with the loaded checkpoint")
             with gr.Row():
-                scale = gr.Number(label="Bicubic scale", value=4, precision=0)
-                upscaler = gr.Textbox(label="Upscaler model file", placeholder="models/ESRGAN/4x-UltraSharp.pth")
-            refine_prompt = gr.Textbox(label="SD refine prompt", lines=2)
-            negative = gr.Textbox(label="SD refine negative prompt")
+                scale = gr.Number(elem_id="privdiff_spectral_scale", label="Bicubic scale", value=4, precision=0)
+                upscaler = gr.Textbox(elem_id="privdiff_spectral_upscaler",
+                                      label="Upscaler model file", placeholder="models/ESRGAN/4x-UltraSharp.pth")
+            refine_prompt = gr.Textbox(elem_id="privdiff_spectral_refine_prompt", label="SD refine prompt", lines=2)
+            negative = gr.Textbox(elem_id="privdiff_spectral_negative", label="SD refine negative prompt")
             with gr.Row():
-                strength = gr.Number(label="Strength", value=0.5)
-                refine_steps = gr.Number(label="Steps", value=30, precision=0)
-                cfg = gr.Number(label="CFG scale", value=5.0)
-                refine_size = gr.Number(label="Size (0: the model's)", value=0, precision=0)
+                strength = gr.Number(elem_id="privdiff_spectral_strength", label="SD refine strength", value=0.5)
+                refine_steps = gr.Number(elem_id="privdiff_spectral_refine_steps",
+                                         label="SD refine steps", value=30, precision=0)
+                cfg = gr.Number(elem_id="privdiff_spectral_cfg", label="SD refine CFG scale", value=5.0)
+                refine_size = gr.Number(elem_id="privdiff_spectral_refine_size",
+                                        label="SD refine size (0: the model's)", value=0, precision=0)
             with gr.Row():
                 sample = gr.Button("Sample", variant="primary", elem_id="privdiff_spectral_sample")
                 interrupt_button(host)
             sample_status = gr.HTML(elem_id="privdiff_spectral_sample_status")
-            gallery = gr.Gallery(label="Samples", columns=4)
+            gallery = gr.Gallery(elem_id="privdiff_spectral_gallery", label="Spectral samples", columns=4)
 
     finetune_fields = {"images": images, "prior": public, "name": name, "epsilon": epsilon, "delta": delta,
                        "sample_rate": sample_rate, "clip_norm": clip_norm, "steps": steps,

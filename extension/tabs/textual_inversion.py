@@ -17,36 +17,41 @@ def build(host: logic.Host, job) -> None:
         gr.Markdown(logic.FORGE_MESSAGE)
     with gr.Row():
         with gr.Column():
-            images = gr.Textbox(label="Private image folder", placeholder="/path/to/private/images")
-            name = gr.Textbox(label="Embedding name (the prompt word)", value="my_dp_style")
-            method = gr.Radio(["dpagg", "dpsgd"], value="dpagg", label="Method",
+            images = gr.Textbox(elem_id="privdiff_ti_images",
+                                label="Private image folder", placeholder="/path/to/private/images")
+            name = gr.Textbox(elem_id="privdiff_ti_name", label="Embedding name (the prompt word)", value="my_dp_style")
+            method = gr.Radio(["dpagg", "dpsgd"], value="dpagg", elem_id="privdiff_ti_method", label="Method",
                               info="dpagg: one embedding per image, clipped and averaged with noise (DPAgg-TI); "
                                    "dpsgd: one embedding trained with DP-SGD")
             with gr.Row():
-                epsilon = gr.Number(label="Epsilon", value=4.0, minimum=0.01)
-                delta = gr.Number(label="Delta (below 1/N)", value=1e-5)
-                sample_rate = gr.Number(label="Sample rate q", value=1.0)
-                clip_norm = gr.Number(label="Clip norm C", value=1.0)
+                epsilon = gr.Number(elem_id="privdiff_ti_epsilon", label="Epsilon", value=4.0, minimum=0.01)
+                delta = gr.Number(elem_id="privdiff_ti_delta", label="Delta (below 1/N)", value=1e-5)
+                sample_rate = gr.Number(elem_id="privdiff_ti_sample_rate", label="Sample rate q", value=1.0)
+                clip_norm = gr.Number(elem_id="privdiff_ti_clip_norm", label="Clip norm C", value=1.0)
             with gr.Row():
-                vectors = gr.Slider(1, 16, value=1, step=1, label="Vectors per token")
-                init_word = gr.Textbox(label="Initialisation word", value="style")
-                resolution = gr.Number(label="Training resolution (0: the model's)", value=0, precision=0)
+                vectors = gr.Slider(1, 16, value=1, step=1, elem_id="privdiff_ti_vectors", label="Vectors per token")
+                init_word = gr.Textbox(elem_id="privdiff_ti_init_word", label="Initialisation word", value="style")
+                resolution = gr.Number(elem_id="privdiff_ti_resolution",
+                                       label="Training resolution (0: the model's)", value=0, precision=0)
             with gr.Row():
-                steps = gr.Number(label="Steps", value=200, precision=0)
-                learning_rate = gr.Number(label="Learning rate", value=5e-3)
-                batch_size = gr.Number(label="Batch size", value=4, precision=0)
+                steps = gr.Number(elem_id="privdiff_ti_steps", label="Steps", value=200, precision=0)
+                learning_rate = gr.Number(elem_id="privdiff_ti_learning_rate", label="Learning rate", value=5e-3)
+                batch_size = gr.Number(elem_id="privdiff_ti_batch_size", label="Batch size", value=4, precision=0)
             with gr.Row():
-                ledger = gr.Textbox(label="Ledger (empty: the one in Settings)")
-                budget = gr.Number(label="Per-image budget epsilon (0: keep the ledger's)", value=0)
+                ledger = gr.Textbox(elem_id="privdiff_ti_ledger", label="Ledger (empty: the one in Settings)")
+                budget = gr.Number(elem_id="privdiff_ti_budget",
+                                   label="Per-image budget epsilon (0: keep the ledger's)", value=0)
             with gr.Row():
-                overwrite = gr.Checkbox(label="Overwrite an existing embedding", value=False)
-                new_release = gr.Checkbox(label="New release for a repeated request", value=False)
+                overwrite = gr.Checkbox(elem_id="privdiff_ti_overwrite",
+                                        label="Overwrite an existing embedding", value=False)
+                new_release = gr.Checkbox(elem_id="privdiff_ti_new_release",
+                                          label="New release for a repeated request", value=False)
             with gr.Row():
                 train = gr.Button("Train DP embedding", variant="primary", elem_id="privdiff_ti_train")
                 interrupt_button(host)
         with gr.Column():
             status = gr.HTML(elem_id="privdiff_ti_status")
-            report = gr.Textbox(label="Privacy report", lines=14, interactive=False)
+            report = gr.Textbox(elem_id="privdiff_ti_report", label="Privacy report", lines=14, interactive=False)
 
     fields = {"images": images, "name": name, "method": method, "epsilon": epsilon, "delta": delta,
               "sample_rate": sample_rate, "clip_norm": clip_norm, "n_vectors": vectors, "init_word": init_word,

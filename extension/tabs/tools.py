@@ -12,18 +12,27 @@ TITLE = "Embedding tools"
 def build(host: logic.Host, job) -> None:
     import gradio as gr
 
+    def files() -> list[str]:
+        return logic.embedding_files(host.embeddings_dir())
+
     with gr.Row():
         with gr.Column():
-            choice = gr.Dropdown(logic.embedding_files(host.embeddings_dir()), label="Embedding file",
-                                 allow_custom_value=True)
+            with gr.Row():
+                choice = gr.Dropdown(files(), elem_id="privdiff_tools_choice", label="Embedding file",
+                                     allow_custom_value=True)
+                host.refresh_button(choice, files, "privdiff_tools_refresh")
             inspect = gr.Button("Inspect")
-            fmt = gr.Radio(list(FORMATS), value="safetensors", label="Convert to",
+            fmt = gr.Radio(list(FORMATS), value="safetensors", elem_id="privdiff_tools_fmt", label="Convert to",
                            info="a1111-pt: A1111's .pt; diffusers: a .safetensors file for load_textual_inversion")
-            output = gr.Textbox(label="Output (relative: in the embeddings folder; empty: next to the input)")
-            overwrite = gr.Checkbox(label="Overwrite", value=False)
+            output = gr.Textbox(elem_id="privdiff_tools_output",
+                                label="Output (relative: in the embeddings folder; empty: next to the input)")
+            overwrite = gr.Checkbox(elem_id="privdiff_tools_overwrite", label="Overwrite", value=False)
             convert = gr.Button("Convert")
         with gr.Column():
-            result = gr.Textbox(label="Result", lines=20, interactive=False)
+            result = gr.Textbox(elem_id="privdiff_tools_result", label="Result", lines=20, interactive=False)
+
+    def run_convert(source: str, fmt: str, output: str, overwrite: bool):
+        return logic.convert(host, source, fmt, output, overwrite), gr.update(choices=files())
+
     inspect.click(fn=lambda c: logic.inspect(host, c), inputs=[choice], outputs=[result])
-    convert.click(fn=lambda c, f, o, w: logic.convert(host, c, f, o, w), inputs=[choice, fmt, output, overwrite],
-                  outputs=[result])
+    convert.click(fn=run_convert, inputs=[choice, fmt, output, overwrite], outputs=[result, choice])
