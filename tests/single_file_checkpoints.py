@@ -2,7 +2,8 @@
 
 The layouts are the real ones (ldm/sgm key names, conv or linear transformer projections, OpenCLIP text
 encoders, SDXL's ``label_emb``); widths and depths are reduced: UNet 32/64 channels, CLIP 2 layers with the
-real 49408-token vocabulary, so CLIP's tokenizer fits. Built from key names and shapes (no ldm/sgm import).
+real 49408-token vocabulary, so CLIP's tokenizer fits. "sd15-full" is the full-size SD1.5 layout.
+Built from key names and shapes (no ldm/sgm import).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ _sd15 = _ldm._sd15
 _norm, _linear, _conv = _sd15._norm, _sd15._linear, _sd15._conv
 Shapes = dict[str, tuple[int, ...]]
 
-CHANNELS, MULT = 32, (1, 2)
 VOCAB, POSITIONS, CLIP_LAYERS = 49408, 77, 2
 XL_TIME_EMBED = 256
 
@@ -53,41 +53,80 @@ def _transformer(shapes: Shapes, p: str, ch: int, context: int, linear: bool, de
             _norm(shapes, f"{b}.norm{i}", ch)
 
 
-def _unet(shapes: Shapes, context: int, linear: bool, depth: int, adm_in: int = 0) -> None:
-    """UNet with two levels (one res block each), attention at the second level and in the middle."""
-    p, time_dim = "model.diffusion_model", 4 * CHANNELS
-    _linear(shapes, f"{p}.time_embed.0", CHANNELS, time_dim)
+def _unet(shapes: Shapes, context: int, linear: bool, depths: tuple[int, ...], adm_in: int = 0,
+          channels: int = 32, mult: tuple[int, ...] = (1, 2), res_blocks: int = 1) -> None:
+    """ldm/sgm UNetModel; ``depths[level]`` transformer blocks per attention (0: none), the middle has the last."""
+    p, time_dim = "model.diffusion_model", 4 * channels
+    _linear(shapes, f"{p}.time_embed.0", channels, time_dim)
     _linear(shapes, f"{p}.time_embed.2", time_dim, time_dim)
     if adm_in:
         _linear(shapes, f"{p}.label_emb.0.0", adm_in, time_dim)
         _linear(shapes, f"{p}.label_emb.0.2", time_dim, time_dim)
-    _conv(shapes, f"{p}.input_blocks.0.0", 4, CHANNELS)
-    _sd15._resblock(shapes, f"{p}.input_blocks.1.0", CHANNELS, CHANNELS, time_dim)
-    _conv(shapes, f"{p}.input_blocks.2.0.op", CHANNELS, CHANNELS)
-    top = MULT[-1] * CHANNELS
-    _sd15._resblock(shapes, f"{p}.input_blocks.3.0", CHANNELS, top, time_dim)
-    _transformer(shapes, f"{p}.input_blocks.3.1", top, context, linear, depth)
-    _sd15._resblock(shapes, f"{p}.middle_block.0", top, top, time_dim)
-    _transformer(shapes, f"{p}.middle_block.1", top, context, linear, depth)
-    _sd15._resblock(shapes, f"{p}.middle_block.2", top, top, time_dim)
-    skips = [CHANNELS, CHANNELS, CHANNELS, top]
-    for n in range(4):  # two blocks per level, the top level (with attention) first
-        out = top if n < 2 else CHANNELS
-        _sd15._resblock(shapes, f"{p}.output_blocks.{n}.0", (top if n < 3 else CHANNELS) + skips.pop(), out,
-                             time_dim)
-        if n < 2:
-            _transformer(shapes, f"{p}.output_blocks.{n}.1", out, context, linear, depth)
-        if n == 1:
-            _conv(shapes, f"{p}.output_blocks.{n}.2.conv", out, out)
-    _norm(shapes, f"{p}.out.0", CHANNELS)
-    _conv(shapes, f"{p}.out.2", CHANNELS, 4)
+    _conv(shapes, f"{p}.input_blocks.0.0", 4, channels)
+    chans, ch, n = [channels], channels, 1
+    for level, m in enumerate(mult):
+        for _ in range(res_blocks):
+            _sd15._resblock(shapes, f"{p}.input_blocks.{n}.0", ch, m * channels, time_dim)
+            ch = m * channels
+            if depths[level]:
+                _transformer(shapes, f"{p}.input_blocks.{n}.1", ch, context, linear, depths[level])
+            chans.append(ch)
+            n += 1
+        if level != len(mult) - 1:
+            _conv(shapes, f"{p}.input_blocks.{n}.0.op", ch, ch)
+            chans.append(ch)
+            n += 1
+    _sd15._resblock(shapes, f"{p}.middle_block.0", ch, ch, time_dim)
+    _transformer(shapes, f"{p}.middle_block.1", ch, context, linear, max(depths[-1], 1))
+    _sd15._resblock(shapes, f"{p}.middle_block.2", ch, ch, time_dim)
+    n = 0
+    for level, m in reversed(list(enumerate(mult))):
+        for i in range(res_blocks + 1):
+            _sd15._resblock(shapes, f"{p}.output_blocks.{n}.0", ch + chans.pop(), m * channels, time_dim)
+            ch, j = m * channels, 1
+            if depths[level]:
+                _transformer(shapes, f"{p}.output_blocks.{n}.1", ch, context, linear, depths[level])
+                j = 2
+            if level and i == res_blocks:
+                _conv(shapes, f"{p}.output_blocks.{n}.{j}.conv", ch, ch)
+            n += 1
+    _norm(shapes, f"{p}.out.0", ch)
+    _conv(shapes, f"{p}.out.2", ch, 4)
 
 
-def _openai_clip(shapes: Shapes, p: str, width: int) -> None:
+def _vae(shapes: Shapes, ch: int = 32, mult: tuple[int, ...] = (1, 2, 2, 2), res_blocks: int = 1) -> None:
+    """ldm AutoencoderKL (4 latent channels, attention only in the middle)."""
+    enc, dec, last = "first_stage_model.encoder", "first_stage_model.decoder", len(mult) - 1
+    _conv(shapes, f"{enc}.conv_in", 3, ch)
+    width = ch
+    for i, m in enumerate(mult):
+        for r in range(res_blocks):
+            _ldm._vae_resblock(shapes, f"{enc}.down.{i}.block.{r}", width, ch * m)
+            width = ch * m
+        if i != last:
+            _conv(shapes, f"{enc}.down.{i}.downsample.conv", width, width)
+    _ldm._vae_mid(shapes, enc, width)
+    _norm(shapes, f"{enc}.norm_out", width)
+    _conv(shapes, f"{enc}.conv_out", width, 8)
+    _conv(shapes, "first_stage_model.quant_conv", 8, 8, k=1)
+    _conv(shapes, "first_stage_model.post_quant_conv", 4, 4, k=1)
+    _conv(shapes, f"{dec}.conv_in", 4, width)
+    _ldm._vae_mid(shapes, dec, width)
+    for i in reversed(range(len(mult))):
+        for r in range(res_blocks + 1):
+            _ldm._vae_resblock(shapes, f"{dec}.up.{i}.block.{r}", width, ch * mult[i])
+            width = ch * mult[i]
+        if i != 0:
+            _conv(shapes, f"{dec}.up.{i}.upsample.conv", width, width)
+    _norm(shapes, f"{dec}.norm_out", width)
+    _conv(shapes, f"{dec}.conv_out", width, 3)
+
+
+def _openai_clip(shapes: Shapes, p: str, width: int, layers: int = CLIP_LAYERS) -> None:
     """transformers CLIPTextModel layout (SD1 and SDXL's first encoder)."""
     shapes[f"{p}.embeddings.token_embedding.weight"] = (VOCAB, width)
     shapes[f"{p}.embeddings.position_embedding.weight"] = (POSITIONS, width)
-    for i in range(CLIP_LAYERS):
+    for i in range(layers):
         lp = f"{p}.encoder.layers.{i}"
         _norm(shapes, f"{lp}.layer_norm1", width)
         _norm(shapes, f"{lp}.layer_norm2", width)
@@ -116,17 +155,22 @@ def _open_clip(shapes: Shapes, p: str, width: int, projection: int) -> None:
 
 
 def checkpoint_shapes(family: str) -> Shapes:
-    """Key -> shape for "sd1", "sd2" or "sdxl"."""
+    """Key -> shape for "sd1", "sd2", "sdxl" (reduced widths) or "sd15-full" (full-size SD1.5, about 1.07G weights)."""
     shapes: Shapes = {}
-    _ldm._vae(shapes)
+    if family == "sd15-full":
+        _vae(shapes, ch=128, mult=(1, 2, 4, 4), res_blocks=2)
+        _unet(shapes, 768, linear=False, depths=(1, 1, 1, 0), channels=320, mult=(1, 2, 4, 4), res_blocks=2)
+        _openai_clip(shapes, "cond_stage_model.transformer.text_model", 768, layers=12)
+        return shapes
+    _vae(shapes)
     if family == "sd1":
-        _unet(shapes, 768, linear=False, depth=1)
+        _unet(shapes, 768, linear=False, depths=(0, 1))
         _openai_clip(shapes, "cond_stage_model.transformer.text_model", 768)
     elif family == "sd2":
-        _unet(shapes, 1024, linear=True, depth=1)
+        _unet(shapes, 1024, linear=True, depths=(0, 1))
         _open_clip(shapes, "cond_stage_model.model", 1024, 1024)
     else:
-        _unet(shapes, 2048, linear=True, depth=2, adm_in=1280 + 6 * XL_TIME_EMBED)
+        _unet(shapes, 2048, linear=True, depths=(0, 2), adm_in=1280 + 6 * XL_TIME_EMBED)
         _openai_clip(shapes, "conditioner.embedders.0.transformer.text_model", 768)
         _open_clip(shapes, "conditioner.embedders.1.model", 1280, 1280)
     return shapes

@@ -80,6 +80,14 @@ def test_ckpt_with_state_dict_wrapper(checkpoints, tmp_path):
     assert DiffusersBackend(load_model(path)).family == "SD1"
 
 
+def test_inpainting_unet_refused_in_one_line(checkpoints, tmp_path):
+    state = load_file(str(checkpoints[("sd1", False)]))
+    state[UNET + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3, dtype=torch.float16)
+    save_file(state, str(tmp_path / "inpaint.safetensors"))
+    with pytest.raises(PrivdiffError, match="inpaint.safetensors: a UNet with 9 input channels"):
+        load_model(tmp_path / "inpaint.safetensors")
+
+
 def test_unknown_layout_refused_in_one_line(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0.alpha": torch.ones(())}, str(path))
@@ -109,3 +117,37 @@ def test_cli_trains_on_a_single_file_checkpoint_with_an_empty_hf_cache(checkpoin
     )
     assert proc.returncode == 0, proc.stderr
     assert load_file(str(out))["emb_params"].shape[-1] == 768
+
+
+def test_full_size_sd15_configs_match_the_known_architecture():
+    from privdiff.backends import single_file
+
+    shapes = ckpts.checkpoint_shapes("sd15-full")
+    assert single_file.detect_family(shapes) == "sd1"
+    unet = single_file._unet_config(shapes, "sd1")
+    assert {k: unet[k] for k in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                                 "cross_attention_dim", "attention_head_dim", "use_linear_projection",
+                                 "sample_size")} == {
+        "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": 768, "attention_head_dim": 8, "use_linear_projection": False, "sample_size": 64}
+    vae = single_file._vae_config(shapes, "sd1")
+    assert (vae["block_out_channels"], vae["layers_per_block"], vae["latent_channels"]) == ([128, 256, 512, 512], 2, 4)
+    clip = single_file._clip_config(shapes, "cond_stage_model.transformer.text_model.", open_clip=False)
+    assert (clip["num_hidden_layers"], clip["hidden_size"], clip["intermediate_size"], clip["num_attention_heads"],
+            clip["hidden_act"]) == (12, 768, 3072, 12, "quick_gelu")
+
+
+# With the integration tests (or on request): it writes 2 GB and takes about half a minute.
+FULL_SIZE = any(os.environ.get(v) for v in ("PRIVDIFF_FULL_SIZE", "COMFYUI_PATH", "A1111_PATH"))
+
+
+@pytest.mark.skipif(not FULL_SIZE, reason="set PRIVDIFF_FULL_SIZE=1 (or an integration path)")
+def test_full_size_sd15_checkpoint_loads_offline(tmp_path):
+    path = ckpts.write_checkpoint(tmp_path / "sd15.safetensors", "sd15-full")
+    backend = DiffusersBackend(load_model(path, dtype=torch.float16))
+    assert backend.family == "SD1" and backend.resolution == 512
+    state = load_file(str(path))
+    key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(backend.pipe.unet.up_blocks[3].attentions[2].transformer_blocks[0].attn2.to_k.weight, state[key])
