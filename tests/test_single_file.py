@@ -46,6 +46,7 @@ def test_single_file_loads_offline_with_its_weights(checkpoints, key):
     backend = DiffusersBackend(load_model(path, dtype=torch.float32))
     pipe = backend.pipe
     assert (backend.family, backend.prediction_type) == (family, prediction)
+    assert backend.resolution == {"SD1": 512, "SD2": 768 if prediction == "v_prediction" else 512, "SDXL": 1024}[family]
     assert torch.equal(pipe.unet.conv_in.weight, state[UNET + "input_blocks.0.0.weight"].float())
     assert torch.equal(pipe.vae.encoder.conv_in.weight, state["first_stage_model.encoder.conv_in.weight"].float())
     token_key = "token_embedding.weight" if family == "SD2" else "embeddings.token_embedding.weight"

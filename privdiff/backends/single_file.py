@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 
 from privdiff.backends.tiny import BOS, EOS, MAX_LENGTH, _byte_chars
@@ -77,7 +78,7 @@ def _unet_config(shapes: dict, family: str) -> dict:
     linear = len(next(v for k, v in shapes.items() if k.startswith(_UNET) and k.endswith("proj_in.weight"))) == 2
     config = {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": {"sd1": 64, "sd2": 96, "sdxl": 128}[family],
+        "sample_size": 128 if family == "sdxl" else 64,  # 1024 and 512 pixels; SD2 768-v is set by the caller
         "in_channels": shapes[_UNET + "input_blocks.0.0.weight"][1],
         "out_channels": shapes[_UNET + "out.2.weight"][0],
         "block_out_channels": widths,
@@ -113,7 +114,7 @@ def _vae_config(shapes: dict, family: str) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "norm_num_groups": 32,
-        "sample_size": {"sd1": 512, "sd2": 768, "sdxl": 1024}[family],
+        "sample_size": 1024 if family == "sdxl" else 512,
         "scaling_factor": 0.13025 if family == "sdxl" else 0.18215,
     }
 
@@ -153,7 +154,7 @@ def _write_tokenizer(folder: Path, pad: str) -> None:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "bos_token": BOS,
-              "eos_token": EOS, "unk_token": EOS, "pad_token": pad, "do_lower_case": True}
+              "eos_token": EOS, "unk_token": EOS, "pad_token": pad}
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
@@ -182,7 +183,7 @@ def write_config_folder(path: Path, folder: Path) -> str:
     family = detect_family(shapes)
     if not family:
         raise PrivdiffError(f"{path}: not an SD1.x, SD2.x or SDXL checkpoint in the original single-file layout "
-                            "(no model.diffusion_model, first_stage_model and text-encoder keys)")
+                            "(expected model.diffusion_model, first_stage_model and text-encoder keys)")
     v = _is_v_prediction(path, shapes, family)
     scheduler = {"_class_name": "EulerDiscreteScheduler" if family == "sdxl" else "DDIMScheduler", **_SCHEDULE,
                  "prediction_type": "v_prediction" if v else "epsilon"}
@@ -194,8 +195,11 @@ def write_config_folder(path: Path, folder: Path) -> str:
     if unet["in_channels"] != 4:
         raise PrivdiffError(f"{path}: a UNet with {unet['in_channels']} input channels (an inpainting or edit model) "
                             "is not supported; use a base SD1.x, SD2.x or SDXL checkpoint")
-    unet["upcast_attention"] = family == "sd2" and v
-    configs = {"unet": unet, "vae": _vae_config(shapes, family), "scheduler": scheduler}
+    vae = _vae_config(shapes, family)
+    if family == "sd2" and v:  # SD2 768-v: 768-pixel training, attention in float32 (as its diffusers config)
+        unet.update(sample_size=96, upcast_attention=True)
+        vae["sample_size"] = 768
+    configs = {"unet": unet, "vae": vae, "scheduler": scheduler}
     index = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", scheduler["_class_name"]],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
@@ -221,10 +225,9 @@ def write_config_folder(path: Path, folder: Path) -> str:
     return family
 
 
-def load_single_file(path: Path, dtype: torch.dtype | None, dtype_kw: str):
-    """Load an original-layout checkpoint as a diffusers pipeline, offline (see the module docstring)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+def load_single_file(path: Path, dtype: torch.dtype | None, dtype_kw: str) -> DiffusionPipeline:
+    """Load an original-layout checkpoint as a diffusers pipeline, offline; ``dtype_kw`` names from_single_file's
+    dtype argument."""
     with tempfile.TemporaryDirectory(prefix="privdiff-config-") as tmp:
         family = write_config_folder(path, Path(tmp))
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
