@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ti-aggregate", help="DP textual-inversion embedding from a folder of private images")
     p.add_argument("--model", type=_model, required=True,
-                   help="local diffusers folder, local single-file SD1.x/SDXL checkpoint, 'small' (the shipped "
+                   help="local diffusers folder, local single-file SD1.x/SD2.x/SDXL checkpoint, 'small' (the shipped "
                    "reference model), 'tiny' or 'tiny-sdxl' (random weights)")
     p.add_argument("--images", required=True, help="folder of private images (png, jpg, webp, ...)")
     p.add_argument("--method", choices=["dpagg", "dpsgd"], default="dpagg",

@@ -158,7 +158,7 @@ def test_load_model(tiny_sd1, tmp_path):
     with pytest.raises(PrivdiffError, match="model_index.json"):
         load_model(tmp_path)
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(PrivdiffError, match="diffusers folder"):
+    with pytest.raises(PrivdiffError, match="bad.safetensors"):
         load_model(tmp_path / "bad.safetensors")
     (tmp_path / "model.txt").write_text("x")
     with pytest.raises(PrivdiffError, match="unsupported"):

@@ -21,7 +21,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.utils import deprecation_utils
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from privdiff.errors import PrivdiffError
@@ -174,17 +173,6 @@ def _build(family: str) -> DiffusionPipeline:
     )
 
 
-def _is_sdxl_checkpoint(path: Path) -> bool:
-    """Whether an original-layout single-file checkpoint holds SDXL's second text encoder."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        keys = list(state.get("state_dict", state))
-    return any(k.startswith("conditioner.embedders.1.") for k in keys)
-
-
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -204,18 +192,20 @@ def _from_folder(path: Path, dtype: torch.dtype | None) -> DiffusionPipeline:
 
 
 def _from_single_file(path: Path, config: Path | None, dtype: torch.dtype | None) -> DiffusionPipeline:
+    from privdiff.backends.single_file import load_single_file
+
     try:
-        xl = (config / "text_encoder_2").is_dir() if config else _is_sdxl_checkpoint(path)
+        if config is None:
+            return load_single_file(path, dtype, _DTYPE_KW)
+        xl = (config / "text_encoder_2").is_dir()
         cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-        kwargs = {"config": str(config)} if config else {}
-        if not xl:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        return cls.from_single_file(str(path), local_files_only=True, **{_DTYPE_KW: dtype}, **kwargs)
-    except Exception as exc:  # diffusers raises many types here; all mean "cannot load offline"
-        raise PrivdiffError(
-            f"cannot load {path} offline ({_first_line(exc)}); convert it to a diffusers folder or pass a "
-            "local diffusers config folder"
-        ) from exc
+        kwargs = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
+        return cls.from_single_file(str(path), config=str(config), local_files_only=True, **{_DTYPE_KW: dtype},
+                                    **kwargs)
+    except PrivdiffError:
+        raise
+    except Exception as exc:  # diffusers raises many types here; all mean "cannot load this file offline"
+        raise PrivdiffError(f"cannot load {path} offline: {_first_line(exc)}") from exc
 
 
 def load_model(
@@ -227,8 +217,9 @@ def load_model(
     """Load "small", "tiny", "tiny-sdxl", a local diffusers folder or a local .safetensors/.ckpt file, offline.
 
     "small" is the shipped reference model trained on procedural shapes (see ``privdiff.reference``);
-    "tiny" and "tiny-sdxl" have random weights. ``config`` is a local diffusers folder whose component
-    configs a single-file checkpoint uses.
+    "tiny" and "tiny-sdxl" have random weights. A single-file SD1.x/SD2.x/SDXL checkpoint in the original
+    layout needs no other file (see ``privdiff.backends.single_file``); ``config``, a local diffusers folder,
+    overrides the component configs detected from its keys.
     """
     if str(spec) == "small":
         from privdiff.reference.model import load_small
