@@ -217,22 +217,21 @@ def embedding_files(folder: Path) -> list[str]:
                   if p.is_file() and p.suffix in EMBEDDING_SUFFIXES)
 
 
-def _embedding_path(folder: Path, choice: str) -> Path:
-    if not choice.strip():
-        raise PrivdiffError("pick an embedding file")
-    path = Path(choice.strip()).expanduser()
-    return path if path.is_absolute() else folder / path
-
-
-def confined_path(folders: list[Path], choice: str) -> Path:
-    """The file named ``choice`` (a relative name) in the first of ``folders`` that has it, after links are
-    resolved; an absolute name, ``..`` or a link out of its folder is one line (the web UI may be on a network)."""
+def _relative_name(folders: list[Path], choice: str) -> Path:
+    """``choice`` as a relative name, refused in one line when it is empty, absolute, ``~`` or climbs with ``..``."""
     text = (choice or "").strip()
     if not text:
         raise PrivdiffError("pick an embedding file")
     name = Path(text)
     if name.is_absolute() or name.drive or ".." in name.parts or text.startswith("~"):
         raise PrivdiffError(f"file {text!r} must be a name inside {', '.join(str(f) for f in folders)}")
+    return name
+
+
+def confined_path(folders: list[Path], choice: str) -> Path:
+    """The file named ``choice`` (a relative name) in the first of ``folders`` that has it, after links are
+    resolved; an absolute name, ``..`` or a link out of its folder is one line (the web UI may be on a network)."""
+    name, text = _relative_name(folders, choice), choice.strip()
     for folder in folders:
         root = folder.resolve()
         path = (root / name).resolve()
@@ -267,21 +266,23 @@ def inspect(host: Host, choice: str) -> str:
     """Format, tensors, model family and privacy report of an embedding file."""
     out: list[str] = []
     with _one_line_errors(out):
-        return json.dumps(inspect_embedding(_embedding_path(host.embeddings_dir(), choice)), indent=2)
+        return json.dumps(inspect_embedding(confined_path([host.embeddings_dir()], choice)), indent=2)
     return out[0]
 
 
 def convert(host: Host, choice: str, fmt: str, output: str, overwrite: bool) -> str:
-    """Convert an embedding file to ``fmt`` (one of ``FORMATS``); a relative output is in the embeddings
-    folder, an empty one is the input's name with the format's extension."""
+    """Convert an embedding file of the embeddings folder to ``fmt`` (one of ``FORMATS``), into that folder: the
+    output is a name inside it (empty: the input's name with the format's extension); paths out are refused."""
     out: list[str] = []
     with _one_line_errors(out):
         folder = host.embeddings_dir()
-        source = _embedding_path(folder, choice)
+        source = confined_path([folder], choice)
         if fmt not in FORMATS:
             raise PrivdiffError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        target = Path(output.strip()).expanduser() if output.strip() else source.with_suffix(SUFFIXES[fmt][0])
-        target = target if target.is_absolute() else folder / target
+        target = folder / _relative_name([folder], output) if output.strip() else source.with_suffix(
+            SUFFIXES[fmt][0])
+        if not target.parent.resolve().is_relative_to(folder.resolve()):
+            raise PrivdiffError(f"output {output.strip()!r} leads out of {folder}")
         plan = plan_output(target, fmt, None, overwrite)
         written = save_planned(load_embedding(source), plan)
         host.reload_embeddings()

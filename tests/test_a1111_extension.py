@@ -169,6 +169,14 @@ def test_tools_inspect_and_convert(host, private):
     assert logic.embedding_files(host.embeddings_dir()) == ["tooled.pt", "tooled.safetensors"]
     assert logic.inspect(host, "missing.pt").startswith("privdiff: ")
     assert logic.ledger(host, str(host.root / "none.json")).startswith("privdiff: ledger")
+    outside = host.root / "outside.safetensors"  # with --listen, these tools must not probe the file system
+    outside.write_bytes((host.embeddings_dir() / "tooled.safetensors").read_bytes())
+    for name in (str(outside), "../outside.safetensors", "~/outside.safetensors"):
+        assert "must be a name inside" in logic.inspect(host, name)
+        assert "must be a name inside" in logic.convert(host, name, "a1111-pt", "", False)
+    for output in (str(host.root / "out.pt"), "../out.pt"):
+        assert "must be a name inside" in logic.convert(host, "tooled.safetensors", "a1111-pt", output, True)
+    assert not (host.root / "out.pt").exists()
 
 
 def test_style_target_and_guided_sampling(host, private):
