@@ -515,42 +515,6 @@ def test_encrypted_denoising_interrupt_writes_nothing(host, he_worker):
     assert not any(host.outputs_dir(logic.HE_FOLDER).iterdir())
 
 
-def test_api_he_sample_route(host, monkeypatch):
-    """``POST /privdiff/v1/he-sample`` through ``api.routes`` with stand-ins for FastAPI and A1111's modules."""
-    from extension import api
-
-    class HTTPException(Exception):
-        def __init__(self, status_code, detail):
-            super().__init__(detail)
-            self.status_code = status_code
-
-    calls = []
-    shared = SimpleNamespace(state=SimpleNamespace(begin=lambda job: calls.append(job),
-                                                   end=lambda: calls.append("end")))
-    stubs = {"fastapi": SimpleNamespace(Body=lambda default: default, HTTPException=HTTPException),
-             "modules": SimpleNamespace(shared=shared), "modules.shared": shared,
-             "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock())}
-    for name, module in stubs.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    app = SimpleNamespace(routes={})
-    app.add_api_route = lambda path, fn, methods: app.routes.setdefault((methods[0], path), fn)
-    api.routes(app, host)
-    assert ("POST", "/privdiff/v1/he-sample") in app.routes and ("GET", "/privdiff/v1/report") in app.routes
-    route = app.routes["POST", "/privdiff/v1/he-sample"]
-
-    answer = route({"prompt": "a cat", "width": 32, "height": 32, "steps": 2, "seed": 1})
-    assert answer["ok"] and len(answer["files"]) == 1 and Path(answer["files"][0]).is_absolute(), answer["status"]
-    assert answer["report"].startswith("privdiff encrypted denoising") and calls == ["privdiff", "end"]
-    answer = route({"prompt": "a cat", "threshold": 1.5})
-    assert answer == {"ok": False, "files": [], "report": "",
-                      "status": "privdiff: threshold must be in [0, 1), got 1.5"}
-    with pytest.raises(HTTPException) as refused:
-        route({"prompt": "a cat", "key": "secret"})
-    assert refused.value.status_code == 422
-    answer = app.routes["POST", "/privdiff/v1/spectral-sample"]({"prior": "missing"})
-    assert set(answer) == {"ok", "files", "status"} and not answer["ok"]
-
-
 class _Component:
     """A stand-in gradio component or layout block: remembers its arguments and click handlers."""
 
@@ -600,7 +564,9 @@ def api_routes(host, monkeypatch):
     """{(method, path): route function} of ``api.routes`` with stand-ins for FastAPI and A1111's modules."""
     from extension import api
 
-    shared = SimpleNamespace(state=SimpleNamespace(begin=lambda job: None, end=lambda: None))
+    calls: list = []  # A1111's job begin/end, as shared.state.calls
+    shared = SimpleNamespace(state=SimpleNamespace(calls=calls, begin=lambda job, **_: calls.append(job),
+                                                   end=lambda: calls.append("end")))
     stubs = {"fastapi": SimpleNamespace(Body=lambda default: default, HTTPException=_HTTPException),
              "modules": SimpleNamespace(shared=shared), "modules.shared": shared,
              "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock())}
@@ -610,6 +576,25 @@ def api_routes(host, monkeypatch):
     app.add_api_route = lambda path, fn, methods: app.routes.setdefault((methods[0], path), fn)
     api.routes(app, host)
     return app.routes
+
+
+def test_api_he_sample_route(api_routes):
+    """``POST /privdiff/v1/he-sample`` through ``api.routes``: a run inside A1111's job, a one-line refusal."""
+    assert ("POST", "/privdiff/v1/he-sample") in api_routes and ("GET", "/privdiff/v1/report") in api_routes
+    route = api_routes["POST", "/privdiff/v1/he-sample"]
+
+    answer = route({"prompt": "a cat", "width": 32, "height": 32, "steps": 2, "seed": 1})
+    assert answer["ok"] and len(answer["files"]) == 1 and Path(answer["files"][0]).is_absolute(), answer["status"]
+    assert answer["report"].startswith("privdiff encrypted denoising")
+    assert sys.modules["modules.shared"].state.calls == ["privdiff", "end"]
+    answer = route({"prompt": "a cat", "threshold": 1.5})
+    assert answer == {"ok": False, "files": [], "report": "",
+                      "status": "privdiff: threshold must be in [0, 1), got 1.5"}
+    with pytest.raises(_HTTPException) as refused:
+        route({"prompt": "a cat", "key": "secret"})
+    assert refused.value.status_code == 422
+    answer = api_routes["POST", "/privdiff/v1/spectral-sample"]({"prior": "missing"})
+    assert set(answer) == {"ok", "files", "status"} and not answer["ok"]
 
 
 @pytest.mark.parametrize(("path", "body", "field"), [
