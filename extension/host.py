@@ -12,8 +12,8 @@ import torch
 from privdiff.atomic import private_folder
 from privdiff.errors import PrivdiffError
 
-from .a1111 import LEDGER_SETTING
-from .logic import GUIDED_FOLDER, state_progress
+from .logic.common import GUIDED_FOLDER, state_progress
+from .settings import LEDGER_SETTING
 
 
 def is_forge() -> bool:
