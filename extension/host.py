@@ -42,7 +42,8 @@ class A1111Host:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def _database(self):
+    def _database(self) -> Any:
+        """A1111's textual-inversion embedding database."""
         from modules import sd_hijack
 
         return sd_hijack.model_hijack.embedding_db

@@ -36,12 +36,14 @@ class TrainForm:
     new_release: bool = False
 
     def release(self) -> Release:
+        """The release options (a painting-style prompt template, the embedding's name as the prompt word)."""
         return Release(name=self.name.strip(), epsilon=self.epsilon, delta=self.delta, sample_rate=self.sample_rate,
                        clip_norm=self.clip_norm, bound="clip", prompt_template="a painting in the style of {}",
                        overwrite=self.overwrite, ledger_path=self.ledger, budget_epsilon=self.budget_epsilon,
                        new_release=self.new_release, prompt_syntax="{}")
 
     def config(self) -> TIConfig:
+        """The textual-inversion training settings."""
         return TIConfig(n_vectors=int(self.n_vectors), init_word=self.init_word, steps=int(self.steps),
                         lr=self.learning_rate, batch_size=int(self.batch_size))
 
