@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .install import unmet
 from .logic.common import Host
 from .tabs import guidance, he, reports, spectral, textual_inversion, tools
@@ -11,7 +13,7 @@ SUBTABS = (textual_inversion, guidance, spectral, he, reports, tools)
 """Each module has ``TITLE`` and ``build(host, job)``; a new capability adds one module here."""
 
 
-def build(host: Host, job: Job):
+def build(host: Host, job: Job) -> Any:
     """The tab's gr.Blocks."""
     import gradio as gr
 
