@@ -1,12 +1,12 @@
 """HTTP routes next to A1111's ``/sdapi`` (with ``--api``), for scripts and tests: the tab's actions by JSON.
 
-- ``POST /privdiff/v1/textual-inversion``: the DP Textual Inversion fields (``logic.TrainForm``) →
+- ``POST /privdiff/v1/textual-inversion``: the DP Textual Inversion fields (``logic.textual_inversion.TrainForm``) →
   {"report", "status", "ok"}.
-- ``POST /privdiff/v1/spectral-finetune``: the Spectral DP fine-tune fields (``logic.SpectralForm``) →
+- ``POST /privdiff/v1/spectral-finetune``: the Spectral DP fine-tune fields (``logic.spectral.SpectralForm``) →
   {"report", "status", "ok"}.
-- ``POST /privdiff/v1/spectral-sample``: the spectral sampling fields (``logic.SpectralSampleForm``) →
+- ``POST /privdiff/v1/spectral-sample``: the spectral sampling fields (``logic.spectral.SpectralSampleForm``) →
   {"files", "status", "ok"}.
-- ``POST /privdiff/v1/he-sample``: the encrypted denoising fields (``logic.EncryptedForm``) →
+- ``POST /privdiff/v1/he-sample``: the encrypted denoising fields (``logic.he.EncryptedForm``) →
   {"files", "report", "status", "ok"}.
 - ``GET /privdiff/v1/report?file=NAME``: the privacy report an embedding file carries.
 
@@ -20,22 +20,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import logic
+from privdiff.errors import PrivdiffError
+
+from .logic import he, reports, spectral, textual_inversion
+from .logic.common import Host
+from .logic.forms import parse_form
 
 
-def routes(app: Any, host: logic.Host) -> None:
+def routes(app: Any, host: Host) -> None:
     """Add the routes to A1111's FastAPI ``app``."""
     from fastapi import Body, HTTPException
     from modules import shared
     from modules.call_queue import queue_lock
 
-    def job(form_type: type, action: Callable[[logic.Host, Any], tuple], *keys: str) -> Callable[..., dict]:
+    def job(form_type: type, action: Callable[[Host, Any], tuple], *keys: str) -> Callable[..., dict]:
         """A route for ``action``, which returns one value per key and then the status line; "ok" is whether the
         first value is non-empty."""
         def run(fields: Any = Body(...)) -> dict:  # noqa: B008 (FastAPI's declaration style)
             try:
-                form = logic.parse_form(form_type, fields)
-            except logic.PrivdiffError as exc:
+                form = parse_form(form_type, fields)
+            except PrivdiffError as exc:
                 raise HTTPException(status_code=422, detail=f"privdiff: {exc}") from None
             with queue_lock:
                 shared.state.begin(job="privdiff")
@@ -51,14 +55,14 @@ def routes(app: Any, host: logic.Host) -> None:
         return run
 
     def report(file: str) -> dict:
-        return {"report": logic.report(host, file)}
+        return {"report": reports.report(host, file)}
 
-    app.add_api_route("/privdiff/v1/textual-inversion", job(logic.TrainForm, logic.train, "report"),
-                      methods=["POST"])
+    app.add_api_route("/privdiff/v1/textual-inversion",
+                      job(textual_inversion.TrainForm, textual_inversion.train, "report"), methods=["POST"])
     app.add_api_route("/privdiff/v1/spectral-finetune",
-                      job(logic.SpectralForm, logic.spectral_finetune, "report"), methods=["POST"])
+                      job(spectral.SpectralForm, spectral.spectral_finetune, "report"), methods=["POST"])
     app.add_api_route("/privdiff/v1/spectral-sample",
-                      job(logic.SpectralSampleForm, logic.spectral_sample, "files"), methods=["POST"])
-    app.add_api_route("/privdiff/v1/he-sample", job(logic.EncryptedForm, logic.encrypted_sample, "files", "report"),
+                      job(spectral.SpectralSampleForm, spectral.spectral_sample, "files"), methods=["POST"])
+    app.add_api_route("/privdiff/v1/he-sample", job(he.EncryptedForm, he.encrypted_sample, "files", "report"),
                       methods=["POST"])
     app.add_api_route("/privdiff/v1/report", report, methods=["GET"])

@@ -12,8 +12,8 @@ import torch
 from privdiff.atomic import private_folder
 from privdiff.errors import PrivdiffError
 
-from .a1111 import LEDGER_SETTING
-from .logic import GUIDED_FOLDER, state_progress
+from .logic.common import GUIDED_FOLDER, state_progress
+from .settings import LEDGER_SETTING
 
 
 def is_forge() -> bool:
@@ -42,7 +42,8 @@ class A1111Host:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def _database(self):
+    def _database(self) -> Any:
+        """A1111's textual-inversion embedding database."""
         from modules import sd_hijack
 
         return sd_hijack.model_hijack.embedding_db

@@ -20,4 +20,4 @@ if "privdiff_extension" not in sys.modules:
     sys.modules["privdiff_extension"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["privdiff_extension"])
 
-importlib.import_module("privdiff_extension.a1111").register()
+importlib.import_module("privdiff_extension.callbacks").register()

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from .install import unmet
-from .logic import Host
+from .logic.common import Host
 from .tabs import guidance, he, reports, spectral, textual_inversion, tools
+from .tabs.widgets import Job
 
 SUBTABS = (textual_inversion, guidance, spectral, he, reports, tools)
 """Each module has ``TITLE`` and ``build(host, job)``; a new capability adds one module here."""
 
-Job = Callable[[Callable[..., Any], int], Callable[..., Any]]
-"""``job(fn, n_outputs)``: ``fn`` wrapped as a queued web-UI job with progress (A1111's
-``wrap_gradio_gpu_call``); its first input is the task id and its last output is HTML."""
 
-
-def progress_js(status_id: str) -> dict[str, str]:
-    """The click handler's JavaScript: a task id for A1111's progress bar, shown above ``status_id``."""
-    import gradio as gr
-
-    code = ("(...args) => { const id = randomId(); "
-            f"requestProgress(id, gradioApp().getElementById('{status_id}'), null, () => {{}}); "
-            "args[0] = id; return args; }")
-    return {"_js" if int(gr.__version__.split(".")[0]) < 4 else "js": code}
-
-
-def build(host: Host, job: Job):
+def build(host: Host, job: Job) -> Any:
     """The tab's gr.Blocks."""
     import gradio as gr
 

@@ -17,9 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from extension import install, logic
+from extension import install
+from extension.logic import common, forms, guidance, he, paths, reports, spectral, textual_inversion, tools
 from privdiff.demo_data import write_style_images
 from privdiff.embeddings.files import load_embedding
+from privdiff.errors import PrivdiffError
 from privdiff.privacy.ledger import BudgetLedger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ class FakeHost:
 
     def sd_model(self):
         if self.model is None:
-            raise logic.PrivdiffError("no checkpoint is loaded: pick one in the Stable Diffusion checkpoint menu")
+            raise PrivdiffError("no checkpoint is loaded: pick one in the Stable Diffusion checkpoint menu")
         return self.model
 
     def _folder(self, name):
@@ -66,7 +68,7 @@ class FakeHost:
     def targets_dir(self):
         return self._folder("targets")
 
-    def outputs_dir(self, folder=logic.GUIDED_FOLDER):
+    def outputs_dir(self, folder=common.GUIDED_FOLDER):
         return self._folder(f"outputs/{folder}")
 
     def priors_dir(self):
@@ -83,7 +85,7 @@ class FakeHost:
         return button
 
     def progress(self, label):
-        inner = logic.state_progress(self.state, label)
+        inner = common.state_progress(self.state, label)
 
         def progress(done, total):
             if self.interrupt_at is not None and done >= self.interrupt_at:
@@ -106,7 +108,7 @@ def private(tmp_path_factory):
 def form(images, **overrides):
     options = dict(images=str(images), name="dp_style", epsilon=8.0, delta=1e-3, steps=2, batch_size=3,
                    resolution=32)
-    return logic.TrainForm(**{**options, **overrides})
+    return textual_inversion.TrainForm(**{**options, **overrides})
 
 
 def _spent(host):
@@ -116,15 +118,16 @@ def _spent(host):
 
 @pytest.mark.parametrize("method", ["dpagg", "dpsgd"])
 def test_training_writes_a_reloaded_embedding_with_its_report(host, private, method):
-    report, status = logic.train(host, form(private, method=method, sample_rate=0.5 if method == "dpsgd" else 1.0))
+    report, status = textual_inversion.train(host, form(private, method=method,
+                                                        sample_rate=0.5 if method == "dpsgd" else 1.0))
     path = host.embeddings_dir() / "dp_style.safetensors"
     assert status == "wrote dp_style: use it in a prompt, e.g. a painting in the style of dp_style"
     assert "PRIVATE release" in report and path.is_file() and host.reloads == 1 and "dp_style" in host.names
     assert load_embedding(path).vectors["clip_l"].shape == (1, 768)
     assert host.state.sampling_step == host.state.sampling_steps > 0 and host.state.job_count == 1
     assert len(_spent(host)) == 1
-    assert "PRIVATE release" in logic.report(host, "dp_style.safetensors")
-    assert '"epsilon": 8.0' in logic.ledger(host, "")
+    assert "PRIVATE release" in reports.report(host, "dp_style.safetensors")
+    assert '"epsilon": 8.0' in reports.ledger(host, "")
 
 
 def test_bad_input_is_one_line_and_writes_nothing(host, private, tmp_path):
@@ -142,65 +145,65 @@ def test_bad_input_is_one_line_and_writes_nothing(host, private, tmp_path):
         (form(private, epsilon=float("nan")), "epsilon"),
     ]
     for bad, needle in cases:
-        report, status = logic.train(host, bad)
+        report, status = textual_inversion.train(host, bad)
         assert report == "" and status.startswith("privdiff: ") and "\n" not in status and needle in status, status
     host.model = None
-    assert "no checkpoint is loaded" in logic.train(host, form(private))[1]
+    assert "no checkpoint is loaded" in textual_inversion.train(host, form(private))[1]
     host.forge = True
-    assert logic.train(host, form(private))[1] == logic.FORGE_MESSAGE
+    assert textual_inversion.train(host, form(private))[1] == common.FORGE_MESSAGE
     assert not any(host.embeddings_dir().iterdir()) and not _spent(host) and host.reloads == 0
 
 
 def test_interrupt_leaves_no_file_and_no_charge(host, private):
     host.interrupt_at = 1
-    report, status = logic.train(host, form(private, steps=3))
+    report, status = textual_inversion.train(host, form(private, steps=3))
     assert report == "" and status.startswith("privdiff: interrupted")
     assert not any(host.embeddings_dir().iterdir()) and not _spent(host)
     assert BudgetLedger(host.default_ledger()).summary()["releases"] == [] if host.default_ledger().is_file() else True
 
 
 def test_tools_inspect_and_convert(host, private):
-    logic.train(host, form(private, name="tooled"))
-    info = json.loads(logic.inspect(host, "tooled.safetensors"))
+    textual_inversion.train(host, form(private, name="tooled"))
+    info = json.loads(tools.inspect(host, "tooled.safetensors"))
     assert info["family"] == "SD1" and info["privacy_report"]["epsilon"] == 8.0
-    assert logic.convert(host, "tooled.safetensors", "a1111-pt", "", False).startswith("wrote ")
+    assert tools.convert(host, "tooled.safetensors", "a1111-pt", "", False).startswith("wrote ")
     assert (host.embeddings_dir() / "tooled.pt").is_file() and host.reloads == 2
-    assert logic.convert(host, "tooled.safetensors", "a1111-pt", "", False).startswith("privdiff: ")
-    assert logic.embedding_files(host.embeddings_dir()) == ["tooled.pt", "tooled.safetensors"]
-    assert logic.inspect(host, "missing.pt").startswith("privdiff: ")
-    assert logic.ledger(host, str(host.root / "none.json")).startswith("privdiff: ledger")
+    assert tools.convert(host, "tooled.safetensors", "a1111-pt", "", False).startswith("privdiff: ")
+    assert paths.embedding_files(host.embeddings_dir()) == ["tooled.pt", "tooled.safetensors"]
+    assert tools.inspect(host, "missing.pt").startswith("privdiff: ")
+    assert reports.ledger(host, str(host.root / "none.json")).startswith("privdiff: ledger")
     outside = host.root / "outside.safetensors"  # with --listen, these tools must not probe the file system
     outside.write_bytes((host.embeddings_dir() / "tooled.safetensors").read_bytes())
     for name in (str(outside), "../outside.safetensors", "~/outside.safetensors"):
-        assert "must be a name inside" in logic.inspect(host, name)
-        assert "must be a name inside" in logic.convert(host, name, "a1111-pt", "", False)
+        assert "must be a name inside" in tools.inspect(host, name)
+        assert "must be a name inside" in tools.convert(host, name, "a1111-pt", "", False)
     for output in (str(host.root / "out.pt"), "../out.pt"):
-        assert "must be a name inside" in logic.convert(host, "tooled.safetensors", "a1111-pt", output, True)
+        assert "must be a name inside" in tools.convert(host, "tooled.safetensors", "a1111-pt", output, True)
     assert not (host.root / "out.pt").exists()
 
 
 def test_style_target_and_guided_sampling(host, private):
-    target_form = logic.TargetForm(images=str(private), name="target", image_encoder="tiny", epsilon=2.0,
+    target_form = guidance.TargetForm(images=str(private), name="target", image_encoder="tiny", epsilon=2.0,
                                    delta=1e-3)
-    report, status = logic.make_target(host, target_form)
+    report, status = guidance.make_target(host, target_form)
     assert "PRIVATE release" in report and (host.targets_dir() / "target.safetensors").is_file(), status
-    guided = logic.GuidedForm(target="target", image_encoder="tiny", prompt="a painting of a cat", num_images=2,
+    guided = guidance.GuidedForm(target="target", image_encoder="tiny", prompt="a painting of a cat", num_images=2,
                               width=32, height=32, steps=2, seed=3)
-    files, status = logic.guided_sample(host, guided)
+    files, status = guidance.guided_sample(host, guided)
     assert len(files) == 2 and all(f.parent == host.outputs_dir() for f in files), status
-    again, _ = logic.guided_sample(host, guided)
+    again, _ = guidance.guided_sample(host, guided)
     assert again[0].read_bytes() != b"" and len(_spent(host)) == 1  # sampling spends nothing
-    wrong = logic.GuidedForm(**{**guided.__dict__, "width": 30})
-    assert logic.guided_sample(host, wrong)[1].startswith("privdiff: height/width")
+    wrong = guidance.GuidedForm(**{**guided.__dict__, "width": 30})
+    assert guidance.guided_sample(host, wrong)[1].startswith("privdiff: height/width")
 
 
 def test_state_progress_follows_a1111_state():
     state = SimpleNamespace(interrupted=False)
-    progress = logic.state_progress(state, "privdiff: job")
+    progress = common.state_progress(state, "privdiff: job")
     progress(3, 10)
     assert (state.job_count, state.sampling_step, state.sampling_steps, state.textinfo) == (1, 3, 10, "privdiff: job")
     state.interrupted = True
-    with pytest.raises(logic.Interrupted):
+    with pytest.raises(common.Interrupted):
         progress(4, 10)
 
 
@@ -275,9 +278,12 @@ def test_extension_imports_without_diffusers_gradio_or_a1111():
         "        if name.split('.')[0] in ('diffusers', 'transformers', 'gradio', 'modules'):\n"
         "            raise ImportError(f'blocked {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import extension.a1111, extension.host, extension.install, extension.logic, extension.ui\n"
+        "import extension.callbacks, extension.settings, extension.host, extension.install, extension.ui\n"
         "import extension.a1111_backend, extension.api, extension.tabs.guidance, extension.tabs.reports\n"
         "import extension.tabs.he, extension.tabs.spectral, extension.tabs.textual_inversion, extension.tabs.tools\n"
+        "import extension.tabs.widgets, extension.logic.common, extension.logic.forms, extension.logic.paths\n"
+        "import extension.logic.textual_inversion, extension.logic.guidance, extension.logic.spectral\n"
+        "import extension.logic.he, extension.logic.reports, extension.logic.tools\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -287,7 +293,7 @@ def test_extension_imports_without_diffusers_gradio_or_a1111():
 def spectral_form(images, **overrides):
     options = dict(images=str(images), prior="public", name="dp_prior", epsilon=8.0, delta=1e-3, sample_rate=0.5,
                    steps=2, learning_rate=1e-3)
-    return logic.SpectralForm(**{**options, **overrides})
+    return spectral.SpectralForm(**{**options, **overrides})
 
 
 def _with_public(host, public_prior):
@@ -303,7 +309,7 @@ def test_spectral_finetune_writes_a_dp_prior_with_its_report_and_samples_from_it
     from privdiff.wavelet.prior import load_prior
 
     _with_public(host, public_prior)
-    report, status = logic.spectral_finetune(host, spectral_form(private))
+    report, status = spectral.spectral_finetune(host, spectral_form(private))
     path = host.priors_dir() / "dp_prior.safetensors"
     assert status.startswith("wrote DP prior dp_prior.safetensors in "), status
     assert "PRIVATE release" in report and "the guarantee covers this prior" in report and "resumed" not in report
@@ -311,9 +317,9 @@ def test_spectral_finetune_writes_a_dp_prior_with_its_report_and_samples_from_it
     assert host.state.sampling_step == host.state.sampling_steps == 2 and host.state.textinfo.endswith("fine-tune")
     assert [r["status"] for r in _spent(host)] == ["committed"]
     assert not any(host.checkpoints_dir().iterdir())  # released: the private checkpoint is gone
-    assert logic.prior_files(host.priors_dir()) == ["dp_prior.safetensors", "public.safetensors"]
+    assert spectral.prior_files(host.priors_dir()) == ["dp_prior.safetensors", "public.safetensors"]
 
-    files, status = logic.spectral_sample(host, logic.SpectralSampleForm(prior="dp_prior", num_images=2, seed=5))
+    files, status = spectral.spectral_sample(host, spectral.SpectralSampleForm(prior="dp_prior", num_images=2, seed=5))
     assert len(files) == 2 and all(f.parent == host.outputs_dir() for f in files), status
     assert "from a DP prior (epsilon=8, delta=0.001)" in status and "spend no budget" in status
     assert _pixels(files[0]).shape == (16, 16, 3) and len(_spent(host)) == 1
@@ -345,7 +351,7 @@ def test_spectral_finetune_bad_input_is_one_line_and_writes_nothing(host, privat
         (spectral_form(private, learning_rate=float("inf")), "learning rate"),
     ]
     for bad, needle in cases:
-        report, status = logic.spectral_finetune(host, bad)
+        report, status = spectral.spectral_finetune(host, bad)
         assert report == "" and status.startswith("privdiff: ") and "\n" not in status and needle in status, status
     assert sorted(host.priors_dir().iterdir()) == before and not any(host.checkpoints_dir().iterdir())
     assert not _spent(host)
@@ -357,7 +363,7 @@ def test_spectral_finetune_interrupt_leaves_no_file_and_resumes_after_a_checkpoi
 
     _with_public(host, public_prior)
     host.interrupt_at = 1
-    report, status = logic.spectral_finetune(host, spectral_form(private, steps=3))
+    report, status = spectral.spectral_finetune(host, spectral_form(private, steps=3))
     assert report == "" and status.startswith("privdiff: interrupted: nothing was written and nothing was charged")
     assert not (host.priors_dir() / "dp_prior.safetensors").exists() and not _spent(host)
     assert not any(host.checkpoints_dir().iterdir())
@@ -366,24 +372,24 @@ def test_spectral_finetune_interrupt_leaves_no_file_and_resumes_after_a_checkpoi
     checkpoint = workflow.Checkpoint
     monkeypatch.setattr(workflow, "Checkpoint", lambda path, every: checkpoint(path, 1))
     host.state.interrupted, host.interrupt_at = False, 2
-    report, status = logic.spectral_finetune(host, spectral_form(private, steps=3))
+    report, status = spectral.spectral_finetune(host, spectral_form(private, steps=3))
     assert report == "" and "stays charged" in status and "run the same fine-tune again" in status, status
     assert not (host.priors_dir() / "dp_prior.safetensors").exists()
     assert [r["status"] for r in _spent(host)] == ["reserved"] and len(list(host.checkpoints_dir().iterdir())) == 1
     host.state.interrupted, host.interrupt_at = False, None
-    report, status = logic.spectral_finetune(host, spectral_form(private, steps=3))
+    report, status = spectral.spectral_finetune(host, spectral_form(private, steps=3))
     assert "resumed an interrupted fine-tune" in report and status.startswith("wrote DP prior"), status
     assert [r["status"] for r in _spent(host)] == ["committed"] and not any(host.checkpoints_dir().iterdir())
 
 
 def test_spectral_sample_writes_images_and_upsamples_bicubic(host, public_prior):
     _with_public(host, public_prior)
-    sample = logic.SpectralSampleForm(prior=str(host.priors_dir() / "public.safetensors"), num_images=2, seed=1)
-    files, status = logic.spectral_sample(host, sample)
+    sample = spectral.SpectralSampleForm(prior=str(host.priors_dir() / "public.safetensors"), num_images=2, seed=1)
+    files, status = spectral.spectral_sample(host, sample)
     assert len(files) == 2 and "from a public prior" in status and "spend no budget" in status, status
-    again, _ = logic.spectral_sample(host, sample)
+    again, _ = spectral.spectral_sample(host, sample)
     np.testing.assert_array_equal(_pixels(again[0]), _pixels(files[0]))  # the same seed gives the same images
-    bicubic, status = logic.spectral_sample(host, logic.SpectralSampleForm(prior="public", num_images=1,
+    bicubic, status = spectral.spectral_sample(host, spectral.SpectralSampleForm(prior="public", num_images=1,
                                                                            upsampling="bicubic", scale=3))
     assert _pixels(bicubic[0]).shape == (48, 48, 3), status
     assert json.loads(Image.open(bicubic[0]).text["parameters"])["scale"] == 3
@@ -402,26 +408,26 @@ def test_spectral_sample_writes_images_and_upsamples_bicubic(host, public_prior)
         (dict(upsampling="SD refine", refine_steps=0), "refine steps"),
     ]
     for fields, needle in cases:
-        files, status = logic.spectral_sample(host, logic.SpectralSampleForm(**{"prior": "public", **fields}))
+        files, status = spectral.spectral_sample(host, spectral.SpectralSampleForm(**{"prior": "public", **fields}))
         assert files == [] and status.startswith("privdiff: ") and "\n" not in status and needle in status, status
     host.interrupt_at = 1
-    assert logic.spectral_sample(host, sample)[1].startswith("privdiff: interrupted")
+    assert spectral.spectral_sample(host, sample)[1].startswith("privdiff: interrupted")
     host.state.interrupted, host.interrupt_at = False, None
-    refined = logic.SpectralSampleForm(prior="public", upsampling="SD refine", refine_size=32)
+    refined = spectral.SpectralSampleForm(prior="public", upsampling="SD refine", refine_size=32)
     host.model = None
-    assert "no checkpoint is loaded" in logic.spectral_sample(host, refined)[1]
+    assert "no checkpoint is loaded" in spectral.spectral_sample(host, refined)[1]
     host.forge = True
-    assert logic.spectral_sample(host, refined)[1] == logic.FORGE_MESSAGE
+    assert spectral.spectral_sample(host, refined)[1] == common.FORGE_MESSAGE
     assert sorted(host.outputs_dir().iterdir()) == written
-    assert len(logic.spectral_sample(host, sample)[0]) == 2  # sampling the prior needs no SD model: works on Forge
+    assert len(spectral.spectral_sample(host, sample)[0]) == 2  # sampling the prior needs no SD model: works on Forge
 
 
 def test_spectral_sample_refines_with_the_loaded_checkpoint(host, public_prior):
     _with_public(host, public_prior)
     flags = {name: p.requires_grad for name, p in host.model.named_parameters()}
-    form = logic.SpectralSampleForm(prior="public", num_images=5, seed=2, upsampling="SD refine",
+    form = spectral.SpectralSampleForm(prior="public", num_images=5, seed=2, upsampling="SD refine",
                                     refine_prompt="a painting", refine_size=32, refine_steps=4, strength=0.5)
-    files, status = logic.spectral_sample(host, form)
+    files, status = spectral.spectral_sample(host, form)
     assert len(files) == 5 and all(_pixels(f).shape == (32, 32, 3) for f in files), status
     # 2 of the 4 DDIM steps lie below strength 0.5, for 2 batches (4 + 1 images): 4 UNet calls
     assert (host.state.textinfo, host.state.sampling_step, host.state.sampling_steps) == ("privdiff: SD refine", 4, 4)
@@ -433,7 +439,7 @@ def test_spectral_sample_refines_with_the_loaded_checkpoint(host, public_prior):
 def he_form(**overrides):
     options = dict(prompt="a painting of a cat", negative_prompt="blurry", width=32, height=32, steps=2,
                    num_images=2, seed=4)
-    return logic.EncryptedForm(**{**options, **overrides})
+    return he.EncryptedForm(**{**options, **overrides})
 
 
 def _closed_port():
@@ -444,8 +450,8 @@ def _closed_port():
 
 def test_encrypted_denoising_writes_images_and_returns_the_report(host, he_worker):
     flags = {name: p.requires_grad for name, p in host.model.named_parameters()}
-    files, report, status = logic.encrypted_sample(host, he_form())
-    folder = host.outputs_dir(logic.HE_FOLDER)
+    files, report, status = he.encrypted_sample(host, he_form())
+    folder = host.outputs_dir(he.HE_FOLDER)
     assert len(files) == 2 and all(f.parent == folder for f in files) and folder.name == "privdiff-he", status
     assert status == f"2 image(s) in {folder}, seed 4; encrypted steps with both roles in this process"
     assert report.startswith("privdiff encrypted denoising: ddim, 2 steps, CFG 7.5") and "dense packing" in report
@@ -459,18 +465,18 @@ def test_encrypted_denoising_writes_images_and_returns_the_report(host, he_worke
     assert "a painting of a cat" not in json.dumps(Image.open(files[0]).text)
     assert {name: p.requires_grad for name, p in host.model.named_parameters()} == flags
 
-    again, _, _ = logic.encrypted_sample(host, he_form())  # the same seed: the same images, up to CKKS rounding
+    again, _, _ = he.encrypted_sample(host, he_form())  # the same seed: the same images, up to CKKS rounding
     assert [f.name for f in again] == ["privdiff_00002.png", "privdiff_00003.png"]
     diff = np.abs(_pixels(again[0]).astype(int) - _pixels(files[0]).astype(int))
     assert diff.max() <= 1
 
-    secret, report, status = logic.encrypted_sample(host, he_form(seed=-1))  # the default: secret noise
+    secret, report, status = he.encrypted_sample(host, he_form(seed=-1))  # the default: secret noise
     assert "secret noise" in status and "not recorded" in report
     assert np.abs(_pixels(secret[0]).astype(int) - _pixels(files[0]).astype(int)).max() > 1
 
     remote = he_form(sampler="plms", packing="sparse", encrypt_offsets=False, worker=f" {he_worker} ",
                      num_images=1, save_prompt=True)
-    files, report, status = logic.encrypted_sample(host, remote)
+    files, report, status = he.encrypted_sample(host, remote)
     assert len(files) == 1 and status.endswith(f"encrypted steps with the worker at {he_worker}"), status
     assert f"worker at {he_worker}" in report and "sparse packing" in report and "the offsets in plaintext" in report
     settings = json.loads(Image.open(files[0]).text["parameters"])
@@ -497,22 +503,22 @@ def test_encrypted_denoising_bad_input_is_one_line_and_writes_nothing(host):
         (he_form(seed=-2), "seed"),
     ]
     for bad, needle in cases:
-        files, report, status = logic.encrypted_sample(host, bad)
+        files, report, status = he.encrypted_sample(host, bad)
         assert files == [] and report == "" and status.startswith("privdiff: ") and "\n" not in status, status
         assert needle in status, status
     host.model = None
-    assert "no checkpoint is loaded" in logic.encrypted_sample(host, he_form())[2]
+    assert "no checkpoint is loaded" in he.encrypted_sample(host, he_form())[2]
     host.forge = True
-    assert logic.encrypted_sample(host, he_form())[2] == logic.FORGE_MESSAGE
-    assert not any(host.outputs_dir(logic.HE_FOLDER).iterdir())
+    assert he.encrypted_sample(host, he_form())[2] == common.FORGE_MESSAGE
+    assert not any(host.outputs_dir(he.HE_FOLDER).iterdir())
 
 
 def test_encrypted_denoising_interrupt_writes_nothing(host, he_worker):
     for worker in ("", he_worker):
         host.state.interrupted, host.interrupt_at = False, 1
-        files, report, status = logic.encrypted_sample(host, he_form(steps=3, worker=worker))
+        files, report, status = he.encrypted_sample(host, he_form(steps=3, worker=worker))
         assert (files, report) == ([], "") and status.startswith("privdiff: interrupted"), status
-    assert not any(host.outputs_dir(logic.HE_FOLDER).iterdir())
+    assert not any(host.outputs_dir(he.HE_FOLDER).iterdir())
 
 
 class _Component:
@@ -546,7 +552,7 @@ def test_encrypted_tab_defaults_match_the_form_and_generate_runs_it(host, monkey
     ui.build(host, lambda fn, n_outputs: fn)
     ((_, run, inputs, outputs, js),) = [c for c in _Component.clicks if c[0].args == ("Generate",)]
     assert len(outputs) == 3 and "privdiff_he_status" in js["_js"]
-    form = fields(logic.EncryptedForm)
+    form = fields(he.EncryptedForm)
     assert [f.default for f in form[1:]] == [i.kwargs.get("value", "") for i in inputs[2:]]
     values = {f.name: i.kwargs.get("value", "") for f, i in zip(form, inputs[1:], strict=True)}
     gallery, report, status = run(None, *{**values, "width": 32, "height": 32, "steps": 1}.values())
@@ -628,12 +634,12 @@ def test_api_refuses_a_body_that_is_not_an_object(api_routes):
 
 
 def test_api_accepts_whole_floats_for_whole_fields():
-    form = logic.parse_form(logic.EncryptedForm, {"prompt": "a cat", "steps": 3.0, "cfg": 7})
+    form = forms.parse_form(he.EncryptedForm, {"prompt": "a cat", "steps": 3.0, "cfg": 7})
     assert (form.steps, type(form.steps), form.cfg, type(form.cfg)) == (3, int, 7.0, float)
 
 
 def test_report_route_reads_only_names_inside_privdiffs_folders(api_routes, host, private, tmp_path):
-    assert logic.train(host, form(private))[0]
+    assert textual_inversion.train(host, form(private))[0]
     report = api_routes["GET", "/privdiff/v1/report"]
     assert "PRIVATE release" in report("dp_style.safetensors")["report"]
     outside = tmp_path / "elsewhere"
@@ -690,7 +696,7 @@ def test_embedding_lists_refresh_with_files_written_after_start_up(host, monkeyp
     for elem_id in ("privdiff_tools_refresh", "privdiff_reports_refresh"):
         button, fn, inputs, (dropdown,), _ = refresh[elem_id]
         assert button.args == ("\U0001f504",) and inputs == [] and dropdown.args == ([],)
-    assert logic.train(host, form(private))[0]
+    assert textual_inversion.train(host, form(private))[0]
     for elem_id in ("privdiff_tools_refresh", "privdiff_reports_refresh"):
         assert refresh[elem_id][1]() == {"choices": ["dp_style.safetensors"]}
 

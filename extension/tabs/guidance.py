@@ -3,8 +3,9 @@ universal-guidance sampling toward it with the loaded checkpoint (post-processin
 
 from __future__ import annotations
 
-from .. import logic
-from ..ui_parts import interrupt_button, status_html
+from ..logic import guidance as logic
+from ..logic.common import FORGE_MESSAGE, Host
+from .widgets import Job, interrupt_button, progress_js, status_html
 
 TITLE = "DP style guidance"
 
@@ -12,13 +13,11 @@ ENCODER_HELP = ("Image encoder: a transformers CLIP vision folder, ARCH:FILE for
                 "'small'/'tiny' (privdiff's test encoders). Target and sampling must use the same one.")
 
 
-def build(host: logic.Host, job) -> None:
+def build(host: Host, job: Job) -> None:
     import gradio as gr
 
-    from ..ui import progress_js
-
     if host.forge:
-        gr.Markdown(logic.FORGE_MESSAGE)
+        gr.Markdown(FORGE_MESSAGE)
     gr.Markdown(ENCODER_HELP)
     encoder = gr.Textbox(elem_id="privdiff_guidance_encoder",
                          label="Image encoder", placeholder="/path/to/clip-vit-large-patch14")

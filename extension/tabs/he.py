@@ -4,8 +4,9 @@ that gets the public context only."""
 
 from __future__ import annotations
 
-from .. import logic
-from ..ui_parts import interrupt_button, status_html
+from ..logic import he as logic
+from ..logic.common import FORGE_MESSAGE, Host
+from .widgets import Job, interrupt_button, progress_js, status_html
 
 TITLE = "Encrypted denoising"
 
@@ -15,17 +16,15 @@ THREAT_MODEL = ("Encryption protects the latent from the **worker** only: whoeve
                 "The report says what was encrypted and what the worker saw.")
 
 
-def build(host: logic.Host, job) -> None:
+def build(host: Host, job: Job) -> None:
     import gradio as gr
 
     from privdiff.he.sampler import SAMPLERS
     from privdiff.he.selection import CHANNELS
     from privdiff.he.stepper import PACKINGS
 
-    from ..ui import progress_js
-
     if host.forge:
-        gr.Markdown(logic.FORGE_MESSAGE)
+        gr.Markdown(FORGE_MESSAGE)
     gr.Markdown(THREAT_MODEL)
     with gr.Row():
         with gr.Column():

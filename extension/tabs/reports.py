@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from .. import logic
+from ..logic import reports as logic
+from ..logic.common import Host
+from ..logic.paths import embedding_files
+from .widgets import Job
 
 TITLE = "Privacy report / ledger"
 
 
-def build(host: logic.Host, job) -> None:
+def build(host: Host, job: Job) -> None:
     import gradio as gr
 
     def files() -> list[str]:
-        return logic.embedding_files(host.embeddings_dir())
+        return embedding_files(host.embeddings_dir())
 
     with gr.Row():
         with gr.Column():

@@ -3,8 +3,9 @@ folder, and samples from any prior, optionally upsampled by a public model (post
 
 from __future__ import annotations
 
-from .. import logic
-from ..ui_parts import interrupt_button, status_html
+from ..logic import spectral as logic
+from ..logic.common import Host
+from .widgets import Job, interrupt_button, progress_js, status_html
 
 TITLE = "Spectral DP"
 
@@ -17,10 +18,8 @@ FORGE_NOTE = ("On Forge the SD refine pass is not supported yet (its model objec
               "fine-tuning and sampling the prior work.")
 
 
-def build(host: logic.Host, job) -> None:
+def build(host: Host, job: Job) -> None:
     import gradio as gr
-
-    from ..ui import progress_js
 
     def priors() -> list[str]:
         return logic.prior_files(host.priors_dir())

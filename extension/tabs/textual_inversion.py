@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from .. import logic
-from ..ui_parts import interrupt_button, status_html
+from ..logic import textual_inversion as logic
+from ..logic.common import FORGE_MESSAGE, Host
+from .widgets import Job, interrupt_button, progress_js, status_html
 
 TITLE = "DP Textual Inversion"
 
 
-def build(host: logic.Host, job) -> None:
+def build(host: Host, job: Job) -> None:
     import gradio as gr
 
-    from ..ui import progress_js
-
     if host.forge:
-        gr.Markdown(logic.FORGE_MESSAGE)
+        gr.Markdown(FORGE_MESSAGE)
     with gr.Row():
         with gr.Column():
             images = gr.Textbox(elem_id="privdiff_ti_images",

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from privdiff.output_plan import FORMATS
 
-from .. import logic
+from ..logic import tools as logic
+from ..logic.common import Host
+from ..logic.paths import embedding_files
+from .widgets import Job
 
 TITLE = "Embedding tools"
 
 
-def build(host: logic.Host, job) -> None:
+def build(host: Host, job: Job) -> None:
     import gradio as gr
 
     def files() -> list[str]:
-        return logic.embedding_files(host.embeddings_dir())
+        return embedding_files(host.embeddings_dir())
 
     with gr.Row():
         with gr.Column():

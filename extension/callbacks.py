@@ -1,18 +1,10 @@
-"""Registers privdiff with AUTOMATIC1111 (or Forge): the tab and its settings."""
+"""Registers privdiff with AUTOMATIC1111 (or Forge) through its script callbacks: settings, the tab, the API routes.
+
+The tab and the routes are imported when A1111 calls for them, not when the script loads."""
 
 from __future__ import annotations
 
-LEDGER_SETTING = "privdiff_ledger_path"
-SECTION = ("privdiff", "privdiff")
-
-
-def on_ui_settings() -> None:
-    """privdiff's defaults on A1111's Settings page."""
-    from modules import shared
-
-    shared.opts.add_option(LEDGER_SETTING, shared.OptionInfo(
-        "", "Budget ledger file (JSON, kept by you and never shared); empty: <data dir>/privdiff/ledger.json",
-        section=SECTION))
+from .settings import on_ui_settings
 
 
 def on_ui_tabs() -> list[tuple[object, str, str]]:
@@ -45,6 +37,7 @@ def on_app_started(_blocks: object, app: object) -> None:
 
 
 def register() -> None:
+    """Hand the callbacks to A1111 (called once by ``register.py``)."""
     from modules import script_callbacks
 
     script_callbacks.on_ui_settings(on_ui_settings)
