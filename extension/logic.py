@@ -20,11 +20,7 @@ from typing import Any, Protocol, get_type_hints
 
 import torch
 
-from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES
-from privdiff.embeddings.files import inspect_embedding, load_embedding
-from privdiff.embeddings.textual_inversion import TIConfig
-from privdiff.errors import PrivdiffError
-from privdiff.frontend import (
+from privdiff.app.frontend import (
     Release,
     finetune_spectral,
     make_style_target,
@@ -32,10 +28,14 @@ from privdiff.frontend import (
     target_path,
     train_embedding,
 )
-from privdiff.images import check_resolution, load_private_dataset
-from privdiff.output_plan import FORMATS, SUFFIXES, plan_output, save_planned
+from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES
+from privdiff.embeddings.files import inspect_embedding, load_embedding
+from privdiff.embeddings.textual_inversion import TIConfig
+from privdiff.errors import PrivdiffError
+from privdiff.io.images import check_resolution, load_private_dataset
+from privdiff.io.untrusted import file_kind
 from privdiff.privacy.ledger import BudgetLedger
-from privdiff.untrusted import file_kind
+from privdiff.release.output_plan import FORMATS, SUFFIXES, plan_output, save_planned
 
 from .a1111_backend import training_session
 
@@ -345,7 +345,7 @@ def guided_sample(host: Host, form: GuidedForm) -> tuple[list[Path], str]:
     from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, sample_images
     from privdiff.guidance.target import check_encoder, load_target
-    from privdiff.image_output import save_images
+    from privdiff.io.image_output import save_images
 
     out: list[str] = []
     with _one_line_errors(out):
@@ -521,7 +521,7 @@ def spectral_sample(host: Host, form: SpectralSampleForm) -> tuple[list[Path], s
     import torch.nn.functional as F
 
     from privdiff.guidance.sampler import GuidanceConfig
-    from privdiff.image_output import save_images
+    from privdiff.io.image_output import save_images
     from privdiff.wavelet.upsample import load_upscaler, refine, upscale
     from privdiff.wavelet.workflow import sample_prior
 
@@ -625,7 +625,7 @@ def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, 
     outputs folder's ``privdiff-he``. Returns (image files, report, status line); the report is empty on error."""
     from privdiff.he.protocol import parse_address
     from privdiff.he.sampler import HEConfig, sample_images
-    from privdiff.image_output import prompt_settings, save_images
+    from privdiff.io.image_output import prompt_settings, save_images
 
     out: list[str] = []
     with _one_line_errors(out):

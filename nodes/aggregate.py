@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from privdiff.frontend import Release, aggregate_files
+from privdiff.app.frontend import Release, aggregate_files
 
 from .common import (
     CATEGORY,

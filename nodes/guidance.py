@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from privdiff.frontend import Release, make_style_target, target_path
+from privdiff.app.frontend import Release, make_style_target, target_path
 from privdiff.guidance.encoders import clip_preprocess, weight_identity
 from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, sample
 from privdiff.guidance.target import StyleTarget, check_encoder, load_target

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from privdiff.app.frontend import Release, train_embedding
 from privdiff.embeddings.textual_inversion import TIConfig
-from privdiff.frontend import Release, train_embedding
 
 from .comfy_backend import training_session
 from .common import (

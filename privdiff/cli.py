@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, NoReturn
 from privdiff.errors import PrivdiffError
 
 if TYPE_CHECKING:
-    from privdiff.output_plan import OutputPlan
     from privdiff.privacy.ledger import BudgetLedger
+    from privdiff.release.output_plan import OutputPlan
 
 # Parse-time sanity ranges of the numeric options; the library checks the finer rules (e.g. delta < 1/N).
 MAX_STEPS = 1_000_000
@@ -74,8 +74,8 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
 
 
 def _resolution(text: str) -> int:
-    """argparse type for --resolution: a whole number of pixels that privdiff.images.check_resolution accepts."""
-    from privdiff.images import check_resolution
+    """argparse type for --resolution: a whole number of pixels that privdiff.io.images.check_resolution accepts."""
+    from privdiff.io.images import check_resolution
 
     try:
         return check_resolution(int(text))
@@ -107,8 +107,8 @@ def _word(text: str) -> str:
 
 
 def _device(text: str) -> str:
-    """argparse type for --device: a torch device this machine has (privdiff.devices.check_device)."""
-    from privdiff.devices import check_device
+    """argparse type for --device: a torch device this machine has (privdiff.io.devices.check_device)."""
+    from privdiff.io.devices import check_device
 
     try:
         return check_device(text)
@@ -161,7 +161,7 @@ def _cmd_embedding_inspect(args: argparse.Namespace) -> None:
 
 def _cmd_embedding_convert(args: argparse.Namespace) -> None:
     from privdiff.embeddings.files import load_embedding
-    from privdiff.output_plan import plan_output, save_planned
+    from privdiff.release.output_plan import plan_output, save_planned
 
     plan = plan_output(args.output, args.format, args.token, args.force)  # before the input is read
     out = save_planned(load_embedding(args.input), plan)
@@ -177,7 +177,7 @@ def _ledger_request(args: argparse.Namespace, digests: list[str]) -> object:
         return None
     if args.budget_delta is not None and args.budget_epsilon is None:
         raise PrivdiffError("--budget-delta sets a budget together with --budget-epsilon; give both")
-    from privdiff.release import open_ledger
+    from privdiff.release.artifact import open_ledger
 
     budget_delta = args.delta if args.budget_delta is None else args.budget_delta  # 0 is refused, not replaced
     return open_ledger(args.ledger, digests, budget_epsilon=args.budget_epsilon, budget_delta=budget_delta,
@@ -186,7 +186,7 @@ def _ledger_request(args: argparse.Namespace, digests: list[str]) -> object:
 
 def _output(args: argparse.Namespace) -> OutputPlan:
     """The checked plan for --out/--format/--token/--force: call it before anything else."""
-    from privdiff.output_plan import plan_output
+    from privdiff.release.output_plan import plan_output
 
     return plan_output(args.out, args.format, args.token, args.force)
 
@@ -217,13 +217,13 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
 
     from privdiff.backends.diffusers_backend import DiffusersBackend
     from privdiff.backends.tiny import load_model
-    from privdiff.devices import check_device
     from privdiff.embeddings.dpagg import check_params
+    from privdiff.embeddings.methods import METHODS, PLANS
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
-    from privdiff.images import check_memory, read_private_files
+    from privdiff.io.devices import check_device
+    from privdiff.io.images import check_memory, read_private_files
     from privdiff.progress import tqdm_progress
-    from privdiff.release import release_embedding
-    from privdiff.training import METHODS, PLANS
+    from privdiff.release.artifact import release_embedding
 
     output = _output(args)
     # Each file read once, before a model loads: an empty folder, a corrupt or oversized header or a duplicated
@@ -269,9 +269,9 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
         plan_files_release,
     )
     from privdiff.embeddings.files import load_embedding
-    from privdiff.images import list_images
+    from privdiff.io.images import list_images
     from privdiff.privacy.ledger import image_digests
-    from privdiff.release import release_embedding
+    from privdiff.release.artifact import release_embedding
 
     output = _output(args)
     if not args.one_image_per_file:
@@ -315,13 +315,13 @@ def _target_out(path: str, force: bool) -> object:
 
 
 def _cmd_guidance_target(args: argparse.Namespace) -> None:
-    from privdiff.devices import check_device
     from privdiff.embeddings.dpagg import check_params, expected_snr
     from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.target import make_target, plan_target, save_target, target_params
-    from privdiff.images import check_memory, read_private_files
+    from privdiff.io.devices import check_device
+    from privdiff.io.images import check_memory, read_private_files
     from privdiff.progress import tqdm_progress
-    from privdiff.release import carries_release, release_artifact
+    from privdiff.release.artifact import carries_release, release_artifact
 
     out = _target_out(args.out, args.force)
     private = read_private_files(args.images, warn=False)  # read once: the ledger charges the bytes decoded below
@@ -358,11 +358,11 @@ def _cmd_guidance_sample(args: argparse.Namespace) -> None:
 
     from privdiff.backends.diffusers_backend import DiffusersBackend
     from privdiff.backends.tiny import load_model
-    from privdiff.devices import check_device
     from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, decoder_channels, sample_images
     from privdiff.guidance.target import check_encoder, load_target
-    from privdiff.image_output import save_images
+    from privdiff.io.devices import check_device
+    from privdiff.io.image_output import save_images
     from privdiff.progress import tqdm_progress
 
     config = GuidanceConfig(steps=args.steps, cfg=args.cfg, weight=args.guidance_weight, recurrence=args.recurrence)
@@ -391,7 +391,7 @@ def _cmd_guidance_sample(args: argparse.Namespace) -> None:
 
 def _out_dir(path: str) -> object:
     """An output folder for images, checked but not created (``save_images`` creates it with the first image)."""
-    from privdiff.image_output import check_image_folder
+    from privdiff.io.image_output import check_image_folder
 
     return check_image_folder(path, "--out")
 
@@ -408,8 +408,8 @@ def _existing_ledger(path: str) -> BudgetLedger:
     """The BudgetLedger at ``path``, which must be a regular file (a FIFO or folder is refused unopened)."""
     from pathlib import Path
 
+    from privdiff.io.untrusted import regular_file
     from privdiff.privacy.ledger import BudgetLedger
-    from privdiff.untrusted import regular_file
 
     return BudgetLedger(regular_file(Path(path).expanduser(), "ledger"))
 
@@ -423,8 +423,8 @@ def _cmd_ledger_show(args: argparse.Namespace) -> None:
 def _cmd_ledger_clear(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from privdiff.release import carries_release
-    from privdiff.untrusted import file_kind
+    from privdiff.io.untrusted import file_kind
+    from privdiff.release.artifact import carries_release
 
     ledger = _existing_ledger(args.ledger)
     entry = ledger.release(args.release_id)
@@ -680,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrivdiffError as exc:
         return _error(exc)
     except OSError as exc:  # the system refused a read or write the checks could not foresee
-        from privdiff.atomic import os_reason
+        from privdiff.io.atomic import os_reason
 
         return _error(f"{exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc))
     except KeyboardInterrupt:

@@ -57,11 +57,11 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
     from privdiff.backends.diffusers_backend import DiffusersBackend
     from privdiff.backends.tiny import load_model
-    from privdiff.devices import check_device
     from privdiff.he.ckks import KeyHolder
     from privdiff.he.protocol import RemoteWorker
     from privdiff.he.sampler import HEConfig, sample_images
-    from privdiff.image_output import prompt_settings, save_images
+    from privdiff.io.devices import check_device
+    from privdiff.io.image_output import prompt_settings, save_images
     from privdiff.progress import tqdm_progress
 
     config = HEConfig(steps=args.steps, cfg=args.cfg, sampler=args.sampler, threshold=args.threshold,

@@ -40,7 +40,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from privdiff.embeddings.dpagg import DPParams
-    from privdiff.images import read_private_files
+    from privdiff.io.images import read_private_files
     from privdiff.progress import tqdm_progress
     from privdiff.wavelet.workflow import default_checkpoint_dir, finetune_prior, plan_file, plan_folder
 
@@ -67,8 +67,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
-    from privdiff.image_output import file_name, save_images
-    from privdiff.images import check_memory
+    from privdiff.io.image_output import file_name, save_images
+    from privdiff.io.images import check_memory
     from privdiff.progress import tqdm_progress
     from privdiff.wavelet.prior import load_prior
     from privdiff.wavelet.upsample import load_upscaler, refine, upscale

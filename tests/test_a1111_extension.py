@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from extension import install, logic
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import load_embedding
 from privdiff.privacy.ledger import BudgetLedger
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, save_embedding
 
 settings.register_profile(

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from privdiff.cli import main
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 
 TARGET = ["--image-encoder", "tiny", "--epsilon", "2", "--delta", "1e-3", "--public-size", "10",
           "--accountant", "rdp"]

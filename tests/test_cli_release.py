@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from privdiff.cli import main
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 
 # RDP calibrates a q=1 release in milliseconds; PLD (the default) takes seconds at larger epsilons. RDP serves

@@ -259,7 +259,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def private_images(comfy: Comfy) -> Path:
     """The workflows' default image folder "private_images", inside ComfyUI's input folder."""
-    from privdiff.demo_data import write_style_images
+    from privdiff.demo.data import write_style_images
 
     return write_style_images(comfy.base / "input" / "private_images", count=N_IMAGES, size=64)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from privdiff.backends.tiny import tiny_pipeline
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings import dpagg
 from privdiff.embeddings.dpagg import (
     DPParams,
@@ -22,7 +22,7 @@ from privdiff.embeddings.dpagg import (
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
-from privdiff.images import load_image_folder
+from privdiff.io.images import load_image_folder
 from privdiff.privacy.mechanism import bound_vectors, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport

@@ -1,5 +1,5 @@
 """Property tests of the nodes' contract: a bad input value stops a DP node with one line that names the input,
-before any training, and leaves the embeddings folder and the ledger as they were (privdiff/frontend.py, no ComfyUI).
+before any training, and leaves the embeddings folder and the ledger as they were (privdiff/app/, no ComfyUI).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from privdiff import frontend as logic
-from privdiff.demo_data import write_style_images
+from privdiff.app import frontend as logic
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
-from privdiff.images import load_private_dataset
+from privdiff.io.images import load_private_dataset
 
 PROFILE = settings(derandomize=True, deadline=None, database=None, max_examples=60,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -1,16 +1,16 @@
-"""The fronts' plain logic (privdiff/frontend.py, used by the ComfyUI nodes), run on the tiny diffusers backend."""
+"""The fronts' plain logic (privdiff/app/frontend.py, used by the ComfyUI nodes), run on the tiny diffusers backend."""
 
 import json
 
 import pytest
 import torch
 
-from privdiff import frontend as logic
-from privdiff.demo_data import write_style_images
+from privdiff.app import frontend as logic
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, inspect_embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
-from privdiff.images import load_private_dataset
+from privdiff.io.images import load_private_dataset
 
 CONFIG = TIConfig(steps=2, batch_size=4)
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from privdiff import frontend
+from privdiff.app import frontend
 from privdiff.cli import main
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.textual_inversion import TIConfig
-from privdiff.images import load_private_dataset
+from privdiff.io.images import load_private_dataset
 from privdiff.privacy.ledger import BudgetLedger
 
 CONFIG = TIConfig(steps=1, batch_size=4)
@@ -66,17 +66,17 @@ def _release(**overrides) -> frontend.Release:
 
 
 def test_cli_ti_aggregate_releases_the_bytes_it_charged(tmp_path, folder, capsys, monkeypatch):
-    import privdiff.training
+    import privdiff.embeddings.methods
 
     before, loaded = _digests(folder), load_private_dataset(folder, 32).images
     released = []
-    method = privdiff.training.METHODS["dpagg"]
+    method = privdiff.embeddings.methods.METHODS["dpagg"]
 
     def recording(backend, images, *args, **kwargs):
         released.append(images.clone())
         return method(backend, images, *args, **kwargs)
 
-    monkeypatch.setitem(privdiff.training.METHODS, "dpagg", recording)
+    monkeypatch.setitem(privdiff.embeddings.methods.METHODS, "dpagg", recording)
     _replace_after_reserve(monkeypatch, folder / "private_001.png")
     ledger = tmp_path / "ledger.json"
     code = main(["ti-aggregate", "--model", "tiny", "--images", str(folder), "--out", str(tmp_path / "e.safetensors"),
@@ -212,8 +212,8 @@ def test_a_style_target_at_another_resolution_is_a_new_request(tmp_path, folder)
 def test_a_fine_tune_refuses_a_ledger_charging_other_images(public_prior, tmp_path, folder):
     from privdiff.embeddings.dpagg import DPParams
     from privdiff.errors import PrivdiffError
-    from privdiff.images import read_private_files
-    from privdiff.release import open_ledger
+    from privdiff.io.images import read_private_files
+    from privdiff.release.artifact import open_ledger
     from privdiff.wavelet.training import TrainConfig
     from privdiff.wavelet.workflow import finetune_prior
 
@@ -228,7 +228,7 @@ def test_a_fine_tune_refuses_a_ledger_charging_other_images(public_prior, tmp_pa
 
 def test_private_files_decode_the_bytes_read_and_refuse_duplicates(tmp_path, folder):
     from privdiff.errors import PrivdiffError
-    from privdiff.images import read_private_files
+    from privdiff.io.images import read_private_files
 
     private = read_private_files(folder)
     before, loaded = _digests(folder), load_private_dataset(folder, 32)
@@ -242,7 +242,7 @@ def test_private_files_decode_the_bytes_read_and_refuse_duplicates(tmp_path, fol
 
 def test_open_ledger_refuses_no_images_and_a_duplicated_digest(tmp_path):
     from privdiff.errors import PrivdiffError
-    from privdiff.release import open_ledger
+    from privdiff.release.artifact import open_ledger
 
     digest = hashlib.sha256(b"image").hexdigest()
     for digests, needle in (([], "without image files"), ([digest, digest], "identical")):

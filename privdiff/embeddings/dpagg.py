@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from privdiff.backends.protocol import SDBackend
-from privdiff.batching import padded
 from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import (
     Progress,
@@ -27,6 +26,7 @@ from privdiff.embeddings.textual_inversion import (
     training_generator,
 )
 from privdiff.errors import PrivdiffError
+from privdiff.io.batching import padded
 from privdiff.privacy import checks
 from privdiff.privacy.accountants import ADD_REMOVE, REPLACE_ONE, calibrate_noise_multiplier, epsilon_for
 from privdiff.privacy.mechanism import BOUNDS, gaussian_aggregate, poisson_sample
@@ -255,7 +255,7 @@ def encode_in_batches(
     backend: SDBackend, images: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> torch.Tensor:
     """VAE latents of ``images`` computed ``batch_size`` at a time (the last batch padded with dummies,
-    ``privdiff.batching``), on the CPU."""
+    ``privdiff.io.batching``), on the CPU."""
     latents = [
         backend.encode_images(padded(images[i:i + batch_size], batch_size).to(backend.device, backend.dtype),
                               generator)[:len(images[i:i + batch_size])]

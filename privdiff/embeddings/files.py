@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from privdiff.atomic import Writer
 from privdiff.embeddings.formats import (
     A1111_REPORT_KEY,
     REPORT_KEY,
@@ -35,8 +34,9 @@ from privdiff.embeddings.formats import (
     write_safetensors,
 )
 from privdiff.errors import PrivdiffError
-from privdiff.output_plan import FORMATS as FORMATS  # re-exported: the formats save_embedding writes
-from privdiff.output_plan import TOKEN_FORMATS, OutputPlan, plan_output, save_planned
+from privdiff.io.atomic import Writer
+from privdiff.release.output_plan import FORMATS as FORMATS  # re-exported: the formats save_embedding writes
+from privdiff.release.output_plan import TOKEN_FORMATS, OutputPlan, plan_output, save_planned
 
 if TYPE_CHECKING:
     from privdiff.privacy.report import PrivacyReport
@@ -90,7 +90,7 @@ def save_embedding(
     """Write ``emb`` atomically as ``fmt`` (see module doc); an existing file needs ``force``.
 
     ``token`` (default: the file stem) is stored where the format has a place for it and ignored by
-    the others; :func:`privdiff.output_plan.plan_output` refuses it there instead.
+    the others; :func:`privdiff.release.output_plan.plan_output` refuses it there instead.
     """
     return save_planned(emb, plan_output(path, fmt, token if fmt in TOKEN_FORMATS else None, force))
 

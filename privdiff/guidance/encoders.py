@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from privdiff.errors import PrivdiffError
 from privdiff.guidance.encoder_folder import check_encoder_folder
-from privdiff.untrusted import file_kind, regular_file
+from privdiff.io.untrusted import file_kind, regular_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,7 +80,7 @@ class TransformersCLIPVision:
         from transformers import CLIPVisionModelWithProjection
         from transformers.utils import logging as hf_logging
 
-        from privdiff import images
+        from privdiff.io import images
 
         path = Path(folder)
         checked = check_encoder_folder(path)

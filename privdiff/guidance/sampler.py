@@ -67,7 +67,7 @@ def check_sample_memory(num_images: int, height: int, width: int, decoder: int =
                         device: str | torch.device | None = None) -> None:
     """Refuse ``num_images`` images of ``height`` x ``width`` when guided sampling would need over half of this
     machine's memory (or more than the GPU ``device`` has), saying how many fit."""
-    from privdiff import images
+    from privdiff.io import images
 
     per_image = height * width * pixel_bytes(decoder)
     budget, where = images.half_memory(), "half of this machine's memory"

@@ -32,7 +32,7 @@ import numpy as np
 
 from privdiff.errors import PrivdiffError
 from privdiff.he.ckks import Worker
-from privdiff.untrusted import json_depth
+from privdiff.io.untrusted import json_depth
 
 MAGIC = b"PDHE"
 HELLO, READY, UPDATE, RESULT, ERROR = range(1, 6)

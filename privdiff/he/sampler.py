@@ -24,7 +24,7 @@ from privdiff.he.noise import LatentNoise
 from privdiff.he.protocol import LocalWorker, RemoteWorker
 from privdiff.he.selection import CHANNELS, check_threshold
 from privdiff.he.stepper import PACKINGS, EncryptedStepper, StepStats
-from privdiff.images import half_memory
+from privdiff.io.images import half_memory
 
 SAMPLERS = ("ddim", "plms", "euler")
 Step = Callable[[torch.Tensor, steps.Update], torch.Tensor]

@@ -38,8 +38,9 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from privdiff.atomic import PRIVATE, atomic_write_text
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import PRIVATE, atomic_write_text
+from privdiff.io.untrusted import config_float, config_int, parse_json, read_bytes
 from privdiff.privacy import checks
 from privdiff.privacy.accountants import (
     ADD_REMOVE,
@@ -51,7 +52,6 @@ from privdiff.privacy.accountants import (
     composed_epsilon,
 )
 from privdiff.privacy.report import PrivacyReport
-from privdiff.untrusted import config_float, config_int, parse_json, read_bytes
 
 LEDGER_FORMAT = "privdiff-budget-ledger"
 LEDGER_VERSION = 2

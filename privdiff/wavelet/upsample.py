@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from privdiff.backends.protocol import SDBackend
 from privdiff.errors import PrivdiffError
 from privdiff.guidance.sampler import GuidanceConfig, ddim_timesteps, guided_noise
-from privdiff.untrusted import regular_file
+from privdiff.io.untrusted import regular_file
 
 
 def load_upscaler(path: str | Path) -> torch.nn.Module:

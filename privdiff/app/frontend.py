@@ -25,16 +25,16 @@ from privdiff.embeddings.dpagg import (
     plan_files_release,
 )
 from privdiff.embeddings.files import Embedding, load_embedding
+from privdiff.embeddings.methods import METHODS, PLANS
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.guidance.encoders import ImageEncoder
 from privdiff.guidance.target import load_target, make_target, plan_target, save_target, target_params
-from privdiff.images import PrivateDataset, image_file_digest, list_images, read_private_files
-from privdiff.output_plan import plan_output
+from privdiff.io.images import PrivateDataset, image_file_digest, list_images, read_private_files
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
-from privdiff.release import LedgerRequest, carries_release, open_ledger, release_artifact, release_embedding
-from privdiff.training import METHODS, PLANS
+from privdiff.release.artifact import LedgerRequest, carries_release, open_ledger, release_artifact, release_embedding
+from privdiff.release.output_plan import plan_output
 from privdiff.wavelet.training import TrainConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -363,7 +363,7 @@ def finetune_spectral(
     training or charging again, unless ``new_release`` is set. Running the same request again after an
     interruption resumes it from ``checkpoint_dir`` (a private folder) without a second charge.
     """
-    from privdiff.untrusted_tensors import file_digest
+    from privdiff.io.untrusted_tensors import file_digest
     from privdiff.wavelet.workflow import finetune_prior
 
     if release.public_size:

@@ -3,7 +3,7 @@
 Shared by every front (CLI, ComfyUI, A1111) and every method, so each release is checked, charged and
 written the same way:
 
-1. the output plan is checked before anything else (``privdiff.output_plan.plan_output``);
+1. the output plan is checked before anything else (``privdiff.release.output_plan.plan_output``);
 2. the release's report is planned (σ calibrated, no model needed) and reserved in the ledger under its
    lock, refused over budget, before a model loads or any private pixel is decoded (each file was read
    once, earlier: the ledger charges the digests of the very bytes decoded);
@@ -22,9 +22,9 @@ from typing import TypeVar
 
 from privdiff.embeddings.dpagg import DPAggResult
 from privdiff.errors import PrivdiffError
-from privdiff.output_plan import OutputPlan, save_planned
 from privdiff.privacy.ledger import BudgetLedger, Reservation, request_key
 from privdiff.privacy.report import PrivacyReport
+from privdiff.release.output_plan import OutputPlan, save_planned
 
 T = TypeVar("T")
 

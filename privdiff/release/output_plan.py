@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from privdiff.atomic import os_reason, replace_files
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import os_reason, replace_files
 from privdiff.privacy.report import sidecar_path
 
 if TYPE_CHECKING:
