@@ -305,7 +305,7 @@ class TargetForm:
 
 def make_target(host: Host, form: TargetForm) -> tuple[str, str]:
     """Release a DP style target into ``models/privdiff_targets``: (report, status line)."""
-    from privdiff.guidance.encoders import load_image_encoder
+    from privdiff.models.image_encoders import load_image_encoder
 
     out: list[str] = []
     with _one_line_errors(out):
@@ -342,10 +342,10 @@ class GuidedForm:
 def guided_sample(host: Host, form: GuidedForm) -> tuple[list[Path], str]:
     """Universal-guidance sampling toward a style target with the loaded checkpoint; the images go to the
     txt2img outputs folder. Returns (image files, status line)."""
-    from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, sample_images
     from privdiff.guidance.target import check_encoder, load_target
     from privdiff.io.image_output import save_images
+    from privdiff.models.image_encoders import load_image_encoder
 
     out: list[str] = []
     with _one_line_errors(out):

@@ -215,13 +215,13 @@ def _params(args: argparse.Namespace, rate: float, noise_multiplier: float | Non
 def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     import torch
 
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import load_model
     from privdiff.embeddings.dpagg import check_params
     from privdiff.embeddings.methods import METHODS, PLANS
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
     from privdiff.io.devices import check_device
     from privdiff.io.images import check_memory, read_private_files
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.registry import load_model
     from privdiff.progress import tqdm_progress
     from privdiff.release.artifact import release_embedding
 
@@ -316,10 +316,10 @@ def _target_out(path: str, force: bool) -> object:
 
 def _cmd_guidance_target(args: argparse.Namespace) -> None:
     from privdiff.embeddings.dpagg import check_params, expected_snr
-    from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.target import make_target, plan_target, save_target, target_params
     from privdiff.io.devices import check_device
     from privdiff.io.images import check_memory, read_private_files
+    from privdiff.models.image_encoders import load_image_encoder
     from privdiff.progress import tqdm_progress
     from privdiff.release.artifact import carries_release, release_artifact
 
@@ -356,13 +356,13 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
 def _cmd_guidance_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import load_model
-    from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, decoder_channels, sample_images
     from privdiff.guidance.target import check_encoder, load_target
     from privdiff.io.devices import check_device
     from privdiff.io.image_output import save_images
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.image_encoders import load_image_encoder
+    from privdiff.models.registry import load_model
     from privdiff.progress import tqdm_progress
 
     config = GuidanceConfig(steps=args.steps, cfg=args.cfg, weight=args.guidance_weight, recurrence=args.recurrence)

@@ -55,13 +55,13 @@ def _cmd_worker(args: argparse.Namespace) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import load_model
     from privdiff.he.ckks import KeyHolder
     from privdiff.he.protocol import RemoteWorker
     from privdiff.he.sampler import HEConfig, sample_images
     from privdiff.io.devices import check_device
     from privdiff.io.image_output import prompt_settings, save_images
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.registry import load_model
     from privdiff.progress import tqdm_progress
 
     config = HEConfig(steps=args.steps, cfg=args.cfg, sampler=args.sampler, threshold=args.threshold,

@@ -80,8 +80,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     side = loaded.tokenizer.size * (int(getattr(upscaler, "scale", 1)) if upscaler is not None else args.scale)
     backend = None
     if args.refine_model:
-        from privdiff.backends.diffusers_backend import DiffusersBackend
-        from privdiff.backends.tiny import load_model
+        from privdiff.models.diffusers_backend import DiffusersBackend
+        from privdiff.models.registry import load_model
 
         backend = DiffusersBackend(load_model(args.refine_model))
         backend.freeze()

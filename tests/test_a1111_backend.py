@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from extension.a1111_backend import A1111Backend, family_of, training_session
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, diffusion_loss
 from privdiff.errors import PrivdiffError
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.protocol import SDBackend
 
 _spec = importlib.util.spec_from_file_location("a1111_standin", Path(__file__).with_name("a1111_standin.py"))
 standin = sys.modules.setdefault("a1111_standin", importlib.util.module_from_spec(_spec))

@@ -46,12 +46,12 @@ def sd1_file(tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: the refusals under test must come before it."""
-    import privdiff.backends.tiny
+    import privdiff.models.registry
 
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(privdiff.backends.tiny, "load_model", load_model)
+    monkeypatch.setattr(privdiff.models.registry, "load_model", load_model)
 
 
 # ---------------------------------------------------------------- output: filesystem

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privdiff.backends.tiny import tiny_pipeline
 from privdiff.demo.data import write_style_images
 from privdiff.embeddings import dpagg
 from privdiff.embeddings.dpagg import (
@@ -23,6 +22,7 @@ from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.io.images import load_image_folder
+from privdiff.models.tiny import tiny_pipeline
 from privdiff.privacy.mechanism import bound_vectors, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport

@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 
 from privdiff import cli
 from privdiff.demo.data import write_style_images
-from privdiff.guidance.encoders import tiny_image_encoder
 from privdiff.guidance.target import ENCODER_KEY, TENSOR, make_target, save_target, target_params
 from privdiff.io import images
+from privdiff.models.image_encoders import tiny_image_encoder
 from privdiff.privacy.report import REPORT_KEY
 
 PROFILE = settings(derandomize=True, deadline=None, database=None, max_examples=60,
@@ -55,13 +55,13 @@ def ws(tmp_path_factory) -> Path:
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading an SD model or embedding an image fails the test: the refusals must come before either."""
-    import privdiff.backends.tiny
     import privdiff.guidance.target
+    import privdiff.models.registry
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the bad input was refused")
 
-    monkeypatch.setattr(privdiff.backends.tiny, "load_model", forbidden)
+    monkeypatch.setattr(privdiff.models.registry, "load_model", forbidden)
     monkeypatch.setattr(privdiff.guidance.target, "embed_in_batches", forbidden)
 
 

@@ -175,8 +175,8 @@ def test_report_text_names_relation_bound_and_centre(sd1_backend, dataset, tmp_p
 
 
 def test_style_target_node_releases_once_and_refuses_clobbering(tmp_path, dataset):
-    from privdiff.guidance.encoders import tiny_image_encoder
     from privdiff.guidance.target import load_target
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     encoder = tiny_image_encoder()
     ledger = tmp_path / "ledger.json"

@@ -89,7 +89,7 @@ def test_cli_ti_aggregate_releases_the_bytes_it_charged(tmp_path, folder, capsys
 
 def test_cli_guidance_target_releases_the_bytes_it_charged(tmp_path, folder, capsys, monkeypatch):
     import privdiff.guidance.target
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     before, loaded = _digests(folder), load_private_dataset(folder, tiny_image_encoder().size).images
     released = []
@@ -123,7 +123,7 @@ def test_gui_embedding_charges_the_loaded_bytes_not_the_files_now_on_disk(sd1_ba
 
 
 def test_gui_style_target_charges_the_loaded_bytes(tmp_path, folder):
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     dataset = load_private_dataset(folder, 32)
     before = _digests(folder)
@@ -195,7 +195,7 @@ def test_another_resolution_or_other_pixels_is_a_new_request(sd1_backend, tmp_pa
 
 
 def test_a_style_target_at_another_resolution_is_a_new_request(tmp_path, folder):
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     encoder, ledger = tiny_image_encoder(), tmp_path / "ledger.json"
     options = _release(bound="normalize", public_size=10, overwrite=True)

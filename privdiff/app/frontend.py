@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.dpagg import (
     EMBEDDING_SUFFIXES,
     DPParams,
@@ -28,9 +27,10 @@ from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.methods import METHODS, PLANS
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.encoders import ImageEncoder
 from privdiff.guidance.target import load_target, make_target, plan_target, save_target, target_params
 from privdiff.io.images import PrivateDataset, image_file_digest, list_images, read_private_files
+from privdiff.models.image_encoders import ImageEncoder
+from privdiff.models.protocol import SDBackend
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release.artifact import LedgerRequest, carries_release, open_ledger, release_artifact, release_embedding

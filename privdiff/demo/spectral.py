@@ -77,10 +77,10 @@ def _bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def run_spectral(out: Path) -> Path:
     """Train, release and sample the spectral prior; writes ``out``/spectral-grid.png and returns its path."""
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import load_model
-    from privdiff.reference.model import WEIGHTS
-    from privdiff.reference.score import load_classifier
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.registry import load_model
+    from privdiff.models.small import WEIGHTS
+    from privdiff.models.small_classifier import load_classifier
     from privdiff.wavelet.upsample import refine
     from privdiff.wavelet.workflow import sample_prior
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
 from privdiff.cli import main as cli_main
 from privdiff.demo.grid import CELL, draw_grid
 from privdiff.demo.spectral import run_spectral
@@ -33,11 +32,13 @@ from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, initial
 from privdiff.guidance.sampler import GuidanceConfig
 from privdiff.guidance.target import check_encoder, load_target
 from privdiff.io.images import load_image_folder
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.image_encoders import load_small_encoder
+from privdiff.models.small import WEIGHTS, load_small
+from privdiff.models.small_classifier import load_classifier
 from privdiff.privacy.report import PrivacyReport
-from privdiff.reference.encoder import load_small_encoder
 from privdiff.reference.evaluate import PROMPT, evaluate, evaluate_guided, generate, generate_guided
-from privdiff.reference.model import WEIGHTS, load_small
-from privdiff.reference.score import Score, load_classifier
+from privdiff.reference.score import Score
 from privdiff.reference.shapes import write_style_folder
 
 OUT = Path("privdiff-demo")

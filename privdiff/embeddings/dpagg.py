@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import (
     Progress,
@@ -27,6 +26,7 @@ from privdiff.embeddings.textual_inversion import (
 )
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
+from privdiff.models.protocol import SDBackend
 from privdiff.privacy import checks
 from privdiff.privacy.accountants import ADD_REMOVE, REPLACE_ONE, calibrate_noise_multiplier, epsilon_for
 from privdiff.privacy.mechanism import BOUNDS, gaussian_aggregate, poisson_sample

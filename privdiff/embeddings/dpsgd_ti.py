@@ -16,7 +16,6 @@ from opacus import GradSampleModule
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.dpagg import DPAggResult, DPParams, encode_in_batches, plan_release
 from privdiff.embeddings.files import Embedding
 from privdiff.embeddings.templates import TEMPLATES
@@ -30,6 +29,7 @@ from privdiff.embeddings.textual_inversion import (
 )
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
+from privdiff.models.protocol import SDBackend
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom

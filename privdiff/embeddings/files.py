@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from privdiff.embeddings.formats import (
+from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import Writer
+from privdiff.io.embedding_formats import (
     A1111_REPORT_KEY,
     REPORT_KEY,
     a1111_pt_bytes,
@@ -33,8 +35,6 @@ from privdiff.embeddings.formats import (
     read_file,
     write_safetensors,
 )
-from privdiff.errors import PrivdiffError
-from privdiff.io.atomic import Writer
 from privdiff.release.output_plan import FORMATS as FORMATS  # re-exported: the formats save_embedding writes
 from privdiff.release.output_plan import TOKEN_FORMATS, OutputPlan, plan_output, save_planned
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import dummy_generator, padded
+from privdiff.models.protocol import SDBackend
 from privdiff.privacy.randomness import SecureRandom
 
 Progress = Callable[[int, int], None]

@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from privdiff.embeddings.dpagg import DPParams, plan_release
 from privdiff.embeddings.textual_inversion import Progress
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.encoders import ImageEncoder
 from privdiff.io.atomic import atomic_write
 from privdiff.io.batching import padded
 from privdiff.io.untrusted import regular_file
+from privdiff.models.image_encoders import ImageEncoder
 from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport

@@ -4,7 +4,7 @@ diffusers components, as in Stable Diffusion 1.x: a CLIP text encoder 768 wide (
 at its seeded random initialisation: the UNet learns to read it), a KL VAE 32x32x3 <-> 4x16x16 and
 a conditional UNet with cross-attention, on SD's scaled-linear noise schedule (epsilon prediction).
 ``python -m privdiff.reference.train`` trains it from the public procedural data; the result ships
-in ``privdiff/reference/weights/`` (fp16) and loads as ``--model small``.
+in ``privdiff/models/small_weights/`` (fp16) and loads as ``--model small``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,22 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from privdiff.backends.tiny import _DTYPE_KW, MAX_LENGTH, tiny_tokenizer_dir
 from privdiff.errors import PrivdiffError
-from privdiff.reference.shapes import SIZE, WORDS
+from privdiff.models.tiny import DTYPE_KW, MAX_LENGTH, tiny_tokenizer_dir
 
-WEIGHTS = Path(__file__).parent / "weights"
+# The world the model draws (the caption grammar and its colours); privdiff.reference.shapes renders it.
+SIZE = 32
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {"red": (0.92, 0.12, 0.10), "green": (0.15, 0.80, 0.20), "blue": (0.15, 0.30, 0.95),
+           "yellow": (0.98, 0.88, 0.10), "white": (0.96, 0.96, 0.96)}
+BACKGROUNDS = {"black": (0.07, 0.07, 0.09), "purple": (0.40, 0.14, 0.52), "orange": (0.88, 0.45, 0.08),
+               "teal": (0.04, 0.44, 0.44), "gray": (0.50, 0.50, 0.50)}
+TEXTURES = ("plain", "stripes", "dots", "checks", "waves")
+WORDS = (*SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES)
+"""Every word of the caption grammar besides the templates' words."""
+
+WEIGHTS = Path(__file__).parent / "small_weights"
 """The shipped diffusers folder of the trained model (and the style classifier next to it)."""
 
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -78,5 +89,5 @@ def load_small(dtype: torch.dtype | None = None, folder: Path = WEIGHTS) -> Stab
                             "`python -m privdiff.reference.train`")
     return StableDiffusionPipeline.from_pretrained(
         folder, local_files_only=True, safety_checker=None, requires_safety_checker=False, low_cpu_mem_usage=False,
-        **{_DTYPE_KW: dtype or torch.float32},
+        **{DTYPE_KW: dtype or torch.float32},
     )
