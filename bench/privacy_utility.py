@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from privdiff.embeddings.dpagg import DPParams, aggregate_embeddings, encode_in_batches, plan_dpagg_ti
+from privdiff.embeddings.dpagg import aggregate_embeddings, encode_in_batches, plan_dpagg_ti
 from privdiff.embeddings.dpsgd_ti import run_dpsgd_ti
 from privdiff.embeddings.textual_inversion import (
     TIConfig,
@@ -43,6 +43,7 @@ from privdiff.privacy.randomness import SecureRandom
 from privdiff.reference.evaluate import evaluate
 from privdiff.reference.score import Score
 from privdiff.reference.shapes import style_images
+from privdiff.release.dp_params import DPParams
 
 STYLE = "teal stripes"
 DELTA = 1e-5

@@ -20,22 +20,18 @@ from typing import Any, Protocol, get_type_hints
 
 import torch
 
-from privdiff.app.frontend import (
-    Release,
-    finetune_spectral,
-    make_style_target,
-    read_report,
-    target_path,
-    train_embedding,
-)
+from privdiff.app.embeddings import train_embedding
+from privdiff.app.guidance import make_style_target
+from privdiff.app.release_options import Release, read_report, target_path
+from privdiff.app.spectral import finetune_spectral
 from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES
-from privdiff.embeddings.files import inspect_embedding, load_embedding
+from privdiff.embeddings.files import inspect_embedding, load_embedding, save_planned
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
 from privdiff.io.images import check_resolution, load_private_dataset
 from privdiff.io.untrusted import file_kind
 from privdiff.privacy.ledger import BudgetLedger
-from privdiff.release.output_plan import FORMATS, SUFFIXES, plan_output, save_planned
+from privdiff.release.output_plan import FORMATS, SUFFIXES, plan_output
 
 from .a1111_backend import training_session
 

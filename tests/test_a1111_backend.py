@@ -114,7 +114,8 @@ def test_session_restores_every_flag_and_leaves_no_hook(pair):
 
 
 def test_dpagg_ti_trains_through_the_adapter(tiny_sd1):
-    from privdiff.embeddings.dpagg import DPParams, run_dpagg_ti
+    from privdiff.embeddings.dpagg import run_dpagg_ti
+    from privdiff.release.dp_params import DPParams
 
     model = standin.StandInModel(copy.deepcopy(tiny_sd1))
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from privdiff import cli
+from privdiff.cli import main as cli
 from privdiff.demo.data import write_style_images
 from privdiff.embeddings import files
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
-from privdiff.release.artifact import output_plan
+from privdiff.release import output_plan
 
 VALID = ["--model", "tiny", "--epsilon", "2", "--delta", "1e-3", "--steps", "1"]
 

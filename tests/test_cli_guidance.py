@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from privdiff.cli import main
+from privdiff.cli.main import main
 from privdiff.demo.data import write_style_images
 
 TARGET = ["--image-encoder", "tiny", "--epsilon", "2", "--delta", "1e-3", "--public-size", "10",

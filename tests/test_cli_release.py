@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from privdiff.cli import main
+from privdiff.cli.main import main
 from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 

@@ -11,7 +11,6 @@ from opacus.optimizers import DPOptimizer
 
 from privdiff.demo.data import write_style_images
 from privdiff.embeddings import dpsgd_ti
-from privdiff.embeddings.dpagg import DPParams
 from privdiff.embeddings.dpsgd_ti import SharedVectors, run_dpsgd_ti
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, diffusion_loss, initial_vectors
@@ -22,6 +21,7 @@ from privdiff.privacy.accountants import epsilon_for
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size
 from privdiff.privacy.mechanism import _row_norm_bounds, bound_vectors, clipped_sum
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
+from privdiff.release.dp_params import DPParams
 
 B = 3
 

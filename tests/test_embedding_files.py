@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from privdiff import cli
+from privdiff.cli import main as cli
 from privdiff.embeddings import files
 from privdiff.embeddings.files import (
     Embedding,

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from privdiff import cli
+from privdiff.cli import main as cli
 from privdiff.demo.data import write_style_images
 from privdiff.guidance.target import ENCODER_KEY, TENSOR, make_target, save_target, target_params
 from privdiff.io import images

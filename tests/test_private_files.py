@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from privdiff import cli
-from privdiff.embeddings.dpagg import DPParams
+from privdiff.cli import main as cli
 from privdiff.errors import PrivdiffError
 from privdiff.io.atomic import PRIVATE, atomic_write_text, private_folder
 from privdiff.io.images import read_private_files
 from privdiff.privacy.ledger import BudgetLedger
 from privdiff.privacy.report import make_report
 from privdiff.release.artifact import open_ledger
+from privdiff.release.dp_params import DPParams
 from privdiff.wavelet import training
 from privdiff.wavelet.workflow import default_checkpoint_dir, finetune_prior, pretrain_prior
 

@@ -12,7 +12,7 @@ import torch
 from privdiff.embeddings.dpagg import encode_in_batches
 from privdiff.embeddings.templates import STYLE_TEMPLATES
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors, train_shared_embedding
-from privdiff.models import small as small_model
+from privdiff.models import small_spec
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.registry import load_model
 from privdiff.models.small import WEIGHTS
@@ -61,7 +61,7 @@ def test_shipped_weights_are_small_and_tokenize_the_grammar(small):
     size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert size < 20e6, size
     tok = pipe.tokenizer
-    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in small_model.WORDS)
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in small_spec.WORDS)
     assert pipe.text_encoder.config.vocab_size == len(tok) and pipe.text_encoder.config.hidden_size == 768
     backend = DiffusersBackend(pipe)
     assert backend.family == "SD1" and backend.resolution == 32

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from privdiff.cli import main as cli_main
+from privdiff.cli.main import main as cli_main
 from privdiff.demo.grid import CELL, draw_grid
 from privdiff.reference.shapes import public_dataset, write_style_folder
 

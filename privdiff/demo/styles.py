@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from privdiff.cli import main as cli_main
+from privdiff.cli.main import main as cli_main
 from privdiff.demo.grid import CELL, draw_grid
 from privdiff.demo.spectral import run_spectral
 from privdiff.embeddings.dpagg import encode_in_batches

@@ -21,9 +21,7 @@ from privdiff.errors import PrivdiffError
 from privdiff.io.batching import dummy_generator, padded
 from privdiff.models.protocol import SDBackend
 from privdiff.privacy.randomness import SecureRandom
-
-Progress = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` after every optimiser step; may raise to cancel."""
+from privdiff.progress import Progress
 
 PLACEHOLDER = "<privdiff-token>"
 

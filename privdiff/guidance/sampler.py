@@ -13,7 +13,6 @@ Timesteps follow diffusers' DDIM with SD's configuration ("leading" spacing, ste
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +22,8 @@ from privdiff.errors import PrivdiffError
 from privdiff.models.image_encoders import ImageEncoder
 from privdiff.models.protocol import SDBackend
 from privdiff.models.sampling import Cond, cfg_noise, ddim_timesteps
+from privdiff.progress import Progress
 
-Progress = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` after every UNet pass; may raise to cancel."""
 
 @dataclass(frozen=True)
 class GuidanceConfig:

@@ -16,8 +16,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from privdiff.embeddings.dpagg import DPParams, plan_release
-from privdiff.embeddings.textual_inversion import Progress
 from privdiff.errors import PrivdiffError
 from privdiff.io.atomic import atomic_write
 from privdiff.io.batching import padded
@@ -26,6 +24,8 @@ from privdiff.models.image_encoders import ImageEncoder
 from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
+from privdiff.progress import Progress
+from privdiff.release.dp_params import DPParams, plan_release
 
 MECHANISM = "DP style target: subsampled Gaussian mean of unit CLIP image embeddings"
 TENSOR = "target"

@@ -25,10 +25,10 @@ from privdiff.he.stepper import PACKINGS, EncryptedStepper, StepStats
 from privdiff.io.images import half_memory
 from privdiff.models.protocol import SDBackend
 from privdiff.models.sampling import Cond, cfg_noise, ddim_timesteps
+from privdiff.progress import Progress
 
 SAMPLERS = ("ddim", "plms", "euler")
 Step = Callable[[torch.Tensor, steps.Update], torch.Tensor]
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from privdiff.errors import PrivdiffError
 from privdiff.io.untrusted import file_kind, regular_file
 from privdiff.models.encoder_folder import check_encoder_folder
-from privdiff.models.small import SIZE, WEIGHTS
 from privdiff.models.small_classifier import ENCODER_FILE, AttributeClassifier, load_classifier
+from privdiff.models.small_spec import SIZE, WEIGHTS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -17,22 +17,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from privdiff.errors import PrivdiffError
+from privdiff.models.small_spec import SIZE, WEIGHTS, WORDS
 from privdiff.models.tiny import DTYPE_KW, MAX_LENGTH, tiny_tokenizer_dir
-
-# The world the model draws (the caption grammar and its colours); privdiff.reference.shapes renders it.
-SIZE = 32
-
-SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = {"red": (0.92, 0.12, 0.10), "green": (0.15, 0.80, 0.20), "blue": (0.15, 0.30, 0.95),
-           "yellow": (0.98, 0.88, 0.10), "white": (0.96, 0.96, 0.96)}
-BACKGROUNDS = {"black": (0.07, 0.07, 0.09), "purple": (0.40, 0.14, 0.52), "orange": (0.88, 0.45, 0.08),
-               "teal": (0.04, 0.44, 0.44), "gray": (0.50, 0.50, 0.50)}
-TEXTURES = ("plain", "stripes", "dots", "checks", "waves")
-WORDS = (*SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES)
-"""Every word of the caption grammar besides the templates' words."""
-
-WEIGHTS = Path(__file__).parent / "small_weights"
-"""The shipped diffusers folder of the trained model (and the style classifier next to it)."""
 
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000, "steps_offset": 1, "prediction_type": "epsilon",

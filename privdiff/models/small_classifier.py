@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from privdiff.errors import PrivdiffError
-from privdiff.models.small import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
+from privdiff.models.small_spec import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
 HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS), "texture": TEXTURES}
 FILE = "classifier.safetensors"

@@ -15,6 +15,9 @@ the budget nor lose an entry)::
 A process killed in between leaves its reservation in the ledger, counted (conservative), until the user
 clears it explicitly (``privdiff ledger clear``). The image digests stay in the ledger: they tell
 neighbouring datasets apart and must never be released.
+
+One cohesive thing, kept whole over 400 lines: the ledger file, its lock and its reserve/commit/cancel
+steps, which only make their guarantee together.
 """
 
 from __future__ import annotations

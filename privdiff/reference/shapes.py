@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from privdiff.embeddings.templates import STYLE_TEMPLATES
-from privdiff.models.small import BACKGROUNDS, COLOURS, SHAPES, SIZE, TEXTURES
+from privdiff.models.small_spec import BACKGROUNDS, COLOURS, SHAPES, SIZE, TEXTURES
 
 _SUPER = 4
 
