@@ -172,3 +172,13 @@ def add_ledger_options(p: argparse.ArgumentParser) -> None:
                         "is used and the guarantee is replace-one)")
     p.add_argument("--reproducible-seed", type=integer(0, MAX_SEED), default=None,
                    help="fixed seed for debugging: the release is marked NOT private")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Batch, image size, device and dtype: every command that samples images takes them."""
+    p.add_argument("--num-images", type=integer(1, 64), default=1, help="images in the batch (default 1)")
+    p.add_argument("--height", type=resolution, default=None, help="pixels (default: the model's)")
+    p.add_argument("--width", type=resolution, default=None, help="pixels (default: the model's)")
+    p.add_argument("--device", type=device, default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="model weights dtype (default float32)")

@@ -142,12 +142,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=arguments.integer(1, 1000), default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg", type=arguments.real(100), default=3.0, help="classifier-free guidance scale (default 3)")
     p.add_argument("--seed", type=arguments.integer(0, arguments.MAX_SEED), default=0, help="sampling seed (default 0)")
-    p.add_argument("--num-images", type=arguments.integer(1, 64), default=1, help="images in the batch (default 1)")
-    p.add_argument("--height", type=arguments.resolution, default=None, help="pixels (default: the model's)")
-    p.add_argument("--width", type=arguments.resolution, default=None, help="pixels (default: the model's)")
-    p.add_argument("--device", type=arguments.device, default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="model weights dtype (default float32)")
+    arguments.add_sampling_options(p)
     p.set_defaults(func=_cmd_guidance_sample)
     p = guidance.add_parser("inspect", help="encoder, width and privacy report of a style target file")
     p.add_argument("file")

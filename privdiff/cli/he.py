@@ -129,10 +129,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-prompt", action="store_true",
                    help="store the prompt, negative prompt and seed in the PNGs (default: left out, as from the "
                         "worker; the PNGs then hold the release settings only)")
-    p.add_argument("--num-images", type=arguments.integer(1, 64), default=1, help="images in the batch (default 1)")
-    p.add_argument("--height", type=arguments.resolution, default=None, help="pixels (default: the model's)")
-    p.add_argument("--width", type=arguments.resolution, default=None, help="pixels (default: the model's)")
-    p.add_argument("--device", type=arguments.device, default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="model weights dtype (default float32)")
+    arguments.add_sampling_options(p)
     p.set_defaults(func=_cmd_sample)
