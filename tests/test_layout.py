@@ -20,7 +20,7 @@ LAYERS = {
     "privdiff.models": 2, "privdiff.release": 2, "privdiff.backends": 2,  # backends: deprecated re-exports
     "privdiff.embeddings": 3, "privdiff.guidance": 3, "privdiff.wavelet": 3, "privdiff.he": 3,  # the methods
     "privdiff.app": 4,
-    "privdiff.cli": 5, "privdiff.__main__": 5,
+    "privdiff.cli": 5,
     "privdiff.demo": 6, "privdiff.reference": 6,
     "nodes": 7, "extension": 7,
 }

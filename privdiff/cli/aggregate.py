@@ -16,7 +16,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     from privdiff.privacy.ledger import image_digests
     from privdiff.release.dp_params import check_params
 
-    output = releasing.output_plan(args)
+    output = releasing.planned_output(args)
     if not args.one_image_per_file:
         raise PrivdiffError("the guarantee needs each file to come from exactly one image: confirm with "
                             "--one-image-per-file")

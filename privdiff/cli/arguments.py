@@ -29,6 +29,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def one_line(text: object) -> str:
+    """``text`` on one line: its non-blank lines joined by spaces."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
@@ -119,6 +120,7 @@ RATE = real(1.0)  # a Poisson sampling rate q in (0, 1]
 
 
 def print_json(obj: object) -> None:
+    """Print a command's result as JSON on stdout."""
     json.dump(obj, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
@@ -131,6 +133,7 @@ def out_dir(path: str) -> object:
 
 
 def add_accountant(p: argparse.ArgumentParser) -> None:
+    """The --accountant option."""
     p.add_argument(
         "--accountant",
         choices=["pld", "prv", "rdp"],

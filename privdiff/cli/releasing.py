@@ -28,7 +28,7 @@ def ledger_request(args: argparse.Namespace, digests: list[str]) -> object:
                        change_budget=args.change_budget, force=args.force_budget, accountant=args.accountant)
 
 
-def output_plan(args: argparse.Namespace) -> OutputPlan:
+def planned_output(args: argparse.Namespace) -> OutputPlan:
     """The checked plan for --out/--format/--token/--force: call it before anything else."""
     from privdiff.release.output_plan import plan_output
 
@@ -36,19 +36,21 @@ def output_plan(args: argparse.Namespace) -> OutputPlan:
 
 
 def summary(path: object, result: object, reservation: object) -> dict:
-    summary = {"output": str(path), **json.loads(result.report.to_json())}
+    """The JSON a release command prints: the output, its privacy report, the expected SNR and the ledger's spend."""
+    out = {"output": str(path), **json.loads(result.report.to_json())}
     if result.expected_snr is not None:
-        summary["expected_snr_best_case"] = round(result.expected_snr, 3)
+        out["expected_snr_best_case"] = round(result.expected_snr, 3)
     if reservation is not None:
         spend = reservation.spend  # as composed when the release was reserved, this release included
-        summary["ledger"] = {"path": str(reservation.ledger.path), "release_id": reservation.release_id}
+        out["ledger"] = {"path": str(reservation.ledger.path), "release_id": reservation.release_id}
         if spend is not None:
-            summary["ledger"].update(largest_image_epsilon=spend.epsilon, delta=spend.delta,
+            out["ledger"].update(largest_image_epsilon=spend.epsilon, delta=spend.delta,
                                      accountant=spend.accountant, relation=spend.relation)
-    return summary
+    return out
 
 
 def dp_params(args: argparse.Namespace, rate: float, noise_multiplier: float | None = None) -> object:
+    """The DPParams of the parsed release options, at sample rate ``rate``."""
     from privdiff.release.dp_params import DPParams
 
     return DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,

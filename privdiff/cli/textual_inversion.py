@@ -21,7 +21,7 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     from privdiff.progress import tqdm_progress
     from privdiff.release.dp_params import check_params
 
-    output = releasing.output_plan(args)
+    output = releasing.planned_output(args)
     # Each file read once, before a model loads: an empty folder, a corrupt or oversized header or a duplicated
     # image fails now, and the ledger charges the digests of the very bytes decoded after the charge.
     private = read_private_files(args.images, warn=False)
