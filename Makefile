@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(PY310_CHECK)
 
-# Retrain the shipped small reference model (privdiff/reference/weights) from the public procedural data.
+# Retrain the shipped small reference model (privdiff/models/small_weights) from the public procedural data.
 reference-model: $(STAMP)
 	$(BIN)/python -m privdiff.reference.train --threads 2
 

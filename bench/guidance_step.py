@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 
 def _setup(device: str, batch: int):
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import tiny_pipeline
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.image_encoders import tiny_image_encoder
+    from privdiff.models.tiny import tiny_pipeline
 
     backend = DiffusersBackend(tiny_pipeline("sd1").to(device))
     backend.freeze()
@@ -74,7 +74,8 @@ def peak_memory(kind: str, device: str, batch: int) -> int:
 
 def breakdown(backend, encoder, cond, uncond, target, z, device: str, repeats: int) -> dict[str, float]:
     """Median seconds of the guided step's parts: UNet forward, decode + embed forward, backward."""
-    from privdiff.guidance.sampler import cfg_noise, guidance_loss
+    from privdiff.guidance.sampler import guidance_loss
+    from privdiff.models.sampling import cfg_noise
 
     a = backend.alphas_cumprod[501]
     times: dict[str, list[float]] = {"UNet forward (CFG batch)": [], "VAE decode + encoder forward": [],

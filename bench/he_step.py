@@ -32,9 +32,6 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.backends.tiny import load_model
-from privdiff.guidance.sampler import cfg_noise, ddim_timesteps
 from privdiff.he import steps
 from privdiff.he.ckks import CKKSParams, KeyHolder
 from privdiff.he.leak import psnr, reconstruct
@@ -42,6 +39,9 @@ from privdiff.he.protocol import LocalWorker, RemoteWorker
 from privdiff.he.sampler import HEConfig, sample
 from privdiff.he.selection import select
 from privdiff.he.stepper import EncryptedStepper
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.registry import load_model
+from privdiff.models.sampling import cfg_noise, ddim_timesteps
 
 THRESHOLD = 0.01
 

@@ -27,8 +27,7 @@ import time
 
 import torch
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.embeddings.dpagg import DPParams, aggregate_embeddings, encode_in_batches, plan_dpagg_ti
+from privdiff.embeddings.dpagg import aggregate_embeddings, encode_in_batches, plan_dpagg_ti
 from privdiff.embeddings.dpsgd_ti import run_dpsgd_ti
 from privdiff.embeddings.textual_inversion import (
     TIConfig,
@@ -36,12 +35,15 @@ from privdiff.embeddings.textual_inversion import (
     train_embeddings,
     train_shared_embedding,
 )
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.small import WEIGHTS, load_small
+from privdiff.models.small_classifier import load_classifier
 from privdiff.privacy.mechanism import bound_vectors
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.reference.evaluate import evaluate
-from privdiff.reference.model import WEIGHTS, load_small
-from privdiff.reference.score import Score, load_classifier
+from privdiff.reference.score import Score
 from privdiff.reference.shapes import style_images
+from privdiff.release.dp_params import DPParams
 
 STYLE = "teal stripes"
 DELTA = 1e-5

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 
 import torch
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.backends.tiny import tiny_pipeline
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors, train_embeddings
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.tiny import tiny_pipeline
 
 
 class _MallInfo2(ctypes.Structure):

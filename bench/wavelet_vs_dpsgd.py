@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModuleExpandedWeights
 
-from privdiff.embeddings.dpagg import DPParams
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.reference.shapes import public_dataset, style_images
+from privdiff.release.dp_params import DPParams
 from privdiff.wavelet.prior import PriorConfig, SpectralPrior
 from privdiff.wavelet.tokenizer import SpectralTokenizer, fit_tokenizer
 from privdiff.wavelet.training import TrainConfig, finetune, per_sample_gradients, plan_finetune, pretrain

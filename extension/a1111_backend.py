@@ -26,9 +26,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from privdiff.backends.init_tokens import pick_init_ids
-from privdiff.backends.inject import inject_vectors, slot_columns
 from privdiff.errors import PrivdiffError
+from privdiff.models.init_tokens import pick_init_ids
+from privdiff.models.inject import inject_vectors, slot_columns
 
 CONTEXT = 77
 _KEY_BY_WIDTH = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from privdiff.atomic import private_folder
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import private_folder
 
 from .logic.common import GUIDED_FOLDER, state_progress
 from .settings import LEDGER_SETTING

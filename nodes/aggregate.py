@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from privdiff.frontend import Release, aggregate_files
+from privdiff.app.embeddings import aggregate_files
+from privdiff.app.release_options import Release
 
 from .common import (
     CATEGORY,

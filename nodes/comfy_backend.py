@@ -18,8 +18,8 @@ import comfy.model_management
 import torch
 from comfy.model_base import ModelType
 
-from privdiff.backends.init_tokens import pick_init_ids
 from privdiff.errors import PrivdiffError
+from privdiff.models.init_tokens import pick_init_ids
 
 NATIVE_RESOLUTION = {"SD1": 512, "SD2": 768, "SDXL": 1024}
 

@@ -10,7 +10,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from privdiff.atomic import private_folder
+from privdiff.io.atomic import private_folder
 
 CATEGORY = "privdiff"
 Dataset = io.Custom("PRIVDIFF_DATASET")
@@ -56,7 +56,7 @@ def output_inputs() -> list:
 
 
 def optional_release_inputs() -> list:
-    """The optional ledger, label and seed inputs (the optional fields of privdiff.frontend.Release)."""
+    """The optional ledger, label and seed inputs (the optional fields of privdiff.app.release_options.Release)."""
     return [
         io.Boolean.Input("new_release", default=False, optional=True,
                          tooltip="Off: queueing the same request again returns the earlier release without "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from privdiff.frontend import folder_state
-from privdiff.images import load_private_dataset
+from privdiff.app.release_options import folder_state
+from privdiff.io.images import load_private_dataset
 
 from .common import CATEGORY, Dataset, input_path
 

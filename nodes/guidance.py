@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from privdiff.frontend import Release, make_style_target, target_path
-from privdiff.guidance.encoders import clip_preprocess, weight_identity
+from privdiff.app.guidance import make_style_target
+from privdiff.app.release_options import Release, target_path
 from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, sample
 from privdiff.guidance.target import StyleTarget, check_encoder, load_target
+from privdiff.models.image_encoders import clip_preprocess, weight_identity
 
 from .comfy_backend import ComfyBackend, gradient_session
 from .common import CATEGORY, Dataset, default_ledger, optional_release_inputs, progress_bar, targets_dir

@@ -13,8 +13,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from privdiff.errors import PrivdiffError
-from privdiff.frontend_he import (
+from privdiff.app.he import (
     NOISE_SOURCES,
     SAMPLERS,
     check_sampler,
@@ -24,6 +23,7 @@ from privdiff.frontend_he import (
     sample,
     sampler_report,
 )
+from privdiff.errors import PrivdiffError
 from privdiff.he.noise import LatentNoise
 from privdiff.he.sampler import HEConfig
 from privdiff.he.selection import CHANNELS

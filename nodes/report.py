@@ -7,7 +7,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from privdiff.frontend import read_report
+from privdiff.app.release_options import read_report
 
 from .common import CATEGORY
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from privdiff.app.embeddings import train_embedding
+from privdiff.app.release_options import Release
 from privdiff.embeddings.textual_inversion import TIConfig
-from privdiff.frontend import Release, train_embedding
 
 from .comfy_backend import training_session
 from .common import (

@@ -12,8 +12,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from privdiff.app.release_options import Release, folder_state
+from privdiff.app.spectral import finetune_spectral
 from privdiff.errors import PrivdiffError
-from privdiff.frontend import Release, finetune_spectral, folder_state
 from privdiff.wavelet.training import TrainConfig
 from privdiff.wavelet.workflow import sample_prior
 

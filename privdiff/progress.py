@@ -1,4 +1,4 @@
-"""Progress reporting for the command line: a tqdm bar fed by ``progress(done, total)`` calls."""
+"""Progress reporting, used by every layer: the ``Progress`` callback type and, for the command line, a tqdm bar."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` after each unit of work (a step, a UNet pass); may raise to cancel."""
+
 
 @contextmanager
-def tqdm_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+def tqdm_progress(description: str) -> Iterator[Progress]:
     """A progress callback drawing a bar (steps, rate, ETA) on stderr from its first call on, so a run
     refused before any work prints its one-line error alone."""
     bar: tqdm | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from privdiff import cli
+from privdiff.cli import main as cli
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_sd1():
     """Tiny SD1-like StableDiffusionPipeline (32px images, 4x8x8 latents, text width 768)."""
-    from privdiff.backends.tiny import tiny_pipeline
+    from privdiff.models.tiny import tiny_pipeline
 
     return tiny_pipeline("sd1", seed=0)
 
@@ -24,7 +24,7 @@ def tiny_sd1():
 @pytest.fixture(scope="session")
 def tiny_sdxl():
     """Tiny SDXL-like StableDiffusionXLPipeline (clip_l 768 + clip_g 1280)."""
-    from privdiff.backends.tiny import tiny_pipeline
+    from privdiff.models.tiny import tiny_pipeline
 
     return tiny_pipeline("sdxl", seed=0)
 
@@ -32,7 +32,7 @@ def tiny_sdxl():
 @pytest.fixture(scope="session")
 def sd1_backend(tiny_sd1):
     """Frozen DiffusersBackend over ``tiny_sd1``."""
-    from privdiff.backends.diffusers_backend import DiffusersBackend
+    from privdiff.models.diffusers_backend import DiffusersBackend
 
     backend = DiffusersBackend(tiny_sd1)
     backend.freeze()
@@ -42,7 +42,7 @@ def sd1_backend(tiny_sd1):
 @pytest.fixture(scope="session")
 def sdxl_backend(tiny_sdxl):
     """Frozen DiffusersBackend over ``tiny_sdxl``."""
-    from privdiff.backends.diffusers_backend import DiffusersBackend
+    from privdiff.models.diffusers_backend import DiffusersBackend
 
     backend = DiffusersBackend(tiny_sdxl)
     backend.freeze()

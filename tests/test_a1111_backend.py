@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from extension.a1111_backend import A1111Backend, family_of, training_session
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.backends.protocol import SDBackend
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, diffusion_loss
 from privdiff.errors import PrivdiffError
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.protocol import SDBackend
 
 _spec = importlib.util.spec_from_file_location("a1111_standin", Path(__file__).with_name("a1111_standin.py"))
 standin = sys.modules.setdefault("a1111_standin", importlib.util.module_from_spec(_spec))
@@ -114,7 +114,8 @@ def test_session_restores_every_flag_and_leaves_no_hook(pair):
 
 
 def test_dpagg_ti_trains_through_the_adapter(tiny_sd1):
-    from privdiff.embeddings.dpagg import DPParams, run_dpagg_ti
+    from privdiff.embeddings.dpagg import run_dpagg_ti
+    from privdiff.release.dp_params import DPParams
 
     model = standin.StandInModel(copy.deepcopy(tiny_sd1))
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

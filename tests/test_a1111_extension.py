@@ -19,7 +19,7 @@ from PIL import Image
 
 from extension import install
 from extension.logic import common, forms, guidance, he, paths, reports, spectral, textual_inversion, tools
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import load_embedding
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.ledger import BudgetLedger

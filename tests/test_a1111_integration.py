@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 
 _spec = importlib.util.spec_from_file_location("a1111_webui", Path(__file__).with_name("a1111_webui.py"))
 webui_harness = sys.modules.setdefault("a1111_webui", importlib.util.module_from_spec(_spec))

@@ -11,7 +11,7 @@ import pytest
 from scipy import optimize
 from scipy.stats import norm
 
-from privdiff.cli import main
+from privdiff.cli.main import main
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import accountants
 from privdiff.privacy.accountants import (

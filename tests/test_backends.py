@@ -7,10 +7,11 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.backends.protocol import SDBackend
-from privdiff.backends.tiny import _WORDS, load_model, tiny_pipeline, tiny_tokenizer
 from privdiff.errors import PrivdiffError
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.protocol import SDBackend
+from privdiff.models.registry import load_model
+from privdiff.models.tiny import _WORDS, tiny_pipeline, tiny_tokenizer
 
 PROMPTS = ["a photo of <ph>", "a painting of <ph>, in the style of a weird cat's toy", "<ph>"]
 FAMILIES = ["sd1", "sdxl"]

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, save_embedding
 
 settings.register_profile(
@@ -217,12 +217,12 @@ def path_cases(ws: Path) -> list[tuple[list, str]]:
 
 def test_every_bad_path_is_refused(ws, capsys, monkeypatch):
     """Exhaustive over the (small) set of bad paths; no model may load for any of them."""
-    import privdiff.backends.tiny
+    import privdiff.models.registry
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before a bad path was refused")
 
-    monkeypatch.setattr(privdiff.backends.tiny, "load_model", no_model)
+    monkeypatch.setattr(privdiff.models.registry, "load_model", no_model)
     for args, word in path_cases(ws):
         assert_refused(capsys, ws, args, word)
 

@@ -17,10 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from privdiff import cli, output_plan
-from privdiff.demo_data import write_style_images
+from privdiff.cli import main as cli
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings import files
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
+from privdiff.release import output_plan
 
 VALID = ["--model", "tiny", "--epsilon", "2", "--delta", "1e-3", "--steps", "1"]
 
@@ -45,12 +46,12 @@ def sd1_file(tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: the refusals under test must come before it."""
-    import privdiff.backends.tiny
+    import privdiff.models.registry
 
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(privdiff.backends.tiny, "load_model", load_model)
+    monkeypatch.setattr(privdiff.models.registry, "load_model", load_model)
 
 
 # ---------------------------------------------------------------- output: filesystem
@@ -174,12 +175,12 @@ def test_the_example_message_of_the_brief(tmp_path, images, capsys, no_model):
 
 
 def test_too_many_vectors_blame_the_model_before_images_are_decoded(tmp_path, images, capsys, monkeypatch):
-    import privdiff.images
+    import privdiff.io.images
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("images were decoded before --vectors was checked")
 
-    monkeypatch.setattr(privdiff.images.PrivateFiles, "load", no_decoding)
+    monkeypatch.setattr(privdiff.io.images.PrivateFiles, "load", no_decoding)
     refused(capsys, tmp_path, ["ti-aggregate", "--images", images, "--out", tmp_path / "o.safetensors",
                                *VALID, "--vectors", "70"], "vectors 70 is too many for this model",
             "at most 66 vectors")
@@ -266,9 +267,9 @@ def test_no_torchvision_notice_before_the_error(tmp_path):
 
 
 def test_library_checks_directly(sdxl_backend):
-    from privdiff.devices import check_device
     from privdiff.embeddings.textual_inversion import TIConfig, check_config, initial_vectors
     from privdiff.errors import PrivdiffError
+    from privdiff.io.devices import check_device
 
     assert check_device(None) == ("cuda" if torch.cuda.is_available() else "cpu") and check_device("cpu") == "cpu"
     for name in ("banana", "cuda:-1", "meta", f"cuda:{torch.cuda.device_count()}"):

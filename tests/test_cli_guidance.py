@@ -5,8 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from privdiff.cli import main
-from privdiff.demo_data import write_style_images
+from privdiff.cli.main import main
+from privdiff.demo.data import write_style_images
 
 TARGET = ["--image-encoder", "tiny", "--epsilon", "2", "--delta", "1e-3", "--public-size", "10",
           "--accountant", "rdp"]
@@ -97,7 +97,7 @@ def test_empty_and_corrupt_folders_and_wrong_encoder(tmp_path, images, capsys):
     target = tmp_path / "t.safetensors"
     assert run(capsys, "guidance", "target", "--images", images, "--out", target, *TARGET)[0] == 0
     folder = tmp_path / "other-encoder"
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     tiny_image_encoder(seed=1).model.save_pretrained(folder)
     code, _, err = run(capsys, "guidance", "sample", "--model", "tiny", "--target", target, "--image-encoder",

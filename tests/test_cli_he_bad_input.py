@@ -27,12 +27,12 @@ TIMEOUT = 0.5
 
 @pytest.fixture
 def no_model(monkeypatch):
-    import privdiff.backends.tiny
+    import privdiff.models.registry
 
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(privdiff.backends.tiny, "load_model", load_model)
+    monkeypatch.setattr(privdiff.models.registry, "load_model", load_model)
 
 
 def _sample(tmp_path: Path, *extra: str) -> list:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from privdiff.cli import main
-from privdiff.demo_data import write_style_images
+from privdiff.cli.main import main
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 
 # RDP calibrates a q=1 release in milliseconds; PLD (the default) takes seconds at larger epsilons. RDP serves
@@ -271,7 +271,7 @@ def test_aggregate_charges_the_source_images_in_the_same_ledger(tmp_path, images
 
 
 def test_ledger_refusals_come_before_the_model_loads(tmp_path, images, capsys, monkeypatch):
-    import privdiff.backends.tiny
+    import privdiff.models.registry
 
     ledger = str(tmp_path / "ledger.json")
     code, _, err = run(capsys, "ti-aggregate", "--images", str(images), "--out", str(tmp_path / "a.safetensors"),
@@ -281,7 +281,7 @@ def test_ledger_refusals_come_before_the_model_loads(tmp_path, images, capsys, m
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the ledger refused")
 
-    monkeypatch.setattr(privdiff.backends.tiny, "load_model", no_model)
+    monkeypatch.setattr(privdiff.models.registry, "load_model", no_model)
     for extra, needle in [([], "release refused"), (["--budget-epsilon", "9"], "--change-budget"),
                           (["--epsilon", "20000"], "epsilon")]:
         args = [*FAST, "--ledger", ledger, *extra]

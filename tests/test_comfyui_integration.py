@@ -259,7 +259,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def private_images(comfy: Comfy) -> Path:
     """The workflows' default image folder "private_images", inside ComfyUI's input folder."""
-    from privdiff.demo_data import write_style_images
+    from privdiff.demo.data import write_style_images
 
     return write_style_images(comfy.base / "input" / "private_images", count=N_IMAGES, size=64)
 
@@ -280,8 +280,9 @@ def per_image_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def released_embedding(comfy: Comfy, per_image_embeddings: Path) -> str:
     """A DP embedding with its privacy report in ComfyUI's embeddings folder (made by the library)."""
-    from privdiff.embeddings.dpagg import DPParams, aggregate_embedding_files
+    from privdiff.embeddings.dpagg import aggregate_embedding_files
     from privdiff.embeddings.files import save_embedding
+    from privdiff.release.dp_params import DPParams
 
     files = sorted(per_image_embeddings.glob("*.safetensors"))
     result = aggregate_embedding_files(files, DPParams(epsilon=4.0, delta=1e-5), dataset_label="tests")

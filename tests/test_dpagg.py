@@ -9,23 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privdiff.backends.tiny import tiny_pipeline
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings import dpagg
-from privdiff.embeddings.dpagg import (
-    DPParams,
-    aggregate_embedding_files,
-    aggregate_embeddings,
-    plan_release,
-    run_dpagg_ti,
-)
+from privdiff.embeddings.dpagg import aggregate_embedding_files, aggregate_embeddings, run_dpagg_ti
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
-from privdiff.images import load_image_folder
+from privdiff.io.images import load_image_folder
+from privdiff.models.tiny import tiny_pipeline
 from privdiff.privacy.mechanism import bound_vectors, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
+from privdiff.release.dp_params import DPParams, plan_release
 
 TOKEN = "<dp-style>"
 WIDTHS = {"clip_l": 768, "clip_g": 1280}

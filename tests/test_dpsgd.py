@@ -9,19 +9,19 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from privdiff.demo_data import write_style_images
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings import dpsgd_ti
-from privdiff.embeddings.dpagg import DPParams
 from privdiff.embeddings.dpsgd_ti import SharedVectors, run_dpsgd_ti
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, diffusion_loss, initial_vectors
 from privdiff.errors import PrivdiffError
-from privdiff.images import load_image_folder
+from privdiff.io.images import load_image_folder
 from privdiff.privacy import dpsgd
 from privdiff.privacy.accountants import epsilon_for
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size
 from privdiff.privacy.mechanism import _row_norm_bounds, bound_vectors, clipped_sum
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
+from privdiff.release.dp_params import DPParams
 
 B = 3
 

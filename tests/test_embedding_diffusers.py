@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privdiff.backends.tiny import tiny_pipeline
 from privdiff.embeddings.files import Embedding, save_embedding
+from privdiff.models.tiny import tiny_pipeline
 
 TOKEN = "<privdiff-concept>"
 

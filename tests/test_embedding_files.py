@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from privdiff import cli
+from privdiff.cli import main as cli
 from privdiff.embeddings import files
 from privdiff.embeddings.files import (
     Embedding,
@@ -233,7 +233,7 @@ def test_failed_rename_puts_back_the_replaced_files(tmp_path, monkeypatch):
     """--force onto e.pt and its sidecar: a failure after the .pt was replaced restores both old files."""
     import os
 
-    from privdiff import atomic
+    from privdiff.io import atomic
 
     old = save_embedding(make("SD1", seed=1, metadata={}), tmp_path / "e.pt", fmt="a1111-pt")
     (tmp_path / "e.pt.privacy.json").write_text("old report")
@@ -254,7 +254,7 @@ def test_failed_rename_puts_back_the_replaced_files(tmp_path, monkeypatch):
 
 
 def test_output_plan_refuses_before_writing(tmp_path):
-    from privdiff.output_plan import plan_output
+    from privdiff.release.output_plan import plan_output
 
     (tmp_path / "d.safetensors").mkdir()
     (tmp_path / "s.pt.privacy.json").mkdir()

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.encoders import tiny_image_encoder
-from privdiff.guidance.sampler import GuidanceConfig, cfg_noise, guidance_loss, guided_noise, sample
+from privdiff.guidance.sampler import GuidanceConfig, guidance_loss, guided_noise, sample
 from privdiff.guidance.target import (
     StyleTarget,
     load_target,
@@ -18,6 +17,8 @@ from privdiff.guidance.target import (
     save_target,
     target_params,
 )
+from privdiff.models.image_encoders import tiny_image_encoder
+from privdiff.models.sampling import cfg_noise
 from privdiff.privacy.randomness import SecureRandom
 
 

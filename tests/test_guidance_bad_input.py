@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from privdiff import cli, images
-from privdiff.demo_data import write_style_images
-from privdiff.guidance.encoders import tiny_image_encoder
+from privdiff.cli import main as cli
+from privdiff.demo.data import write_style_images
 from privdiff.guidance.target import ENCODER_KEY, TENSOR, make_target, save_target, target_params
+from privdiff.io import images
+from privdiff.models.image_encoders import tiny_image_encoder
 from privdiff.privacy.report import REPORT_KEY
 
 PROFILE = settings(derandomize=True, deadline=None, database=None, max_examples=60,
@@ -54,13 +55,13 @@ def ws(tmp_path_factory) -> Path:
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading an SD model or embedding an image fails the test: the refusals must come before either."""
-    import privdiff.backends.tiny
     import privdiff.guidance.target
+    import privdiff.models.registry
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the bad input was refused")
 
-    monkeypatch.setattr(privdiff.backends.tiny, "load_model", forbidden)
+    monkeypatch.setattr(privdiff.models.registry, "load_model", forbidden)
     monkeypatch.setattr(privdiff.guidance.target, "embed_in_batches", forbidden)
 
 
@@ -293,7 +294,7 @@ def test_public_size_obeys_the_delta_rule(ws, capsys, no_model):
 
 
 def test_a_release_that_would_be_noise_warns_before_the_work(ws, capsys, caplog, monkeypatch):
-    import privdiff.release
+    import privdiff.release.artifact
     from privdiff.errors import PrivdiffError
 
     seen = []
@@ -302,7 +303,7 @@ def test_a_release_that_would_be_noise_warns_before_the_work(ws, capsys, caplog,
         seen.append(caplog.text)
         raise PrivdiffError("stopped before the work")
 
-    monkeypatch.setattr(privdiff.release, "release_artifact", release_artifact)
+    monkeypatch.setattr(privdiff.release.artifact, "release_artifact", release_artifact)
     with caplog.at_level(logging.WARNING, logger="privdiff"):
         assert cli.main([str(a) for a in [*target_args(ws), "--sample-rate", "1e-9"]]) == 2
     assert len(seen) == 1 and "mostly noise" in seen[0] and "sigma*C/(q*n) = " in seen[0]

@@ -1,4 +1,4 @@
-"""privdiff/frontend_he.py (the Encrypted Sampler node's plain logic) with a toy denoiser: the encrypted loops
+"""privdiff/app/he.py (the Encrypted Sampler node's plain logic) with a toy denoiser: the encrypted loops
 match the plaintext loop with the same noise, the last step reaches sigma 0, progress is the cancel point."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-from privdiff import frontend_he as he
+from privdiff.app import he as he
 from privdiff.errors import PrivdiffError
 from privdiff.he.sampler import HEConfig
 from privdiff.he.steps import Update

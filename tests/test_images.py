@@ -1,4 +1,4 @@
-"""privdiff.images: every pixel mode loads as a person sees it, hostile folders and files get one-line errors."""
+"""privdiff.io.images: every pixel mode loads as a person sees it, hostile folders and files get one-line errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import privdiff.images as images
+import privdiff.io.images as images
 from privdiff.errors import PrivdiffError
-from privdiff.images import (
+from privdiff.io.images import (
     MAX_RESOLUTION,
     check_image,
     check_resolution,

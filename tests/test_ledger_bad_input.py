@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from privdiff import cli
+from privdiff.cli import main as cli
 
 _spec = importlib.util.spec_from_file_location("privdiff_cli_checks", Path(__file__).with_name("cli_checks.py"))
 _checks = importlib.util.module_from_spec(_spec)

@@ -10,7 +10,6 @@ import torch
 from scipy import stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from privdiff.embeddings import dpagg
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.mechanism import (
     MAX_SUM_ROWS,
@@ -24,6 +23,7 @@ from privdiff.privacy.mechanism import (
     poisson_sample,
 )
 from privdiff.privacy.randomness import SecureRandom
+from privdiff.release import dp_params
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -164,7 +164,7 @@ def test_clipped_rows_have_exact_norm_at_most_clip(dtype):
 _HARD_VALUES = (1.5 + 2.0**-40, 1.875 + 2.0**-41 + 2.0**-45, 1 + 2.0**-20 + 2.0**-45, 0.75 + 2.0**-41)
 
 
-@pytest.mark.parametrize("rows", [8192, dpagg.MAX_RECORDS + 1])
+@pytest.mark.parametrize("rows", [8192, dp_params.MAX_RECORDS + 1])
 def test_clipped_sum_error_is_within_the_grid_slack_at_the_record_cap(rows):
     """Every coordinate of the float64 sum is within the proven pairwise bound gamma_{L+1} m C, and so within half
     a grid step of the exact sum of the scaled rows, up to the record cap (torch.mv erred by 5x at 8192 rows)."""
@@ -186,7 +186,7 @@ def test_pairwise_sum_is_exact_on_a_tree_and_bounded_on_hard_rows():
     for rows in (0, 1, 2, 3, 5, 1000, 1023):
         x = torch.arange(rows * 3, dtype=torch.float64).view(rows, 3)
         assert torch.equal(pairwise_sum_(x.clone()), x.sum(dim=0))  # small integers: every order is exact
-    rows = dpagg.MAX_RECORDS
+    rows = dp_params.MAX_RECORDS
     depth = math.ceil(math.log2(rows))
     for value in _HARD_VALUES:
         got = float(pairwise_sum_(torch.full((rows, 1), value, dtype=torch.float64))[0])

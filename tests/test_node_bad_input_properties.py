@@ -1,5 +1,5 @@
 """Property tests of the nodes' contract: a bad input value stops a DP node with one line that names the input,
-before any training, and leaves the embeddings folder and the ledger as they were (privdiff/frontend.py, no ComfyUI).
+before any training, and leaves the embeddings folder and the ledger as they were (privdiff/app/, no ComfyUI).
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from privdiff import frontend as logic
-from privdiff.demo_data import write_style_images
+from privdiff.app.embeddings import aggregate_files, train_embedding
+from privdiff.app.release_options import Release
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, save_embedding
+from privdiff.embeddings.methods import METHODS
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
-from privdiff.images import load_private_dataset
+from privdiff.io.images import load_private_dataset
 
 PROFILE = settings(derandomize=True, deadline=None, database=None, max_examples=60,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -60,7 +62,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a bad input reached training")
 
-    monkeypatch.setitem(logic.METHODS, "dpagg", refuse)
+    monkeypatch.setitem(METHODS, "dpagg", refuse)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -89,8 +91,8 @@ def test_dp_textual_inversion_refuses_bad_values_naming_the_input(input_name, sd
     @PROFILE
     @given(value=strategy)
     def check(value):
-        release = logic.Release(**{**VALID, input_name: value})
-        _assert_refused(lambda: logic.train_embedding(sd1_backend, dataset, "dpagg", TIConfig(steps=1), release,
+        release = Release(**{**VALID, input_name: value})
+        _assert_refused(lambda: train_embedding(sd1_backend, dataset, "dpagg", TIConfig(steps=1), release,
                                                       tmp_path / "embeddings", default_ledger=ledger),
                         input_name, needle, tmp_path)
 
@@ -113,8 +115,8 @@ def test_dp_aggregate_refuses_bad_values_naming_the_input(input_name, tmp_path):
         options = {**VALID, "epsilon": 0.0, "noise_multiplier": 2.0, input_name: value}
         if input_name == "noise_multiplier" and value == 0:
             options["epsilon"] = 0.0  # neither set: also refused, naming both inputs
-        release = logic.Release(**options)
-        _assert_refused(lambda: logic.aggregate_files(str(per_image), True, "", release, tmp_path / "embeddings"),
+        release = Release(**options)
+        _assert_refused(lambda: aggregate_files(str(per_image), True, "", release, tmp_path / "embeddings"),
                         input_name, needle, tmp_path)
 
     check()

@@ -12,7 +12,7 @@ open_clip = pytest.importorskip("open_clip", exc_type=ImportError)
 
 
 def test_rn50_from_a_local_file_embeds_differentiably(tmp_path):
-    from privdiff.guidance.encoders import load_image_encoder
+    from privdiff.models.image_encoders import load_image_encoder
 
     model = open_clip.create_model("RN50", pretrained=None)
     path = tmp_path / "RN50.pt"

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from privdiff import cli
-from privdiff.atomic import PRIVATE, atomic_write_text, private_folder
-from privdiff.embeddings.dpagg import DPParams
+from privdiff.cli import main as cli
 from privdiff.errors import PrivdiffError
-from privdiff.images import read_private_files
+from privdiff.io.atomic import PRIVATE, atomic_write_text, private_folder
+from privdiff.io.images import read_private_files
 from privdiff.privacy.ledger import BudgetLedger
 from privdiff.privacy.report import make_report
-from privdiff.release import open_ledger
+from privdiff.release.artifact import open_ledger
+from privdiff.release.dp_params import DPParams
 from privdiff.wavelet import training
 from privdiff.wavelet.workflow import default_checkpoint_dir, finetune_prior, pretrain_prior
 
@@ -150,7 +150,7 @@ def test_he_pngs_keep_the_prompt_and_seed_only_when_asked(tmp_path, capsys, save
 
 
 def test_prompt_settings_are_empty_unless_asked():
-    from privdiff.image_output import file_name, prompt_settings
+    from privdiff.io.image_output import file_name, prompt_settings
 
     assert prompt_settings("p", "n", 3, False) == {}
     assert prompt_settings("p", "n", 3, True) == {"prompt": "p", "negative_prompt": "n", "seed": 3}

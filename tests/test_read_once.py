@@ -14,11 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from privdiff import frontend
-from privdiff.cli import main
-from privdiff.demo_data import write_style_images
+from privdiff.app.embeddings import aggregate_files, train_embedding
+from privdiff.app.guidance import make_style_target
+from privdiff.app.release_options import Release, folder_state
+from privdiff.app.spectral import finetune_spectral
+from privdiff.cli.main import main
+from privdiff.demo.data import write_style_images
 from privdiff.embeddings.textual_inversion import TIConfig
-from privdiff.images import load_private_dataset
+from privdiff.io.images import load_private_dataset
 from privdiff.privacy.ledger import BudgetLedger
 
 CONFIG = TIConfig(steps=1, batch_size=4)
@@ -56,27 +59,27 @@ def _replace_after_reserve(monkeypatch, file: Path) -> None:
     monkeypatch.setattr(BudgetLedger, "reserve", reserve_then_replace)
 
 
-def _release(**overrides) -> frontend.Release:
+def _release(**overrides) -> Release:
     options = dict(name="style", epsilon=8.0, delta=1e-3, sample_rate=1.0, clip_norm=1.0, bound="clip",
                    prompt_template="{}")
-    return frontend.Release(**{**options, **overrides})
+    return Release(**{**options, **overrides})
 
 
 # ---------------------------------------------------------------- the CLI: replaced after the charge
 
 
 def test_cli_ti_aggregate_releases_the_bytes_it_charged(tmp_path, folder, capsys, monkeypatch):
-    import privdiff.training
+    import privdiff.embeddings.methods
 
     before, loaded = _digests(folder), load_private_dataset(folder, 32).images
     released = []
-    method = privdiff.training.METHODS["dpagg"]
+    method = privdiff.embeddings.methods.METHODS["dpagg"]
 
     def recording(backend, images, *args, **kwargs):
         released.append(images.clone())
         return method(backend, images, *args, **kwargs)
 
-    monkeypatch.setitem(privdiff.training.METHODS, "dpagg", recording)
+    monkeypatch.setitem(privdiff.embeddings.methods.METHODS, "dpagg", recording)
     _replace_after_reserve(monkeypatch, folder / "private_001.png")
     ledger = tmp_path / "ledger.json"
     code = main(["ti-aggregate", "--model", "tiny", "--images", str(folder), "--out", str(tmp_path / "e.safetensors"),
@@ -89,7 +92,7 @@ def test_cli_ti_aggregate_releases_the_bytes_it_charged(tmp_path, folder, capsys
 
 def test_cli_guidance_target_releases_the_bytes_it_charged(tmp_path, folder, capsys, monkeypatch):
     import privdiff.guidance.target
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     before, loaded = _digests(folder), load_private_dataset(folder, tiny_image_encoder().size).images
     released = []
@@ -118,18 +121,18 @@ def test_gui_embedding_charges_the_loaded_bytes_not_the_files_now_on_disk(sd1_ba
     before = _digests(folder)
     _replace(folder / "private_000.png")
     ledger = tmp_path / "ledger.json"
-    frontend.train_embedding(sd1_backend, dataset, "dpagg", CONFIG, _release(), tmp_path, default_ledger=ledger)
+    train_embedding(sd1_backend, dataset, "dpagg", CONFIG, _release(), tmp_path, default_ledger=ledger)
     assert _charged(ledger) == before != _digests(folder)
 
 
 def test_gui_style_target_charges_the_loaded_bytes(tmp_path, folder):
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     dataset = load_private_dataset(folder, 32)
     before = _digests(folder)
     _replace(folder / "private_003.png")
     ledger = tmp_path / "ledger.json"
-    frontend.make_style_target(tiny_image_encoder(), dataset, _release(bound="normalize", public_size=10), tmp_path,
+    make_style_target(tiny_image_encoder(), dataset, _release(bound="normalize", public_size=10), tmp_path,
                                default_ledger=ledger)
     assert _charged(ledger) == before != _digests(folder)
 
@@ -152,7 +155,7 @@ def test_gui_spectral_finetune_trains_on_the_bytes_it_charged(public_prior, tmp_
     _replace_after_reserve(monkeypatch, folder / "private_001.png")
     (tmp_path / "priors").mkdir()
     ledger = tmp_path / "ledger.json"
-    frontend.finetune_spectral(public_prior, folder, _release(sample_rate=0.5), TrainConfig(steps=1),
+    finetune_spectral(public_prior, folder, _release(sample_rate=0.5), TrainConfig(steps=1),
                                tmp_path / "priors", tmp_path / "checkpoints", default_ledger=ledger)
     assert _charged(ledger) == before != _digests(folder)
     (tokens,) = trained
@@ -168,52 +171,52 @@ def test_folder_state_sees_an_edit_that_keeps_size_and_mtime(tmp_path):
     file = folder / "a.png"
     file.write_bytes(b"first image")
     stat = file.stat()
-    state = frontend.folder_state(folder)
+    state = folder_state(folder)
     file.write_bytes(b"other image")  # the same size
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same modification time
     assert file.stat().st_size == stat.st_size and file.stat().st_mtime_ns == stat.st_mtime_ns
-    assert frontend.folder_state(folder) != state
+    assert folder_state(folder) != state
 
 
 def test_another_resolution_or_other_pixels_is_a_new_request(sd1_backend, tmp_path, folder):
     ledger, out = tmp_path / "ledger.json", tmp_path / "embeddings"
     out.mkdir()
     options = _release(overwrite=True)
-    frontend.train_embedding(sd1_backend, load_private_dataset(folder, 32), "dpagg", CONFIG, options, out,
+    train_embedding(sd1_backend, load_private_dataset(folder, 32), "dpagg", CONFIG, options, out,
                              default_ledger=ledger)
-    _, again, _ = frontend.train_embedding(sd1_backend, load_private_dataset(folder, 32), "dpagg", CONFIG, options,
+    _, again, _ = train_embedding(sd1_backend, load_private_dataset(folder, 32), "dpagg", CONFIG, options,
                                            out, default_ledger=ledger)
     assert "released before" in again  # the same request: returned, not charged again
-    _, larger, _ = frontend.train_embedding(sd1_backend, load_private_dataset(folder, 64), "dpagg", CONFIG, options,
+    _, larger, _ = train_embedding(sd1_backend, load_private_dataset(folder, 64), "dpagg", CONFIG, options,
                                             out, default_ledger=ledger)
     assert "released before" not in larger
     _replace(folder / "private_002.png")
-    _, other, _ = frontend.train_embedding(sd1_backend, load_private_dataset(folder, 64), "dpagg", CONFIG, options,
+    _, other, _ = train_embedding(sd1_backend, load_private_dataset(folder, 64), "dpagg", CONFIG, options,
                                            out, default_ledger=ledger)
     assert "released before" not in other
     assert len(json.loads(ledger.read_text())["releases"]) == 3
 
 
 def test_a_style_target_at_another_resolution_is_a_new_request(tmp_path, folder):
-    from privdiff.guidance.encoders import tiny_image_encoder
+    from privdiff.models.image_encoders import tiny_image_encoder
 
     encoder, ledger = tiny_image_encoder(), tmp_path / "ledger.json"
     options = _release(bound="normalize", public_size=10, overwrite=True)
-    frontend.make_style_target(encoder, load_private_dataset(folder, 32), options, tmp_path, default_ledger=ledger)
-    again, _ = frontend.make_style_target(encoder, load_private_dataset(folder, 32), options, tmp_path,
+    make_style_target(encoder, load_private_dataset(folder, 32), options, tmp_path, default_ledger=ledger)
+    again, _ = make_style_target(encoder, load_private_dataset(folder, 32), options, tmp_path,
                                           default_ledger=ledger)
     assert "released before" in again
-    larger, _ = frontend.make_style_target(encoder, load_private_dataset(folder, 64), options, tmp_path,
+    larger, _ = make_style_target(encoder, load_private_dataset(folder, 64), options, tmp_path,
                                            default_ledger=ledger)
     assert "released before" not in larger
     assert len(json.loads(ledger.read_text())["releases"]) == 2
 
 
 def test_a_fine_tune_refuses_a_ledger_charging_other_images(public_prior, tmp_path, folder):
-    from privdiff.embeddings.dpagg import DPParams
     from privdiff.errors import PrivdiffError
-    from privdiff.images import read_private_files
-    from privdiff.release import open_ledger
+    from privdiff.io.images import read_private_files
+    from privdiff.release.artifact import open_ledger
+    from privdiff.release.dp_params import DPParams
     from privdiff.wavelet.training import TrainConfig
     from privdiff.wavelet.workflow import finetune_prior
 
@@ -228,7 +231,7 @@ def test_a_fine_tune_refuses_a_ledger_charging_other_images(public_prior, tmp_pa
 
 def test_private_files_decode_the_bytes_read_and_refuse_duplicates(tmp_path, folder):
     from privdiff.errors import PrivdiffError
-    from privdiff.images import read_private_files
+    from privdiff.io.images import read_private_files
 
     private = read_private_files(folder)
     before, loaded = _digests(folder), load_private_dataset(folder, 32)
@@ -242,7 +245,7 @@ def test_private_files_decode_the_bytes_read_and_refuse_duplicates(tmp_path, fol
 
 def test_open_ledger_refuses_no_images_and_a_duplicated_digest(tmp_path):
     from privdiff.errors import PrivdiffError
-    from privdiff.release import open_ledger
+    from privdiff.release.artifact import open_ledger
 
     digest = hashlib.sha256(b"image").hexdigest()
     for digests, needle in (([], "without image files"), ([digest, digest], "identical")):
@@ -266,7 +269,7 @@ def test_an_aggregate_with_a_changed_centre_under_the_same_name_is_a_new_request
     options, ledger = _release(overwrite=True), tmp_path / "ledger.json"
 
     def aggregate() -> str:
-        return frontend.aggregate_files(str(per_image), True, str(center), options, out, images_folder=str(folder),
+        return aggregate_files(str(per_image), True, str(center), options, out, images_folder=str(folder),
                                         default_ledger=ledger)[1]
 
     save_embedding(Embedding({"clip_l": torch.zeros(1, 768)}), center)

@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.backends.tiny import load_model
 from privdiff.embeddings.dpagg import encode_in_batches
 from privdiff.embeddings.templates import STYLE_TEMPLATES
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors, train_shared_embedding
+from privdiff.models import small_spec
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.registry import load_model
+from privdiff.models.small import WEIGHTS
+from privdiff.models.small_classifier import load_classifier
 from privdiff.reference import shapes
 from privdiff.reference.evaluate import evaluate, generate, prompt_pairs
-from privdiff.reference.model import WEIGHTS
-from privdiff.reference.score import load_classifier, score
+from privdiff.reference.score import score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +61,7 @@ def test_shipped_weights_are_small_and_tokenize_the_grammar(small):
     size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert size < 20e6, size
     tok = pipe.tokenizer
-    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in shapes.WORDS)
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in small_spec.WORDS)
     assert pipe.text_encoder.config.vocab_size == len(tok) and pipe.text_encoder.config.hidden_size == 768
     backend = DiffusersBackend(pipe)
     assert backend.family == "SD1" and backend.resolution == 32
@@ -143,7 +145,7 @@ def test_bench_numbers_come_from_runs(small, monkeypatch, capsys):
 def test_guidance_toward_a_dp_target_raises_the_style_score(small):
     from privdiff.guidance.sampler import GuidanceConfig
     from privdiff.guidance.target import make_target, target_params
-    from privdiff.reference.encoder import load_small_encoder
+    from privdiff.models.image_encoders import load_small_encoder
     from privdiff.reference.evaluate import evaluate_guided
 
     pipe, classifier = small

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.backends.tiny import load_model
 from privdiff.errors import PrivdiffError
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.registry import load_model
 
 _spec = importlib.util.spec_from_file_location("privdiff_single_file_checkpoints",
                                                Path(__file__).with_name("single_file_checkpoints.py"))
@@ -121,7 +121,7 @@ def test_cli_trains_on_a_single_file_checkpoint_with_an_empty_hf_cache(checkpoin
 
 
 def test_full_size_sd15_configs_match_the_known_architecture():
-    from privdiff.backends import single_file
+    from privdiff.models import single_file
 
     shapes = ckpts.checkpoint_shapes("sd15-full")
     assert single_file.detect_family(shapes) == "sd1"

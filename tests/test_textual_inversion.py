@@ -24,8 +24,8 @@ ATOL = 1e-5
 
 
 def _float64_backend(family: str):
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import tiny_pipeline
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.tiny import tiny_pipeline
 
     backend = DiffusersBackend(tiny_pipeline(family).to(dtype=torch.float64))
     backend.freeze()

@@ -1,4 +1,4 @@
-"""privdiff.untrusted: files refused by kind before any read, bounded JSON, typed config numbers."""
+"""privdiff.io.untrusted: files refused by kind before any read, bounded JSON, typed config numbers."""
 
 import os
 import socket
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from privdiff.errors import PrivdiffError
-from privdiff.untrusted import config_float, config_int, file_kind, parse_json, read_bytes, read_json, regular_file
+from privdiff.io.untrusted import config_float, config_int, file_kind, parse_json, read_bytes, read_json, regular_file
 
 
 def test_non_regular_files_are_refused_by_kind_without_opening_them(tmp_path):

@@ -11,16 +11,16 @@ import torch
 from opacus.grad_sample import GradSampleModuleExpandedWeights
 from PIL import Image
 
-from privdiff.embeddings.dpagg import DPParams
 from privdiff.errors import PrivdiffError
-from privdiff.images import read_private_files
+from privdiff.io.images import read_private_files
 from privdiff.privacy import dpsgd
 from privdiff.privacy.accountants import epsilon_for
 from privdiff.privacy.dpsgd import microbatch_size
 from privdiff.privacy.ledger import BudgetLedger
 from privdiff.privacy.mechanism import _row_norm_bounds
 from privdiff.reference.shapes import public_dataset
-from privdiff.release import open_ledger
+from privdiff.release.artifact import open_ledger
+from privdiff.release.dp_params import DPParams
 from privdiff.wavelet import training
 from privdiff.wavelet.prior import PriorConfig, SpectralPrior, load_prior, save_prior
 from privdiff.wavelet.tokenizer import fit_tokenizer, load_tokenizer

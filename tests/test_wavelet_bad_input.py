@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from privdiff import cli
-from privdiff.demo_data import write_style_images
-from privdiff.images import load_image_folder
+from privdiff.cli import main as cli
+from privdiff.demo.data import write_style_images
+from privdiff.io.images import load_image_folder
 from privdiff.wavelet import prior as prior_module
 from privdiff.wavelet.prior import PriorConfig, SpectralPrior, save_prior
 from privdiff.wavelet.tokenizer import fit_tokenizer

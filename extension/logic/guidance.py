@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from privdiff.frontend import Release, make_style_target, target_path
-from privdiff.images import load_private_dataset
+from privdiff.app.guidance import make_style_target
+from privdiff.app.release_options import Release, target_path
+from privdiff.io.images import load_private_dataset
 
 from ..a1111_backend import training_session
 from .common import Host, one_line_errors, training_model
@@ -28,7 +29,7 @@ class TargetForm:
 
 def make_target(host: Host, form: TargetForm) -> tuple[str, str]:
     """Release a DP style target into ``models/privdiff_targets``: (report, status line)."""
-    from privdiff.guidance.encoders import load_image_encoder
+    from privdiff.models.image_encoders import load_image_encoder
 
     out: list[str] = []
     with one_line_errors(out):
@@ -65,10 +66,10 @@ class GuidedForm:
 def guided_sample(host: Host, form: GuidedForm) -> tuple[list[Path], str]:
     """Universal-guidance sampling toward a style target with the loaded checkpoint; the images go to the
     txt2img outputs folder. Returns (image files, status line)."""
-    from privdiff.guidance.encoders import load_image_encoder
     from privdiff.guidance.sampler import GuidanceConfig, check_sample_memory, sample_images
     from privdiff.guidance.target import check_encoder, load_target
-    from privdiff.image_output import save_images
+    from privdiff.io.image_output import save_images
+    from privdiff.models.image_encoders import load_image_encoder
 
     out: list[str] = []
     with one_line_errors(out):

@@ -44,7 +44,7 @@ def encrypted_sample(host: Host, form: EncryptedForm) -> tuple[list[Path], str, 
     outputs folder's ``privdiff-he``. Returns (image files, report, status line); the report is empty on error."""
     from privdiff.he.protocol import parse_address
     from privdiff.he.sampler import HEConfig, sample_images
-    from privdiff.image_output import prompt_settings, save_images
+    from privdiff.io.image_output import prompt_settings, save_images
 
     out: list[str] = []
     with one_line_errors(out):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from privdiff.app.release_options import read_report
 from privdiff.errors import PrivdiffError
-from privdiff.frontend import read_report
 from privdiff.privacy.ledger import BudgetLedger
 
 from .common import Host, one_line_errors

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from privdiff.app.release_options import Release
+from privdiff.app.spectral import finetune_spectral
 from privdiff.errors import PrivdiffError
-from privdiff.frontend import Release, finetune_spectral
-from privdiff.images import check_resolution
-from privdiff.untrusted import file_kind
+from privdiff.io.images import check_resolution
+from privdiff.io.untrusted import file_kind
 
 from ..a1111_backend import training_session
 from .common import Host, Interrupted, one_line_errors, training_model
@@ -149,7 +150,7 @@ def spectral_sample(host: Host, form: SpectralSampleForm) -> tuple[list[Path], s
     import torch.nn.functional as F
 
     from privdiff.guidance.sampler import GuidanceConfig
-    from privdiff.image_output import save_images
+    from privdiff.io.image_output import save_images
     from privdiff.wavelet.upsample import load_upscaler, refine, upscale
     from privdiff.wavelet.workflow import sample_prior
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from privdiff.app.embeddings import train_embedding
+from privdiff.app.release_options import Release
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
-from privdiff.frontend import Release, train_embedding
-from privdiff.images import check_resolution, load_private_dataset
+from privdiff.io.images import check_resolution, load_private_dataset
 
 from ..a1111_backend import training_session
 from .common import Host, one_line_errors, training_model

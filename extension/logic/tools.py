@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from privdiff.embeddings.files import inspect_embedding, load_embedding
+from privdiff.embeddings.files import inspect_embedding, load_embedding, save_planned
 from privdiff.errors import PrivdiffError
-from privdiff.output_plan import FORMATS, SUFFIXES, plan_output, save_planned
+from privdiff.release.output_plan import FORMATS, SUFFIXES, plan_output
 
 from .common import Host, one_line_errors
 from .paths import confined_path, relative_name

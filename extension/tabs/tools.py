@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from privdiff.output_plan import FORMATS
+from privdiff.release.output_plan import FORMATS
 
 from ..logic import tools as logic
 from ..logic.common import Host

@@ -1,1 +1,1 @@
-"""The SDBackend protocol, its diffusers implementation, and tiny random-weight models."""
+"""Deprecated: moved to ``privdiff.models``, kept for one release (only the import paths the README named)."""

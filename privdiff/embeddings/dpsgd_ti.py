@@ -16,9 +16,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from privdiff.backends.protocol import SDBackend
-from privdiff.batching import padded
-from privdiff.embeddings.dpagg import DPAggResult, DPParams, encode_in_batches, plan_release
+from privdiff.embeddings.dpagg import DPAggResult, encode_in_batches
 from privdiff.embeddings.files import Embedding
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.embeddings.textual_inversion import (
@@ -30,10 +28,13 @@ from privdiff.embeddings.textual_inversion import (
     training_generator,
 )
 from privdiff.errors import PrivdiffError
+from privdiff.io.batching import padded
+from privdiff.models.protocol import SDBackend
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
+from privdiff.release.dp_params import DPParams, plan_release
 
 MECHANISM = "DP-SGD textual inversion (opacus): per-sample clipped gradients with Gaussian noise"
 # torch warns on every backward through opacus' hooks, as the hooked module's input (the latents) needs no grad.

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from privdiff.atomic import Writer
-from privdiff.embeddings.formats import (
+from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import Writer, replace_files
+from privdiff.io.embedding_formats import (
     A1111_REPORT_KEY,
     REPORT_KEY,
     a1111_pt_bytes,
@@ -34,9 +35,8 @@ from privdiff.embeddings.formats import (
     read_file,
     write_safetensors,
 )
-from privdiff.errors import PrivdiffError
-from privdiff.output_plan import FORMATS as FORMATS  # re-exported: the formats save_embedding writes
-from privdiff.output_plan import TOKEN_FORMATS, OutputPlan, plan_output, save_planned
+from privdiff.release.output_plan import FORMATS as FORMATS  # re-exported: the formats save_embedding writes
+from privdiff.release.output_plan import TOKEN_FORMATS, OutputPlan, plan_output
 
 if TYPE_CHECKING:
     from privdiff.privacy.report import PrivacyReport
@@ -90,7 +90,7 @@ def save_embedding(
     """Write ``emb`` atomically as ``fmt`` (see module doc); an existing file needs ``force``.
 
     ``token`` (default: the file stem) is stored where the format has a place for it and ignored by
-    the others; :func:`privdiff.output_plan.plan_output` refuses it there instead.
+    the others; :func:`privdiff.release.output_plan.plan_output` refuses it there instead.
     """
     return save_planned(emb, plan_output(path, fmt, token if fmt in TOKEN_FORMATS else None, force))
 
@@ -136,6 +136,18 @@ def encode_files(emb: Embedding, plan: OutputPlan) -> dict[Path, Writer | None]:
     elif os.path.lexists(sidecar):
         out[sidecar] = None  # a report of the file being replaced must not describe this one
     return out
+
+
+def save_planned(embedding: Embedding, plan: OutputPlan) -> Path:
+    """Write ``embedding`` (and an A1111 file's report sidecar) as ``plan`` says; returns the path.
+
+    The plan is checked again (the folder may have changed during training), every file is written to a
+    temporary first and then renamed into place; on any failure the temporaries are removed and every
+    existing file is left as it was. OS errors become a PrivdiffError naming the path and the reason.
+    """
+    plan = plan_output(plan.path, plan.fmt, plan.token, plan.force)
+    replace_files(encode_files(embedding, plan))
+    return plan.path
 
 
 def _report(metadata: dict[str, str], where: Path | str) -> PrivacyReport | None:

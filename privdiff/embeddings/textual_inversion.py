@@ -3,7 +3,7 @@
 Each image owns a random stream (template choice, timestep, noise) drawn from its own generator, and the loss
 is a sum of per-image losses, so row ``i`` receives its own image's gradients and Adam's updates, which depend
 on the other rows only through the kernels' choice of algorithm for the batch's shape. Every chunk therefore has
-exactly ``batch_size`` rows, the last padded with public dummies (``privdiff.batching``): an image's embedding is
+exactly ``batch_size`` rows, the last padded with public dummies (``privdiff.io.batching``): an image's embedding is
 the same, bit for bit, in any chunk and position (checked on CPU by the tests). Trained alone (a batch of one)
 it agrees only to rounding (~1e-6 relative in float32; to the last bit in float64 in the tests).
 """
@@ -16,14 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from privdiff.backends.protocol import SDBackend
-from privdiff.batching import dummy_generator, padded
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.errors import PrivdiffError
+from privdiff.io.batching import dummy_generator, padded
+from privdiff.models.protocol import SDBackend
 from privdiff.privacy.randomness import SecureRandom
-
-Progress = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` after every optimiser step; may raise to cancel."""
+from privdiff.progress import Progress
 
 PLACEHOLDER = "<privdiff-token>"
 

@@ -13,20 +13,16 @@ Timesteps follow diffusers' DDIM with SD's configuration ("leading" spacing, ste
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from privdiff.backends.protocol import SDBackend
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.encoders import ImageEncoder
-
-Progress = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` after every UNet pass; may raise to cancel."""
-
-Cond = dict[str, torch.Tensor]
+from privdiff.models.image_encoders import ImageEncoder
+from privdiff.models.protocol import SDBackend
+from privdiff.models.sampling import Cond, cfg_noise, ddim_timesteps
+from privdiff.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ def check_sample_memory(num_images: int, height: int, width: int, decoder: int =
                         device: str | torch.device | None = None) -> None:
     """Refuse ``num_images`` images of ``height`` x ``width`` when guided sampling would need over half of this
     machine's memory (or more than the GPU ``device`` has), saying how many fit."""
-    from privdiff import images
+    from privdiff.io import images
 
     per_image = height * width * pixel_bytes(decoder)
     budget, where = images.half_memory(), "half of this machine's memory"
@@ -82,15 +78,6 @@ def check_sample_memory(num_images: int, height: int, width: int, decoder: int =
     advice += "" if decoder else " (fewer once the model's decoder is counted)"
     raise PrivdiffError(f"{num_images} image(s) of {height}x{width} need about {num_images * per_image / 2**20:,.0f} "
                         f"MiB for guided sampling, over {where} ({budget / 2**20:,.0f} MiB); {advice}")
-
-
-def ddim_timesteps(num_train: int, steps: int) -> list[tuple[int, int]]:
-    """(t, t_prev) pairs of diffusers' DDIM schedule for SD ("leading", offset 1); t_prev −1 means ᾱ_0."""
-    if steps > num_train:
-        raise PrivdiffError(f"steps {steps} is more than the model's {num_train} training timesteps")
-    ratio = num_train // steps
-    ts = [i * ratio + 1 for i in reversed(range(steps))]
-    return [(t, t - ratio) for t in ts]
 
 
 def _alpha(alphas: torch.Tensor, t: int) -> torch.Tensor:
@@ -121,19 +108,6 @@ def guidance_loss(backend: SDBackend, encoder: ImageEncoder, target: torch.Tenso
     embedding = encoder.embed(backend.decode_latents(x0).float())
     goal = target.to(embedding.device, embedding.dtype).expand_as(embedding)
     return -scale * F.cosine_similarity(embedding, goal, dim=-1).sum()
-
-
-def cfg_noise(backend: SDBackend, z: torch.Tensor, t: int, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
-    """Classifier-free guided ε̂ (conditional and unconditional in one batch), converted from v if needed."""
-    b = len(z)
-    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
-    timesteps = torch.full((2 * b,), t, dtype=torch.long, device=z.device)
-    out = backend.predict_noise(torch.cat([z, z]), timesteps, both).float()
-    if backend.prediction_type == "v_prediction":
-        a = backend.alphas_cumprod[t].to(torch.float32)
-        out = a.sqrt() * out + (1 - a).sqrt() * torch.cat([z, z]).float()
-    eps_c, eps_u = out[:b], out[b:]
-    return eps_u + scale * (eps_c - eps_u)
 
 
 def sample(

@@ -16,16 +16,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from privdiff.atomic import atomic_write
-from privdiff.batching import padded
-from privdiff.embeddings.dpagg import DPParams, plan_release
-from privdiff.embeddings.textual_inversion import Progress
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.encoders import ImageEncoder
+from privdiff.io.atomic import atomic_write
+from privdiff.io.batching import padded
+from privdiff.io.untrusted import regular_file
+from privdiff.models.image_encoders import ImageEncoder
 from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
-from privdiff.untrusted import regular_file
+from privdiff.progress import Progress
+from privdiff.release.dp_params import DPParams, plan_release
 
 MECHANISM = "DP style target: subsampled Gaussian mean of unit CLIP image embeddings"
 TENSOR = "target"
@@ -65,7 +65,7 @@ def target_params(epsilon: float | None, delta: float, sample_rate: float = 1.0,
 def embed_in_batches(encoder: ImageEncoder, images: torch.Tensor, batch_size: int = 16,
                      progress: Progress | None = None) -> torch.Tensor:
     """Embeddings [N, D] (float64, CPU) of images [N,3,H,W] in 0..1, ``batch_size`` at a time (the last batch
-    padded with dummies, ``privdiff.batching``)."""
+    padded with dummies, ``privdiff.io.batching``)."""
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]

@@ -11,6 +11,9 @@ parameters: the key holder splits a step into updates of at most ``Limits.cipher
 many slots' worth of plaintext values), so the largest legitimate frame is known before any of it is read, and
 a declared length over the cap is refused from the frame's first 13 bytes. Every read has a timeout, and a
 frame must arrive within the timeout plus its size at ``MIN_RATE``.
+
+One cohesive thing, kept whole over 400 lines: the wire format and both of its ends, checked against
+each other in one place.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 
 from privdiff.errors import PrivdiffError
 from privdiff.he.ckks import Worker
-from privdiff.untrusted import json_depth
+from privdiff.io.untrusted import json_depth
 
 MAGIC = b"PDHE"
 HELLO, READY, UPDATE, RESULT, ERROR = range(1, 6)

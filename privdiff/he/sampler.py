@@ -15,20 +15,20 @@ from dataclasses import dataclass
 
 import torch
 
-from privdiff.backends.protocol import SDBackend
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.sampler import Cond, cfg_noise, ddim_timesteps
 from privdiff.he import steps
 from privdiff.he.ckks import DEFAULT_PARAMS, CKKSParams, KeyHolder
 from privdiff.he.noise import LatentNoise
 from privdiff.he.protocol import LocalWorker, RemoteWorker
 from privdiff.he.selection import CHANNELS, check_threshold
 from privdiff.he.stepper import PACKINGS, EncryptedStepper, StepStats
-from privdiff.images import half_memory
+from privdiff.io.images import half_memory
+from privdiff.models.protocol import SDBackend
+from privdiff.models.sampling import Cond, cfg_noise, ddim_timesteps
+from privdiff.progress import Progress
 
 SAMPLERS = ("ddim", "plms", "euler")
 Step = Callable[[torch.Tensor, steps.Update], torch.Tensor]
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ and, as calibration targets, epsilon in EPSILONS (PRV_EPSILONS for prv). Inside 
 sized to a fixed work budget (a coarser grid loosens their upper bound, never breaks it); pld refuses only events
 whose epsilon is far beyond any target; prv also events whose grid cannot be made small enough, whose epsilon
 passes ~700, or where opacus' discretisation fails (tiny sigma or sample rate): use pld there.
+
+One cohesive thing, kept whole over 400 lines: the one front door to the three accountants (epsilon
+and sigma calibration under either relation, and the grids they are read on).
 """
 
 from __future__ import annotations

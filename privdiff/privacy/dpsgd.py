@@ -8,7 +8,7 @@ noise drawn while the step before computes: ``NoiseAhead``).
 An example's per-sample gradient must not depend on which other examples the Poisson batch holds: kernels pick
 their algorithm by shape, so a batch of the sampled count would move every example's gradient (~1e-6 relative)
 when one example is added or removed. ``sample_gradients`` computes them ``size`` examples at a time, always
-exactly ``size`` rows (the last microbatch padded with a fixed public dummy, ``privdiff.batching``), drops the
+exactly ``size`` rows (the last microbatch padded with a fixed public dummy, ``privdiff.io.batching``), drops the
 dummies' rows and hands the optimizer the real rows only, so ``clipped_sum`` clips and sums them once.
 """
 

@@ -15,6 +15,9 @@ the budget nor lose an entry)::
 A process killed in between leaves its reservation in the ledger, counted (conservative), until the user
 clears it explicitly (``privdiff ledger clear``). The image digests stay in the ledger: they tell
 neighbouring datasets apart and must never be released.
+
+One cohesive thing, kept whole over 400 lines: the ledger file, its lock and its reserve/commit/cancel
+steps, which only make their guarantee together.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from privdiff.atomic import PRIVATE, atomic_write_text
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import PRIVATE, atomic_write_text
+from privdiff.io.untrusted import config_float, config_int, parse_json, read_bytes
 from privdiff.privacy import checks
 from privdiff.privacy.accountants import (
     ADD_REMOVE,
@@ -51,7 +55,6 @@ from privdiff.privacy.accountants import (
     composed_epsilon,
 )
 from privdiff.privacy.report import PrivacyReport
-from privdiff.untrusted import config_float, config_int, parse_json, read_bytes
 
 LEDGER_FORMAT = "privdiff-budget-ledger"
 LEDGER_VERSION = 2

@@ -21,9 +21,10 @@ over m rows): for the correctly rounded products w_b x_b and additions, each coo
 gamma_{L+1} sum_b |w_b x_b| <= gamma_{L+1} m C, gamma_n = n u / (1 - n u), u = 2**-53 (Higham 2002, Accuracy and
 Stability of Numerical Algorithms, (3.4) and (4.6)). Since gamma = 2**(floor(log2 C) - b) > 2**-31 C, this is
 below gamma/2 while (L + 1) m u <= 2**-32, i.e. for m <= MAX_SUM_ROWS = 116,000 rows (at most 0.87 gamma/2 at the
-100,000 records a release accepts, ``dpagg.MAX_RECORDS``). Snapping moves each coordinate by at most gamma/2, so
-neighbouring snapped sums differ by an integer vector D of L2 norm at most (C + 2 gamma sqrt(d)) / gamma =
-C' / gamma. Z is the discrete Gaussian with noise multiplier exactly sigma on that sensitivity. For an integer shift
+100,000 records a release accepts, ``privdiff.release.dp_params.MAX_RECORDS``). Snapping moves each coordinate by
+at most gamma/2, so neighbouring snapped sums differ by an integer vector D of L2 norm at most
+(C + 2 gamma sqrt(d)) / gamma = C' / gamma. Z is the discrete Gaussian with noise multiplier exactly sigma on that
+sensitivity. For an integer shift
 its Renyi divergences of every order are at most the continuous Gaussian's (CKS 2020): the unsampled release's
 RDP and zCDP are proven; docs/privacy.md ("Discrete noise, continuous accounting") says what that covers of the
 accountants' subsampled (eps, delta) and what is argued rather than proven.
@@ -298,7 +299,8 @@ def gaussian_aggregate(
 
 
 def _check_rows(rows: int) -> None:
-    # Callers cap the records of a release (``dpagg.MAX_RECORDS``) before sampling; this keeps the sum's proof.
+    # Callers cap the records of a release (``privdiff.release.dp_params.MAX_RECORDS``) before sampling; this keeps
+    # the sum's proof.
     if rows > MAX_SUM_ROWS:
         raise PrivdiffError(f"{rows} rows are over the {MAX_SUM_ROWS} whose float64 sum the noise's grid covers")
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from privdiff.atomic import atomic_write_text
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import atomic_write_text
+from privdiff.io.untrusted import parse_json
 from privdiff.privacy import checks
-from privdiff.untrusted import parse_json
 
 REPORT_KEY = "privdiff.privacy_report"
 SIDECAR_SUFFIX = ".privacy.json"

@@ -1,1 +1,5 @@
-"""The small reference model: procedural data, the model, its training script and the style score."""
+"""Tooling of the small reference model (top layer): its procedural data, training, style score and evaluation.
+
+The model itself (architecture, shipped weights, attribute network) is ``privdiff.models.small`` and
+``privdiff.models.small_classifier``; nothing in the library imports this package.
+"""

@@ -6,11 +6,12 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
 from privdiff.embeddings.textual_inversion import PLACEHOLDER
-from privdiff.guidance.encoders import ImageEncoder
 from privdiff.guidance.sampler import GuidanceConfig, sample
-from privdiff.reference.score import AttributeClassifier, Score, score
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.image_encoders import ImageEncoder
+from privdiff.models.small_classifier import AttributeClassifier
+from privdiff.reference.score import Score, score
 from privdiff.reference.shapes import COLOURS, SHAPES
 
 PROMPT = "a {colour} {shape} in {token} style"

@@ -18,24 +18,15 @@ import numpy as np
 from PIL import Image
 
 from privdiff.embeddings.templates import STYLE_TEMPLATES
+from privdiff.models.small_spec import BACKGROUNDS, COLOURS, SHAPES, SIZE, TEXTURES
 
-SIZE = 32
 _SUPER = 4
-
-SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = {"red": (0.92, 0.12, 0.10), "green": (0.15, 0.80, 0.20), "blue": (0.15, 0.30, 0.95),
-           "yellow": (0.98, 0.88, 0.10), "white": (0.96, 0.96, 0.96)}
-BACKGROUNDS = {"black": (0.07, 0.07, 0.09), "purple": (0.40, 0.14, 0.52), "orange": (0.88, 0.45, 0.08),
-               "teal": (0.04, 0.44, 0.44), "gray": (0.50, 0.50, 0.50)}
-TEXTURES = ("plain", "stripes", "dots", "checks", "waves")
 
 PRIVATE_STYLES = ("orange dots", "teal stripes", "purple checks")
 """Held-out styles: never drawn nor named in the public data."""
 
 ALL_STYLES = tuple(f"{bg} {tex}" for bg in BACKGROUNDS for tex in TEXTURES)
 PUBLIC_STYLES = tuple(s for s in ALL_STYLES if s not in PRIVATE_STYLES)
-WORDS = (*SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES)
-"""Every word of the caption grammar besides the templates' words."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Train the small reference model and its style classifier from the public procedural data.
 
-    python -m privdiff.reference.train [--out privdiff/reference/weights] [--seed 0]
+    python -m privdiff.reference.train [--out privdiff/models/small_weights] [--seed 0]
 
 Stages: render the public images; train the VAE; encode the images and set the latent scale;
 build the frozen text encoder and encode every caption once; train the UNet (with an EMA of its
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from privdiff.reference import model as ref
-from privdiff.reference.score import ENCODER_FILE, AttributeClassifier, save_classifier, targets
+from privdiff.models import small as ref
+from privdiff.models.small_classifier import ENCODER_FILE, AttributeClassifier, save_classifier
+from privdiff.reference.score import targets
 from privdiff.reference.shapes import ALL_STYLES, PUBLIC_STYLES, public_dataset, random_specs, render
 
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from privdiff.errors import PrivdiffError
-from privdiff.images import half_memory
+from privdiff.io.images import half_memory
+from privdiff.io.untrusted import config_int, parse_json
+from privdiff.io.untrusted_tensors import open_tensor_file
 from privdiff.privacy.report import REPORT_KEY, PrivacyReport
-from privdiff.untrusted import config_int, parse_json
-from privdiff.untrusted_tensors import open_tensor_file
 from privdiff.wavelet.tokenizer import (
     MAX_BASE,
     MAX_CODES,

@@ -19,11 +19,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from privdiff.atomic import atomic_write, os_reason
 from privdiff.errors import PrivdiffError
-from privdiff.images import half_memory
-from privdiff.untrusted import config_int
-from privdiff.untrusted_tensors import TensorSpec, open_tensor_file
+from privdiff.io.atomic import atomic_write, os_reason
+from privdiff.io.images import half_memory
+from privdiff.io.untrusted import config_int
+from privdiff.io.untrusted_tensors import TensorSpec, open_tensor_file
 from privdiff.wavelet.transform import block_mean, decompose, levels_for, reconstruct
 
 KIND = "privdiff spectral tokenizer"

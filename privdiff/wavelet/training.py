@@ -25,17 +25,17 @@ from opacus.grad_sample import GradSampleModuleExpandedWeights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from privdiff.atomic import PRIVATE, atomic_write, os_reason
-from privdiff.batching import padded
-from privdiff.embeddings.dpagg import DPParams, plan_release
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import PRIVATE, atomic_write, os_reason
+from privdiff.io.batching import padded
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
+from privdiff.progress import Progress
+from privdiff.release.dp_params import DPParams, plan_release
 from privdiff.wavelet.prior import SpectralPrior
 
-Progress = Callable[[int, int], None]
 MECHANISM = "DP-SGD fine-tuning of a spectral (Haar-wavelet token) prior (opacus)"
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from privdiff.backends.protocol import SDBackend
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.sampler import GuidanceConfig, ddim_timesteps, guided_noise
-from privdiff.untrusted import regular_file
+from privdiff.io.untrusted import regular_file
+from privdiff.models.protocol import SDBackend
+from privdiff.models.sampling import cfg_noise, ddim_timesteps
 
 
 def load_upscaler(path: str | Path) -> torch.nn.Module:
@@ -63,7 +63,6 @@ def refine(
     images [B,3,size,size] in 0..1."""
     if not 0 < strength <= 1:
         raise PrivdiffError(f"strength {strength} must be in (0, 1]")
-    config = GuidanceConfig(steps=steps, cfg=cfg, weight=0.0, recurrence=1)
     alphas = backend.alphas_cumprod.to(torch.float32)
     schedule = [(t, tp) for t, tp in ddim_timesteps(len(alphas), steps) if t <= strength * len(alphas)]
     if not schedule:
@@ -80,7 +79,8 @@ def refine(
     z = a.sqrt() * x0 + (1 - a).sqrt() * noise
     for i, (t, t_prev) in enumerate(schedule):
         a, a_prev = alphas[t], alphas[t_prev] if t_prev >= 0 else alphas[0]
-        eps = guided_noise(backend, z, t, cond, uncond, config)
+        with torch.inference_mode(False), torch.enable_grad():  # as guided sampling with weight 0
+            eps = cfg_noise(backend, z.detach().clone(), t, cond, uncond, cfg).detach()
         z = a_prev.sqrt() * (z - (1 - a).sqrt() * eps) / a.sqrt() + (1 - a_prev).sqrt() * eps
         if progress is not None:
             progress(i + 1, len(schedule))

@@ -14,21 +14,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from privdiff.atomic import private_folder
-from privdiff.embeddings.dpagg import DPParams, check_params
 from privdiff.errors import PrivdiffError
-from privdiff.images import PrivateFiles, check_image, list_images, load_image_folder, read_private_files
-from privdiff.output_plan import plan_output
+from privdiff.io.atomic import private_folder
+from privdiff.io.images import PrivateFiles, check_image, list_images, load_image_folder, read_private_files
+from privdiff.io.untrusted_tensors import file_digest
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
-from privdiff.release import LedgerRequest, carries_release, release_artifact
-from privdiff.untrusted_tensors import file_digest
+from privdiff.progress import Progress
+from privdiff.release.artifact import LedgerRequest, carries_release, release_artifact
+from privdiff.release.dp_params import DPParams, check_params
+from privdiff.release.output_plan import plan_output
 from privdiff.wavelet.prior import LoadedPrior, PriorConfig, SpectralPrior, check_memory, load_prior, save_prior
 from privdiff.wavelet.tokenizer import SpectralTokenizer, check_fit_memory, fit_tokenizer
 from privdiff.wavelet.training import (
@@ -41,8 +41,6 @@ from privdiff.wavelet.training import (
     pretrain,
 )
 from privdiff.wavelet.transform import levels_for
-
-Progress = Callable[[int, int], None]
 
 
 def default_checkpoint_dir() -> Path:

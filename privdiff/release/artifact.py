@@ -3,7 +3,7 @@
 Shared by every front (CLI, ComfyUI, A1111) and every method, so each release is checked, charged and
 written the same way:
 
-1. the output plan is checked before anything else (``privdiff.output_plan.plan_output``);
+1. the output plan is checked before anything else (``privdiff.release.output_plan.plan_output``);
 2. the release's report is planned (σ calibrated, no model needed) and reserved in the ledger under its
    lock, refused over budget, before a model loads or any private pixel is decoded (each file was read
    once, earlier: the ledger charges the digests of the very bytes decoded);
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from privdiff.embeddings.dpagg import DPAggResult
+from safetensors import safe_open
+
 from privdiff.errors import PrivdiffError
-from privdiff.output_plan import OutputPlan, save_planned
+from privdiff.io.embedding_formats import check_vectors, read_file
 from privdiff.privacy.ledger import BudgetLedger, Reservation, request_key
 from privdiff.privacy.report import PrivacyReport
 
@@ -119,29 +120,16 @@ def release_artifact(
     return path, result, reservation
 
 
-def release_embedding(
-    produce: Callable[[], DPAggResult],
-    report: PrivacyReport,
-    output: OutputPlan,
-    ledger: LedgerRequest | None = None,
-) -> tuple[Path, DPAggResult, Reservation | None]:
-    """:func:`release_artifact` for an embedding written as ``output`` plans (file and report sidecar)."""
-    return release_artifact(produce, report, output.path, lambda result: save_planned(result.embedding, output),
-                            carries_release, ledger, sidecar=output.sidecar)
-
-
 def carries_release(path: Path, release_id: str) -> bool:
     """Whether the file at ``path`` (an embedding or a style target) is the release ``release_id``."""
-    from safetensors import safe_open
-
-    from privdiff.embeddings.files import load_embedding
-
     try:
         if Path(path).suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata()
         else:
-            metadata = load_embedding(path).metadata
+            parsed = read_file(Path(path))
+            check_vectors(parsed.tensors, str(path))  # as load_embedding: a file with bad vectors is no release
+            metadata = parsed.metadata
         report = PrivacyReport.from_metadata(metadata)
     except Exception:  # any unreadable file is not this release
         return False

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from privdiff.atomic import atomic_write, os_reason
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import atomic_write, os_reason
 
 
 def file_name(path: str | os.PathLike | None) -> str | None:

@@ -9,7 +9,7 @@ encoder) and samples plain prompts with universal guidance toward it. It writes 
 the embedding and target files with their privacy reports, and grid.png, sampled with the same seeds
 in every row (the embeddings through diffusers' own ``load_textual_inversion``), each row labelled with
 its style score (the fraction of 40 samples the style classifier reads as the private style) and
-prompt adherence (shape and colour as asked). Then the spectral demo (``privdiff.demo_spectral``) releases
+prompt adherence (shape and colour as asked). Then the spectral demo (``privdiff.demo.spectral``) releases
 a DP spectral prior (ε = 10) on the same private images and writes spectral-grid.png.
 """
 
@@ -21,22 +21,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from privdiff.backends.diffusers_backend import DiffusersBackend
-from privdiff.cli import main as cli_main
-from privdiff.demo_spectral import run_spectral
+from privdiff.cli.main import main as cli_main
+from privdiff.demo.grid import CELL, draw_grid
+from privdiff.demo.spectral import run_spectral
 from privdiff.embeddings.dpagg import encode_in_batches
 from privdiff.embeddings.files import load_embedding
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, initial_vectors, train_shared_embedding
 from privdiff.guidance.sampler import GuidanceConfig
 from privdiff.guidance.target import check_encoder, load_target
-from privdiff.images import load_image_folder
+from privdiff.io.images import load_image_folder
+from privdiff.models.diffusers_backend import DiffusersBackend
+from privdiff.models.image_encoders import load_small_encoder
+from privdiff.models.small import WEIGHTS, load_small
+from privdiff.models.small_classifier import load_classifier
 from privdiff.privacy.report import PrivacyReport
-from privdiff.reference.encoder import load_small_encoder
 from privdiff.reference.evaluate import PROMPT, evaluate, evaluate_guided, generate, generate_guided
-from privdiff.reference.model import WEIGHTS, load_small
-from privdiff.reference.score import Score, load_classifier
+from privdiff.reference.score import Score
 from privdiff.reference.shapes import write_style_folder
 
 OUT = Path("privdiff-demo")
@@ -51,7 +53,6 @@ RELEASES = (("dpagg-eps3", "dpagg", "3", "DPAgg-TI, ε = 3"), ("dpagg-eps1", "dp
             ("dpsgd-eps1", "dpsgd", "1", "DP-SGD TI, ε = 1"))
 COLUMNS = (("blue", "star"), ("red", "circle"), ("yellow", "square"), ("white", "triangle"), ("green", "star"),
            ("red", "square"))
-CELL = 96
 
 
 def _release(private: str, name: str, method: str, epsilon: str) -> Path:
@@ -121,21 +122,6 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(array).resize((CELL, CELL), Image.Resampling.NEAREST)
 
 
-def draw_grid(rows: list[tuple[str, list[Image.Image]]], header: list[str]) -> Image.Image:
-    """A labelled grid: one row per method, one column per prompt."""
-    label_w, head_h, font = 250, 36, ImageFont.load_default(size=13)
-    grid = Image.new("RGB", (label_w + CELL * len(header), head_h + CELL * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, text in enumerate(header):
-        draw.text((label_w + CELL * j + 4, 4), text, fill="black", font=font)
-    for i, (label, images) in enumerate(rows):
-        ascii_label = label.replace("ε", "eps").replace("∞", "inf")  # PIL's default font has no Greek
-        draw.multiline_text((6, head_h + CELL * i + 20), ascii_label, fill="black", font=font, spacing=4)
-        for j, image in enumerate(images):
-            grid.paste(image, (label_w + CELL * j, head_h + CELL * i))
-    return grid
-
-
 def _label(name: str, result: Score) -> str:
     return f"{name}\nstyle {result.style:.0%} · prompt {result.adherence:.0%}"
 
@@ -173,6 +159,3 @@ def run() -> int:
     run_spectral(OUT)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run())

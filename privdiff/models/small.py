@@ -4,7 +4,7 @@ diffusers components, as in Stable Diffusion 1.x: a CLIP text encoder 768 wide (
 at its seeded random initialisation: the UNet learns to read it), a KL VAE 32x32x3 <-> 4x16x16 and
 a conditional UNet with cross-attention, on SD's scaled-linear noise schedule (epsilon prediction).
 ``python -m privdiff.reference.train`` trains it from the public procedural data; the result ships
-in ``privdiff/reference/weights/`` (fp16) and loads as ``--model small``.
+in ``privdiff/models/small_weights/`` (fp16) and loads as ``--model small``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from privdiff.backends.tiny import _DTYPE_KW, MAX_LENGTH, tiny_tokenizer_dir
 from privdiff.errors import PrivdiffError
-from privdiff.reference.shapes import SIZE, WORDS
-
-WEIGHTS = Path(__file__).parent / "weights"
-"""The shipped diffusers folder of the trained model (and the style classifier next to it)."""
+from privdiff.models.small_spec import SIZE, WEIGHTS, WORDS
+from privdiff.models.tiny import DTYPE_KW, MAX_LENGTH, tiny_tokenizer_dir
 
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000, "steps_offset": 1, "prediction_type": "epsilon",
@@ -78,5 +75,5 @@ def load_small(dtype: torch.dtype | None = None, folder: Path = WEIGHTS) -> Stab
                             "`python -m privdiff.reference.train`")
     return StableDiffusionPipeline.from_pretrained(
         folder, local_files_only=True, safety_checker=None, requires_safety_checker=False, low_cpu_mem_usage=False,
-        **{_DTYPE_KW: dtype or torch.float32},
+        **{DTYPE_KW: dtype or torch.float32},
     )

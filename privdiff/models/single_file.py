@@ -18,8 +18,8 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 
-from privdiff.backends.tiny import BOS, EOS, MAX_LENGTH, _byte_chars
 from privdiff.errors import PrivdiffError
+from privdiff.models.tiny import BOS, EOS, MAX_LENGTH, _byte_chars
 
 _VOCAB_GZ = Path(__file__).with_name("clip_vocab") / "bpe_simple_vocab_16e6.txt.gz"
 _N_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes x 2 (with and without </w>), merges, BOS, EOS

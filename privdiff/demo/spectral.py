@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from privdiff.cli import main as cli_main
+from privdiff.cli.main import main as cli_main
+from privdiff.demo.grid import CELL, draw_grid
 from privdiff.reference.shapes import public_dataset, write_style_folder
 
 STYLE = "teal stripes"
 PRIVATE_COUNT, PUBLIC_COUNT = 100, 1000
-COARSE, SCALE, SAMPLES, SHOWN, CELL = 16, 4, 40, 6, 96
+COARSE, SCALE, SAMPLES, SHOWN = 16, 4, 40, 6
 EPSILON, DELTA = "10", "1e-5"
 TOKENIZER = ["--size", str(COARSE), "--base", "4", "--codebook-size", "128"]
 PRIOR = ["--dim", "64", "--layers", "2", "--heads", "4"]
@@ -76,11 +77,10 @@ def _bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def run_spectral(out: Path) -> Path:
     """Train, release and sample the spectral prior; writes ``out``/spectral-grid.png and returns its path."""
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import load_model
-    from privdiff.demo import draw_grid
-    from privdiff.reference.model import WEIGHTS
-    from privdiff.reference.score import load_classifier
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.registry import load_model
+    from privdiff.models.small import WEIGHTS
+    from privdiff.models.small_classifier import load_classifier
     from privdiff.wavelet.upsample import refine
     from privdiff.wavelet.workflow import sample_prior
 

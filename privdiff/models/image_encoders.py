@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from privdiff.errors import PrivdiffError
-from privdiff.guidance.encoder_folder import check_encoder_folder
-from privdiff.untrusted import file_kind, regular_file
+from privdiff.io.untrusted import file_kind, regular_file
+from privdiff.models.encoder_folder import check_encoder_folder
+from privdiff.models.small_classifier import ENCODER_FILE, AttributeClassifier, load_classifier
+from privdiff.models.small_spec import SIZE, WEIGHTS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,7 +82,7 @@ class TransformersCLIPVision:
         from transformers import CLIPVisionModelWithProjection
         from transformers.utils import logging as hf_logging
 
-        from privdiff import images
+        from privdiff.io import images
 
         path = Path(folder)
         checked = check_encoder_folder(path)
@@ -160,6 +162,37 @@ class _OpenCLIP:
         return self.visual(clip_preprocess(images.to(device, torch.float32), self.size)).float()
 
 
+class SmallImageEncoder:
+    """The small reference model's public image encoder: the attribute network trained on the public styles only.
+
+    Its pooled features (128-d) carry background colour, texture, shape and colour, and it has never seen a
+    private style. It takes the place CLIP's image encoder has for Stable Diffusion (``--image-encoder small``).
+    """
+
+    def __init__(self, network: AttributeClassifier) -> None:
+        self.network = network.eval().requires_grad_(False)
+        last_conv = network.trunk[4][0].weight
+        self.dim = int(last_conv.shape[0])
+        self.identity = weight_identity("privdiff small encoder", self.dim, last_conv)
+        self.size = SIZE
+
+    def to(self, device: str | torch.device) -> SmallImageEncoder:
+        self.network.to(device)
+        return self
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, 128] of images [B,3,H,W] in 0..1 (resized to 32 px)."""
+        x = images.to(next(self.network.parameters()).device, torch.float32)
+        if x.shape[-2:] != (SIZE, SIZE):
+            x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+        return self.network.trunk(x * 2 - 1)
+
+
+def load_small_encoder(folder: Path = WEIGHTS) -> SmallImageEncoder:
+    """The shipped public image encoder of the small reference model."""
+    return SmallImageEncoder(load_classifier(folder, ENCODER_FILE))
+
+
 def load_image_encoder(spec: str | Path) -> ImageEncoder:
     """"tiny" (built-in, random), "small" (the small reference model's public encoder), a transformers CLIP
     vision folder, or an open_clip "ARCH:file" pair."""
@@ -167,8 +200,6 @@ def load_image_encoder(spec: str | Path) -> ImageEncoder:
     if text == "tiny":
         return tiny_image_encoder()
     if text == "small":
-        from privdiff.reference.encoder import load_small_encoder
-
         return load_small_encoder()
     kind = file_kind(text) if text.strip() else "missing"
     if ":" in text and kind == "missing":

@@ -2,8 +2,8 @@
 
 :func:`plan_output` refuses everything about the output that can be known before private data is read
 or a model is loaded: the format and extension, the token, the target and its report sidecar, and the
-folder (exists, writable, not full). :func:`save_planned` writes an embedding as planned so that a
-failure at any point leaves every existing file as it was.
+folder (exists, writable, not full). :func:`privdiff.embeddings.files.save_planned` writes an embedding as
+planned so that a failure at any point leaves every existing file as it was.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from privdiff.atomic import os_reason, replace_files
 from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import os_reason
 from privdiff.privacy.report import sidecar_path
-
-if TYPE_CHECKING:
-    from privdiff.embeddings.files import Embedding
 
 FORMATS = ("safetensors", "a1111-pt", "diffusers")
 TOKEN_FORMATS = ("a1111-pt", "diffusers")
@@ -65,20 +61,6 @@ def plan_output(
         _check_target(plan.sidecar, plan.force, sidecar_of=plan.path)
     _check_folder(target.parent, (plan.sidecar or plan.path).name)
     return plan
-
-
-def save_planned(embedding: Embedding, plan: OutputPlan) -> Path:
-    """Write ``embedding`` (and an A1111 file's report sidecar) as ``plan`` says; returns the path.
-
-    The plan is checked again (the folder may have changed during training), every file is written to a
-    temporary first and then renamed into place; on any failure the temporaries are removed and every
-    existing file is left as it was. OS errors become a PrivdiffError naming the path and the reason.
-    """
-    from privdiff.embeddings.files import encode_files
-
-    plan = plan_output(plan.path, plan.fmt, plan.token, plan.force)
-    replace_files(encode_files(embedding, plan))
-    return plan.path
 
 
 def _format(target: Path, fmt: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Safetensors files from outside, read defensively (``privdiff.untrusted`` for tensor files).
+"""Safetensors files from outside, read defensively (``privdiff.io.untrusted`` for tensor files).
 
 :func:`open_tensor_file` checks a file's kind (refused by kind, never opened blocking), then its header: a size
 it may have, JSON of bounded size and depth, string metadata, float tensors whose declared shapes fit the bytes
@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 
 from privdiff.errors import PrivdiffError
-from privdiff.images import half_memory
-from privdiff.untrusted import file_kind, parse_json, regular_file
+from privdiff.io.images import half_memory
+from privdiff.io.untrusted import file_kind, parse_json, regular_file
 
 MAX_HEADER_BYTES = 1 << 22  # a prior of 64 layers declares about 800 tensors: some 100 KB of header
 FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}

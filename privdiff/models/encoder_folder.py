@@ -1,6 +1,6 @@
 """A transformers CLIP vision folder, checked for content before transformers reads it.
 
-``config.json`` and ``preprocessor_config.json`` are bounded JSON (``privdiff.untrusted``) whose numbers are
+``config.json`` and ``preprocessor_config.json`` are bounded JSON (``privdiff.io.untrusted``) whose numbers are
 typed and in range; the weights the config implies must fit in memory, and so must the weight files. Every
 file is refused by kind (a FIFO, a folder) before it is opened. Each refusal is one line naming the file.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privdiff.errors import PrivdiffError
-from privdiff.untrusted import config_float, config_int, file_kind, read_json, regular_file
+from privdiff.io.untrusted import config_float, config_int, file_kind, read_json, regular_file
 
 CONFIG, PREPROCESSOR = "config.json", "preprocessor_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

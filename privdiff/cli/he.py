@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from privdiff import cli
+from privdiff.cli import arguments
 from privdiff.errors import PrivdiffError
 
 
@@ -46,7 +46,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
                               idle_timeout=args.idle_timeout)
     except OSError as error:
         raise PrivdiffError(f"cannot listen on {args.listen} ({error.strerror or error})") from None
-    cli._print_json({"listening": f"{host}:{server.server_address[1]}"})
+    arguments.print_json({"listening": f"{host}:{server.server_address[1]}"})
     sys.stdout.flush()
     with server, contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
@@ -55,13 +55,13 @@ def _cmd_worker(args: argparse.Namespace) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from privdiff.backends.diffusers_backend import DiffusersBackend
-    from privdiff.backends.tiny import load_model
-    from privdiff.devices import check_device
     from privdiff.he.ckks import KeyHolder
     from privdiff.he.protocol import RemoteWorker
     from privdiff.he.sampler import HEConfig, sample_images
-    from privdiff.image_output import prompt_settings, save_images
+    from privdiff.io.devices import check_device
+    from privdiff.io.image_output import prompt_settings, save_images
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.registry import load_model
     from privdiff.progress import tqdm_progress
 
     config = HEConfig(steps=args.steps, cfg=args.cfg, sampler=args.sampler, threshold=args.threshold,
@@ -83,8 +83,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     settings = {**prompt_settings(args.prompt, args.negative_prompt, args.seed, args.save_prompt),
                 "steps": config.steps, "cfg": config.cfg, "sampler": config.sampler, "threshold": config.threshold,
                 "packing": config.packing, "channels": config.channels, "encrypt_offsets": config.encrypt_offsets}
-    written = save_images(images, cli._out_dir(args.out), settings)
-    cli._print_json({"images": [str(p) for p in written], **settings, "report": report.splitlines()})
+    written = save_images(images, arguments.out_dir(args.out), settings)
+    arguments.print_json({"images": [str(p) for p in written], **settings, "report": report.splitlines()})
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -94,16 +94,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = he.add_parser("worker", help="serve encrypted updates (public context only; never sees a secret key)")
     p.add_argument("--listen", type=_address(any_port=True), required=True,
                    help="HOST:PORT to listen on, e.g. 127.0.0.1:7000 (port 0: any)")
-    p.add_argument("--max-connections", type=cli._integer(1, 1024), default=8,
+    p.add_argument("--max-connections", type=arguments.integer(1, 1024), default=8,
                    help="key holders served at once; more are refused (default 8)")
-    p.add_argument("--timeout", type=cli._real(3600), default=30.0,
+    p.add_argument("--timeout", type=arguments.real(3600), default=30.0,
                    help="seconds a message may stall before the connection is dropped (default 30)")
-    p.add_argument("--idle-timeout", type=cli._real(86400), default=600.0,
+    p.add_argument("--idle-timeout", type=arguments.real(86400), default=600.0,
                    help="seconds a key holder may take between updates, e.g. for its model (default 600)")
     p.set_defaults(func=_cmd_worker)
 
     p = he.add_parser("sample", help="the key holder: sample with encrypted scheduler steps")
-    p.add_argument("--model", type=cli._model, required=True, help="as for ti-aggregate")
+    p.add_argument("--model", type=arguments.model, required=True, help="as for ti-aggregate")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
     p.add_argument("--out", required=True, help="output folder for the PNG images (created if missing)")
@@ -112,10 +112,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=_threshold, default=0.01,
                    help="share of the distortion left in plaintext, in [0, 1) (default 0.01; 0 encrypts every "
                         "element that carries distortion)")
-    p.add_argument("--steps", type=cli._integer(1, 1000), default=50, help="scheduler steps (default 50)")
+    p.add_argument("--steps", type=arguments.integer(1, 1000), default=50, help="scheduler steps (default 50)")
     p.add_argument("--sampler", choices=["ddim", "plms", "euler"], default="ddim", help="default ddim")
-    p.add_argument("--cfg", type=cli._real(100), default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=cli._integer(0, cli.MAX_SEED), default=None,
+    p.add_argument("--cfg", type=arguments.real(100), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=arguments.integer(0, arguments.MAX_SEED), default=None,
                    help="reproducible noise from this seed: a worker who knows it can rebuild the image (default: "
                         "secret noise from a 256-bit key, not recorded)")
     p.add_argument("--packing", choices=["sparse", "dense"], default="dense",
@@ -129,10 +129,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-prompt", action="store_true",
                    help="store the prompt, negative prompt and seed in the PNGs (default: left out, as from the "
                         "worker; the PNGs then hold the release settings only)")
-    p.add_argument("--num-images", type=cli._integer(1, 64), default=1, help="images in the batch (default 1)")
-    p.add_argument("--height", type=cli._resolution, default=None, help="pixels (default: the model's)")
-    p.add_argument("--width", type=cli._resolution, default=None, help="pixels (default: the model's)")
-    p.add_argument("--device", type=cli._device, default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="model weights dtype (default float32)")
+    arguments.add_sampling_options(p)
     p.set_defaults(func=_cmd_sample)

@@ -19,13 +19,13 @@ from privdiff.he.noise import LatentNoise
 from privdiff.he.protocol import LocalWorker, RemoteWorker, parse_address
 from privdiff.he.sampler import HEConfig, describe, report
 from privdiff.he.stepper import EncryptedStepper, StepStats
+from privdiff.progress import Progress
 
 # ComfyUI's names; its "ddim" is Euler steps (DDIM's own on the ddim_uniform schedule).
 SAMPLERS = ("euler", "euler_ancestral", "ddim")
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler = Callable[[float, float], torch.Tensor]
 Step = Callable[[torch.Tensor, steps.Update], torch.Tensor]
-Progress = Callable[[int, int], None]
 
 
 def check_sampler(sampler: str) -> str:
