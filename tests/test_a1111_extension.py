@@ -212,14 +212,18 @@ A1111_STACK = {"torch": "2.1.2+cu121", "torchvision": "0.16.2", "gradio": "3.41.
 class FakePip:
     """``launch.run_pip``: records each command and the constraints it ran with; fails for ``refuse``."""
 
-    def __init__(self, refuse=()):
-        self.calls, self.refuse = [], refuse
+    def __init__(self, refuse=(), with_deps_only=False):
+        self.calls, self.refuse, self.with_deps_only = [], refuse, with_deps_only
 
     def __call__(self, command, desc):
         pins = command.split('-c "')[1].split('"')[0]
         self.calls.append((command.rsplit(" ", 1)[-1].strip('"'), Path(pins).read_text().splitlines()))
-        if any(name in command for name in self.refuse):
-            raise RuntimeError("Couldn't install\nERROR: ResolutionImpossible:\n  attrs>=27 is required")
+        if "--no-deps" in command:
+            self.calls[-1] = ("--no-deps " + self.calls[-1][0], self.calls[-1][1])
+        if any(name in command for name in self.refuse) and not (self.with_deps_only and "--no-deps" in command):
+            raise RuntimeError("Couldn't install privdiff requirement.\nCommand: pip install\nstdout: The conflict "
+                               "is caused by:\n    tenseal 0.3.16 depends on attrs<24\n    The user requested "
+                               "(constraint) attrs==26.1.0\nERROR: ResolutionImpossible")
 
 
 def test_install_adds_only_whats_missing_and_pins_every_installed_package():
@@ -230,7 +234,7 @@ def test_install_adds_only_whats_missing_and_pins_every_installed_package():
     assert all(pins == [f"{n}=={v}" for n, v in sorted(A1111_STACK.items())] for _, pins in pip.calls)
     assert "attrs==26.1.0" in pip.calls[0][1]  # not pinned by A1111, still never moved
     assert notices == ["privdiff: filelock 3.0.0 is installed but privdiff needs filelock>=3.12 (with torch "
-                       "2.1.2+cu121); left unchanged, so what needs filelock is unavailable"]
+                       "2.1.2+cu121); left unchanged, so the privdiff tab is unavailable"]
 
 
 def test_install_picks_opacus_for_the_torch_it_finds_and_never_replaces_one():
@@ -248,15 +252,29 @@ def test_install_reports_a_requirement_it_cannot_meet_in_one_line_and_goes_on():
     pip = FakePip(refuse=("tenseal",))
     notices = install.install(pip, {**A1111_STACK, "filelock": "3.13.1"})
     assert len(pip.calls) == 4 and len(notices) == 1 and "\n" not in notices[0]
-    assert notices[0].startswith("privdiff: could not install tenseal>=0.3.14 without changing an installed package")
+    assert notices == ["privdiff: could not install tenseal>=0.3.14 without changing an installed package "
+                       "(attrs==26.1.0), so Encrypted denoising is unavailable"]
+    notices = install.install(FakePip(refuse=("dp-accounting", "dm-tree")), {**A1111_STACK, "filelock": "3.13.1"})
+    assert notices == ["privdiff: could not install dp-accounting>=0.5,<0.7 without changing an installed package "
+                       "(attrs==26.1.0), so the pld accountant (the tightest; prv is used instead) is unavailable"]
     assert install.install(FakePip(), {**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.3", "tenseal": "0.3.16",
                                        "dp-accounting": "0.5.0", "pywavelets": "1.6.0"}) == []
+
+
+def test_install_keeps_attrs_where_dp_accounting_caps_it():
+    """A1111 1.10.1 has attrs 26.1.0; dp-accounting 0.5+ declares attrs<24 (and works with 26): its other
+    dependencies go in as usual, then dp-accounting alone, attrs untouched (pip once moved it to 23.2.0)."""
+    pip = FakePip(refuse=("dp-accounting",), with_deps_only=True)
+    assert install.install(pip, {**A1111_STACK, "filelock": "3.13.1"}) == []
+    assert [r for r, _ in pip.calls][1:7] == ["dp-accounting>=0.5,<0.7", "absl-py>=1.0,<3", "dm-tree~=0.1.8",
+                                              "mpmath~=1.2", "scipy~=1.7", "--no-deps dp-accounting>=0.5,<0.7"]
+    assert all("attrs==26.1.0" in pins for _, pins in pip.calls)
 
 
 def test_unmet_requirements_are_named_for_the_tab():
     lines = install.unmet({**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.4"})
     assert any(line.startswith("privdiff: opacus 1.5.4 is installed") for line in lines)
-    assert "privdiff: tenseal>=0.3.14 is not installed, so what needs tenseal is unavailable" in lines
+    assert "privdiff: tenseal>=0.3.14 is not installed, so Encrypted denoising is unavailable" in lines
     assert install.installed_versions()["torch"] == torch.__version__
 
 
