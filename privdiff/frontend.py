@@ -338,11 +338,41 @@ def folder_state(folder: Path) -> str:
 
 
 def read_report(path: Path) -> str:
-    """The Privacy Report node: the report carried by an embedding file, as text and JSON."""
-    report = PrivacyReport.from_metadata(load_embedding(path).metadata)
+    """The Privacy Report node and tab: the report an embedding, DP style target or spectral prior file carries, as
+    text and JSON; each kind is read by its own checked loader."""
+    kind = _artifact_kind(path)
+    if kind == "target":
+        target = load_target(path)
+        report, text = target.report, _target_text(target.report, target.encoder)
+    elif kind == "prior":
+        from privdiff.wavelet.prior import load_prior
+
+        report = load_prior(path).report
+        text = "" if report is None else _prior_text(report)
+    else:
+        report = PrivacyReport.from_metadata(load_embedding(path).metadata)
+        text = "" if report is None else report_text(report)
     if report is None:
         return f"{path.name} carries no privdiff privacy report: nothing is known about its privacy."
-    return report_text(report) + "\n\n" + json.dumps(json.loads(report.to_json()), indent=2)
+    return text + "\n\n" + json.dumps(json.loads(report.to_json()), indent=2)
+
+
+def _artifact_kind(path: Path) -> str:
+    """"target", "prior" or "embedding" from a regular .safetensors file's header; anything else is "embedding",
+    whose loader refuses what it cannot read in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    from privdiff.guidance.target import ENCODER_KEY
+    from privdiff.wavelet.prior import KIND
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        return "embedding"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return "embedding"
+    return "prior" if metadata.get("privdiff_kind") == KIND else "target" if ENCODER_KEY in metadata else "embedding"
 
 
 def finetune_spectral(

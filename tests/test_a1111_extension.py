@@ -184,6 +184,8 @@ def test_style_target_and_guided_sampling(host, private):
                                    delta=1e-3)
     report, status = logic.make_target(host, target_form)
     assert "PRIVATE release" in report and (host.targets_dir() / "target.safetensors").is_file(), status
+    shown = logic.report(host, "target.safetensors")  # the Reports view and route read targets too
+    assert shown.startswith(report) and '"mechanism"' in shown
     guided = logic.GuidedForm(target="target", image_encoder="tiny", prompt="a painting of a cat", num_images=2,
                               width=32, height=32, steps=2, seed=3)
     files, status = logic.guided_sample(host, guided)
@@ -330,6 +332,8 @@ def test_spectral_finetune_writes_a_dp_prior_with_its_report_and_samples_from_it
     assert [r["status"] for r in _spent(host)] == ["committed"]
     assert not any(host.checkpoints_dir().iterdir())  # released: the private checkpoint is gone
     assert logic.prior_files(host.priors_dir()) == ["dp_prior.safetensors", "public.safetensors"]
+    assert logic.report(host, "dp_prior.safetensors").startswith(report.split("\nnote:")[0])
+    assert "carries no privdiff privacy report" in logic.report(host, "public.safetensors")
 
     files, status = logic.spectral_sample(host, logic.SpectralSampleForm(prior="dp_prior", num_images=2, seed=5))
     assert len(files) == 2 and all(f.parent == host.outputs_dir() for f in files), status
