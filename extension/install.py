@@ -31,7 +31,7 @@ REQUIREMENTS = (
 
 NEEDED_FOR = {
     "opacus": "DP-SGD, Spectral DP and the prv and rdp accountants",
-    "dp-accounting": "the pld accountant (the tightest; prv is used instead)",
+    "dp-accounting": "the pld accountant, which DPAgg textual inversion and DP style targets need (replace-one),",
     "tenseal": "Encrypted denoising",
     "pywavelets": "Spectral DP",
 }

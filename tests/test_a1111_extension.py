@@ -258,7 +258,8 @@ def test_install_reports_a_requirement_it_cannot_meet_in_one_line_and_goes_on():
                        "(attrs==26.1.0), so Encrypted denoising is unavailable"]
     notices = install.install(FakePip(refuse=("dp-accounting", "dm-tree")), {**A1111_STACK, "filelock": "3.13.1"})
     assert notices == ["privdiff: could not install dp-accounting>=0.5,<0.7 without changing an installed package "
-                       "(attrs==26.1.0), so the pld accountant (the tightest; prv is used instead) is unavailable"]
+                       "(attrs==26.1.0), so the pld accountant, which DPAgg textual inversion and DP style targets "
+                       "need (replace-one), is unavailable"]
     assert install.install(FakePip(), {**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.3", "tenseal": "0.3.16",
                                        "dp-accounting": "0.5.0", "pywavelets": "1.6.0"}) == []
 
