@@ -29,6 +29,19 @@ REQUIREMENTS = (
 )
 """What the extension's part of privdiff imports (no diffusers, and A1111's own transformers)."""
 
+NEEDED_FOR = {
+    "opacus": "DP-SGD, Spectral DP and the prv and rdp accountants",
+    "dp-accounting": "the pld accountant, which DPAgg textual inversion and DP style targets need (replace-one),",
+    "tenseal": "Encrypted denoising",
+    "pywavelets": "Spectral DP",
+}
+"""What is unavailable without a package (the others are needed by every sub-tab)."""
+
+CAPPED = {"dp-accounting": ("absl-py>=1.0,<3", "dm-tree~=0.1.8", "mpmath~=1.2", "scipy~=1.7")}
+"""Requirements whose releases cap a dependency below what A1111's venv has (dp-accounting 0.5 and 0.6: attrs<24,
+A1111 1.10.1 has attrs 26.1.0, with which privdiff's accountant tests pass), with their other dependencies: when pip
+refuses one, those are installed as usual, then it alone (``--no-deps``), so the capped package stays as it is."""
+
 OLD_TORCH_OPACUS = "opacus>=1.5,<1.5.4"
 """The opacus releases that run on torch < 2.4 (1.5.4 registers ``nn.RMSNorm``, new in torch 2.4): 1.5.3 at most."""
 
@@ -54,6 +67,16 @@ def requirements(torch_version: str | None) -> list[str]:
     return [OLD_TORCH_OPACUS if old and _name(r) == "opacus" else r for r in REQUIREMENTS]
 
 
+def _unavailable(name: str) -> str:
+    return NEEDED_FOR.get(name, "the privdiff tab")
+
+
+def _conflict(error: object) -> str:
+    """The installed packages pip's refusal names (``attrs==26.1.0``), else the refusal's first 200 characters."""
+    pins = sorted(set(re.findall(r"\(constraint\) ([\w.\-]+==\S+)", str(error))))
+    return ", ".join(pins) if pins else " ".join(str(error).split())[:200]
+
+
 def plan(requirements: Iterable[str], installed: dict[str, str],
          satisfied: Callable[[str, str], bool]) -> tuple[list[str], list[str]]:
     """(missing requirements to pip-install, one-line notices). A requirement already satisfied is skipped; one
@@ -66,7 +89,8 @@ def plan(requirements: Iterable[str], installed: dict[str, str],
             to_install.append(requirement)
         elif not satisfied(requirement, version):
             notices.append(f"privdiff: {name} {version} is installed but privdiff needs {requirement} (with torch "
-                           f"{installed.get('torch', 'missing')}); left unchanged, so what needs {name} is unavailable")
+                           f"{installed.get('torch', 'missing')}); left unchanged, so {_unavailable(name)} is "
+                           "unavailable")
     return to_install, notices
 
 
@@ -89,9 +113,25 @@ def install(run_pip: Callable[[str, str], object], installed: dict[str, str],
             try:
                 run_pip(f'install -c "{pins}" "{requirement}"', f"privdiff requirement: {requirement}")
             except Exception as exc:  # never stop the web UI from starting
-                notices.append(f"privdiff: could not install {requirement} without changing an installed package "
-                               f"({' '.join(str(exc).split())[:200]})")
+                if not _install_capped(run_pip, pins, requirement):
+                    notices.append(f"privdiff: could not install {requirement} without changing an installed package "
+                                   f"({_conflict(exc)}), so {_unavailable(_name(requirement))} is unavailable")
     return notices
+
+
+def _install_capped(run_pip: Callable[[str, str], object], pins: Path, requirement: str) -> bool:
+    """Install a CAPPED requirement without its cap; whether it is installed."""
+    dependencies = CAPPED.get(_name(requirement))
+    if dependencies is None:
+        return False
+    try:
+        for dependency in dependencies:
+            run_pip(f'install -c "{pins}" "{dependency}"', f"privdiff requirement: {dependency}")
+        run_pip(f'install -c "{pins}" --no-deps "{requirement}"',
+                f"privdiff requirement: {requirement} (--no-deps: its caps would change an installed package)")
+    except Exception:  # reported by the caller
+        return False
+    return True
 
 
 def unmet(installed: dict[str, str] | None = None) -> list[str]:
@@ -99,7 +139,7 @@ def unmet(installed: dict[str, str] | None = None) -> list[str]:
     installed = installed_versions() if installed is None else installed
     wanted = requirements(installed.get("torch"))
     missing, notices = plan(wanted, installed, _satisfied)
-    return [f"privdiff: {r} is not installed, so what needs {_name(r)} is unavailable" for r in missing] + notices
+    return [f"privdiff: {r} is not installed, so {_unavailable(_name(r))} is unavailable" for r in missing] + notices
 
 
 def _satisfied(requirement: str, version: str) -> bool:

@@ -187,6 +187,8 @@ def test_style_target_and_guided_sampling(host, private):
                                    delta=1e-3)
     report, status = guidance.make_target(host, target_form)
     assert "PRIVATE release" in report and (host.targets_dir() / "target.safetensors").is_file(), status
+    shown = reports.report(host, "target.safetensors")  # the Reports view and route read targets too
+    assert shown.startswith(report) and '"mechanism"' in shown
     guided = guidance.GuidedForm(target="target", image_encoder="tiny", prompt="a painting of a cat", num_images=2,
                               width=32, height=32, steps=2, seed=3)
     files, status = guidance.guided_sample(host, guided)
@@ -215,14 +217,18 @@ A1111_STACK = {"torch": "2.1.2+cu121", "torchvision": "0.16.2", "gradio": "3.41.
 class FakePip:
     """``launch.run_pip``: records each command and the constraints it ran with; fails for ``refuse``."""
 
-    def __init__(self, refuse=()):
-        self.calls, self.refuse = [], refuse
+    def __init__(self, refuse=(), with_deps_only=False):
+        self.calls, self.refuse, self.with_deps_only = [], refuse, with_deps_only
 
     def __call__(self, command, desc):
         pins = command.split('-c "')[1].split('"')[0]
         self.calls.append((command.rsplit(" ", 1)[-1].strip('"'), Path(pins).read_text().splitlines()))
-        if any(name in command for name in self.refuse):
-            raise RuntimeError("Couldn't install\nERROR: ResolutionImpossible:\n  attrs>=27 is required")
+        if "--no-deps" in command:
+            self.calls[-1] = ("--no-deps " + self.calls[-1][0], self.calls[-1][1])
+        if any(name in command for name in self.refuse) and not (self.with_deps_only and "--no-deps" in command):
+            raise RuntimeError("Couldn't install privdiff requirement.\nCommand: pip install\nstdout: The conflict "
+                               "is caused by:\n    tenseal 0.3.16 depends on attrs<24\n    The user requested "
+                               "(constraint) attrs==26.1.0\nERROR: ResolutionImpossible")
 
 
 def test_install_adds_only_whats_missing_and_pins_every_installed_package():
@@ -233,7 +239,7 @@ def test_install_adds_only_whats_missing_and_pins_every_installed_package():
     assert all(pins == [f"{n}=={v}" for n, v in sorted(A1111_STACK.items())] for _, pins in pip.calls)
     assert "attrs==26.1.0" in pip.calls[0][1]  # not pinned by A1111, still never moved
     assert notices == ["privdiff: filelock 3.0.0 is installed but privdiff needs filelock>=3.12 (with torch "
-                       "2.1.2+cu121); left unchanged, so what needs filelock is unavailable"]
+                       "2.1.2+cu121); left unchanged, so the privdiff tab is unavailable"]
 
 
 def test_install_picks_opacus_for_the_torch_it_finds_and_never_replaces_one():
@@ -251,15 +257,30 @@ def test_install_reports_a_requirement_it_cannot_meet_in_one_line_and_goes_on():
     pip = FakePip(refuse=("tenseal",))
     notices = install.install(pip, {**A1111_STACK, "filelock": "3.13.1"})
     assert len(pip.calls) == 4 and len(notices) == 1 and "\n" not in notices[0]
-    assert notices[0].startswith("privdiff: could not install tenseal>=0.3.14 without changing an installed package")
+    assert notices == ["privdiff: could not install tenseal>=0.3.14 without changing an installed package "
+                       "(attrs==26.1.0), so Encrypted denoising is unavailable"]
+    notices = install.install(FakePip(refuse=("dp-accounting", "dm-tree")), {**A1111_STACK, "filelock": "3.13.1"})
+    assert notices == ["privdiff: could not install dp-accounting>=0.5,<0.7 without changing an installed package "
+                       "(attrs==26.1.0), so the pld accountant, which DPAgg textual inversion and DP style targets "
+                       "need (replace-one), is unavailable"]
     assert install.install(FakePip(), {**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.3", "tenseal": "0.3.16",
                                        "dp-accounting": "0.5.0", "pywavelets": "1.6.0"}) == []
+
+
+def test_install_keeps_attrs_where_dp_accounting_caps_it():
+    """A1111 1.10.1 has attrs 26.1.0; dp-accounting 0.5+ declares attrs<24 (and works with 26): its other
+    dependencies go in as usual, then dp-accounting alone, attrs untouched (pip once moved it to 23.2.0)."""
+    pip = FakePip(refuse=("dp-accounting",), with_deps_only=True)
+    assert install.install(pip, {**A1111_STACK, "filelock": "3.13.1"}) == []
+    assert [r for r, _ in pip.calls][1:7] == ["dp-accounting>=0.5,<0.7", "absl-py>=1.0,<3", "dm-tree~=0.1.8",
+                                              "mpmath~=1.2", "scipy~=1.7", "--no-deps dp-accounting>=0.5,<0.7"]
+    assert all("attrs==26.1.0" in pins for _, pins in pip.calls)
 
 
 def test_unmet_requirements_are_named_for_the_tab():
     lines = install.unmet({**A1111_STACK, "filelock": "3.13.1", "opacus": "1.5.4"})
     assert any(line.startswith("privdiff: opacus 1.5.4 is installed") for line in lines)
-    assert "privdiff: tenseal>=0.3.14 is not installed, so what needs tenseal is unavailable" in lines
+    assert "privdiff: tenseal>=0.3.14 is not installed, so Encrypted denoising is unavailable" in lines
     assert install.installed_versions()["torch"] == torch.__version__
 
 
@@ -318,6 +339,8 @@ def test_spectral_finetune_writes_a_dp_prior_with_its_report_and_samples_from_it
     assert [r["status"] for r in _spent(host)] == ["committed"]
     assert not any(host.checkpoints_dir().iterdir())  # released: the private checkpoint is gone
     assert spectral.prior_files(host.priors_dir()) == ["dp_prior.safetensors", "public.safetensors"]
+    assert reports.report(host, "dp_prior.safetensors").startswith(report.split("\nnote:")[0])
+    assert "carries no privdiff privacy report" in reports.report(host, "public.safetensors")
 
     files, status = spectral.spectral_sample(host, spectral.SpectralSampleForm(prior="dp_prior", num_images=2, seed=5))
     assert len(files) == 2 and all(f.parent == host.outputs_dir() for f in files), status

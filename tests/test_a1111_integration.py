@@ -6,6 +6,7 @@ See tests/a1111_webui.py for the environment it needs. Slow (minutes): the webui
 import base64
 import importlib.util
 import io
+import json
 import subprocess
 import sys
 import urllib.error
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from packaging.version import Version
 from PIL import Image
 
 from privdiff.demo.data import write_style_images
@@ -61,7 +63,9 @@ def test_install_changes_no_installed_package(installed):
     assert result.returncode == 0, result.stderr[-2000:]
     assert {p: after.get(p) for p in before} == before  # pinned by the web UI (PINNED) or not (attrs, ...)
     assert {p: before.get(p) for p in PINNED} == {p: after.get(p) for p in PINNED}
-    assert "opacus" in after and "dp-accounting" in after
+    assert "opacus" in after and "dp-accounting" in after  # dp-accounting despite its attrs<24 cap (attrs kept)
+    if Version(after["torch"]) < Version("2.4"):  # opacus 1.5.4 registers nn.RMSNorm (torch 2.4)
+        assert Version(after["opacus"]) < Version("1.5.4")
 
 
 def test_extension_loads_and_its_tab_is_in_the_page(webui):
@@ -102,6 +106,28 @@ def test_bad_input_is_one_line_and_writes_nothing(webui, tmp_path):
     assert not (webui.data / "embeddings" / "bad_delta.safetensors").exists()
     with pytest.raises(urllib.error.HTTPError):
         webui.call("/privdiff/v1/textual-inversion", {"images": str(private), "name": "x", "unknown_field": 1})
+    log_before = webui.log.read_text()
+    required = {"textual-inversion": {"images": str(private), "name": "typed"}, "he-sample": {"prompt": "a cat"},
+                "spectral-sample": {"prior": "p"}}
+    for route, field, value in [("textual-inversion", "epsilon", "four"), ("textual-inversion", "steps", "three"),
+                                ("he-sample", "steps", "two"), ("spectral-sample", "num_images", [1])]:
+        body = {**required[route], field: value}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            webui.call(f"/privdiff/v1/{route}", body)
+        detail = json.loads(refused.value.read())["detail"]
+        assert refused.value.code == 422 and detail.startswith("privdiff: ") and field in detail, detail
+        assert "\n" not in detail
+    assert "Traceback" not in webui.log.read_text()[len(log_before):]
+
+
+def test_dpsgd_baseline_in_the_webui(webui, tmp_path):
+    """The tab's DP-SGD baseline (opacus 1.5.3 on torch 2.1.2 in A1111 1.10.1's venv)."""
+    private = write_style_images(tmp_path / "private", count=4, size=64)
+    fields = {"images": str(private), "name": "privdiff_dpsgd", "method": "dpsgd", "epsilon": 8.0, "delta": 1e-3,
+              "sample_rate": 0.5, "steps": 2, "batch_size": 2, "resolution": 64, "ledger": str(tmp_path / "l.json")}
+    answer = webui.call("/privdiff/v1/textual-inversion", fields)
+    assert answer["ok"] and "PRIVATE release" in answer["report"] and "DP-SGD" in answer["report"], answer["status"]
+    assert "privdiff_dpsgd" in webui.call("/sdapi/v1/embeddings")["loaded"]
 
 
 def _tiny_upscaler(path: Path) -> Path:
@@ -155,3 +181,56 @@ def test_encrypted_denoising_in_the_webui(webui):
     bad = webui.call("/privdiff/v1/he-sample", {**fields, "threshold": 1.0})
     assert not bad["ok"] and bad["status"].startswith("privdiff: threshold"), bad["status"]
     np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)
+
+
+def _tiny_image_encoder(path: Path) -> Path:
+    """A random CLIP vision folder for 32 px images, written with the web UI's own transformers."""
+    code = ("import sys, torch\nfrom transformers import CLIPVisionConfig, CLIPVisionModelWithProjection\n"
+            "torch.manual_seed(0)\nconfig = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=16, "
+            "num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)\n"
+            "CLIPVisionModelWithProjection(config).save_pretrained(sys.argv[1], safe_serialization=True)\n")
+    subprocess.run([webui_harness.python(), "-c", code, str(path)], check=True, timeout=300, env=webui_harness.env())
+    return path
+
+
+def test_style_guidance_and_the_ledger_in_the_webui(webui, tmp_path):
+    """DP style guidance and the ledger view have no route: through the tab's own events (gradio's API)."""
+    before = _txt2img(webui, "a painting of a cat")
+    encoder = str(_tiny_image_encoder(tmp_path / "encoder"))
+    private = write_style_images(tmp_path / "private", count=4, size=32)
+    ledger = tmp_path / "ledger.json"
+    report, status = webui.click(("privdiff_guidance_target_report", "privdiff_target_status"), {
+        "privdiff_guidance_encoder": encoder, "privdiff_guidance_images": str(private),
+        "privdiff_guidance_name": "privdiff_style", "privdiff_guidance_epsilon": 8.0,
+        "privdiff_guidance_delta": 1e-3, "privdiff_guidance_ledger": str(ledger)})
+    assert "PRIVATE release" in report and "wrote style target" in status, status
+    assert (webui.data / "models" / "privdiff_targets" / "privdiff_style.safetensors").is_file()
+    gallery, status = webui.click(("privdiff_guidance_gallery", "privdiff_sample_status"), {
+        "privdiff_guidance_encoder": encoder, "privdiff_guidance_target": "privdiff_style",
+        "privdiff_guidance_prompt": "a painting", "privdiff_guidance_width": 64, "privdiff_guidance_height": 64,
+        "privdiff_guidance_steps": 2, "privdiff_guidance_seed": 1})
+    assert "spends no budget" in status and len(gallery) == 1, status
+    assert _image(gallery[0]["name"]).shape == (64, 64, 3)
+    np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)
+    (summary,) = webui.click(("privdiff_reports_summary",), {"privdiff_reports_ledger_path": str(ledger)})
+    assert summary.startswith(f"ledger {ledger}\n"), summary
+    assert len(json.loads(summary.split("\n", 1)[1])["releases"]) == 1
+    assert "PRIVATE release" in webui.call("/privdiff/v1/report?file=privdiff_style.safetensors")["report"]
+
+
+def test_embedding_tools_and_report_in_the_webui(webui):
+    """Embedding tools and the report view, through the tab's events, on the embedding trained above."""
+    name = "privdiff_int.safetensors"
+    (choices,) = webui.click(("privdiff_tools_choice",))  # the refresh button
+    assert name in choices["choices"]
+    (inspected,) = webui.click(("privdiff_tools_result",), {"privdiff_tools_choice": name})
+    assert not inspected.startswith("privdiff:"), inspected
+    assert json.loads(inspected)["token"] == "privdiff_int" and json.loads(inspected)["privacy_report"]
+    result, _ = webui.click(("privdiff_tools_result", "privdiff_tools_choice"), {
+        "privdiff_tools_choice": name, "privdiff_tools_fmt": "a1111-pt", "privdiff_tools_output": "privdiff_pt.pt"})
+    assert result.startswith("wrote ") and (webui.data / "embeddings" / "privdiff_pt.pt").is_file(), result
+    assert "privdiff_pt" in webui.call("/sdapi/v1/embeddings")["loaded"]
+    (report,) = webui.click(("privdiff_reports_report",), {"privdiff_reports_choice": name})
+    assert "PRIVATE release" in report
+    (refused,) = webui.click(("privdiff_reports_report",), {"privdiff_reports_choice": "../config.json"})
+    assert refused.startswith("privdiff: ") and "\n" not in refused

@@ -1,6 +1,7 @@
 """Original-layout single-file SD1.x, SD2.x and SDXL checkpoints load offline, with no other file and no HF cache."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from privdiff.errors import PrivdiffError
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.registry import load_model
+from privdiff.models.single_file import write_config_folder
 
 _spec = importlib.util.spec_from_file_location("privdiff_single_file_checkpoints",
                                                Path(__file__).with_name("single_file_checkpoints.py"))
@@ -73,6 +75,41 @@ def test_v_prediction_from_a1111_yaml(checkpoints, tmp_path):
     path.symlink_to(checkpoints[("sd2", False)])
     path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
     assert load_model(path).scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_sd1_clip_keys_without_text_model_level_load(checkpoints, tmp_path, suffix):
+    """Older trainers wrote SD1 CLIP keys as cond_stage_model.transformer.encoder… (no text_model.)."""
+    clip, legacy = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+    state = {k.replace(clip, legacy): v for k, v in load_file(str(checkpoints[("sd1", False)])).items()}
+    assert legacy + "encoder.layers.0.mlp.fc1.weight" in state and not any(k.startswith(clip) for k in state)
+    path = tmp_path / f"old{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    backend = DiffusersBackend(load_model(path, dtype=torch.float32))
+    assert backend.family == "SD1"
+    for name, tensor in backend.pipe.text_encoder.state_dict().items():
+        if not name.endswith("position_ids"):
+            assert torch.equal(tensor, state[legacy + name.removeprefix("text_model.")].float()), name
+    cond = backend.encode_prompts(["a photo of <ph>"], "<ph>", {k: torch.zeros(1, 1, d)
+                                                               for k, d in backend.encoder_dims.items()})
+    with torch.no_grad():
+        assert torch.isfinite(backend.predict_noise(torch.zeros(1, 4, 8, 8), torch.tensor([10]), cond)).all()
+
+
+@pytest.mark.parametrize("std, prediction", [(0.2, "v_prediction"), (0.01, "epsilon")])
+def test_sd2_v_prediction_from_the_weight_statistic(checkpoints, tmp_path, std, prediction):
+    """No v_pred key and no .yaml: an SD2 file is 768-v when one norm bias has std above 0.09 (as ComfyUI)."""
+    probe = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    state = load_file(str(checkpoints[("sd2", False)]))
+    assert "v_pred" not in state
+    # the reduced-width UNet has fewer output blocks: the probe is added (the configs are read from shapes)
+    state[probe] = (torch.randn(320, generator=torch.Generator().manual_seed(0)) * std).half()
+    save_file(state, str(tmp_path / "sd2.safetensors"))
+    write_config_folder(tmp_path / "sd2.safetensors", tmp_path / "config")
+    scheduler = json.loads((tmp_path / "config" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == prediction
+    assert json.loads((tmp_path / "config" / "unet" / "config.json").read_text())["sample_size"] == (
+        96 if prediction == "v_prediction" else 64)
 
 
 def test_ckpt_with_state_dict_wrapper(checkpoints, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from privdiff.app.release_options import read_report
+from privdiff.app.reports import read_report
+
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.ledger import BudgetLedger
 

@@ -39,7 +39,7 @@ def make_style_target(
         earlier = ledger.ledger.find(ledger.request)
         if earlier is not None and carries_release(path, earlier["release_id"]):
             report = load_target(path).report
-            return (_target_text(report, encoder.identity) + "\nnote: the same request was released before; "
+            return (target_text(report, encoder.identity) + "\nnote: the same request was released before; "
                     "returned without charging the budget again (set new_release for a new one)"), release.name
     if path.exists() and not release.overwrite:
         raise PrivdiffError(f"{path} already exists; pick another name or enable overwrite")
@@ -48,9 +48,9 @@ def make_style_target(
     release_artifact(
         lambda: make_target(encoder, dataset.images, params, seed=release.seed(), report=report, progress=progress),
         report, path, lambda target: save_target(target, path, force=release.overwrite), carries_release, ledger)
-    return _target_text(report, encoder.identity), release.name
+    return target_text(report, encoder.identity), release.name
 
 
-def _target_text(report: PrivacyReport, encoder: str) -> str:
+def target_text(report: PrivacyReport, encoder: str) -> str:
     return report_text(report) + f"\nimage encoder: {encoder}\nthe guarantee covers the target; sampling " \
                                  "with it is post-processing and spends no budget"

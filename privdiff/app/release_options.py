@@ -4,13 +4,11 @@ prompts and report text. Every GUI front (ComfyUI nodes, A1111 tab) builds a :cl
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES
-from privdiff.embeddings.files import load_embedding
 from privdiff.errors import PrivdiffError
 from privdiff.io.images import PrivateDataset, image_file_digest, list_images
 from privdiff.privacy.report import PrivacyReport
@@ -149,10 +147,3 @@ def folder_state(folder: Path) -> str:
         digest.update(str(exc).encode())  # the node itself reports a missing folder or an unreadable file
     return digest.hexdigest()
 
-
-def read_report(path: Path) -> str:
-    """The Privacy Report node: the report carried by an embedding file, as text and JSON."""
-    report = PrivacyReport.from_metadata(load_embedding(path).metadata)
-    if report is None:
-        return f"{path.name} carries no privdiff privacy report: nothing is known about its privacy."
-    return report_text(report) + "\n\n" + json.dumps(json.loads(report.to_json()), indent=2)

@@ -52,7 +52,7 @@ def finetune_spectral(
         earlier = ledger.ledger.find(ledger.request)
         if earlier is not None and carries_release(path, earlier["release_id"]):
             report = PrivacyReport.from_metadata(_metadata(path))
-            return (_prior_text(report) + "\nnote: the same request was released before; returned without training "
+            return (prior_text(report) + "\nnote: the same request was released before; returned without training "
                     "or charging the budget again (set new_release for a new one)"), path
     if path.exists() and not release.overwrite:
         raise PrivdiffError(f"{path} already exists; pick another name or enable overwrite")
@@ -60,13 +60,13 @@ def finetune_spectral(
         prior_file, private, path, params, config, ledger=ledger, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, seed=release.seed(), dataset_label=release.label(), progress=progress,
         force=release.overwrite, device=device)
-    text = _prior_text(report)
+    text = prior_text(report)
     if resumed:
         text += "\nnote: resumed an interrupted fine-tune of the same request (charged once)"
     return text, out
 
 
-def _prior_text(report: PrivacyReport) -> str:
+def prior_text(report: PrivacyReport) -> str:
     return report_text(report) + "\nthe guarantee covers this prior; its samples and their upsampling are " \
                                  "post-processing (and the pre-training images must really be public)"
 

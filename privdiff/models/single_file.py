@@ -25,6 +25,7 @@ _VOCAB_GZ = Path(__file__).with_name("clip_vocab") / "bpe_simple_vocab_16e6.txt.
 _N_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes x 2 (with and without </w>), merges, BOS, EOS
 _UNET = "model.diffusion_model."
 _SD1_CLIP = "cond_stage_model.transformer.text_model."
+_SD1_CLIP_LEGACY = "cond_stage_model.transformer."  # some older trainers' files: no ``text_model.`` level
 _SD2_CLIP = "cond_stage_model.model."
 _XL_CLIP_L = "conditioner.embedders.0.transformer.text_model."
 _XL_CLIP_G = "conditioner.embedders.1.model."
@@ -52,7 +53,15 @@ def detect_family(keys: set[str] | dict) -> str:
         return "sdxl"
     if has[_SD2_CLIP]:
         return "sd2"
-    return "sd1" if has[_SD1_CLIP] else ""
+    return "sd1" if has[_SD1_CLIP] or _sd1_clip_prefix(keys) == _SD1_CLIP_LEGACY else ""
+
+
+def _sd1_clip_prefix(keys: set[str] | dict) -> str:
+    """Where an SD1 checkpoint keeps CLIP's text model: ``…transformer.text_model.``, or ``…transformer.`` (files
+    from some older trainers, e.g. ``cond_stage_model.transformer.encoder.layers.0…``); "" for neither."""
+    if _SD1_CLIP + "embeddings.token_embedding.weight" in keys:
+        return _SD1_CLIP
+    return _SD1_CLIP_LEGACY if _SD1_CLIP_LEGACY + "embeddings.token_embedding.weight" in keys else ""
 
 
 def _count(shapes: dict, pattern: str) -> int:
@@ -144,7 +153,7 @@ def _clip_config(shapes: dict, prefix: str, open_clip: bool, projection: bool = 
     }
 
 
-def _write_tokenizer(folder: Path, pad: str) -> None:
+def write_clip_tokenizer(folder: Path, pad: str) -> None:
     """CLIP's BPE tokenizer files (vocab.json, merges.txt) from the shipped vocabulary."""
     folder.mkdir(parents=True)
     with gzip.open(_VOCAB_GZ, "rt", encoding="utf-8") as f:
@@ -209,20 +218,41 @@ def write_config_folder(path: Path, folder: Path) -> str:
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                      tokenizer_2=["transformers", "CLIPTokenizer"],
                      _class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True)
-        _write_tokenizer(folder / "tokenizer", EOS)
-        _write_tokenizer(folder / "tokenizer_2", "!")
+        write_clip_tokenizer(folder / "tokenizer", EOS)
+        write_clip_tokenizer(folder / "tokenizer_2", "!")
     else:
         sd2 = family == "sd2"
-        configs["text_encoder"] = _clip_config(shapes, _SD2_CLIP if sd2 else _SD1_CLIP, open_clip=sd2)
+        configs["text_encoder"] = _clip_config(shapes, _SD2_CLIP if sd2 else _sd1_clip_prefix(shapes), open_clip=sd2)
         index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
                      feature_extractor=[None, None], requires_safety_checker=False)
-        _write_tokenizer(folder / "tokenizer", "!" if sd2 else EOS)
+        write_clip_tokenizer(folder / "tokenizer", "!" if sd2 else EOS)
     for name, config in configs.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         file = "scheduler_config.json" if name == "scheduler" else "config.json"
         (folder / name / file).write_text(json.dumps(config), encoding="utf-8")
     (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     return family
+
+
+def _legacy_text_encoder(path: Path, config: Path, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The CLIPTextModel of an SD1 checkpoint whose CLIP keys lack the ``text_model.`` level."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(_SD1_CLIP_LEGACY)}  # noqa: SIM118
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = {k: v for k, v in state.get("state_dict", state).items() if k.startswith(_SD1_CLIP_LEGACY)}
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(config))
+    inner = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""  # transformers 4
+    renamed = {inner + k[len(_SD1_CLIP_LEGACY):]: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    wrong = [k for k in missing + unexpected if not k.endswith("position_ids")]
+    if wrong:
+        raise PrivdiffError(f"{path}: its CLIP text encoder does not match CLIP's layout ({len(wrong)} keys differ, "
+                            f"e.g. {wrong[0]})")
+    return model.to(dtype) if dtype is not None else model
 
 
 def load_single_file(path: Path, dtype: torch.dtype | None, dtype_kw: str) -> DiffusionPipeline:
@@ -232,4 +262,6 @@ def load_single_file(path: Path, dtype: torch.dtype | None, dtype_kw: str) -> Di
         family = write_config_folder(path, Path(tmp))
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        if family == "sd1" and _sd1_clip_prefix(read_shapes(path)) == _SD1_CLIP_LEGACY:  # diffusers expects text_model.
+            extra["text_encoder"] = _legacy_text_encoder(path, Path(tmp) / "text_encoder", dtype)
         return cls.from_single_file(str(path), config=tmp, local_files_only=True, **{dtype_kw: dtype}, **extra)
