@@ -6,6 +6,7 @@ from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import io, ui
+
 from privdiff.app.reports import read_report
 
 from .common import CATEGORY

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from privdiff.app.reports import read_report
 
 from privdiff.app.embeddings import aggregate_files, train_embedding
 from privdiff.app.guidance import make_style_target
 from privdiff.app.release_options import Release, embedding_target, folder_state, prompt_for, target_path
+from privdiff.app.reports import read_report
 from privdiff.app.spectral import finetune_spectral
 from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import Embedding, inspect_embedding, save_embedding

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from privdiff.app.reports import read_report
-
 from privdiff.errors import PrivdiffError
 from privdiff.privacy.ledger import BudgetLedger
 
