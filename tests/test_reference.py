@@ -78,7 +78,7 @@ def test_unet_cross_attention_levels():
         unet((2,))
 
 
-def test_text_encoder_learns_only_when_asked():
+def test_text_encoder_learns_only_when_asked_and_offset_noise_trains():
     from privdiff.models import small
     from privdiff.reference.train import caption_ids, train_unet
 
@@ -91,7 +91,7 @@ def test_text_encoder_learns_only_when_asked():
         encoder = small.text_encoder(tok)
         before = encoder.get_input_embeddings().weight.clone()
         _, text = train_unet(latents, ids, rows, empty, encoder, 2, torch.Generator().manual_seed(0), batch=4,
-                             train_text=learns, cross_attention=(4,))
+                             train_text=learns, cross_attention=(4,), offset_noise=0.3 if learns else 0.0)
         changed = not torch.equal(text.get_input_embeddings().weight, before)
         assert changed == learns and not any(p.requires_grad for p in text.parameters())
 

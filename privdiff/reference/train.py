@@ -3,7 +3,7 @@
     python -m privdiff.reference.train [--out privdiff/models/small_weights] [--seed 0]
 
 Stages: render the public images; train the VAE; encode the images and set the latent scale;
-build the frozen text encoder and encode every caption once; train the UNet (with an EMA of its
+build the text encoder (frozen unless asked); train the UNet with offset noise (with an EMA of its
 weights, which is what ships); train the classifier on all styles, private ones included (it is an
 evaluation tool); train the same network on the public styles only as the model's public image encoder
 (for DP style targets and guidance; ``--encoder-only`` retrains just that). Everything is seeded, so a
@@ -30,6 +30,11 @@ from privdiff.models import small as ref
 from privdiff.models.small_classifier import ENCODER_FILE, FILE, AttributeClassifier, save_classifier
 from privdiff.reference.score import targets
 from privdiff.reference.shapes import ALL_STYLES, PUBLIC_STYLES, public_dataset, random_specs, render
+
+UNET_STEPS = 6000
+"""UNet training steps of 64 images (docs/reference-model.md says what they cost)."""
+OFFSET_NOISE = 0.3
+"""Std of the per-image, per-channel constant added to the UNet's training noise (see ``train_unet``)."""
 
 
 def _batches(n: int, size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -95,9 +100,11 @@ def _ema(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Tensor, empty_row: int,
                encoder: torch.nn.Module, steps: int, gen: torch.Generator, *, train_text: bool = False,
-               cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, batch: int = 64,
-               drop: float = 0.1) -> tuple[torch.nn.Module, torch.nn.Module]:
+               cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, offset_noise: float = OFFSET_NOISE,
+               batch: int = 64, drop: float = 0.1) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Epsilon-prediction UNet on SD's schedule; captions dropped to "" with probability ``drop`` (for CFG).
+    ``offset_noise`` adds a per-image, per-channel constant of that standard deviation to the noise, so that the
+    mean of a noisy latent does not give its colours away and the UNet has to read them from the text.
     With ``train_text`` the text encoder learns with it; otherwise it stays frozen and each caption is encoded once.
 
     Returns the exponential moving averages (decay 0.998) of the UNet and of the text encoder.
@@ -122,6 +129,8 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Ten
         cond = encoder(ids[rows]).last_hidden_state if train_text else states[rows]
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
         loss = (pred - noise).pow(2).mean()
@@ -167,9 +176,10 @@ def train_classifier(vae: torch.nn.Module, count: int, steps: int, seed: int, ge
     return model.eval()
 
 
-def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, unet_steps: int = 3000,
-          classifier_images: int = 8000, classifier_steps: int = 1200, *, train_text: bool = False,
-          cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, reuse: Path | None = None) -> dict[str, float]:
+def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, unet_steps: int = UNET_STEPS,
+          classifier_images: int = 8000, classifier_steps: int = 3000, *, train_text: bool = False,
+          cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, offset_noise: float = OFFSET_NOISE,
+          reuse: Path | None = None) -> dict[str, float]:
     """Train everything into ``out`` (a diffusers folder + classifier.safetensors); returns stage timings (s).
 
     With ``reuse`` (a trained model's folder) its VAE, classifier and image encoder are copied instead of
@@ -210,7 +220,7 @@ def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, u
     lap("captions")
     torch.manual_seed(seed + 2)
     unet, encoder = train_unet(latents, ids, rows, empty, encoder, unet_steps, gen, train_text=train_text,
-                               cross_attention=cross_attention)
+                               cross_attention=cross_attention, offset_noise=offset_noise)
     lap("unet")
     out.mkdir(parents=True, exist_ok=True)
     ref.pipeline(tok, encoder, vae, unet).to(torch.float16).save_pretrained(out, safe_serialization=True)
@@ -253,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privdiff.reference.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ref.WEIGHTS, help="output folder (default: the shipped weights)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cross-attention", type=_sizes, default=ref.CROSS_ATTENTION,
                         help="latent sizes whose UNet blocks attend to the text, e.g. 8,4 (default: %(default)s)")
+    parser.add_argument("--offset-noise", type=float, default=OFFSET_NOISE,
+                        help="std of a per-channel constant added to the UNet's training noise (default: %(default)s)")
     parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="copy this trained model's VAE, classifier and image encoder instead of training them")
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = train_encoder(args.out, seed=args.seed)
     else:
         timings = train(args.out, seed=args.seed, unet_steps=args.unet_steps, train_text=args.train_text_encoder,
-                        cross_attention=args.cross_attention, reuse=args.reuse)
+                        cross_attention=args.cross_attention, offset_noise=args.offset_noise, reuse=args.reuse)
     print(f"trained in {sum(timings.values()):.0f} s on {torch.get_num_threads()} threads: {timings}",
           file=sys.stderr)
     return 0
