@@ -25,7 +25,7 @@ SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_l
             "clip_sample": False, "set_alpha_to_one": False}
 LEVELS = (16, 8, 4)
 """The UNet's latent sizes, from its first block down."""
-CROSS_ATTENTION = (4,)
+CROSS_ATTENTION = (8, 4)
 """The latent sizes whose blocks attend to the text (the middle block always does)."""
 
 
