@@ -19,6 +19,7 @@ from privdiff.models.small import WEIGHTS
 from privdiff.models.small_classifier import load_classifier
 from privdiff.reference import shapes
 from privdiff.reference.evaluate import evaluate, generate, prompt_pairs
+from privdiff.reference.evaluate import main as evaluate_main
 from privdiff.reference.score import score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,51 @@ def test_public_part_never_shows_nor_names_a_private_style():
     assert any(re.fullmatch(r"a \w+ \w+ in \w+ \w+ style", c) for c in captions)
     assert any(re.fullmatch(r"a \w+ \w+", c) for c in captions)
     assert any(c == t.format(s.style) for c, s in zip(captions, specs, strict=True) for t in STYLE_TEMPLATES)
+
+
+def test_held_out_combinations_are_balanced_and_never_in_the_public_data():
+    held = set(shapes.HELD_OUT)
+    assert len(held) == len(shapes.HELD_OUT) == 2 * len(shapes.PUBLIC_STYLES)
+    assert {s.style for s in held} == set(shapes.PUBLIC_STYLES)
+    for field, values in (("shape", small_spec.SHAPES), ("colour", small_spec.COLOURS)):
+        counts = [sum(getattr(s, field) == v for s in held) for v in values]
+        assert max(counts) - min(counts) <= 2, (field, counts)
+    _, specs, captions = shapes.public_dataset(3000, seed=0)
+    assert not held & set(specs)
+    assert not {f"a {s.colour} {s.shape} in {s.style} style" for s in held} & set(captions)
+    # every held-out combination's parts are public: the shape and colour with other styles, and the style itself
+    assert {(s.shape, s.colour) for s in held} <= {(s.shape, s.colour) for s in specs}
+    # the draws of other callers are untouched by the exclusion
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    assert shapes.random_specs(50, rng_a) == shapes.random_specs(50, rng_b, exclude=frozenset())
+
+
+def test_unet_cross_attention_levels():
+    from privdiff.models.small import unet
+
+    denoiser = unet((8, 4))
+    assert denoiser.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert denoiser.config.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    with pytest.raises(ValueError, match="cross_attention"):
+        unet((2,))
+
+
+def test_text_encoder_learns_only_when_asked_and_offset_noise_trains():
+    from privdiff.models import small
+    from privdiff.reference.train import caption_ids, train_unet
+
+    tok = small.tokenizer()
+    captions = ["a red star in gray stripes style", "a blue circle", "a painting in the style of black dots"] * 2
+    ids, rows, empty = caption_ids(tok, captions)
+    latents = torch.randn(len(captions), 4, 16, 16)
+    for learns in (False, True):
+        torch.manual_seed(0)
+        encoder = small.text_encoder(tok)
+        before = encoder.get_input_embeddings().weight.clone()
+        _, text = train_unet(latents, ids, rows, empty, encoder, 2, torch.Generator().manual_seed(0), batch=4,
+                             train_text=learns, cross_attention=(4,), offset_noise=0.3 if learns else 0.0)
+        changed = not torch.equal(text.get_input_embeddings().weight, before)
+        assert changed == learns and not any(p.requires_grad for p in text.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +137,17 @@ def test_model_draws_prompted_public_attributes_far_above_chance(small):
     # (its weakest skill is binding the background colour word: textures are right almost always)
     assert adherence > 0.3, adherence
     assert in_style > 0.2, in_style
+
+
+def test_held_out_evaluation_prints_the_four_accuracies(capsys, tmp_path):
+    assert evaluate_main(["--count", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:16].strip(): [float(v) for v in line[16:].split()] for line in out.splitlines()[2:]}
+    assert list(rows) == ["rendered", "VAE round trip", "samples"] and all(len(v) == 4 for v in rows.values())
+    assert "texture" in out.splitlines()[1] and "background colour" in out.splitlines()[1]
+    assert min(rows["rendered"]) >= 0.75  # the classifier reads the rendered held-out images
+    assert evaluate_main(["--model", str(tmp_path)]) == 1
+    assert "missing from" in capsys.readouterr().err
 
 
 def test_textual_inversion_learns_a_private_style(small):

@@ -23,6 +23,10 @@ from privdiff.models.tiny import DTYPE_KW, MAX_LENGTH, tiny_tokenizer_dir
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000, "steps_offset": 1, "prediction_type": "epsilon",
             "clip_sample": False, "set_alpha_to_one": False}
+LEVELS = (16, 8, 4)
+"""The UNet's latent sizes, from its first block down."""
+CROSS_ATTENTION = (8, 4)
+"""The latent sizes whose blocks attend to the text (the middle block always does)."""
 
 
 def tokenizer() -> CLIPTokenizer:
@@ -49,12 +53,16 @@ def vae() -> AutoencoderKL:
     )
 
 
-def unet() -> UNet2DConditionModel:
-    """Conditional UNet on 4x16x16 latents: 16 -> 8 -> 4, cross-attention at 4x4 and in the middle."""
+def unet(cross_attention: tuple[int, ...] = CROSS_ATTENTION) -> UNet2DConditionModel:
+    """Conditional UNet on 4x16x16 latents: 16 -> 8 -> 4, with cross-attention to the text at the latent sizes in
+    ``cross_attention`` (some of 16, 8, 4) and in the middle block."""
+    if not set(cross_attention) <= set(LEVELS):
+        raise ValueError(f"cross_attention: latent sizes among {LEVELS}, got {cross_attention}")
+    attends = [size in cross_attention for size in LEVELS]
     return UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
         cross_attention_dim=768, attention_head_dim=(2, 4, 8), norm_num_groups=32,
     )
 

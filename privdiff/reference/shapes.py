@@ -117,16 +117,41 @@ def caption(spec: Spec, rng: np.random.Generator) -> str:
     return STYLE_TEMPLATES[int(rng.integers(len(STYLE_TEMPLATES)))].format(spec.style)
 
 
-def random_specs(count: int, rng: np.random.Generator, styles: tuple[str, ...] = PUBLIC_STYLES) -> list[Spec]:
-    """``count`` specs with uniform shape, colour and style (from ``styles``)."""
-    return [Spec(SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
-                 styles[int(rng.integers(len(styles)))]) for _ in range(count)]
+def random_specs(count: int, rng: np.random.Generator, styles: tuple[str, ...] = PUBLIC_STYLES,
+                 exclude: frozenset[Spec] = frozenset()) -> list[Spec]:
+    """``count`` specs with uniform shape, colour and style (from ``styles``), redrawing any in ``exclude``."""
+    specs: list[Spec] = []
+    while len(specs) < count:
+        spec = Spec(SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
+                    styles[int(rng.integers(len(styles)))])
+        if spec not in exclude:
+            specs.append(spec)
+    return specs
+
+
+def _held_out(per_style: int = 2) -> tuple[Spec, ...]:
+    """``per_style`` (shape, colour) pairs for every public style, from seeded passes over all pairs, so that
+    every shape and colour is held out about equally often."""
+    pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+    rng = np.random.default_rng(23)
+    passes = -(-per_style * len(PUBLIC_STYLES) // len(pairs))
+    order = np.concatenate([rng.permutation(len(pairs)) for _ in range(passes)])
+    return tuple(Spec(*pairs[order[per_style * j + k]], style)
+                 for j, style in enumerate(PUBLIC_STYLES) for k in range(per_style))
+
+
+HELD_OUT = _held_out()
+"""Public (shape, colour, style) combinations the public data never shows: the model is evaluated on them
+(``python -m privdiff.reference.evaluate``), as a private style asks it to draw something it never saw."""
 
 
 def public_dataset(count: int, seed: int = 0) -> tuple[np.ndarray, list[Spec], list[str]]:
-    """The public part: images [count, SIZE, SIZE, 3], their specs and captions. Deterministic in ``seed``."""
+    """The public part: images [count, SIZE, SIZE, 3], their specs and captions, none of them ``HELD_OUT``.
+
+    Deterministic in ``seed``.
+    """
     rng = np.random.default_rng([seed, 0])
-    specs = random_specs(count, rng)
+    specs = random_specs(count, rng, exclude=frozenset(HELD_OUT))
     images = np.stack([render(s, rng) for s in specs])
     return images, specs, [caption(s, rng) for s in specs]
 

@@ -3,7 +3,7 @@
     python -m privdiff.reference.train [--out privdiff/models/small_weights] [--seed 0]
 
 Stages: render the public images; train the VAE; encode the images and set the latent scale;
-build the frozen text encoder and encode every caption once; train the UNet (with an EMA of its
+build the text encoder (frozen unless asked); train the UNet with offset noise (with an EMA of its
 weights, which is what ships); train the classifier on all styles, private ones included (it is an
 evaluation tool); train the same network on the public styles only as the model's public image encoder
 (for DP style targets and guidance; ``--encoder-only`` retrains just that). Everything is seeded, so a
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -26,9 +27,14 @@ import torch
 from tqdm import tqdm
 
 from privdiff.models import small as ref
-from privdiff.models.small_classifier import ENCODER_FILE, AttributeClassifier, save_classifier
+from privdiff.models.small_classifier import ENCODER_FILE, FILE, AttributeClassifier, save_classifier
 from privdiff.reference.score import targets
 from privdiff.reference.shapes import ALL_STYLES, PUBLIC_STYLES, public_dataset, random_specs, render
+
+UNET_STEPS = 6000
+"""UNet training steps of 64 images (docs/reference-model.md says what they cost)."""
+OFFSET_NOISE = 0.3
+"""Std of the per-image, per-channel constant added to the UNet's training noise (see ``train_unet``)."""
 
 
 def _batches(n: int, size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -73,49 +79,73 @@ def encode_latents(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([vae.encode(x * 2 - 1).latent_dist.mean for x in images.split(256)])
 
 
-def encode_captions(tok, encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of every distinct caption [U, 77, 768], and each caption's row index."""
+def caption_ids(tok, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids of every distinct caption [U, 77], each caption's row, and the row of "" (for CFG)."""
     unique = sorted(set(captions) | {""})
     rows = {c: i for i, c in enumerate(unique)}
+    ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return ids, torch.tensor([rows[c] for c in captions]), rows[""]
+
+
+def _states(encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states [U, 77, 768] of the frozen ``encoder`` for token ids [U, 77]."""
     with torch.no_grad():
-        states = [encoder(tok(chunk, padding="max_length", max_length=tok.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids).last_hidden_state
-                  for chunk in (unique[i:i + 64] for i in range(0, len(unique), 64))]
-    return torch.cat(states), torch.tensor([rows[c] for c in captions]), rows[""]
+        return torch.cat([encoder(chunk).last_hidden_state for chunk in ids.split(64)])
 
 
-def train_unet(latents: torch.Tensor, states: torch.Tensor, caption_rows: torch.Tensor, empty_row: int,
-               steps: int, gen: torch.Generator, batch: int = 64, drop: float = 0.1) -> torch.nn.Module:
+def _ema(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).requires_grad_(False)
+
+
+def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Tensor, empty_row: int,
+               encoder: torch.nn.Module, steps: int, gen: torch.Generator, *, train_text: bool = False,
+               cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, offset_noise: float = OFFSET_NOISE,
+               batch: int = 64, drop: float = 0.1) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Epsilon-prediction UNet on SD's schedule; captions dropped to "" with probability ``drop`` (for CFG).
+    ``offset_noise`` adds a per-image, per-channel constant of that standard deviation to the noise, so that the
+    mean of a noisy latent does not give its colours away and the UNet has to read them from the text.
+    With ``train_text`` the text encoder learns with it; otherwise it stays frozen and each caption is encoded once.
 
-    Returns the exponential moving average of the weights (decay 0.998).
+    Returns the exponential moving averages (decay 0.998) of the UNet and of the text encoder.
     """
-    unet = ref.unet()
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    unet = ref.unet(cross_attention)
+    ema = _ema(unet)
+    encoder.requires_grad_(train_text).train(train_text)
+    text_ema = _ema(encoder) if train_text else encoder
+    states = None if train_text else _states(encoder, ids)
     alphas = torch.from_numpy(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)).float()
-    opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=1e-2)
+    groups = [{"params": list(unet.parameters()), "peak": 5e-4}]
+    if train_text:
+        groups.append({"params": list(encoder.parameters()), "peak": 2e-4})
+    opt = torch.optim.AdamW(groups, lr=5e-4, weight_decay=1e-2)
+    pairs = [(ema, unet)] + ([(text_ema, encoder)] if train_text else [])
     bar = tqdm(_batches(len(latents), batch, steps, gen), total=steps, desc="unet", file=sys.stderr)
     for step, idx in enumerate(bar):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, 5e-4, warmup=200)
+            group["lr"] = _lr(step, steps, group["peak"], warmup=200)
         x0 = latents[idx]
         rows = torch.where(torch.rand(len(idx), generator=gen) < drop, empty_row, caption_rows[idx])
+        cond = encoder(ids[rows]).last_hidden_state if train_text else states[rows]
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, states[rows]).sample
+        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
         loss = (pred - noise).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
+            for average, model in pairs:
+                for e, p in zip(average.parameters(), model.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return ema.eval()
+    return ema.eval(), text_ema.eval().requires_grad_(False)
 
 
 def train_classifier(vae: torch.nn.Module, count: int, steps: int, seed: int, gen: torch.Generator,
@@ -146,9 +176,15 @@ def train_classifier(vae: torch.nn.Module, count: int, steps: int, seed: int, ge
     return model.eval()
 
 
-def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, unet_steps: int = 3000,
-          classifier_images: int = 8000, classifier_steps: int = 1200) -> dict[str, float]:
-    """Train everything into ``out`` (a diffusers folder + classifier.safetensors); returns stage timings (s)."""
+def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, unet_steps: int = UNET_STEPS,
+          classifier_images: int = 8000, classifier_steps: int = 3000, *, train_text: bool = False,
+          cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, offset_noise: float = OFFSET_NOISE,
+          reuse: Path | None = None) -> dict[str, float]:
+    """Train everything into ``out`` (a diffusers folder + classifier.safetensors); returns stage timings (s).
+
+    With ``reuse`` (a trained model's folder) its VAE, classifier and image encoder are copied instead of
+    trained: only the text side and the UNet are new (for comparing UNet configurations quickly).
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     timings, start = {}, time.perf_counter()
@@ -162,26 +198,38 @@ def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, u
     pixels, _, captions = public_dataset(images, seed)
     pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     lap("data")
-    vae = train_vae(pixels, vae_steps, gen)
-    raw = encode_latents(vae, pixels)
-    with torch.no_grad():
-        check = pixels[:256]
-        recon = (vae.decode(raw[:256]).sample + 1) / 2
-    print(f"vae reconstruction L1: {(recon - check).abs().mean():.4f}", file=sys.stderr)
-    vae.register_to_config(scaling_factor=float(1 / raw.std()))
-    vae = vae.half().float()  # what ships is fp16: train the rest against the rounded weights
+    if reuse is None:
+        vae = train_vae(pixels, vae_steps, gen)
+        raw = encode_latents(vae, pixels)
+        with torch.no_grad():
+            check = pixels[:256]
+            recon = (vae.decode(raw[:256]).sample + 1) / 2
+        print(f"vae reconstruction L1: {(recon - check).abs().mean():.4f}", file=sys.stderr)
+        vae.register_to_config(scaling_factor=float(1 / raw.std()))
+        vae = vae.half().float()  # what ships is fp16: train the rest against the rounded weights
+    else:
+        vae = ref.load_small(folder=reuse).vae.eval().requires_grad_(False)
     latents = encode_latents(vae, pixels) * vae.config.scaling_factor
     lap("vae")
     tok = ref.tokenizer()
-    encoder = ref.text_encoder(tok).half().float().eval().requires_grad_(False)
-    states, rows, empty = encode_captions(tok, encoder, captions)
+    torch.manual_seed(seed + 1)
+    encoder = ref.text_encoder(tok)
+    if not train_text:
+        encoder = encoder.half().float()  # frozen: train the UNet against the fp16 weights that ship
+    ids, rows, empty = caption_ids(tok, captions)
     lap("captions")
-    unet = train_unet(latents, states, rows, empty, unet_steps, gen)
+    torch.manual_seed(seed + 2)
+    unet, encoder = train_unet(latents, ids, rows, empty, encoder, unet_steps, gen, train_text=train_text,
+                               cross_attention=cross_attention, offset_noise=offset_noise)
     lap("unet")
-    classifier = train_classifier(vae, classifier_images, classifier_steps, seed, gen)
-    lap("classifier")
     out.mkdir(parents=True, exist_ok=True)
     ref.pipeline(tok, encoder, vae, unet).to(torch.float16).save_pretrained(out, safe_serialization=True)
+    if reuse is not None:
+        for name in (FILE, ENCODER_FILE):
+            shutil.copyfile(reuse / name, out / name)
+        return timings
+    classifier = train_classifier(vae, classifier_images, classifier_steps, seed, gen)
+    lap("classifier")
     save_classifier(classifier, out)
     timings.update(train_encoder(out, seed))
     return timings
@@ -200,12 +248,30 @@ def train_encoder(folder: Path, seed: int = 0, count: int = 4000, steps: int = 6
     return {"encoder": seconds}
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """``--cross-attention``: comma-separated latent sizes among the UNet's levels."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or not set(sizes) <= set(ref.LEVELS):
+        raise argparse.ArgumentTypeError(f"comma-separated latent sizes among {ref.LEVELS}, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privdiff.reference.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ref.WEIGHTS, help="output folder (default: the shipped weights)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cross-attention", type=_sizes, default=ref.CROSS_ATTENTION,
+                        help="latent sizes whose UNet blocks attend to the text, e.g. 8,4 (default: %(default)s)")
+    parser.add_argument("--offset-noise", type=float, default=OFFSET_NOISE,
+                        help="std of a per-channel constant added to the UNet's training noise (default: %(default)s)")
+    parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="copy this trained model's VAE, classifier and image encoder instead of training them")
     parser.add_argument("--encoder-only", action="store_true",
                         help="only (re)train the public image encoder next to an existing model in --out")
     args = parser.parse_args(argv)
@@ -214,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoder_only:
         timings = train_encoder(args.out, seed=args.seed)
     else:
-        timings = train(args.out, seed=args.seed, unet_steps=args.unet_steps)
+        timings = train(args.out, seed=args.seed, unet_steps=args.unet_steps, train_text=args.train_text_encoder,
+                        cross_attention=args.cross_attention, offset_noise=args.offset_noise, reuse=args.reuse)
     print(f"trained in {sum(timings.values()):.0f} s on {torch.get_num_threads()} threads: {timings}",
           file=sys.stderr)
     return 0
