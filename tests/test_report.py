@@ -24,7 +24,7 @@ from privdiff.privacy.report import (
 FIELDS = {
     "mechanism", "epsilon", "delta", "noise_multiplier", "sample_rate", "clip_norm", "bound", "center", "steps",
     "accountant", "relation", "public_size", "library_version", "release_id", "dataset_label", "private", "notes",
-    "created",
+    "created", "world_size",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +21,16 @@ from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import (
     Progress,
     TIConfig,
+    image_generator,
     initial_vectors,
     train_embeddings,
-    training_generator,
 )
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
+from privdiff.io.images import PrivateFiles
 from privdiff.models.protocol import SDBackend
-from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample
+from privdiff.privacy.distributed import World, shares
+from privdiff.privacy.mechanism import bounded_sum, noisy_mean, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release.dp_params import DPParams, check_params, plan_release
@@ -79,9 +82,26 @@ def aggregate_embeddings(
     The offsets of all encoders form one vector per image, so the bound C holds for the whole
     embedding (clip_l and clip_g together for SDXL). ``divisor`` is the public expected count q·n.
     """
+    partial = offsets_sum(per_image, center, clip_norm, bound)
+    return noisy_embedding([partial], center, divisor=divisor, clip_norm=clip_norm,
+                           noise_multiplier=noise_multiplier, rng=rng)
+
+
+def offsets_sum(per_image: dict[str, torch.Tensor], center: dict[str, torch.Tensor], clip_norm: float,
+                bound: str) -> torch.Tensor:
+    """The float64 sum of the per-image offsets from ``center``, each (all encoders together) bounded to C."""
     keys = sorted(center)
     flat = torch.cat([(per_image[k] - center[k]).flatten(1) for k in keys], dim=1)
-    mean = gaussian_aggregate(flat, clip_norm, noise_multiplier, divisor, rng, bound=bound)
+    return bounded_sum(flat, clip_norm, bound)
+
+
+def noisy_embedding(
+    partials: list[torch.Tensor], center: dict[str, torch.Tensor], *, divisor: float, clip_norm: float,
+    noise_multiplier: float, rng: SecureRandom,
+) -> dict[str, torch.Tensor]:
+    """``center`` plus the noisy mean of the offsets whose bounded sums (one per rank) are ``partials``."""
+    keys = sorted(center)
+    mean = noisy_mean(partials, clip_norm, noise_multiplier, divisor, rng).to(torch.float32)
     parts = mean.split([center[k].numel() for k in keys])
     return {k: center[k] + part.view_as(center[k]) for k, part in zip(keys, parts, strict=True)}
 
@@ -105,6 +125,25 @@ def plan_dpagg_ti(
     center = f"init word {config.init_word!r} ({config.n_vectors} vector(s)) of the model's token embeddings"
     return plan_release(MECHANISM, params, dataset_size, 1, center=center, dataset_label=dataset_label,
                         private=seed is None)
+
+
+def draw_sample(n: int, sample_rate: float, rng: SecureRandom) -> tuple[list[int], bytes]:
+    """The release's first draws from its CSPRNG: the Poisson sample of ``n`` images and the key of the
+    per-image training streams (``image_generator``)."""
+    return poisson_sample(n, sample_rate, rng).tolist(), rng.random_bytes(32)
+
+
+def train_sampled(
+    backend: SDBackend, images: torch.Tensor, indices: list[int], key: bytes, init: dict[str, torch.Tensor],
+    config: TIConfig, progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """One embedding per row of ``images`` (the sampled images, dataset records ``indices``), each encoded and
+    trained with its record's own stream: the same embedding whichever process trains it, in whatever order."""
+    if not indices:
+        return {k: torch.empty(0, *v.shape) for k, v in init.items()}
+    streams = [image_generator(key, i) for i in indices]  # training randomness, not relied on by the guarantee
+    latents = encode_each(backend, images, streams)
+    return train_embeddings(backend, latents, init, config, streams, progress)
 
 
 def run_dpagg_ti(
@@ -131,14 +170,10 @@ def run_dpagg_ti(
     sigma = report.noise_multiplier
     snr = expected_snr(report.public_size, params.sample_rate, sigma, _embedding_dim(init))
     rng = SecureRandom(seed)
-    sampled = poisson_sample(n, params.sample_rate, rng)
+    sampled, key = draw_sample(n, params.sample_rate, rng)
     public_total = max(1, math.ceil(params.sample_rate * report.public_size / config.batch_size)) * config.steps
-    if len(sampled):
-        latents = encode_in_batches(backend, images[sampled], config.batch_size, training_generator(rng))
-        streams = [training_generator(rng) for _ in sampled]  # training randomness, not relied on by the guarantee
-        per_image = train_embeddings(backend, latents, init, config, streams, _public_progress(progress, public_total))
-    else:
-        per_image = {k: torch.empty(0, *v.shape) for k, v in init.items()}
+    per_image = train_sampled(backend, images[sampled], sampled, key, init, config,
+                              _public_progress(progress, public_total))
     if progress is not None:
         progress(public_total, public_total)
     released = aggregate_embeddings(
@@ -147,6 +182,86 @@ def run_dpagg_ti(
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
+
+
+@dataclass(frozen=True)
+class Share:
+    """What rank 0 sends one rank of a DPAgg-TI release: its public slice of the dataset (the files' bytes as rank 0
+    read and charged them), which of them were sampled (dataset records), the training key and the settings."""
+
+    files: PrivateFiles
+    offset: int
+    sampled: list[int]
+    key: bytes
+    config: TIConfig
+    resolution: int | None
+    clip_norm: float
+    bound: str
+
+
+def run_dpagg_ti_ranks(
+    world: World,
+    load_backend: Callable[[], SDBackend],
+    *,
+    private: PrivateFiles | None = None,
+    resolution: int | None = None,
+    params: DPParams | None = None,
+    config: TIConfig | None = None,
+    seed: int | None = None,
+    report: PrivacyReport | None = None,
+    progress: Progress | None = None,
+) -> DPAggResult | None:
+    """DPAgg-TI across the ranks of ``world``; rank 0 passes the files, parameters and report, the others only
+    ``load_backend``. The release equals ``run_dpagg_ti``'s in one process (same seed: the same sample, streams
+    and noise), to the rounding of the float64 sum.
+
+    Rank 0 draws the sample and the training key from the release's CSPRNG and sends each rank its slice of the
+    dataset (``shares``); every rank loads the model, decodes its whole slice (so a damaged file fails the release
+    whether or not it was sampled, as in one process), trains its sampled images and sends rank 0 the float64 sum
+    of their bounded offsets only. Rank 0 adds the noise once. Returns the result on rank 0, None elsewhere.
+    """
+    plans = None
+    if world.leader:
+        public_total = max(1, math.ceil(params.sample_rate * report.public_size / (world.size * config.batch_size)))
+        progress = _public_progress(progress, public_total * config.steps)
+        rng = SecureRandom(seed)
+        sampled, key = draw_sample(len(private), params.sample_rate, rng)
+        plans = [Share(private.subset(rows), rows.start, [i for i in sampled if i in rows], key, config, resolution,
+                       params.clip_norm, params.bound) for rows in shares(len(private), world.size)]
+    share: Share = world.scatter(plans)
+    state: dict[str, object] = {}
+
+    def prepare() -> None:
+        backend = load_backend()
+        state["init"] = initial_vectors(backend, share.config)  # checks the config against the model
+        rows = [i - share.offset for i in share.sampled]
+        images = share.files.load(share.resolution or backend.resolution).images  # every file of the slice
+        state["backend"], state["images"] = backend, images[rows]
+
+    def train() -> torch.Tensor:
+        per_image = train_sampled(state["backend"], state["images"], share.sampled, share.key, state["init"],
+                                  share.config, progress if world.leader else None)
+        return offsets_sum(per_image, state["init"], share.clip_norm, share.bound)
+
+    world.collect(prepare)
+    partials = world.collect(train)  # rank 0 gets each rank's float64 sum, never a per-image vector
+    if not world.leader:
+        return None
+    init = state["init"]
+    snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, _embedding_dim(init))
+    released = noisy_embedding(partials, init, divisor=params.sample_rate * report.public_size,
+                               clip_norm=params.clip_norm, noise_multiplier=report.noise_multiplier, rng=rng)
+    embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
+    return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
+
+
+def encode_each(backend: SDBackend, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """VAE latents of ``images``, each encoded alone (a batch of one: the same shape for every image) with its own
+    generator, on the CPU."""
+    with torch.no_grad():
+        latents = [backend.encode_images(images[i:i + 1].to(backend.device, backend.dtype), g)
+                   for i, g in enumerate(generators)]
+    return torch.cat([z.float().cpu() for z in latents])
 
 
 @torch.no_grad()

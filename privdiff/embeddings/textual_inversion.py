@@ -10,6 +10,7 @@ it agrees only to rounding (~1e-6 relative in float32; to the last bit in float6
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,14 @@ def training_generator(rng: SecureRandom, device: str | torch.device = "cpu") ->
     diffusion noise, VAE sampling) that the privacy guarantee does not rely on: torch's CPU generator keeps 32
     bits of its seed, so it is never used for Poisson sampling or DP noise (those draw from ``rng`` itself)."""
     return torch.Generator(device=device).manual_seed(int.from_bytes(rng.random_bytes(8), "little"))
+
+
+def image_generator(key: bytes, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The training stream of record ``index`` of a release (VAE sampling, templates, timesteps, noise): seeded with
+    64 bits of SHA-256(``key``, index), ``key`` drawn from the release's CSPRNG. Keyed by the record, not by the
+    process or the order that trains it, so a release across ranks trains every image as one process does."""
+    digest = hashlib.sha256(b"privdiff per-image training stream\0" + key + int(index).to_bytes(8, "little")).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def initial_vectors(backend: SDBackend, config: TIConfig) -> dict[str, torch.Tensor]:

@@ -1,0 +1,240 @@
+"""One release across the processes torchrun (or Slurm's srun, or a user) starts: the ranks and their protocol.
+
+A process is one rank of a world when the environment says so (torchrun's ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); without ``WORLD_SIZE`` above 1 it is the whole world and
+nothing here talks to anyone. Rank 0 leads: it alone checks the inputs, calibrates, charges the ledger, draws
+from the CSPRNG, adds the noise and writes. The others only do what rank 0 sends them.
+
+The protocol is a fixed sequence of collectives on a gloo group (CPU; also when the work runs on GPUs through
+NCCL), each bounded by the rank timeout (``PRIVDIFF_RANK_TIMEOUT`` seconds, default 1800: the longest a rank
+waits for the slowest one to reach the same step). Failure anywhere is failure everywhere: every step that does
+work (:meth:`World.collect`) gathers each rank's outcome to rank 0, which tells all ranks whether to go on; a
+failing rank's one-line message is raised by rank 0 alone (:class:`ReportedElsewhere` elsewhere), a rank that
+dies breaks its connections and the ranks waiting on it fail at once, and a rank that hangs fails the others at
+the timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from privdiff.errors import PrivdiffError, ReportedElsewhere
+
+T = TypeVar("T")
+
+TIMEOUT_VARIABLE = "PRIVDIFF_RANK_TIMEOUT"
+DEFAULT_TIMEOUT = 1800.0
+MAX_WORLD = 1024
+"""The most ranks a release runs on: the float64 sum's error bound holds for them (docs/privacy.md)."""
+
+_ABORT = "abort"  # what rank 0 sends instead of a plan or a verdict when it fails first
+
+
+def _env_int(name: str, minimum: int, maximum: int, default: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise PrivdiffError(f"environment variable {name} is not set (torchrun sets it; set it when starting "
+                                "ranks by hand)")
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not minimum <= value <= maximum:
+        raise PrivdiffError(f"environment variable {name}={text[:40]!r} must be an integer from {minimum} to "
+                            f"{maximum}")
+    return value
+
+
+def rank_timeout() -> float:
+    """Seconds a rank waits at a step for the others (``PRIVDIFF_RANK_TIMEOUT``, default 1800)."""
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value <= 7 * 24 * 3600:
+        raise PrivdiffError(f"environment variable {TIMEOUT_VARIABLE}={text[:40]!r} must be a number of seconds "
+                            "from 1 to 604800")
+    return value
+
+
+def world_size_requested() -> int:
+    """The world size the environment asks for: ``WORLD_SIZE``, or 1 when it is not set."""
+    return _env_int("WORLD_SIZE", 1, MAX_WORLD, default=1)
+
+
+def shares(n: int, size: int) -> list[range]:
+    """The public split of records 0..n-1 into ``size`` contiguous slices whose lengths differ by at most one."""
+    cuts = [n * r // size for r in range(size + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+@dataclass
+class World:
+    """This process's place among the ranks of one release (``World()`` is a lone process)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    _group: Any = field(default=None, repr=False)
+    _stage: str = field(default="plan", repr=False)
+
+    @property
+    def leader(self) -> bool:
+        """Whether this is rank 0, which checks, charges, adds the noise and writes."""
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """This rank's device: a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` when the world has several ranks."""
+        return f"cuda:{self.local_rank}" if self.size > 1 and device == "cuda" else device
+
+    def _collective(self, what: str, call: Callable[[], T]) -> T:
+        """Run one collective; a peer that died or hung becomes one line."""
+        try:
+            return call()
+        except (RuntimeError, OSError) as exc:  # gloo: connection closed by peer, or the timeout
+            who = "a rank" if self.leader else "rank 0 or another rank"
+            raise PrivdiffError(f"{who} stopped or stalled while this rank waited to {what} ({_one_line(exc)}); "
+                                "no file written") from None
+
+    def scatter(self, items: list | None) -> Any:
+        """Rank 0 hands item r to rank r (``items`` None on other ranks); each rank returns its own item."""
+        if self.size == 1:
+            return items[0]
+        import torch.distributed as dist
+
+        out = [None]
+        self._collective("receive its share", lambda: dist.scatter_object_list(
+            out, items if self.leader else None, src=0, group=self._group))
+        if out[0] == _ABORT:
+            raise ReportedElsewhere("rank 0 refused the release")
+        self._stage = "work"
+        return out[0]
+
+    def collect(self, work: Callable[[], T]) -> list[T] | None:
+        """Every rank runs ``work``; rank 0 gets every rank's result (in rank order), the others None.
+
+        A failure (a one-line error, or an interrupt) on any rank ends every rank: rank 0 raises it, naming the
+        rank, and the others raise :class:`ReportedElsewhere`.
+        """
+        interrupted = False
+        try:
+            outcome: tuple[str, Any] = ("ok", work())
+        except KeyboardInterrupt:
+            if self.size == 1:
+                raise
+            interrupted, outcome = True, ("error", "interrupted")
+        except (PrivdiffError, OSError) as exc:
+            if self.size == 1:
+                raise
+            outcome = ("error", _one_line(exc))
+        if self.size == 1:
+            return [outcome[1]]
+        import torch.distributed as dist
+
+        gathered = [None] * self.size if self.leader else None
+        self._collective("send its result", lambda: dist.gather_object(outcome, gathered, dst=0, group=self._group))
+        verdict = [None]
+        if self.leader:
+            failed = [(r, o[1]) for r, o in enumerate(gathered) if o[0] != "ok"]
+            verdict[0] = f"rank {failed[0][0]}: {failed[0][1]}" if failed else None
+        self._collective("hear whether to go on", lambda: dist.broadcast_object_list(verdict, src=0,
+                                                                                      group=self._group))
+        if interrupted:
+            raise KeyboardInterrupt
+        if verdict[0] is not None:
+            self._stage = "told"
+            if self.leader:
+                raise PrivdiffError(verdict[0])
+            raise ReportedElsewhere(verdict[0])
+        return [o[1] for o in gathered] if self.leader else None
+
+    def finish(self, error: str | None) -> None:
+        """Rank 0 tells the other ranks how the release ended (None: written); the others raise if it failed."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        message = [error] if self.leader else [None]
+        self._collective("hear how the release ended", lambda: dist.broadcast_object_list(message, src=0,
+                                                                                          group=self._group))
+        if not self.leader and message[0] is not None:
+            raise ReportedElsewhere(message[0])
+
+    @contextlib.contextmanager
+    def leading(self) -> Iterator[None]:
+        """Rank 0's whole release: whatever ends it, the other ranks are told at the step they wait in."""
+        if self.size == 1:
+            yield
+            return
+        try:
+            yield
+        except BaseException as exc:
+            with contextlib.suppress(PrivdiffError):  # a peer already gone: nothing to tell it
+                if self._stage == "plan":
+                    self.scatter([_ABORT] * self.size)
+                elif self._stage == "work":
+                    self.finish(_one_line(exc))
+            raise
+        self.finish(None)
+
+    def close(self) -> None:
+        """Leave the process group (a no-op for a lone process)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            with contextlib.suppress(RuntimeError, ValueError):
+                dist.destroy_process_group()
+
+
+def join_world(uses_cuda: bool = False) -> World:
+    """This process's World from torchrun's environment; a lone World when ``WORLD_SIZE`` is unset or 1.
+
+    The process group's default backend is NCCL when the work runs on CUDA (``uses_cuda``), gloo otherwise; the
+    release protocol always runs on a gloo group. Every collective is bounded by :func:`rank_timeout`.
+    """
+    size = world_size_requested()
+    if size == 1:
+        return World()
+    rank = _env_int("RANK", 0, size - 1)
+    local_rank = _env_int("LOCAL_RANK", 0, MAX_WORLD - 1, default=rank)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name, "").strip():
+            raise PrivdiffError(f"environment variable {name} is not set (torchrun sets it; set it when starting "
+                                "ranks by hand)")
+    _env_int("MASTER_PORT", 1, 65535)
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise PrivdiffError(f"this torch {torch.__version__} has no torch.distributed; run one process")
+    timeout = timedelta(seconds=rank_timeout())
+    backend = "nccl" if uses_cuda else "gloo"
+    try:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size, timeout=timeout)
+        group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise PrivdiffError(f"rank {rank} could not join the other {size - 1} rank(s) at "
+                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {_one_line(exc)}") from None
+    signal.signal(signal.SIGTERM, _interrupt)  # torchrun ends the other ranks with SIGTERM: unwind, cancel, no file
+    return World(rank=rank, size=size, local_rank=local_rank, _group=group)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
