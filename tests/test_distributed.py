@@ -199,3 +199,54 @@ def test_the_distributed_sums_error_bound_holds_for_every_size_and_world():
         depth = np.ceil(np.log2(rows)).astype(np.int64) + (size - 1).bit_length()
         worst = max(worst, float(((depth + 1) * n).max()) / 2**21)
     assert worst <= 0.91
+
+
+def _same_release(tmp_path, args: list, name: str) -> tuple[dict, dict]:
+    """Run ``args`` in this process and on 2 ranks; return both files' tensors after checking their reports."""
+    assert main([*map(str, args), "--out", str(tmp_path / f"one-{name}")]) == 0
+    results = finish(start_ranks([*args, "--out", tmp_path / f"two-{name}"]))
+    assert [r[0] for r in results] == [0, 0], results
+    one, two = _report(tmp_path / f"one-{name}"), _report(tmp_path / f"two-{name}")
+    assert (one["world_size"], two["world_size"]) == (1, 2) and _without_ids(one) == _without_ids(two)
+    return load_file(tmp_path / f"one-{name}"), load_file(tmp_path / f"two-{name}")
+
+
+def test_aggregate_and_style_targets_on_two_ranks_release_what_one_process_releases(tmp_path, images, capsys):
+    import torch
+
+    from privdiff.embeddings.files import Embedding, save_embedding
+
+    folder = tmp_path / "per_image"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        save_embedding(Embedding({"clip_l": torch.randn(2, 768, generator=g) * 0.05}), folder / f"i{i}.safetensors")
+    one, two = _same_release(tmp_path, ["aggregate", "--embeddings", folder, "--one-image-per-file",
+                                        "--noise-multiplier", "2", "--delta", "1e-3", "--accountant", "rdp",
+                                        "--public-size", "6", "--sample-rate", "0.6", "--reproducible-seed", "3"],
+                             "agg.safetensors")
+    assert (one["emb_params"] - two["emb_params"]).abs().max() <= 1e-6
+    one, two = _same_release(tmp_path, ["guidance", "target", "--images", images, "--image-encoder", "tiny",
+                                        "--epsilon", "2", "--delta", "1e-3", "--public-size", "10", "--accountant",
+                                        "rdp", "--reproducible-seed", "3"], "target.safetensors")
+    assert (one["target"] - two["target"]).abs().max() <= 1e-6
+    capsys.readouterr()
+
+
+def test_a_damaged_embedding_file_on_rank_1_is_reported_once(tmp_path):
+    import torch
+
+    from privdiff.embeddings.files import Embedding, save_embedding
+
+    folder = tmp_path / "per_image"
+    folder.mkdir()
+    for i in range(4):
+        save_embedding(Embedding({"clip_l": torch.zeros(1, 768)}), folder / f"i{i}.safetensors")
+    save_embedding(Embedding({"clip_l": torch.zeros(2, 768)}), folder / "i9.safetensors")  # rank 1's slice
+    results = finish(start_ranks(["aggregate", "--embeddings", folder, "--one-image-per-file", "--noise-multiplier",
+                                  "2", "--delta", "1e-3", "--accountant", "rdp", "--public-size", "6", "--out",
+                                  tmp_path / "agg.safetensors"]))
+    assert [r[0] for r in results] == [2, 2], results
+    lines = error_lines(results)
+    assert len(lines) == 1 and lines[0].startswith("privdiff: error: rank 1:") and "i9.safetensors" in lines[0]
+    assert not (tmp_path / "agg.safetensors").exists()

@@ -13,15 +13,15 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
         if world.leader:
             _lead_ti_aggregate(args, world)
         else:
-            from privdiff.embeddings.dpagg import run_dpagg_ti_ranks
+            from privdiff.embeddings.ranks import run_dpagg_ti_ranks
 
             run_dpagg_ti_ranks(world, lambda: releasing.load_backend(args, world))
             world.finish(None)
 
 
 def _lead_ti_aggregate(args: argparse.Namespace, world: object) -> None:
-    from privdiff.embeddings.dpagg import run_dpagg_ti_ranks
     from privdiff.embeddings.methods import METHODS, PLANS
+    from privdiff.embeddings.ranks import run_dpagg_ti_ranks
     from privdiff.embeddings.release import release_embedding
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
     from privdiff.io.images import check_memory, read_private_files

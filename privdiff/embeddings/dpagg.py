@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +26,7 @@ from privdiff.embeddings.textual_inversion import (
 )
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
-from privdiff.io.images import PrivateFiles
 from privdiff.models.protocol import SDBackend
-from privdiff.privacy.distributed import World, shares
 from privdiff.privacy.mechanism import bounded_sum, noisy_mean, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
@@ -100,17 +97,21 @@ def noisy_embedding(
     noise_multiplier: float, rng: SecureRandom,
 ) -> dict[str, torch.Tensor]:
     """``center`` plus the noisy mean of the offsets whose bounded sums (one per rank) are ``partials``."""
+    return around(center, noisy_mean(partials, clip_norm, noise_multiplier, divisor, rng))
+
+
+def around(center: dict[str, torch.Tensor], mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``center`` plus the flat float64 ``mean`` offset, split back into its encoders (float32)."""
     keys = sorted(center)
-    mean = noisy_mean(partials, clip_norm, noise_multiplier, divisor, rng).to(torch.float32)
-    parts = mean.split([center[k].numel() for k in keys])
+    parts = mean.to(torch.float32).split([center[k].numel() for k in keys])
     return {k: center[k] + part.view_as(center[k]) for k, part in zip(keys, parts, strict=True)}
 
 
-def _embedding_dim(init: dict[str, torch.Tensor]) -> int:
+def embedding_dim(init: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in init.values())
 
 
-def _public_progress(progress: Progress | None, public_total: int) -> Progress | None:
+def public_progress(progress: Progress | None, public_total: int) -> Progress | None:
     """Progress rescaled to a public total: the bar shows neither N nor the sample size, only the pace."""
     if progress is None:
         return None
@@ -168,89 +169,18 @@ def run_dpagg_ti(
     init = initial_vectors(backend, config)
     report = report or plan_dpagg_ti(params, n, config, seed=seed, dataset_label=dataset_label)
     sigma = report.noise_multiplier
-    snr = expected_snr(report.public_size, params.sample_rate, sigma, _embedding_dim(init))
+    snr = expected_snr(report.public_size, params.sample_rate, sigma, embedding_dim(init))
     rng = SecureRandom(seed)
     sampled, key = draw_sample(n, params.sample_rate, rng)
     public_total = max(1, math.ceil(params.sample_rate * report.public_size / config.batch_size)) * config.steps
     per_image = train_sampled(backend, images[sampled], sampled, key, init, config,
-                              _public_progress(progress, public_total))
+                              public_progress(progress, public_total))
     if progress is not None:
         progress(public_total, public_total)
     released = aggregate_embeddings(
         per_image, init, divisor=params.sample_rate * report.public_size, clip_norm=params.clip_norm,
         noise_multiplier=sigma, rng=rng, bound=params.bound,
     )
-    embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
-    return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
-
-
-@dataclass(frozen=True)
-class Share:
-    """What rank 0 sends one rank of a DPAgg-TI release: its public slice of the dataset (the files' bytes as rank 0
-    read and charged them), which of them were sampled (dataset records), the training key and the settings."""
-
-    files: PrivateFiles
-    offset: int
-    sampled: list[int]
-    key: bytes
-    config: TIConfig
-    resolution: int | None
-    clip_norm: float
-    bound: str
-
-
-def run_dpagg_ti_ranks(
-    world: World,
-    load_backend: Callable[[], SDBackend],
-    *,
-    private: PrivateFiles | None = None,
-    resolution: int | None = None,
-    params: DPParams | None = None,
-    config: TIConfig | None = None,
-    seed: int | None = None,
-    report: PrivacyReport | None = None,
-    progress: Progress | None = None,
-) -> DPAggResult | None:
-    """DPAgg-TI across the ranks of ``world``; rank 0 passes the files, parameters and report, the others only
-    ``load_backend``. The release equals ``run_dpagg_ti``'s in one process (same seed: the same sample, streams
-    and noise), to the rounding of the float64 sum.
-
-    Rank 0 draws the sample and the training key from the release's CSPRNG and sends each rank its slice of the
-    dataset (``shares``); every rank loads the model, decodes its whole slice (so a damaged file fails the release
-    whether or not it was sampled, as in one process), trains its sampled images and sends rank 0 the float64 sum
-    of their bounded offsets only. Rank 0 adds the noise once. Returns the result on rank 0, None elsewhere.
-    """
-    plans = None
-    if world.leader:
-        public_total = max(1, math.ceil(params.sample_rate * report.public_size / (world.size * config.batch_size)))
-        progress = _public_progress(progress, public_total * config.steps)
-        rng = SecureRandom(seed)
-        sampled, key = draw_sample(len(private), params.sample_rate, rng)
-        plans = [Share(private.subset(rows), rows.start, [i for i in sampled if i in rows], key, config, resolution,
-                       params.clip_norm, params.bound) for rows in shares(len(private), world.size)]
-    share: Share = world.scatter(plans)
-    state: dict[str, object] = {}
-
-    def prepare() -> None:
-        backend = load_backend()
-        state["init"] = initial_vectors(backend, share.config)  # checks the config against the model
-        rows = [i - share.offset for i in share.sampled]
-        images = share.files.load(share.resolution or backend.resolution).images  # every file of the slice
-        state["backend"], state["images"] = backend, images[rows]
-
-    def train() -> torch.Tensor:
-        per_image = train_sampled(state["backend"], state["images"], share.sampled, share.key, state["init"],
-                                  share.config, progress if world.leader else None)
-        return offsets_sum(per_image, state["init"], share.clip_norm, share.bound)
-
-    world.collect(prepare)
-    partials = world.collect(train)  # rank 0 gets each rank's float64 sum, never a per-image vector
-    if not world.leader:
-        return None
-    init = state["init"]
-    snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, _embedding_dim(init))
-    released = noisy_embedding(partials, init, divisor=params.sample_rate * report.public_size,
-                               clip_norm=params.clip_norm, noise_multiplier=report.noise_multiplier, rng=rng)
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
 
@@ -308,8 +238,14 @@ def plan_files_release(
                         private=seed is None)
 
 
-def _shapes(embedding: Embedding) -> dict[str, tuple[int, ...]]:
+def shapes_of(embedding: Embedding) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in embedding.vectors.items()}
+
+
+def check_shapes(files: list[Path], embeddings: list[Embedding], shapes: dict, first: str) -> None:
+    for path, emb in zip(files, embeddings, strict=True):
+        if shapes_of(emb) != shapes:
+            raise PrivdiffError(f"{path} has tensors {shapes_of(emb)}, expected {shapes} like {first}")
 
 
 def aggregate_embedding_files(
@@ -331,18 +267,16 @@ def aggregate_embedding_files(
         raise PrivdiffError("no embedding files to aggregate")
     check_params(params, len(files))
     embeddings = [load_embedding(f) for f in files]
-    shapes = _shapes(embeddings[0])
-    for path, emb in zip(files, embeddings, strict=True):
-        if _shapes(emb) != shapes:
-            raise PrivdiffError(f"{path} has tensors {_shapes(emb)}, expected {shapes} like {files[0].name}")
-    if center is not None and _shapes(center) != shapes:
+    shapes = shapes_of(embeddings[0])
+    check_shapes(files, embeddings, shapes, files[0].name)
+    if center is not None and shapes_of(center) != shapes:
         raise PrivdiffError(f"center {center_name or ''} is a {center.family} embedding with tensors "
-                            f"{_shapes(center)}, but the files are {embeddings[0].family} with {shapes}")
+                            f"{shapes_of(center)}, but the files are {embeddings[0].family} with {shapes}")
     if report is None:
         label = center_label(center_name) if center_name else ("a public embedding" if center is not None else "zero")
         report = plan_files_release(params, len(files), label, seed=seed, dataset_label=dataset_label)
     origin = center.vectors if center else {k: torch.zeros(s) for k, s in shapes.items()}
-    snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, _embedding_dim(origin))
+    snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, embedding_dim(origin))
     rng = SecureRandom(seed)
     sampled = poisson_sample(len(files), params.sample_rate, rng).tolist()
     per_image = {k: torch.stack([embeddings[i].vectors[k] for i in sampled]) if sampled
@@ -353,3 +287,4 @@ def aggregate_embedding_files(
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
+

@@ -27,8 +27,11 @@ from typing import Any, TypeVar
 import torch
 
 from privdiff.errors import PrivdiffError, ReportedElsewhere
+from privdiff.privacy.mechanism import noisy_mean, poisson_sample
+from privdiff.privacy.randomness import SecureRandom
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 TIMEOUT_VARIABLE = "PRIVDIFF_RANK_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0
@@ -150,13 +153,19 @@ class World:
         import torch.distributed as dist
 
         gathered = [None] * self.size if self.leader else None
-        self._collective("send its result", lambda: dist.gather_object(outcome, gathered, dst=0, group=self._group))
         verdict = [None]
-        if self.leader:
-            failed = [(r, o[1]) for r, o in enumerate(gathered) if o[0] != "ok"]
-            verdict[0] = f"rank {failed[0][0]}: {failed[0][1]}" if failed else None
-        self._collective("hear whether to go on", lambda: dist.broadcast_object_list(verdict, src=0,
-                                                                                      group=self._group))
+        try:
+            self._collective("send its result", lambda: dist.gather_object(outcome, gathered, dst=0,
+                                                                           group=self._group))
+            if self.leader:
+                failed = [(r, o[1]) for r, o in enumerate(gathered) if o[0] != "ok"]
+                verdict[0] = f"rank {failed[0][0]}: {failed[0][1]}" if failed else None
+            self._collective("hear whether to go on", lambda: dist.broadcast_object_list(verdict, src=0,
+                                                                                          group=self._group))
+        except PrivdiffError:
+            if interrupted:  # Ctrl-C reached every rank, and another one has gone already: this one was interrupted
+                raise KeyboardInterrupt from None
+            raise
         if interrupted:
             raise KeyboardInterrupt
         if verdict[0] is not None:
@@ -202,6 +211,64 @@ class World:
 
             with contextlib.suppress(RuntimeError, ValueError):
                 dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Share:
+    """What rank 0 sends one rank: its public slice of the records (``rows``; what the rank needs of them in
+    ``records``), which of them were sampled (record indices), the key of the per-record training streams (empty
+    when the work has no randomness) and the release's settings."""
+
+    records: Any
+    rows: range
+    sampled: list[int]
+    key: bytes
+    settings: Any
+
+
+def aggregate_across_ranks(
+    world: World,
+    prepare: Callable[[Share], S],
+    partial: Callable[[S, Share], torch.Tensor],
+    *,
+    records: Callable[[range], Any] | None = None,
+    n: int = 0,
+    sample_rate: float = 1.0,
+    seed: int | None = None,
+    settings: Any = None,
+    training_key: bool = False,
+    clip_norm: float = 1.0,
+    noise_multiplier: float = 1.0,
+    divisor: float = 1.0,
+) -> tuple[torch.Tensor, S] | None:
+    """One subsampled Gaussian release whose per-record work is spread over the ranks of ``world``.
+
+    Rank 0 (which alone passes ``records``, ``n`` and the parameters) draws the Poisson sample of the n records
+    from the release's CSPRNG (``SecureRandom(seed)``), then, with ``training_key``, 32 bytes keying the
+    per-record training streams, and sends each rank its public slice (``shares``). Every rank runs
+    ``prepare(share)`` (load the model, decode the whole slice), then ``partial(state, share)``: the float64 sum of
+    its sampled records' bounded vectors (``bounded_sum``). Rank 0 adds the partial sums and the noise once
+    (``noisy_mean``) and returns (the noisy mean, its own prepared state); the other ranks return None. One
+    process (``World()``) draws exactly what ``poisson_sample``, ``random_bytes`` and ``noisy_mean`` draw there.
+    """
+    plans = None
+    if world.leader:
+        rng = SecureRandom(seed)
+        sampled = poisson_sample(n, sample_rate, rng).tolist()
+        key = rng.random_bytes(32) if training_key else b""
+        plans = [Share(records(rows), rows, [i for i in sampled if i in rows], key, settings)
+                 for rows in shares(n, world.size)]
+    share: Share = world.scatter(plans)
+    state: dict[str, S] = {}
+
+    def run_prepare() -> None:
+        state["prepared"] = prepare(share)
+
+    world.collect(run_prepare)
+    partials = world.collect(lambda: partial(state["prepared"], share).detach().to("cpu", torch.float64))
+    if not world.leader:
+        return None
+    return noisy_mean(partials, clip_norm, noise_multiplier, divisor, rng), state["prepared"]
 
 
 def join_world(uses_cuda: bool = False) -> World:
