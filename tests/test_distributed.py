@@ -250,3 +250,14 @@ def test_a_damaged_embedding_file_on_rank_1_is_reported_once(tmp_path):
     lines = error_lines(results)
     assert len(lines) == 1 and lines[0].startswith("privdiff: error: rank 1:") and "i9.safetensors" in lines[0]
     assert not (tmp_path / "agg.safetensors").exists()
+
+
+def test_dpsgd_on_two_ranks_releases_what_one_process_releases(tmp_path, images, capsys):
+    """DP-SGD: rank 0 draws each step's Poisson batch over the whole dataset and adds the noise once; the ranks
+    clip and sum their examples' gradients. With a seed, the embedding is the one process's."""
+    one, two = _same_release(tmp_path, ["ti-aggregate", "--method", "dpsgd", "--images", images, "--model", "tiny",
+                                        "--steps", "3", "--batch-size", "2", "--epsilon", "2", "--delta", "1e-3",
+                                        "--accountant", "rdp", "--sample-rate", "0.6", "--reproducible-seed", "5"],
+                             "dpsgd.safetensors")
+    assert (one["emb_params"] - two["emb_params"]).abs().max() <= 1e-6
+    capsys.readouterr()

@@ -13,15 +13,16 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
         if world.leader:
             _lead_ti_aggregate(args, world)
         else:
-            from privdiff.embeddings.ranks import run_dpagg_ti_ranks
+            from privdiff.embeddings.ranks import run_dpagg_ti_ranks, run_dpsgd_ti_ranks
 
-            run_dpagg_ti_ranks(world, lambda: releasing.load_backend(args, world))
+            run = run_dpsgd_ti_ranks if args.method == "dpsgd" else run_dpagg_ti_ranks
+            run(world, lambda: releasing.load_backend(args, world))
             world.finish(None)
 
 
 def _lead_ti_aggregate(args: argparse.Namespace, world: object) -> None:
     from privdiff.embeddings.methods import METHODS, PLANS
-    from privdiff.embeddings.ranks import run_dpagg_ti_ranks
+    from privdiff.embeddings.ranks import run_dpagg_ti_ranks, run_dpsgd_ti_ranks
     from privdiff.embeddings.release import release_embedding
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
     from privdiff.io.images import check_memory, read_private_files
@@ -30,8 +31,6 @@ def _lead_ti_aggregate(args: argparse.Namespace, world: object) -> None:
 
     with world.leading():
         output = releasing.planned_output(args)
-        if world.size > 1 and args.method == "dpsgd":
-            raise PrivdiffError("--method dpsgd runs in one process for now: start it without torchrun")
         # Each file read once, before a model loads: an empty folder, a corrupt or oversized header or a duplicated
         # image fails now, and the ledger charges the digests of the very bytes decoded after the charge.
         private = read_private_files(args.images, warn=False)
@@ -55,9 +54,10 @@ def _lead_ti_aggregate(args: argparse.Namespace, world: object) -> None:
         def produce() -> object:  # runs once the release is charged
             with tqdm_progress(f"{args.method}: training") as progress:
                 if world.size > 1:
-                    return run_dpagg_ti_ranks(world, lambda: releasing.load_backend(args, world), private=private,
-                                              resolution=args.resolution, params=params, config=config,
-                                              seed=args.reproducible_seed, report=report, progress=progress)
+                    run = run_dpsgd_ti_ranks if args.method == "dpsgd" else run_dpagg_ti_ranks
+                    return run(world, lambda: releasing.load_backend(args, world), private=private,
+                               resolution=args.resolution, params=params, config=config,
+                               seed=args.reproducible_seed, report=report, progress=progress)
                 backend = releasing.load_backend(args, world)
                 check_config(backend, config)  # --vectors against the model's text context, before any image is decoded
                 # checked by arguments.resolution

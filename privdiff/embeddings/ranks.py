@@ -1,6 +1,6 @@
-"""DPAgg-TI and the aggregate of per-image files across the ranks torchrun starts (docs/privacy.md, "Across
-ranks"): the same releases as ``run_dpagg_ti`` and ``aggregate_embedding_files`` in one process, over
-``privdiff.privacy.distributed.aggregate_across_ranks``."""
+"""DPAgg-TI, DP-SGD TI and the aggregate of per-image files across the ranks torchrun starts (docs/privacy.md,
+"Across ranks"): the same releases as ``run_dpagg_ti``, ``run_dpsgd_ti`` and ``aggregate_embedding_files`` in one
+process, over ``privdiff.privacy.distributed``."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ from privdiff.embeddings.dpagg import (
     shapes_of,
     train_sampled,
 )
+from privdiff.embeddings.dpsgd_ti import DPSGDSettings, train_dpsgd_ti
 from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import Progress, TIConfig, initial_vectors
 from privdiff.errors import PrivdiffError
 from privdiff.io.images import PrivateFiles
 from privdiff.models.protocol import SDBackend
-from privdiff.privacy.distributed import Share, World, aggregate_across_ranks
+from privdiff.privacy.distributed import Share, World, aggregate_across_ranks, shares
+from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release.dp_params import DPParams, check_params
 
@@ -91,6 +93,48 @@ def run_dpagg_ti_ranks(
     snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, embedding_dim(init))
     embedding = Embedding(vectors=around(init, mean), token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
+
+
+def run_dpsgd_ti_ranks(
+    world: World,
+    load_backend: Callable[[], SDBackend],
+    *,
+    private: PrivateFiles | None = None,
+    resolution: int | None = None,
+    params: DPParams | None = None,
+    config: TIConfig | None = None,
+    seed: int | None = None,
+    report: PrivacyReport | None = None,
+    progress: Progress | None = None,
+) -> DPAggResult | None:
+    """DP-SGD TI across the ranks of ``world`` (``train_dpsgd_ti``): rank 0 passes the files, parameters and report
+    and draws every step's Poisson batch and noise; each rank gets its public slice's bytes as charged, decodes it
+    whole and computes its examples' clipped gradients. The same release as ``run_dpsgd_ti`` in one process with
+    the same seed, to the rounding of the float64 sums. Returns the result on rank 0, None elsewhere."""
+    plans, rng = None, None
+    if world.leader:
+        rng = SecureRandom(seed)
+        settings = DPSGDSettings(config, params.sample_rate, params.clip_norm, report.noise_multiplier,
+                                 report.public_size, rng.random_bytes(32))
+        plans = [Share(private.subset(rows), rows, [], settings.key, (settings, resolution, len(private)))
+                 for rows in shares(len(private), world.size)]
+    share: Share = world.scatter(plans)
+    settings, resolution, n = share.settings
+    state: dict[str, object] = {}
+
+    def prepare() -> None:
+        backend = load_backend()
+        initial_vectors(backend, settings.config)  # checks the config against the model
+        state["backend"] = backend
+        state["images"] = share.records.load(resolution or backend.resolution).images  # every file of the slice
+
+    world.collect(prepare)
+    vectors = train_dpsgd_ti(world, state["backend"], state["images"], share.rows, n, settings, rng,
+                             progress if world.leader else None)
+    if not world.leader:
+        return None
+    embedding = Embedding(vectors=vectors, token=None, metadata=report.to_metadata())
+    return DPAggResult(embedding=embedding, report=report, expected_snr=None)
 
 
 def aggregate_embedding_files_ranks(

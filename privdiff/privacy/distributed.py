@@ -131,6 +131,16 @@ class World:
         self._stage = "work"
         return out[0]
 
+    def broadcast(self, item: Any) -> Any:
+        """Rank 0's ``item`` on every rank (``item`` is ignored elsewhere)."""
+        if self.size == 1:
+            return item
+        import torch.distributed as dist
+
+        out = [item if self.leader else None]
+        self._collective("hear from rank 0", lambda: dist.broadcast_object_list(out, src=0, group=self._group))
+        return out[0]
+
     def collect(self, work: Callable[[], T]) -> list[T] | None:
         """Every rank runs ``work``; rank 0 gets every rank's result (in rank order), the others None.
 
