@@ -261,3 +261,20 @@ def test_dpsgd_on_two_ranks_releases_what_one_process_releases(tmp_path, images,
                              "dpsgd.safetensors")
     assert (one["emb_params"] - two["emb_params"]).abs().max() <= 1e-6
     capsys.readouterr()
+
+
+def test_wavelet_finetune_on_two_ranks_releases_what_one_process_releases(tmp_path, capsys):
+    write_style_images(tmp_path / "public", count=12, size=32)
+    write_style_images(tmp_path / "private", count=6, size=32)
+    tok, prior = tmp_path / "tok.safetensors", tmp_path / "prior.safetensors"
+    assert main(["wavelet", "tokenizer", "--images", str(tmp_path / "public"), "--out", str(tok),
+                 "--codebook-size", "8"]) == 0
+    assert main(["wavelet", "pretrain", "--tokenizer", str(tok), "--images", str(tmp_path / "public"), "--out",
+                 str(prior), "--steps", "2", "--dim", "16", "--layers", "1", "--heads", "2"]) == 0
+    one, two = _same_release(tmp_path, ["wavelet", "finetune", "--prior", prior, "--images", tmp_path / "private",
+                                        "--epsilon", "10", "--delta", "1e-3", "--steps", "3", "--batch-size", "3",
+                                        "--reproducible-seed", "4", "--checkpoint-dir", tmp_path / "ck"],
+                             "dp.safetensors")
+    assert one.keys() == two.keys() and all((one[k].float() - two[k].float()).abs().max() <= 1e-6 for k in one)
+    assert not any((tmp_path / "ck").iterdir())  # the checkpoint, rank 0's alone, is gone once released
+    capsys.readouterr()
