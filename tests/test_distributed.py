@@ -278,3 +278,15 @@ def test_wavelet_finetune_on_two_ranks_releases_what_one_process_releases(tmp_pa
     assert one.keys() == two.keys() and all((one[k].float() - two[k].float()).abs().max() <= 1e-6 for k in one)
     assert not any((tmp_path / "ck").iterdir())  # the checkpoint, rank 0's alone, is gone once released
     capsys.readouterr()
+
+
+def test_the_report_text_says_how_many_ranks_trained_it():
+    import dataclasses
+
+    from privdiff.app.release_options import report_text
+    from privdiff.privacy.report import make_report
+
+    report = make_report(mechanism="m", epsilon=1.0, delta=1e-5, noise_multiplier=1.0, sample_rate=1.0,
+                         clip_norm=1.0, steps=1, accountant="rdp", relation="add-remove", public_size=10)
+    assert "processes" not in report_text(report)
+    assert "trained across 2 processes" in report_text(dataclasses.replace(report, world_size=2))

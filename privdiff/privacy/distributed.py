@@ -303,6 +303,8 @@ def join_world(uses_cuda: bool = False) -> World:
         raise PrivdiffError(f"this torch {torch.__version__} has no torch.distributed; run one process")
     timeout = timedelta(seconds=rank_timeout())
     backend = "nccl" if uses_cuda else "gloo"
+    if uses_cuda and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # NCCL's communicators on this rank's own GPU
     try:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size, timeout=timeout)
         group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
