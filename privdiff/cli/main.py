@@ -95,5 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(f"{exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc))
     except KeyboardInterrupt:
         print("privdiff: interrupted; no output written", file=sys.stderr)
+        if _ranks_requested():
+            # An interrupt that surfaced inside torch.distributed's C++ leaves CPython's "unhandled Ctrl-C" mark,
+            # and at exit it would kill itself with SIGINT: a rank that handled its interrupt ends with 130.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     return 0

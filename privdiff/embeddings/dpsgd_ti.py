@@ -192,5 +192,6 @@ def train_dpsgd_ti(
                     progress(step + 1, config.steps)
     finally:
         optimizer.close()
+    world.finishing()
     trained = shared.weight.detach().cpu().split(widths, dim=-1)
     return dict(zip(keys, trained, strict=True))

@@ -98,6 +98,9 @@ class World:
     local_rank: int = 0
     _group: Any = field(default=None, repr=False)
     _stage: str = field(default="plan", repr=False)
+    _in_work: bool = field(default=False, repr=False)
+    _in_protocol: bool = field(default=False, repr=False)
+    _pending: bool = field(default=False, repr=False)
 
     @property
     def leader(self) -> bool:
@@ -108,14 +111,32 @@ class World:
         """This rank's device: a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` when the world has several ranks."""
         return f"cuda:{self.local_rank}" if self.size > 1 and device == "cuda" else device
 
+    def on_signal(self, signum: int, frame: object) -> None:
+        """SIGINT/SIGTERM: an interrupt now where it cannot break the protocol's order of collectives (in a rank's
+        own work, or on rank 0 before the plan is sent and after the last step), else at the next such point."""
+        if not self._in_protocol and (self._in_work or (self.leader and self._stage in ("plan", "finishing"))):
+            raise KeyboardInterrupt
+        self._pending = True
+
+    def finishing(self) -> None:
+        """The last step that involves every rank is done: rank 0 may be interrupted again at once."""
+        self._stage = "finishing"
+        if self.leader and self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
     def _collective(self, what: str, call: Callable[[], T]) -> T:
-        """Run one collective; a peer that died or hung becomes one line."""
+        """Run one collective, never cut short by an interrupt (it waits for the next safe point); a peer that died or
+        hung becomes one line."""
+        self._in_protocol = True
         try:
             return call()
         except (RuntimeError, OSError) as exc:  # gloo: connection closed by peer, or the timeout
             who = "a rank" if self.leader else "rank 0 or another rank"
             raise PrivdiffError(f"{who} stopped or stalled while this rank waited to {what} ({_one_line(exc)}); "
                                 "no file written") from None
+        finally:
+            self._in_protocol = False
 
     def scatter(self, items: list | None) -> Any:
         """Rank 0 hands item r to rank r (``items`` None on other ranks); each rank returns its own item."""
@@ -137,9 +158,17 @@ class World:
             return item
         import torch.distributed as dist
 
-        out = [item if self.leader else None]
+        out = [("ok", item) if self.leader else None]
         self._collective("hear from rank 0", lambda: dist.broadcast_object_list(out, src=0, group=self._group))
-        return out[0]
+        return self._opened(out[0])
+
+    @staticmethod
+    def _opened(message: tuple[str, Any]) -> Any:
+        """A broadcast's item, or the end rank 0 announced instead (``finish``), raised."""
+        tag, item = message
+        if tag == "end":
+            raise ReportedElsewhere(item or "rank 0 ended the release")
+        return item
 
     def collect(self, work: Callable[[], T]) -> list[T] | None:
         """Every rank runs ``work``; rank 0 gets every rank's result (in rank order), the others None.
@@ -148,7 +177,11 @@ class World:
         rank, and the others raise :class:`ReportedElsewhere`.
         """
         interrupted = False
+        self._in_work = True
         try:
+            if self._pending:  # an interrupt that came while this rank waited on the others
+                self._pending = False
+                raise KeyboardInterrupt
             outcome: tuple[str, Any] = ("ok", work())
         except KeyboardInterrupt:
             if self.size == 1:
@@ -158,6 +191,8 @@ class World:
             if self.size == 1:
                 raise
             outcome = ("error", _one_line(exc))
+        finally:
+            self._in_work = False
         if self.size == 1:
             return [outcome[1]]
         import torch.distributed as dist
@@ -180,6 +215,8 @@ class World:
             raise KeyboardInterrupt
         if verdict[0] is not None:
             self._stage = "told"
+            if self._pending:  # this rank was interrupted too, while it waited: say so
+                raise KeyboardInterrupt
             if self.leader:
                 raise PrivdiffError(verdict[0])
             raise ReportedElsewhere(verdict[0])
@@ -191,11 +228,14 @@ class World:
             return
         import torch.distributed as dist
 
-        message = [error] if self.leader else [None]
+        message = [("end", error)] if self.leader else [None]
         self._collective("hear how the release ended", lambda: dist.broadcast_object_list(message, src=0,
                                                                                           group=self._group))
-        if not self.leader and message[0] is not None:
-            raise ReportedElsewhere(message[0])
+        if not self.leader and message[0][1] is not None:
+            if self._pending:  # this rank was interrupted too, while it waited: say so
+                raise KeyboardInterrupt
+            raise ReportedElsewhere(message[0][1])
+        self._pending = False  # the release is over: an interrupt that came at its very end changes nothing
 
     @contextlib.contextmanager
     def leading(self) -> Iterator[None]:
@@ -209,8 +249,8 @@ class World:
             with contextlib.suppress(PrivdiffError):  # a peer already gone: nothing to tell it
                 if self._stage == "plan":
                     self.scatter([_ABORT] * self.size)
-                elif self._stage == "work":
-                    self.finish(_one_line(exc))
+                elif self._stage in ("work", "finishing"):
+                    self.finish(_one_line(exc) if not isinstance(exc, KeyboardInterrupt) else "rank 0: interrupted")
             raise
         self.finish(None)
 
@@ -277,8 +317,11 @@ def aggregate_across_ranks(
     world.collect(run_prepare)
     partials = world.collect(lambda: partial(state["prepared"], share).detach().to("cpu", torch.float64))
     if not world.leader:
+        world.finishing()
         return None
-    return noisy_mean(partials, clip_norm, noise_multiplier, divisor, rng), state["prepared"]
+    mean = noisy_mean(partials, clip_norm, noise_multiplier, divisor, rng)
+    world.finishing()
+    return mean, state["prepared"]
 
 
 def join_world(uses_cuda: bool = False) -> World:
@@ -311,9 +354,7 @@ def join_world(uses_cuda: bool = False) -> World:
     except (RuntimeError, ValueError, OSError) as exc:
         raise PrivdiffError(f"rank {rank} could not join the other {size - 1} rank(s) at "
                             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {_one_line(exc)}") from None
-    signal.signal(signal.SIGTERM, _interrupt)  # torchrun ends the other ranks with SIGTERM: unwind, cancel, no file
-    return World(rank=rank, size=size, local_rank=local_rank, _group=group)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    world = World(rank=rank, size=size, local_rank=local_rank, _group=group)
+    signal.signal(signal.SIGINT, world.on_signal)
+    signal.signal(signal.SIGTERM, world.on_signal)  # torchrun ends the other ranks with SIGTERM: unwind, no file
+    return world

@@ -249,6 +249,7 @@ def finetune(
                 progress(step + 1, report.steps)
     finally:
         optimizer.close()
+    world.finishing()
     module._close()  # removes the per-sample gradients from the prior
     prior.eval()
     return prior
