@@ -112,18 +112,18 @@ def test_only_poisson_sampled_images_are_trained(tmp_path, sd1_backend, monkeypa
     seed = next(s for s in range(100) if len(poisson_sample(10, q, SecureRandom(s))) in (3, 7))
     expected = poisson_sample(10, q, SecureRandom(seed))  # the release stream's first draw
     seen = {}
-    real_encode, real_train = dpagg.encode_in_batches, dpagg.train_embeddings
+    real_encode, real_train = dpagg.encode_each, dpagg.train_embeddings
 
-    def encode(backend, imgs, batch_size, generator):
+    def encode(backend, imgs, generators):
         seen["images"] = imgs.clone()
-        return real_encode(backend, imgs, batch_size, generator)
+        return real_encode(backend, imgs, generators)
 
     def train(backend, latents, init, config, generators, progress=None):
         seen["latents"], seen["calls"] = len(latents), seen.get("calls", 0) + 1
         seen["per_image"] = real_train(backend, latents, init, config, generators, progress)
         return seen["per_image"]
 
-    monkeypatch.setattr(dpagg, "encode_in_batches", encode)
+    monkeypatch.setattr(dpagg, "encode_each", encode)
     monkeypatch.setattr(dpagg, "train_embeddings", train)
     config = TIConfig(steps=1, batch_size=8)
     # A given sigma keeps this fast (calibrating at q < 1 takes seconds); PRV needs the add-remove relation.

@@ -24,7 +24,7 @@ from privdiff.privacy.report import (
 FIELDS = {
     "mechanism", "epsilon", "delta", "noise_multiplier", "sample_rate", "clip_norm", "bound", "center", "steps",
     "accountant", "relation", "public_size", "library_version", "release_id", "dataset_label", "private", "notes",
-    "created",
+    "created", "world_size",
 }
 
 
@@ -154,3 +154,11 @@ def test_version_of_a_plain_checkout_comes_from_pyproject(monkeypatch):
     monkeypatch.setattr(privdiff, "version", not_installed)
     pyproject = tomllib.loads((Path(privdiff.__file__).parents[1] / "pyproject.toml").read_text())
     assert privdiff._version() == pyproject["project"]["version"] != "0.0.0+local"
+
+
+def test_a_report_from_before_world_size_reads_as_one_process():
+    old = json.loads(report().to_json())
+    del old["world_size"]
+    assert PrivacyReport.from_json(json.dumps(old)).world_size == 1
+    with pytest.raises(PrivdiffError, match="world_size"):
+        PrivacyReport.from_json(json.dumps({**old, "world_size": 0}))

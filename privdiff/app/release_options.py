@@ -110,6 +110,8 @@ def report_text(report: PrivacyReport) -> str:
     ]
     if report.dataset_label:
         lines.append(f"dataset: {report.dataset_label}")
+    if report.world_size > 1:
+        lines.append(f"trained across {report.world_size} processes (torchrun ranks)")
     return "\n".join(lines + [f"note: {n}" for n in report.notes])
 
 

@@ -9,8 +9,22 @@ from privdiff.errors import PrivdiffError
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
+    from privdiff.embeddings.ranks import aggregate_embedding_files_ranks
+
+    with releasing.joined_world(args) as world:
+        if world.leader:
+            with world.leading():
+                path, result, reservation = _lead_aggregate(args, world)
+            arguments.print_json(releasing.summary(path, result, reservation))
+        else:
+            aggregate_embedding_files_ranks(world)
+            world.finish(None)
+
+
+def _lead_aggregate(args: argparse.Namespace, world: object) -> tuple:
     from privdiff.embeddings.dpagg import aggregate_embedding_files, center_label, per_image_files, plan_files_release
     from privdiff.embeddings.files import load_embedding
+    from privdiff.embeddings.ranks import aggregate_embedding_files_ranks
     from privdiff.embeddings.release import release_embedding
     from privdiff.io.images import list_images
     from privdiff.privacy.ledger import image_digests
@@ -33,13 +47,17 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
                             "they must correspond one to one")
     center = load_embedding(args.center) if args.center else None
     ledger = releasing.ledger_request(args, image_digests(sources) if args.ledger else [])  # never decoded: one read
-    report = plan_files_release(params, len(files), center_label(args.center), seed=args.reproducible_seed,
-                                dataset_label=args.dataset_label)
-    path, result, reservation = release_embedding(
-        lambda: aggregate_embedding_files(files, params, center=center, seed=args.reproducible_seed, report=report),
-        report, output, ledger,
-    )
-    arguments.print_json(releasing.summary(path, result, reservation))
+    report = releasing.with_world(plan_files_release(params, len(files), center_label(args.center),
+                                                     seed=args.reproducible_seed, dataset_label=args.dataset_label),
+                                  world)
+
+    def produce() -> object:
+        if world.size > 1:
+            return aggregate_embedding_files_ranks(world, files, params, center=center, seed=args.reproducible_seed,
+                                                   report=report)
+        return aggregate_embedding_files(files, params, center=center, seed=args.reproducible_seed, report=report)
+
+    return release_embedding(produce, report, output, ledger)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -55,4 +73,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None,
                    help="folder of the images the files were trained on, one per file (needed with --ledger)")
     arguments.add_release_options(p, "1.0", epsilon_required=False)
-    p.set_defaults(func=_cmd_aggregate)
+    p.set_defaults(func=_cmd_aggregate, across_ranks=True)

@@ -25,11 +25,29 @@ def _target_out(path: str, force: bool) -> object:
 
 
 def _cmd_guidance_target(args: argparse.Namespace) -> None:
-    from privdiff.embeddings.dpagg import expected_snr
-    from privdiff.guidance.target import make_target, plan_target, save_target, target_params
-    from privdiff.io.devices import check_device
-    from privdiff.io.images import check_memory, read_private_files
+    from privdiff.guidance.target import make_target_ranks
+
+    with releasing.joined_world(args) as world:
+        if world.leader:
+            with world.leading():
+                summary = _lead_guidance_target(args, world)
+            arguments.print_json(summary)
+        else:
+            make_target_ranks(world, lambda: _encoder(args, world))
+            world.finish(None)
+
+
+def _encoder(args: argparse.Namespace, world: object) -> object:
+    """``--image-encoder`` on this rank's device."""
     from privdiff.models.image_encoders import load_image_encoder
+
+    return load_image_encoder(args.image_encoder).to(releasing.check_device_here(args, world))
+
+
+def _lead_guidance_target(args: argparse.Namespace, world: object) -> dict:
+    from privdiff.embeddings.dpagg import expected_snr
+    from privdiff.guidance.target import make_target, make_target_ranks, plan_target, save_target, target_params
+    from privdiff.io.images import check_memory, read_private_files
     from privdiff.progress import tqdm_progress
     from privdiff.release.artifact import carries_release, release_artifact
     from privdiff.release.dp_params import check_params
@@ -40,19 +58,22 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     rate = 1.0 if args.sample_rate is None else args.sample_rate
     params = target_params(args.epsilon, args.delta, rate, accountant=args.accountant, public_size=args.public_size)
     check_params(params, len(files))
-    device = check_device(args.device)
+    releasing.check_device_here(args, world)
     ledger = releasing.ledger_request(args, private.digests)
-    encoder = load_image_encoder(args.image_encoder).to(device)  # public: loaded before the charge, to name it
+    encoder = _encoder(args, world)  # public: loaded before the charge, to name it
     size = encoder.size
     check_memory(len(files), size)
-    report = plan_target(params, len(files), encoder.identity, seed=args.reproducible_seed,
-                         dataset_label=args.dataset_label)
+    report = releasing.with_world(plan_target(params, len(files), encoder.identity, seed=args.reproducible_seed,
+                                              dataset_label=args.dataset_label), world)
     private.warn_skipped()  # every check passed: the warnings come before the work, never before an error
     expected_snr(report.public_size, rate, report.noise_multiplier, encoder.dim)
 
     def produce() -> object:
-        images = private.load(size).images
         with tqdm_progress("target: embedding") as progress:
+            if world.size > 1:
+                return make_target_ranks(world, lambda: encoder, encoder=encoder, private=private, params=params,
+                                         seed=args.reproducible_seed, report=report, progress=progress)
+            images = private.load(size).images
             return make_target(encoder, images, params, seed=args.reproducible_seed, report=report,
                                progress=progress)
 
@@ -61,7 +82,7 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     summary = {"output": str(path), "image_encoder": target.encoder, **json.loads(target.report.to_json())}
     if reservation is not None:
         summary["ledger"] = {"path": str(reservation.ledger.path), "release_id": reservation.release_id}
-    arguments.print_json(summary)
+    return summary
 
 
 def _cmd_guidance_sample(args: argparse.Namespace) -> None:
@@ -127,7 +148,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
     arguments.add_ledger_options(p)
     p.add_argument("--device", type=arguments.device, default=None, help="torch device for the image encoder")
-    p.set_defaults(func=_cmd_guidance_target)
+    p.set_defaults(func=_cmd_guidance_target, across_ranks=True)
     p = guidance.add_parser("sample", help="sample with universal guidance toward a style target")
     p.add_argument("--model", type=arguments.model, required=True, help="as for ti-aggregate")
     p.add_argument("--target", required=True, help="style target file from `privdiff guidance target`")

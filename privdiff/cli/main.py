@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
 from privdiff.cli import aggregate, arguments, guidance, he, privacy, textual_inversion, tools, wavelet
-from privdiff.errors import PrivdiffError
+from privdiff.errors import PrivdiffError, ReportedElsewhere
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,11 @@ def _error(message: object) -> int:
     return 2
 
 
+def _ranks_requested() -> bool:
+    """Whether torchrun (or srun, or a user) started this process as one rank of several (``WORLD_SIZE`` > 1)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``privdiff`` console script: 0 on success; on bad input one line ``privdiff: error:
     ...`` on stderr and 2; 130 when interrupted."""
@@ -71,9 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not hasattr(args, "func"):
         return _error("a command is required; see privdiff --help")
+    if _ranks_requested() and not getattr(args, "across_ranks", False):
+        if os.environ.get("RANK", "0").strip() != "0":
+            return 2  # rank 0 says why, once
+        return _error(f"privdiff {args.command} runs in one process: start it without torchrun (WORLD_SIZE="
+                      f"{os.environ['WORLD_SIZE'][:20]!r}); see README, Scaling out, for the commands that scale out")
     try:
         with _without_torchvision_notices():
             args.func(args)
+    except ReportedElsewhere:  # another rank failed, and rank 0 reports it in one line
+        return 2
     except PrivdiffError as exc:
         return _error(exc)
     except OSError as exc:  # the system refused a read or write the checks could not foresee
@@ -82,5 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(f"{exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc))
     except KeyboardInterrupt:
         print("privdiff: interrupted; no output written", file=sys.stderr)
+        if _ranks_requested():
+            # An interrupt that surfaced inside torch.distributed's C++ leaves CPython's "unhandled Ctrl-C" mark,
+            # and at exit it would kill itself with SIGINT: a rank that handled its interrupt ends with 130.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     return 0

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from privdiff.errors import PrivdiffError
 
 if TYPE_CHECKING:
+    from privdiff.privacy.distributed import World
     from privdiff.release.output_plan import OutputPlan
 
 
@@ -56,3 +60,46 @@ def dp_params(args: argparse.Namespace, rate: float, noise_multiplier: float | N
     return DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,
                     bound=args.bound, accountant=args.accountant, noise_multiplier=noise_multiplier,
                     public_size=args.public_size)
+
+
+def _uses_cuda(device: str | None) -> bool:
+    import torch
+
+    return device.strip().startswith("cuda") if device else torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def joined_world(args: argparse.Namespace) -> Iterator[World]:
+    """This process's rank among those torchrun started (a lone World without torchrun), left on the way out."""
+    from privdiff.privacy.distributed import join_world
+
+    world = join_world(uses_cuda=_uses_cuda(getattr(args, "device", None)))
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+def check_device_here(args: argparse.Namespace, world: World) -> str:
+    """``--device`` checked on this machine (rank 0 checks it for every rank), as this rank uses it."""
+    from privdiff.io.devices import check_device
+
+    return world.device(check_device(args.device))
+
+
+def load_backend(args: argparse.Namespace, world: World) -> object:
+    """The frozen DiffusersBackend of ``--model`` on this rank's device, in ``--dtype``."""
+    import torch
+
+    from privdiff.models.diffusers_backend import DiffusersBackend
+    from privdiff.models.registry import load_model
+
+    backend = DiffusersBackend(load_model(args.model, device=check_device_here(args, world),
+                                          dtype=getattr(torch, args.dtype)))
+    backend.freeze()
+    return backend
+
+
+def with_world(report: object, world: World) -> object:
+    """``report`` recording how many ranks trained the release."""
+    return dataclasses.replace(report, world_size=world.size)

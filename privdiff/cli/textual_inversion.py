@@ -9,51 +9,64 @@ from privdiff.errors import PrivdiffError
 
 
 def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
-    import torch
+    with releasing.joined_world(args) as world:
+        if world.leader:
+            _lead_ti_aggregate(args, world)
+        else:
+            from privdiff.embeddings.ranks import run_dpagg_ti_ranks, run_dpsgd_ti_ranks
 
+            run = run_dpsgd_ti_ranks if args.method == "dpsgd" else run_dpagg_ti_ranks
+            run(world, lambda: releasing.load_backend(args, world))
+            world.finish(None)
+
+
+def _lead_ti_aggregate(args: argparse.Namespace, world: object) -> None:
     from privdiff.embeddings.methods import METHODS, PLANS
+    from privdiff.embeddings.ranks import run_dpagg_ti_ranks, run_dpsgd_ti_ranks
     from privdiff.embeddings.release import release_embedding
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
-    from privdiff.io.devices import check_device
     from privdiff.io.images import check_memory, read_private_files
-    from privdiff.models.diffusers_backend import DiffusersBackend
-    from privdiff.models.registry import load_model
     from privdiff.progress import tqdm_progress
     from privdiff.release.dp_params import check_params
 
-    output = releasing.planned_output(args)
-    # Each file read once, before a model loads: an empty folder, a corrupt or oversized header or a duplicated
-    # image fails now, and the ledger charges the digests of the very bytes decoded after the charge.
-    private = read_private_files(args.images, warn=False)
-    files = private.files
-    if args.resolution is not None:
-        check_memory(len(files), args.resolution)
-    config = TIConfig(n_vectors=args.vectors, init_word=args.init_word, steps=args.steps, lr=args.lr,
-                      batch_size=args.batch_size, templates=args.templates)
-    default_rate = 1.0 if args.method == "dpagg" else min(1.0, args.batch_size / len(files))
-    rate = default_rate if args.sample_rate is None else args.sample_rate  # --sample-rate 0 is refused
-    params = releasing.dp_params(args, rate)
-    check_params(params, len(files), n_public_by_convention=args.method == "dpsgd")
-    if args.method == "dpsgd" and args.bound != "clip":
-        raise PrivdiffError(f"--bound {args.bound} is not available for --method dpsgd (it clips gradients)")
-    device = check_device(args.device)
-    ledger = releasing.ledger_request(args, private.digests)
-    report = PLANS[args.method](params, len(files), config, seed=args.reproducible_seed,
-                                dataset_label=args.dataset_label)
-    private.warn_skipped()  # every check passed: the warning comes before the work, never before an error
+    with world.leading():
+        output = releasing.planned_output(args)
+        # Each file read once, before a model loads: an empty folder, a corrupt or oversized header or a duplicated
+        # image fails now, and the ledger charges the digests of the very bytes decoded after the charge.
+        private = read_private_files(args.images, warn=False)
+        files = private.files
+        if args.resolution is not None:
+            check_memory(len(files), args.resolution)
+        config = TIConfig(n_vectors=args.vectors, init_word=args.init_word, steps=args.steps, lr=args.lr,
+                          batch_size=args.batch_size, templates=args.templates)
+        default_rate = 1.0 if args.method == "dpagg" else min(1.0, args.batch_size / len(files))
+        rate = default_rate if args.sample_rate is None else args.sample_rate  # --sample-rate 0 is refused
+        params = releasing.dp_params(args, rate)
+        check_params(params, len(files), n_public_by_convention=args.method == "dpsgd")
+        if args.method == "dpsgd" and args.bound != "clip":
+            raise PrivdiffError(f"--bound {args.bound} is not available for --method dpsgd (it clips gradients)")
+        releasing.check_device_here(args, world)
+        ledger = releasing.ledger_request(args, private.digests)
+        report = releasing.with_world(PLANS[args.method](params, len(files), config, seed=args.reproducible_seed,
+                                                         dataset_label=args.dataset_label), world)
+        private.warn_skipped()  # every check passed: the warning comes before the work, never before an error
 
-    def produce() -> object:  # runs once the release is charged
-        backend = DiffusersBackend(load_model(args.model, device=device, dtype=getattr(torch, args.dtype)))
-        backend.freeze()
-        check_config(backend, config)  # --vectors against the model's text context, before any image is decoded
-        # checked by arguments.resolution
-        resolution = backend.resolution if args.resolution is None else args.resolution
-        images = private.load(resolution).images
-        with tqdm_progress(f"{args.method}: training") as progress:
-            return METHODS[args.method](backend, images, params, config, seed=args.reproducible_seed,
-                                        dataset_label=args.dataset_label, progress=progress, report=report)
+        def produce() -> object:  # runs once the release is charged
+            with tqdm_progress(f"{args.method}: training") as progress:
+                if world.size > 1:
+                    run = run_dpsgd_ti_ranks if args.method == "dpsgd" else run_dpagg_ti_ranks
+                    return run(world, lambda: releasing.load_backend(args, world), private=private,
+                               resolution=args.resolution, params=params, config=config,
+                               seed=args.reproducible_seed, report=report, progress=progress)
+                backend = releasing.load_backend(args, world)
+                check_config(backend, config)  # --vectors against the model's text context, before any image is decoded
+                # checked by arguments.resolution
+                resolution = backend.resolution if args.resolution is None else args.resolution
+                images = private.load(resolution).images
+                return METHODS[args.method](backend, images, params, config, seed=args.reproducible_seed,
+                                            dataset_label=args.dataset_label, progress=progress, report=report)
 
-    path, result, reservation = release_embedding(produce, report, output, ledger)
+        path, result, reservation = release_embedding(produce, report, output, ledger)
     arguments.print_json(releasing.summary(path, result, reservation))
 
 
@@ -83,4 +96,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="model weights dtype (default float32)")
-    p.set_defaults(func=_cmd_ti_aggregate)
+    p.set_defaults(func=_cmd_ti_aggregate, across_ranks=True)

@@ -39,6 +39,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
+    from privdiff.wavelet.workflow import finetune_ranks
+
+    with releasing.joined_world(args) as world:
+        if world.leader:
+            with world.leading():
+                summary = _lead_finetune(args, world)
+            arguments.print_json(summary)
+        else:
+            finetune_ranks(world, device=world.device(args.device or "cpu"))
+            world.finish(None)
+
+
+def _lead_finetune(args: argparse.Namespace, world: object) -> dict:
     from privdiff.io.images import read_private_files
     from privdiff.progress import tqdm_progress
     from privdiff.release.dp_params import DPParams
@@ -57,11 +70,12 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         path, report, resumed = finetune_prior(
             args.prior, private, args.out, params, _train_config(args), ledger=ledger,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.reproducible_seed,
-            dataset_label=args.dataset_label, progress=progress, force=args.force, device=args.device or "cpu")
+            dataset_label=args.dataset_label, progress=progress, force=args.force,
+            device=world.device(args.device or "cpu"), world=world)
     summary = {"output": str(path), "resumed": resumed, **json.loads(report.to_json())}
     if ledger is not None:
         summary["ledger"] = {"path": str(ledger.ledger.path), "release_id": report.release_id}
-    arguments.print_json(summary)
+    return summary
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -180,7 +194,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=arguments.device, default=None, help="torch device (default cpu)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     arguments.add_ledger_options(p)
-    p.set_defaults(func=_cmd_finetune)
+    p.set_defaults(func=_cmd_finetune, across_ranks=True)
 
     p = wavelet.add_parser("sample", help="coarse samples from a prior, optionally upsampled by a public model")
     p.add_argument("--prior", required=True, help="prior file (public or DP)")

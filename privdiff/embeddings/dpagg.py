@@ -20,14 +20,14 @@ from privdiff.embeddings.files import Embedding, load_embedding
 from privdiff.embeddings.textual_inversion import (
     Progress,
     TIConfig,
+    image_generator,
     initial_vectors,
     train_embeddings,
-    training_generator,
 )
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
 from privdiff.models.protocol import SDBackend
-from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample
+from privdiff.privacy.mechanism import bounded_sum, noisy_mean, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release.dp_params import DPParams, check_params, plan_release
@@ -79,18 +79,39 @@ def aggregate_embeddings(
     The offsets of all encoders form one vector per image, so the bound C holds for the whole
     embedding (clip_l and clip_g together for SDXL). ``divisor`` is the public expected count q·n.
     """
+    partial = offsets_sum(per_image, center, clip_norm, bound)
+    return noisy_embedding([partial], center, divisor=divisor, clip_norm=clip_norm,
+                           noise_multiplier=noise_multiplier, rng=rng)
+
+
+def offsets_sum(per_image: dict[str, torch.Tensor], center: dict[str, torch.Tensor], clip_norm: float,
+                bound: str) -> torch.Tensor:
+    """The float64 sum of the per-image offsets from ``center``, each (all encoders together) bounded to C."""
     keys = sorted(center)
     flat = torch.cat([(per_image[k] - center[k]).flatten(1) for k in keys], dim=1)
-    mean = gaussian_aggregate(flat, clip_norm, noise_multiplier, divisor, rng, bound=bound)
-    parts = mean.split([center[k].numel() for k in keys])
+    return bounded_sum(flat, clip_norm, bound)
+
+
+def noisy_embedding(
+    partials: list[torch.Tensor], center: dict[str, torch.Tensor], *, divisor: float, clip_norm: float,
+    noise_multiplier: float, rng: SecureRandom,
+) -> dict[str, torch.Tensor]:
+    """``center`` plus the noisy mean of the offsets whose bounded sums (one per rank) are ``partials``."""
+    return around(center, noisy_mean(partials, clip_norm, noise_multiplier, divisor, rng))
+
+
+def around(center: dict[str, torch.Tensor], mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``center`` plus the flat float64 ``mean`` offset, split back into its encoders (float32)."""
+    keys = sorted(center)
+    parts = mean.to(torch.float32).split([center[k].numel() for k in keys])
     return {k: center[k] + part.view_as(center[k]) for k, part in zip(keys, parts, strict=True)}
 
 
-def _embedding_dim(init: dict[str, torch.Tensor]) -> int:
+def embedding_dim(init: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in init.values())
 
 
-def _public_progress(progress: Progress | None, public_total: int) -> Progress | None:
+def public_progress(progress: Progress | None, public_total: int) -> Progress | None:
     """Progress rescaled to a public total: the bar shows neither N nor the sample size, only the pace."""
     if progress is None:
         return None
@@ -105,6 +126,25 @@ def plan_dpagg_ti(
     center = f"init word {config.init_word!r} ({config.n_vectors} vector(s)) of the model's token embeddings"
     return plan_release(MECHANISM, params, dataset_size, 1, center=center, dataset_label=dataset_label,
                         private=seed is None)
+
+
+def draw_sample(n: int, sample_rate: float, rng: SecureRandom) -> tuple[list[int], bytes]:
+    """The release's first draws from its CSPRNG: the Poisson sample of ``n`` images and the key of the
+    per-image training streams (``image_generator``)."""
+    return poisson_sample(n, sample_rate, rng).tolist(), rng.random_bytes(32)
+
+
+def train_sampled(
+    backend: SDBackend, images: torch.Tensor, indices: list[int], key: bytes, init: dict[str, torch.Tensor],
+    config: TIConfig, progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """One embedding per row of ``images`` (the sampled images, dataset records ``indices``), each encoded and
+    trained with its record's own stream: the same embedding whichever process trains it, in whatever order."""
+    if not indices:
+        return {k: torch.empty(0, *v.shape) for k, v in init.items()}
+    streams = [image_generator(key, i) for i in indices]  # training randomness, not relied on by the guarantee
+    latents = encode_each(backend, images, streams)
+    return train_embeddings(backend, latents, init, config, streams, progress)
 
 
 def run_dpagg_ti(
@@ -129,16 +169,12 @@ def run_dpagg_ti(
     init = initial_vectors(backend, config)
     report = report or plan_dpagg_ti(params, n, config, seed=seed, dataset_label=dataset_label)
     sigma = report.noise_multiplier
-    snr = expected_snr(report.public_size, params.sample_rate, sigma, _embedding_dim(init))
+    snr = expected_snr(report.public_size, params.sample_rate, sigma, embedding_dim(init))
     rng = SecureRandom(seed)
-    sampled = poisson_sample(n, params.sample_rate, rng)
+    sampled, key = draw_sample(n, params.sample_rate, rng)
     public_total = max(1, math.ceil(params.sample_rate * report.public_size / config.batch_size)) * config.steps
-    if len(sampled):
-        latents = encode_in_batches(backend, images[sampled], config.batch_size, training_generator(rng))
-        streams = [training_generator(rng) for _ in sampled]  # training randomness, not relied on by the guarantee
-        per_image = train_embeddings(backend, latents, init, config, streams, _public_progress(progress, public_total))
-    else:
-        per_image = {k: torch.empty(0, *v.shape) for k, v in init.items()}
+    per_image = train_sampled(backend, images[sampled], sampled, key, init, config,
+                              public_progress(progress, public_total))
     if progress is not None:
         progress(public_total, public_total)
     released = aggregate_embeddings(
@@ -147,6 +183,15 @@ def run_dpagg_ti(
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
+
+
+def encode_each(backend: SDBackend, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """VAE latents of ``images``, each encoded alone (a batch of one: the same shape for every image) with its own
+    generator, on the CPU."""
+    with torch.no_grad():
+        latents = [backend.encode_images(images[i:i + 1].to(backend.device, backend.dtype), g)
+                   for i, g in enumerate(generators)]
+    return torch.cat([z.float().cpu() for z in latents])
 
 
 @torch.no_grad()
@@ -193,8 +238,14 @@ def plan_files_release(
                         private=seed is None)
 
 
-def _shapes(embedding: Embedding) -> dict[str, tuple[int, ...]]:
+def shapes_of(embedding: Embedding) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in embedding.vectors.items()}
+
+
+def check_shapes(files: list[Path], embeddings: list[Embedding], shapes: dict, first: str) -> None:
+    for path, emb in zip(files, embeddings, strict=True):
+        if shapes_of(emb) != shapes:
+            raise PrivdiffError(f"{path} has tensors {shapes_of(emb)}, expected {shapes} like {first}")
 
 
 def aggregate_embedding_files(
@@ -216,18 +267,16 @@ def aggregate_embedding_files(
         raise PrivdiffError("no embedding files to aggregate")
     check_params(params, len(files))
     embeddings = [load_embedding(f) for f in files]
-    shapes = _shapes(embeddings[0])
-    for path, emb in zip(files, embeddings, strict=True):
-        if _shapes(emb) != shapes:
-            raise PrivdiffError(f"{path} has tensors {_shapes(emb)}, expected {shapes} like {files[0].name}")
-    if center is not None and _shapes(center) != shapes:
+    shapes = shapes_of(embeddings[0])
+    check_shapes(files, embeddings, shapes, files[0].name)
+    if center is not None and shapes_of(center) != shapes:
         raise PrivdiffError(f"center {center_name or ''} is a {center.family} embedding with tensors "
-                            f"{_shapes(center)}, but the files are {embeddings[0].family} with {shapes}")
+                            f"{shapes_of(center)}, but the files are {embeddings[0].family} with {shapes}")
     if report is None:
         label = center_label(center_name) if center_name else ("a public embedding" if center is not None else "zero")
         report = plan_files_release(params, len(files), label, seed=seed, dataset_label=dataset_label)
     origin = center.vectors if center else {k: torch.zeros(s) for k, s in shapes.items()}
-    snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, _embedding_dim(origin))
+    snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, embedding_dim(origin))
     rng = SecureRandom(seed)
     sampled = poisson_sample(len(files), params.sample_rate, rng).tolist()
     per_image = {k: torch.stack([embeddings[i].vectors[k] for i in sampled]) if sampled
@@ -238,3 +287,4 @@ def aggregate_embedding_files(
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
+

@@ -10,13 +10,14 @@ for bit, whichever other examples the Poisson batch holds. Clipping and noise ar
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from privdiff.embeddings.dpagg import DPAggResult, encode_in_batches
+from privdiff.embeddings.dpagg import DPAggResult, encode_each
 from privdiff.embeddings.files import Embedding
 from privdiff.embeddings.templates import TEMPLATES
 from privdiff.embeddings.textual_inversion import (
@@ -24,12 +25,14 @@ from privdiff.embeddings.textual_inversion import (
     Progress,
     TIConfig,
     diffusion_loss,
+    example_draws,
+    image_generator,
     initial_vectors,
-    training_generator,
 )
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
 from privdiff.models.protocol import SDBackend
+from privdiff.privacy.distributed import World
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
@@ -118,19 +121,51 @@ def run_dpsgd_ti(
     n = len(images)
     config = config or TIConfig()
     report = report or plan_dpsgd_ti(params, n, config, seed=seed, dataset_label=dataset_label)
+    rng = SecureRandom(seed)
+    settings = DPSGDSettings(config, params.sample_rate, params.clip_norm, report.noise_multiplier,
+                             report.public_size, rng.random_bytes(32))
+    vectors = train_dpsgd_ti(World(), backend, images, range(n), n, settings, rng, progress)
+    embedding = Embedding(vectors=vectors, token=None, metadata=report.to_metadata())
+    return DPAggResult(embedding=embedding, report=report, expected_snr=None)
+
+
+@dataclass(frozen=True)
+class DPSGDSettings:
+    """What every rank needs of a DP-SGD TI release: the config, the public parameters and the key of the
+    per-example training streams (drawn from the release's CSPRNG)."""
+
+    config: TIConfig
+    sample_rate: float
+    clip_norm: float
+    noise_multiplier: float
+    public_size: int
+    key: bytes
+
+
+def train_dpsgd_ti(
+    world: World, backend: SDBackend, images: torch.Tensor, rows: range, n: int, settings: DPSGDSettings,
+    rng: SecureRandom | None, progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """DP-SGD TI over the ranks of ``world``; this rank holds ``images``, records ``rows`` of the ``n``.
+
+    Rank 0 (``rng``: the release's CSPRNG; None elsewhere) draws each step's Poisson batch over all n records and
+    tells every rank; each rank computes its batch examples' per-sample gradients, clips and sums them, and
+    ``PrivdiffDPOptimizer.step_across`` adds the noise once on rank 0. Each record's VAE sample and each step's
+    template, timestep and noise come from streams keyed by the record (``image_generator``), so the embedding is
+    the one process's, to the rounding of the float64 sums. Returns the trained vectors {encoder: [n_vectors, dim]}.
+    """
+    config = settings.config
     init = initial_vectors(backend, config)
     keys = sorted(init)
     widths = [init[k].shape[-1] for k in keys]
     device = backend.device
-    rng = SecureRandom(seed)
-    latents = encode_in_batches(backend, images, config.batch_size, training_generator(rng)).to(device)
-    generator = training_generator(rng)  # templates, timesteps, diffusion noise: not relied on by the guarantee
+    latents = encode_each(backend, images, [image_generator(settings.key, i) for i in rows]).to(device)
     shared = SharedVectors(torch.cat([init[k] for k in keys], dim=-1)).to(device)
     module = GradSampleModule(shared, loss_reduction="sum")  # wraps `shared`; it does not forward .weight
-    expected = max(1, round(params.sample_rate * report.public_size))
+    expected = max(1, round(settings.sample_rate * settings.public_size))
     optimizer = PrivdiffDPOptimizer(
         torch.optim.Adam(module.parameters(), lr=config.lr), rng=rng,
-        noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm, expected_batch_size=expected,
+        noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.clip_norm, expected_batch_size=expected,
     )
     size = min(config.batch_size, microbatch_size(expected))  # public; config.batch_size bounds the memory
     templates = TEMPLATES[config.templates]
@@ -139,20 +174,24 @@ def run_dpsgd_ti(
             warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
             for step in range(config.steps):
                 optimizer.zero_grad(set_to_none=True)
-                batch = poisson_sample(n, params.sample_rate, rng)
-                x0 = latents[batch]
-                prompts = [templates[int(i)].format(PLACEHOLDER)
-                           for i in torch.randint(len(templates), (len(batch),), generator=generator)]
-                t = torch.randint(len(backend.alphas_cumprod), (len(batch),), generator=generator)
-                noise = torch.randn(x0.shape, generator=generator)
-                per_sample_gradients(backend, module, widths, keys, size, x0, t, noise, prompts)
-                optimizer.step()
+                batch = world.broadcast(poisson_sample(n, settings.sample_rate, rng).tolist() if world.leader
+                                        else None)
+                mine = [i for i in batch if i in rows]
+
+                def compute(step: int = step, mine: list[int] = mine) -> None:
+                    x0 = latents[[i - rows.start for i in mine]]
+                    streams = [image_generator(settings.key, (step + 1) * n + i) for i in mine]
+                    draws = [example_draws(backend, x, g, len(templates)) for x, g in zip(x0, streams, strict=True)]
+                    prompts = [templates[d[0]].format(PLACEHOLDER) for d in draws]
+                    t = torch.stack([d[1] for d in draws]) if draws else torch.empty(0, dtype=torch.long)
+                    noise = torch.stack([d[2] for d in draws]) if draws else torch.empty(0, *x0.shape[1:])
+                    per_sample_gradients(backend, module, widths, keys, size, x0, t, noise, prompts)
+
+                optimizer.step_across(world, compute)
                 if progress is not None:
                     progress(step + 1, config.steps)
     finally:
         optimizer.close()
-
+    world.finishing()
     trained = shared.weight.detach().cpu().split(widths, dim=-1)
-    vectors = dict(zip(keys, trained, strict=True))
-    embedding = Embedding(vectors=vectors, token=None, metadata=report.to_metadata())
-    return DPAggResult(embedding=embedding, report=report, expected_snr=None)
+    return dict(zip(keys, trained, strict=True))

@@ -10,6 +10,7 @@ it agrees only to rounding (~1e-6 relative in float32; to the last bit in float6
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,14 @@ def training_generator(rng: SecureRandom, device: str | torch.device = "cpu") ->
     return torch.Generator(device=device).manual_seed(int.from_bytes(rng.random_bytes(8), "little"))
 
 
+def image_generator(key: bytes, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The training stream of record ``index`` of a release (VAE sampling, templates, timesteps, noise): seeded with
+    64 bits of SHA-256(``key``, index), ``key`` drawn from the release's CSPRNG. Keyed by the record, not by the
+    process or the order that trains it, so a release across ranks trains every image as one process does."""
+    digest = hashlib.sha256(b"privdiff per-image training stream\0" + key + int(index).to_bytes(8, "little")).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def initial_vectors(backend: SDBackend, config: TIConfig) -> dict[str, torch.Tensor]:
     """The public starting point: the init word's token vectors {encoder: [n_vectors, dim]}, CPU float32.
 
@@ -93,8 +102,8 @@ def initial_vectors(backend: SDBackend, config: TIConfig) -> dict[str, torch.Ten
     return {k: v.detach().float().cpu() for k, v in vectors.items()}
 
 
-def _draws(backend: SDBackend, latent: torch.Tensor, gen: torch.Generator, n_templates: int):
-    """One step's random draws for one image: template index, timestep and noise."""
+def example_draws(backend: SDBackend, latent: torch.Tensor, gen: torch.Generator, n_templates: int):
+    """One step's random draws for one image: template index, timestep and noise (``latent``'s shape)."""
     template = int(torch.randint(n_templates, (), generator=gen))
     t = torch.randint(len(backend.alphas_cumprod), (), generator=gen)
     noise = torch.randn(latent.shape, generator=gen, dtype=latent.dtype)
@@ -159,7 +168,7 @@ def train_shared_embedding(
     x_all = latents.to(device, torch.float32)
     for step in range(config.steps):
         idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
-        draws = [_draws(backend, latents[i], generator, len(templates)) for i in idx.tolist()]
+        draws = [example_draws(backend, latents[i], generator, len(templates)) for i in idx.tolist()]
         prompts = [templates[d[0]].format(PLACEHOLDER) for d in draws]
         t = torch.stack([d[1] for d in draws])
         noise = torch.stack([d[2] for d in draws])
@@ -192,7 +201,7 @@ def _train_chunk(
     optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
     x0 = latents.to(device, torch.float32)
     for _ in range(config.steps):
-        draws = [_draws(backend, x, g, len(templates)) for x, g in zip(latents, generators, strict=True)]
+        draws = [example_draws(backend, x, g, len(templates)) for x, g in zip(latents, generators, strict=True)]
         prompts = [templates[d[0]].format(PLACEHOLDER) for d in draws]
         t = torch.stack([d[1] for d in draws])
         noise = torch.stack([d[2] for d in draws])

@@ -9,6 +9,7 @@ released vector to unit length is post-processing. The file holds that unit vect
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from safetensors.torch import save_file
 from privdiff.errors import PrivdiffError
 from privdiff.io.atomic import atomic_write
 from privdiff.io.batching import padded
+from privdiff.io.images import PrivateFiles
 from privdiff.io.untrusted import regular_file
 from privdiff.models.image_encoders import ImageEncoder
-from privdiff.privacy.mechanism import gaussian_aggregate, poisson_sample
+from privdiff.privacy.distributed import Share, World, aggregate_across_ranks
+from privdiff.privacy.mechanism import bounded_sum, gaussian_aggregate, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 from privdiff.progress import Progress
@@ -104,6 +107,47 @@ def noisy_mean(encoder: ImageEncoder, images: torch.Tensor, sample_rate: float, 
         torch.empty(0, encoder.dim, dtype=torch.float64)
     return gaussian_aggregate(embeddings, 1.0, report.noise_multiplier, sample_rate * report.public_size, rng,
                               bound="normalize")
+
+
+def make_target_ranks(
+    world: World,
+    load_encoder: Callable[[], ImageEncoder],
+    *,
+    encoder: ImageEncoder | None = None,
+    private: PrivateFiles | None = None,
+    params: DPParams | None = None,
+    seed: int | None = None,
+    report: PrivacyReport | None = None,
+    progress: Progress | None = None,
+) -> StyleTarget | None:
+    """``make_target`` across the ranks of ``world`` (``aggregate_across_ranks``): rank 0 passes its ``encoder``,
+    the files (read once: each rank gets its slice's bytes as charged), parameters and report; every rank loads
+    the encoder (refused if its identity is not rank 0's), decodes its whole slice, embeds its sampled images and
+    sends the float64 sum of their unit embeddings. The same release as one process with the same seed, to the
+    rounding of the float64 sum. Returns the target on rank 0, None elsewhere."""
+    leader = {}
+    if world.leader:
+        leader = {"records": private.subset, "n": len(private), "sample_rate": params.sample_rate, "seed": seed,
+                  "settings": encoder.identity, "clip_norm": 1.0, "noise_multiplier": report.noise_multiplier,
+                  "divisor": params.sample_rate * report.public_size}
+
+    def prepare(share: Share) -> tuple[ImageEncoder, torch.Tensor]:
+        mine = encoder if world.leader else load_encoder()
+        if mine.identity != share.settings:
+            raise PrivdiffError(f"image encoder '{mine.identity}' is not rank 0's '{share.settings}'")
+        images = share.records.load(mine.size).images
+        return mine, images[[i - share.rows.start for i in share.sampled]]
+
+    def partial(state: tuple[ImageEncoder, torch.Tensor], share: Share) -> torch.Tensor:
+        mine, images = state
+        embeddings = embed_in_batches(mine, images, progress=progress if world.leader else None) if len(images) \
+            else torch.empty(0, mine.dim, dtype=torch.float64)
+        return bounded_sum(embeddings, 1.0, "normalize")
+
+    done = aggregate_across_ranks(world, prepare, partial, **leader)
+    if done is None:
+        return None
+    return StyleTarget(vector=unit(done[0]).float(), encoder=encoder.identity, report=report)
 
 
 def check_encoder(target: StyleTarget, encoder: ImageEncoder, target_name: object = "the target",

@@ -419,6 +419,11 @@ class PrivateFiles:
         if self.skipped:
             log.warning("%s", self.skipped)
 
+    def subset(self, rows: range) -> PrivateFiles:
+        """The files of ``rows`` with their bytes as read (what rank 0 sends the rank that trains them)."""
+        return PrivateFiles(self.files[rows.start:rows.stop], self.sizes[rows.start:rows.stop],
+                            self.digests[rows.start:rows.stop], self._data[rows.start:rows.stop])
+
     def load(self, resolution: int) -> PrivateDataset:
         """The images decoded from the bytes read, as a PrivateDataset at ``resolution``."""
         resolution = check_resolution(resolution)

@@ -22,7 +22,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from privdiff.errors import PrivdiffError
-from privdiff.privacy.mechanism import clipped_sum, noisy_sum
+from privdiff.privacy.distributed import World
+from privdiff.privacy.mechanism import clipped_sum, noisy_sum, pairwise_sum_
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 
@@ -33,14 +34,43 @@ class PrivdiffDPOptimizer(DPOptimizer):
     ``clipped_sum``; the noise is one ``noisy_sum`` over all parameters, from a stream spawned from ``rng``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kwargs: object) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom | None, **kwargs: object) -> None:
         super().__init__(optimizer, **kwargs)
         self.rng = rng
-        self.noise = NoiseAhead(rng)
+        self.noise = None if rng is None else NoiseAhead(rng)  # None on the ranks that never add noise
 
     def close(self) -> None:
         """Stop the noise thread; call when training ends."""
-        self.noise.close()
+        if self.noise is not None:
+            self.noise.close()
+
+    def step_across(self, world: World, compute: Callable[[], None]) -> None:
+        """One DP-SGD step over the ranks of ``world`` (a lone ``World()`` is one process).
+
+        Every rank runs ``compute`` (the per-sample gradients of its examples of the step's Poisson batch), clips
+        and sums them in float64 (``clip_and_accumulate``); rank 0 adds the ranks' sums (``pairwise_sum_``: the
+        error bound of docs/privacy.md, "Across ranks") and the noise once (``noisy_sum``, from its CSPRNG stream)
+        and sends the noisy sum to every rank, which scales it as opacus does and steps its optimizer: the ranks'
+        parameters stay identical. opacus' DistributedDPOptimizer is not used: it noises rank 0's own sum and
+        all-reduces in float32 in the backend's order, which would leave the noise's grid.
+        """
+
+        def local() -> torch.Tensor:
+            compute()
+            self.clip_and_accumulate()
+            return torch.cat([p.summed_grad.reshape(-1).to(torch.float64) for p in self.params]).cpu()
+
+        partials = world.collect(local)
+        noisy = None
+        if world.leader:
+            total = pairwise_sum_(torch.stack(partials))
+            noisy = noisy_sum(total, self.max_grad_norm, self.noise_multiplier, self.noise)
+        noisy = world.broadcast(noisy)
+        for p, part in zip(self.params, noisy.split(self._sizes()), strict=True):
+            p.grad = part.view_as(p).to(p.device, p.dtype)
+            _mark_as_processed(p.summed_grad)
+        self.scale_grad()
+        self.original_optimizer.step()
 
     def _sizes(self) -> list[int]:
         return [p.numel() for p in self.params]

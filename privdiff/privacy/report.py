@@ -63,6 +63,8 @@ class PrivacyReport:
     private: bool
     notes: list[str]
     created: str
+    world_size: int = 1
+    """How many processes (torch.distributed ranks) trained the release; rank 0 alone sampled, noised and wrote."""
 
     def to_json(self) -> str:
         """Indented JSON with the fields in declaration order."""
@@ -81,6 +83,8 @@ class PrivacyReport:
             data = {**data, "public_size": data["dataset_size"], "relation": "add-remove (N public)",
                     "bound": "clip", "center": "unknown (report from privdiff 0.1)"}
         for field in dataclasses.fields(cls):
+            if field.name not in data and field.default is not dataclasses.MISSING:  # a report from before the field
+                continue
             if field.name not in data:
                 raise PrivdiffError(f"privacy report has no {field.name!r} field")
             values[field.name] = _typed(field.name, field.type, data[field.name])
@@ -168,8 +172,9 @@ def _in_range(values: dict) -> None:
     """The numbers of a parsed report in the ranges ``make_report`` gives them (one line naming the field)."""
     for name, check in (("epsilon", checks.positive), ("delta", checks.open_unit),
                         ("noise_multiplier", checks.positive), ("clip_norm", checks.positive),
-                        ("steps", checks.count), ("public_size", checks.count)):
-        check(f"privacy report field {name!r}", values[name])
+                        ("steps", checks.count), ("public_size", checks.count), ("world_size", checks.count)):
+        if name in values:
+            check(f"privacy report field {name!r}", values[name])
     checks.sample_rate(values["sample_rate"], "privacy report field 'sample_rate'")
 
 

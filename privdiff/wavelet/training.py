@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from privdiff.errors import PrivdiffError
 from privdiff.io.atomic import PRIVATE, atomic_write, os_reason
 from privdiff.io.batching import padded
+from privdiff.privacy.distributed import World
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
@@ -203,41 +204,62 @@ def finetune(
     seed: int | None = None,
     checkpoint: Checkpoint | None = None,
     progress: Progress | None = None,
+    world: World | None = None,
+    rows: range | None = None,
 ) -> SpectralPrior:
     """DP-SGD on the private token sequences [N, L] under ``report`` (from :func:`plan_finetune`).
 
-    With a ``checkpoint`` whose file holds this release, training resumes after the steps it records.
+    With a ``checkpoint`` whose file holds this release, training resumes after the steps it records. Across the
+    ranks of ``world``, ``tokens`` are this rank's records ``rows`` of the release's N: rank 0 (which alone keeps
+    the checkpoint) sends every rank its starting state, draws each step's Poisson batch over all N and adds the
+    noise once (``PrivdiffDPOptimizer.step_across``); each rank computes its examples' clipped gradients.
     """
-    n = len(tokens)
-    if n != report.public_size:
-        raise PrivdiffError(f"{n} private images, but the release was planned for {report.public_size}")
+    world = world or World()
+    rows = range(len(tokens)) if rows is None else rows
+    n = report.public_size
+    if len(tokens) != len(rows) or (world.size == 1 and len(tokens) != n):
+        raise PrivdiffError(f"{len(tokens)} private images, but the release was planned for {n}")
     device = next(prior.parameters()).device
     # torch's ExpandedWeights: per-sample gradients computed in place of the batch gradient, not beside it
     module = GradSampleModuleExpandedWeights(prior, loss_reduction="sum")
     expected = max(1, round(report.sample_rate * n))
     optimizer = PrivdiffDPOptimizer(
-        torch.optim.Adam(module.parameters(), lr=config.lr), rng=SecureRandom(seed),
+        torch.optim.Adam(module.parameters(), lr=config.lr), rng=SecureRandom(seed) if world.leader else None,
         noise_multiplier=report.noise_multiplier, max_grad_norm=params.clip_norm, expected_batch_size=expected)
     size = microbatch_size(expected)
     done = 0
-    if checkpoint is not None and carries_checkpoint(checkpoint, report.release_id):
+    if world.leader and checkpoint is not None and carries_checkpoint(checkpoint, report.release_id):
         done, saved = checkpoint.load(prior, optimizer)
         if saved.release_id != report.release_id:
             raise PrivdiffError(f"{checkpoint.path} belongs to release {saved.release_id}, not {report.release_id}")
+    if world.size > 1:
+        done = _same_start(world, prior, optimizer, done)
     prior.train()
     try:
         for step in range(done, report.steps):
             optimizer.zero_grad(set_to_none=True)
-            batch = poisson_sample(n, report.sample_rate, optimizer.rng)
-            per_sample_gradients(module, tokens[batch].to(device), size)
-            optimizer.step()
-            if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
+            batch = world.broadcast(poisson_sample(n, report.sample_rate, optimizer.rng).tolist() if world.leader
+                                    else None)
+            mine = [i - rows.start for i in batch if i in rows]
+            optimizer.step_across(world, lambda mine=mine: per_sample_gradients(module, tokens[mine].to(device), size))
+            if world.leader and checkpoint is not None and (
+                    (step + 1) % checkpoint.every == 0 or step + 1 == report.steps):
                 checkpoint.save(prior, optimizer, step + 1, report)
             if progress is not None:
                 progress(step + 1, report.steps)
     finally:
         optimizer.close()
+    world.finishing()
     module._close()  # removes the per-sample gradients from the prior
     prior.eval()
     return prior
 
+
+def _same_start(world: World, prior: SpectralPrior, optimizer: PrivdiffDPOptimizer, done: int) -> int:
+    """Every rank starts from rank 0's weights, Adam state and step (a resumed checkpoint's, or the public prior's)."""
+    state = world.broadcast((done, prior.state_dict(), optimizer.original_optimizer.state_dict())
+                            if world.leader else None)
+    if not world.leader:
+        prior.load_state_dict(state[1])
+        optimizer.original_optimizer.load_state_dict(state[2])
+    return state[0]

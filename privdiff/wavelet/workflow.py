@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from privdiff.errors import PrivdiffError
 from privdiff.io.atomic import private_folder
 from privdiff.io.images import PrivateFiles, check_image, list_images, load_image_folder, read_private_files
 from privdiff.io.untrusted_tensors import file_digest
+from privdiff.privacy.distributed import Share, World, shares
 from privdiff.privacy.ledger import image_digests
 from privdiff.privacy.report import PrivacyReport
 from privdiff.progress import Progress
@@ -146,10 +147,13 @@ def finetune_prior(
     progress: Progress | None = None,
     force: bool = False,
     device: str = "cpu",
+    world: World | None = None,
 ) -> tuple[Path, PrivacyReport, bool]:
     """Release a DP fine-tune of a public prior on private images: (path, report, resumed). ``images`` is
     ``read_private_files(folder)`` or a folder to read so; ``ledger`` must charge ``images.digests``, the digests
-    of the very bytes this release decodes."""
+    of the very bytes this release decodes. Across the ranks of ``world`` (rank 0 calls this, the others
+    :func:`finetune_ranks`), each rank gets its slice of the images' bytes and trains on it."""
+    world = world or World()
     path = plan_file(out, force)
     planned = plan_folder(checkpoint_dir or default_checkpoint_dir(), "checkpoint folder")
     if planned.resolve() == path.parent.resolve():
@@ -173,10 +177,16 @@ def finetune_prior(
     key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
     checkpoint = Checkpoint(planned / f"wavelet-{key}.safetensors", checkpoint_every)
     resume = checkpoint.path.is_file()
-    report = checkpoint_report(checkpoint) if resume else plan_finetune(params, len(images), config, seed=seed,
-                                                                        dataset_label=dataset_label)
+    report = checkpoint_report(checkpoint) if resume else replace(
+        plan_finetune(params, len(images), config, seed=seed, dataset_label=dataset_label), world_size=world.size)
 
     def produce() -> LoadedPrior:
+        if world.size > 1:
+            plans = [Share(images.subset(rows), rows, [], b"", (str(prior_file), params, config, report))
+                     for rows in shares(len(images), world.size)]
+            prior = finetune_ranks(world, plans, device=device, seed=seed, checkpoint=checkpoint,
+                                   checkpoint_dir=checkpoint_dir, progress=progress)
+            return LoadedPrior(prior.cpu(), public.tokenizer, report)
         tokens = public.tokenizer.encode(images.load(public.tokenizer.size).images)
         checkpoint_folder(checkpoint_dir)  # created once every image decoded
         prior = finetune(public.prior.to(device), tokens, params, config, report, seed=seed, checkpoint=checkpoint,
@@ -197,6 +207,29 @@ def finetune_prior(
     release_artifact(produce, report, path, write, carries, ledger, resume=resume)
     checkpoint.path.unlink(missing_ok=True)  # released: the private intermediate is not kept
     return path, report, resume
+
+
+def finetune_ranks(
+    world: World, plans: list[Share] | None = None, *, device: str = "cpu", seed: int | None = None,
+    checkpoint: Checkpoint | None = None, checkpoint_dir: str | Path | None = None, progress: Progress | None = None,
+) -> SpectralPrior | None:
+    """A rank's part of a fine-tune across ranks (rank 0 passes ``plans``, its checkpoint and progress): load the
+    public prior, tokenize this rank's whole slice, then ``finetune`` together. The fine-tuned prior on rank 0."""
+    share: Share = world.scatter(plans)
+    prior_file, params, config, report = share.settings
+    state: dict[str, object] = {}
+
+    def prepare() -> None:
+        public = load_prior(prior_file)
+        state["prior"] = public.prior.to(device)
+        state["tokens"] = public.tokenizer.encode(share.records.load(public.tokenizer.size).images)
+        if world.leader:
+            checkpoint_folder(checkpoint_dir)  # created once every image decoded
+
+    world.collect(prepare)
+    prior = finetune(state["prior"], state["tokens"], params, config, report, seed=seed, checkpoint=checkpoint,
+                     progress=progress, world=world, rows=share.rows)
+    return prior if world.leader else None
 
 
 def sample_prior(prior_file: str | Path, num_images: int, *, seed: int = 0, temperature: float = 1.0,
