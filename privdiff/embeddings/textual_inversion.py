@@ -87,7 +87,9 @@ def training_generator(rng: SecureRandom, device: str | torch.device = "cpu") ->
 def image_generator(key: bytes, index: int, device: str | torch.device = "cpu") -> torch.Generator:
     """The training stream of record ``index`` of a release (VAE sampling, templates, timesteps, noise): seeded with
     64 bits of SHA-256(``key``, index), ``key`` drawn from the release's CSPRNG. Keyed by the record, not by the
-    process or the order that trains it, so a release across ranks trains every image as one process does."""
+    process or the order that trains it, so a release across ranks trains every image as one process does. The
+    guarantee does not rely on this stream (each image's result is bounded, then noised from the CSPRNG), so a torch
+    generator is fine here; Poisson sampling and DP noise never draw from it."""
     digest = hashlib.sha256(b"privdiff per-image training stream\0" + key + int(index).to_bytes(8, "little")).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
 
