@@ -12,6 +12,7 @@ import torch
 from privdiff.embeddings.dpagg import encode_in_batches
 from privdiff.embeddings.templates import STYLE_TEMPLATES
 from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors, train_shared_embedding
+from privdiff.errors import PrivdiffError
 from privdiff.models import small_spec
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.registry import load_model
@@ -94,6 +95,41 @@ def test_text_encoder_learns_only_when_asked_and_offset_noise_trains():
                              train_text=learns, cross_attention=(4,), offset_noise=0.3 if learns else 0.0)
         changed = not torch.equal(text.get_input_embeddings().weight, before)
         assert changed == learns and not any(p.requires_grad for p in text.parameters())
+
+
+def test_unet_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    from privdiff.models import small
+    from privdiff.reference import train
+
+    tok = small.tokenizer()
+    ids, rows, empty = train.caption_ids(tok, ["a red star", "a blue circle", "a green square"])
+    latents = torch.randn(3, 4, 16, 16)
+    encoder = small.text_encoder(tok)
+
+    def run(checkpoint, seed=0):
+        torch.manual_seed(0)
+        unet, _ = train.train_unet(latents, ids, rows, empty, encoder, 4, torch.Generator().manual_seed(seed), batch=2,
+                                   cross_attention=(4,), checkpoint=checkpoint, checkpoint_every=2)
+        return unet.state_dict()
+
+    straight = run(None)
+    checkpoint = tmp_path / train.CHECKPOINT
+    lr = train._lr
+
+    def interrupted(seed):
+        monkeypatch.setattr(train, "_lr", lambda step, *a, **k: 1 / 0 if step == 3 else lr(step, *a, **k))
+        with pytest.raises(ZeroDivisionError):
+            run(checkpoint, seed)
+        monkeypatch.setattr(train, "_lr", lr)
+        assert checkpoint.exists()
+
+    interrupted(0)
+    resumed = run(checkpoint)
+    assert not checkpoint.exists()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    interrupted(1)  # a checkpoint of another run is refused by name
+    with pytest.raises(PrivdiffError, match="other data or seed"):
+        run(checkpoint)
 
 
 @pytest.fixture(scope="module")

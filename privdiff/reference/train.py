@@ -8,7 +8,8 @@ weights, which is what ships); train the classifier on all styles, private ones 
 evaluation tool); train the same network on the public styles only as the model's public image encoder
 (for DP style targets and guidance; ``--encoder-only`` retrains just that). Everything is seeded, so a
 rerun with the same seed and thread count rebuilds the same weights; other thread counts give weights
-that pass the same checks.
+that pass the same checks. The UNet's state is saved in ``--out`` every few hundred steps: rerunning an
+interrupted command redoes the short stages before it and resumes the UNet where it stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from privdiff.errors import PrivdiffError
+from privdiff.io.atomic import atomic_write
 from privdiff.models import small as ref
 from privdiff.models.small_classifier import ENCODER_FILE, FILE, AttributeClassifier, save_classifier
 from privdiff.reference.score import targets
@@ -33,6 +36,10 @@ from privdiff.reference.shapes import ALL_STYLES, PUBLIC_STYLES, public_dataset,
 
 UNET_STEPS = 6000
 """UNet training steps of 64 images (docs/reference-model.md says what they cost)."""
+CHECKPOINT = "unet-checkpoint.pt"
+"""The UNet's training state in ``--out`` while it trains: rerunning the same command resumes from it."""
+CHECKPOINT_EVERY = 250
+"""UNet steps between two saves of :data:`CHECKPOINT`."""
 OFFSET_NOISE = 0.3
 """Std of the per-image, per-channel constant added to the UNet's training noise (see ``train_unet``)."""
 
@@ -101,11 +108,16 @@ def _ema(model: torch.nn.Module) -> torch.nn.Module:
 def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Tensor, empty_row: int,
                encoder: torch.nn.Module, steps: int, gen: torch.Generator, *, train_text: bool = False,
                cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, offset_noise: float = OFFSET_NOISE,
-               batch: int = 64, drop: float = 0.1) -> tuple[torch.nn.Module, torch.nn.Module]:
+               batch: int = 64, drop: float = 0.1, checkpoint: Path | None = None,
+               checkpoint_every: int = CHECKPOINT_EVERY) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Epsilon-prediction UNet on SD's schedule; captions dropped to "" with probability ``drop`` (for CFG).
     ``offset_noise`` adds a per-image, per-channel constant of that standard deviation to the noise, so that the
     mean of a noisy latent does not give its colours away and the UNet has to read them from the text.
     With ``train_text`` the text encoder learns with it; otherwise it stays frozen and each caption is encoded once.
+
+    With ``checkpoint`` (a file path) the state is saved there every ``checkpoint_every`` steps and a run
+    resumes from it: the random draws of the steps already done are replayed without computing them, so a
+    resumed run ends with the same weights as an uninterrupted one. The file is removed at the end.
 
     Returns the exponential moving averages (decay 0.998) of the UNet and of the text encoder.
     """
@@ -119,18 +131,24 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Ten
     if train_text:
         groups.append({"params": list(encoder.parameters()), "peak": 2e-4})
     opt = torch.optim.AdamW(groups, lr=5e-4, weight_decay=1e-2)
+    models = {"unet": unet, "ema": ema, "encoder": encoder, "text_ema": text_ema, "opt": opt}
+    done, saved_generator = _resume(checkpoint, models, steps) if checkpoint is not None else (0, None)
     pairs = [(ema, unet)] + ([(text_ema, encoder)] if train_text else [])
     bar = tqdm(_batches(len(latents), batch, steps, gen), total=steps, desc="unet", file=sys.stderr)
     for step, idx in enumerate(bar):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, group["peak"], warmup=200)
         x0 = latents[idx]
         rows = torch.where(torch.rand(len(idx), generator=gen) < drop, empty_row, caption_rows[idx])
-        cond = encoder(ids[rows]).last_hidden_state if train_text else states[rows]
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         if offset_noise:
             noise = noise + offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=gen)
+        if step < done:  # replayed draws of a resumed run
+            if step == done - 1 and not torch.equal(gen.get_state(), saved_generator):
+                raise PrivdiffError(f"{checkpoint} was saved by a run with other data or seed; remove it to start over")
+            continue
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, group["peak"], warmup=200)
+        cond = encoder(ids[rows]).last_hidden_state if train_text else states[rows]
         a = alphas[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
         loss = (pred - noise).pow(2).mean()
@@ -145,7 +163,33 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Ten
                     e.lerp_(p, 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(checkpoint, models, step + 1, steps, gen)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return ema.eval(), text_ema.eval().requires_grad_(False)
+
+
+def _save_checkpoint(path: Path, models: dict, done: int, steps: int, gen: torch.Generator) -> None:
+    """The training state after ``done`` of ``steps`` steps, written atomically (public data only)."""
+    state = {name: model.state_dict() for name, model in models.items()}
+    state.update(done=done, steps=steps, generator=gen.get_state())
+    atomic_write(path, lambda tmp: torch.save(state, tmp), force=True)
+
+
+def _resume(path: Path, models: dict, steps: int) -> tuple[int, torch.Tensor | None]:
+    """Load ``path`` into ``models`` when it exists; returns the number of steps it holds (0 without one) and
+    the random generator's state after them."""
+    if not path.exists():
+        return 0, None
+    state = torch.load(path, weights_only=True)
+    if state["steps"] != steps:
+        raise PrivdiffError(f"{path} is a checkpoint of a {state['steps']}-step run, not {steps}; "
+                            "remove it to start over")
+    for name, model in models.items():
+        model.load_state_dict(state[name])
+    print(f"resuming the UNet from step {state['done']} ({path})", file=sys.stderr)
+    return state["done"], state["generator"]
 
 
 def train_classifier(vae: torch.nn.Module, count: int, steps: int, seed: int, gen: torch.Generator,
@@ -219,10 +263,11 @@ def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, u
     ids, rows, empty = caption_ids(tok, captions)
     lap("captions")
     torch.manual_seed(seed + 2)
-    unet, encoder = train_unet(latents, ids, rows, empty, encoder, unet_steps, gen, train_text=train_text,
-                               cross_attention=cross_attention, offset_noise=offset_noise)
-    lap("unet")
     out.mkdir(parents=True, exist_ok=True)
+    unet, encoder = train_unet(latents, ids, rows, empty, encoder, unet_steps, gen, train_text=train_text,
+                               cross_attention=cross_attention, offset_noise=offset_noise,
+                               checkpoint=out / CHECKPOINT)
+    lap("unet")
     ref.pipeline(tok, encoder, vae, unet).to(torch.float16).save_pretrained(out, safe_serialization=True)
     if reuse is not None:
         for name in (FILE, ENCODER_FILE):
