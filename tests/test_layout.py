@@ -17,7 +17,7 @@ LAYERS = {
     "privdiff.privacy": 1, "privdiff.io": 1, "privdiff.images": 1,  # images: deprecated re-export
     "privdiff.models": 2, "privdiff.release": 2, "privdiff.backends": 2,  # backends: deprecated re-exports
     "privdiff.embeddings": 3, "privdiff.guidance": 3, "privdiff.wavelet": 3, "privdiff.he": 3,  # the methods
-    "privdiff.app": 4,
+    "privdiff.app": 4, "privdiff.audit": 4,  # what the fronts share; audits run the methods' releases
     "privdiff.cli": 5, "privdiff.__main__": 5,
     "privdiff.demo": 6, "privdiff.reference": 6,
     "nodes": 7, "extension": 7,

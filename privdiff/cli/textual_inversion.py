@@ -73,12 +73,19 @@ def _lead_ti_aggregate(args: argparse.Namespace, world: object) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """The ``ti-aggregate`` command."""
     p = sub.add_parser("ti-aggregate", help="DP textual-inversion embedding from a folder of private images")
+    add_arguments(p, method=True)
+    p.set_defaults(func=_cmd_ti_aggregate, across_ranks=True)
+
+
+def add_arguments(p: argparse.ArgumentParser, method: bool) -> None:
+    """``ti-aggregate``'s options (``--method`` only when ``method``: ``privdiff audit`` names the method)."""
     p.add_argument("--model", type=arguments.model, required=True,
                    help="local diffusers folder, local single-file SD1.x/SD2.x/SDXL checkpoint, 'small' (the shipped "
                    "reference model), 'tiny' or 'tiny-sdxl' (random weights)")
     p.add_argument("--images", required=True, help="folder of private images (png, jpg, webp, ...)")
-    p.add_argument("--method", choices=["dpagg", "dpsgd"], default="dpagg",
-                   help="dpagg: noisy aggregate of per-image embeddings (default); dpsgd: DP-SGD baseline")
+    if method:
+        p.add_argument("--method", choices=["dpagg", "dpsgd"], default="dpagg",
+                       help="dpagg: noisy aggregate of per-image embeddings (default); dpsgd: DP-SGD baseline")
     arguments.add_release_options(p, "1.0 for dpagg, batch-size/N for dpsgd")
     p.add_argument("--vectors", type=arguments.integer(1, arguments.MAX_VECTORS), default=1,
                    help="vectors per token (default 1; the model's text context allows fewer with long templates)")
@@ -96,4 +103,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="model weights dtype (default float32)")
-    p.set_defaults(func=_cmd_ti_aggregate, across_ranks=True)
