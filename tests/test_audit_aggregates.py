@@ -133,23 +133,29 @@ def _audit_json(capsys, args: list[str]) -> tuple[dict, str]:
 
 def test_cli_aggregate_writes_nothing_and_charges_no_ledger(tmp_path, capsys):
     embeddings = _embeddings_folder(tmp_path / "data")
+    sources = write_style_images(tmp_path / "data" / "images", count=4, size=32)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
+    ledger = outputs / "ledger.json"
+    assert main(["aggregate", "--embeddings", embeddings, "--one-image-per-file", "--epsilon", "1", "--delta", "1e-5",
+                 "--out", str(outputs / "released.safetensors"), "--images", str(sources), "--ledger", str(ledger),
+                 "--budget-epsilon", "8"]) == 0  # a real release, charged to the ledger
     before = snapshot(tmp_path)
     result, err = _audit_json(capsys, [
         "audit", "aggregate", "--embeddings", embeddings, "--one-image-per-file", "--epsilon", "1", "--delta", "1e-5",
-        "--out", str(outputs / "style.safetensors"), "--ledger", str(outputs / "ledger.json"), "--budget-epsilon",
-        "8", "--canaries", "64", "--reproducible-seed", "3"])
-    assert snapshot(tmp_path) == before  # no output, no ledger, no canary anywhere
+        "--out", str(outputs / "style.safetensors"), "--ledger", str(ledger), "--budget-epsilon", "8",
+        "--images", str(sources), "--canaries", "64", "--reproducible-seed", "3"])
+    assert snapshot(tmp_path) == before  # no output, the ledger neither charged nor reserved, no canary anywhere
     note = [line for line in err.splitlines() if "ignored" in line]
-    assert len(note) == 1 and all(f in note[0] for f in ("--out", "--ledger", "--budget-epsilon", "not a release"))
+    assert len(note) == 1
+    assert all(flag in note[0] for flag in ("--out", "--ledger", "--budget-epsilon", "--images", "not a release"))
     assert result["kind"] == "aggregate" and result["canaries"] == 64 and result["claimed_epsilon"] == 1.0
     assert result["relation"] == "add-remove" and result["confidence"] == 0.95
     assert 0 <= result["correct"] <= result["guesses"] <= 64 and result["epsilon_lower_bound"] <= 1.0
-    again, _ = _audit_json(capsys, [
+    again, err = _audit_json(capsys, [
         "audit", "aggregate", "--embeddings", embeddings, "--one-image-per-file", "--epsilon", "1", "--delta", "1e-5",
         "--canaries", "64", "--reproducible-seed", "3"])
-    assert again == result  # the seed reproduces the canaries and the run
+    assert again == result and "ignored" not in err  # the seed reproduces the canaries and the run
 
 
 def test_cli_ti_aggregate_and_guidance_target_on_the_tiny_models(tmp_path, capsys):
