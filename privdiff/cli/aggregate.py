@@ -63,6 +63,12 @@ def _lead_aggregate(args: argparse.Namespace, world: object) -> tuple:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """The ``aggregate`` command."""
     p = sub.add_parser("aggregate", help="DP aggregate of per-image embedding files trained elsewhere")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_aggregate, across_ranks=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``aggregate``'s options (``privdiff audit aggregate`` takes them too)."""
     p.add_argument("--embeddings", required=True, help="folder of per-image embedding files")
     p.add_argument("--one-image-per-file", action="store_true",
                    help="confirm that every file was trained on exactly one image (required)")
@@ -73,4 +79,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None,
                    help="folder of the images the files were trained on, one per file (needed with --ledger)")
     arguments.add_release_options(p, "1.0", epsilon_required=False)
-    p.set_defaults(func=_cmd_aggregate, across_ranks=True)

@@ -135,19 +135,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         dest="guidance_command", metavar="SUBCOMMAND", required=True
     )
     p = guidance.add_parser("target", help="DP style target: noisy mean of the images' unit CLIP embeddings")
-    p.add_argument("--images", required=True, help="folder of private images")
-    p.add_argument("--image-encoder", required=True,
-                   help="transformers CLIP vision folder, ARCH:FILE for open_clip (e.g. RN50:RN50.pt), 'small' "
-                   "(the small reference model's) or 'tiny'")
-    p.add_argument("--out", required=True, help="target file (.safetensors)")
-    p.add_argument("--epsilon", type=arguments.POSITIVE, required=True, help="target epsilon of this release")
-    p.add_argument("--delta", type=arguments.UNIT_OPEN, required=True, help="target delta (must be below 1/N)")
-    p.add_argument("--sample-rate", type=arguments.RATE, default=None, help="Poisson sampling rate q (default 1.0)")
-    arguments.add_accountant(p)
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
-    arguments.add_ledger_options(p)
-    p.add_argument("--device", type=arguments.device, default=None, help="torch device for the image encoder")
+    add_target_arguments(p)
     p.set_defaults(func=_cmd_guidance_target, across_ranks=True)
     p = guidance.add_parser("sample", help="sample with universal guidance toward a style target")
     p.add_argument("--model", type=arguments.model, required=True, help="as for ti-aggregate")
@@ -168,3 +156,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = guidance.add_parser("inspect", help="encoder, width and privacy report of a style target file")
     p.add_argument("file")
     p.set_defaults(func=_cmd_guidance_inspect)
+
+
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    """``guidance target``'s options (``privdiff audit guidance-target`` takes them too)."""
+    p.add_argument("--images", required=True, help="folder of private images")
+    p.add_argument("--image-encoder", required=True,
+                   help="transformers CLIP vision folder, ARCH:FILE for open_clip (e.g. RN50:RN50.pt), 'small' "
+                   "(the small reference model's) or 'tiny'")
+    p.add_argument("--out", required=True, help="target file (.safetensors)")
+    p.add_argument("--epsilon", type=arguments.POSITIVE, required=True, help="target epsilon of this release")
+    p.add_argument("--delta", type=arguments.UNIT_OPEN, required=True, help="target delta (must be below 1/N)")
+    p.add_argument("--sample-rate", type=arguments.RATE, default=None, help="Poisson sampling rate q (default 1.0)")
+    arguments.add_accountant(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
+    arguments.add_ledger_options(p)
+    p.add_argument("--device", type=arguments.device, default=None, help="torch device for the image encoder")

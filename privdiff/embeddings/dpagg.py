@@ -263,22 +263,45 @@ def aggregate_embedding_files(
     Offsets are taken from the public ``center`` (e.g. the init word's vectors; ``center_name`` names it
     in the report) or from zero. ``report``: from ``plan_files_release`` when planned before.
     """
+    return aggregate_loaded(load_per_image_files(files, params), params, center=center, center_name=center_name,
+                            seed=seed, dataset_label=dataset_label, report=report)
+
+
+def load_per_image_files(files: list[Path], params: DPParams) -> list[Embedding]:
+    """The embeddings of ``files`` for one aggregate, all of one shape (checked with ``params`` before reading)."""
     if not files:
         raise PrivdiffError("no embedding files to aggregate")
     check_params(params, len(files))
     embeddings = [load_embedding(f) for f in files]
+    check_shapes(files, embeddings, shapes_of(embeddings[0]), files[0].name)
+    return embeddings
+
+
+def aggregate_loaded(
+    embeddings: list[Embedding],
+    params: DPParams,
+    *,
+    center: Embedding | None = None,
+    center_name: str | None = None,
+    seed: int | None = None,
+    dataset_label: str | None = None,
+    report: PrivacyReport | None = None,
+) -> DPAggResult:
+    """The release of ``aggregate_embedding_files`` from per-image embeddings already loaded (all of one shape)."""
+    if not embeddings:
+        raise PrivdiffError("no embedding files to aggregate")
+    check_params(params, len(embeddings))
     shapes = shapes_of(embeddings[0])
-    check_shapes(files, embeddings, shapes, files[0].name)
     if center is not None and shapes_of(center) != shapes:
         raise PrivdiffError(f"center {center_name or ''} is a {center.family} embedding with tensors "
                             f"{shapes_of(center)}, but the files are {embeddings[0].family} with {shapes}")
     if report is None:
         label = center_label(center_name) if center_name else ("a public embedding" if center is not None else "zero")
-        report = plan_files_release(params, len(files), label, seed=seed, dataset_label=dataset_label)
+        report = plan_files_release(params, len(embeddings), label, seed=seed, dataset_label=dataset_label)
     origin = center.vectors if center else {k: torch.zeros(s) for k, s in shapes.items()}
     snr = expected_snr(report.public_size, params.sample_rate, report.noise_multiplier, embedding_dim(origin))
     rng = SecureRandom(seed)
-    sampled = poisson_sample(len(files), params.sample_rate, rng).tolist()
+    sampled = poisson_sample(len(embeddings), params.sample_rate, rng).tolist()
     per_image = {k: torch.stack([embeddings[i].vectors[k] for i in sampled]) if sampled
                  else torch.empty(0, *shapes[k]) for k in shapes}
     released = aggregate_embeddings(
@@ -287,4 +310,3 @@ def aggregate_embedding_files(
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
-
