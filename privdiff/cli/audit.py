@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from privdiff.cli import arguments
+from privdiff.cli import arguments, audit_dpsgd
 
 CONFIDENCE = arguments.real(1.0, high_open=True)
 
@@ -19,6 +19,7 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """The ``audit`` command group: one subcommand per kind of release, with that release's options."""
-    sub.add_parser(
+    group = sub.add_parser(
         "audit", help="empirical lower bound on a release's epsilon from one run with canaries (writes nothing)",
     ).add_subparsers(dest="audit_command", required=True, metavar="{...}")
+    audit_dpsgd.add_commands(group, add_audit_options)
