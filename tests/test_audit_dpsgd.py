@@ -120,7 +120,7 @@ def test_cli_dpsgd_ti_audit_prints_the_bound_and_writes_nothing(capsys, tmp_path
         "--public-size", "10", "--canaries", "4"])
     assert result["kind"] == "dpsgd-ti" and result["release"] == NOT_A_RELEASE and result["canaries"] == 4
     assert result["relation"] == "add-remove" and result["claimed_epsilon"] == pytest.approx(2.0)
-    assert result["sample_rate"] == pytest.approx(1.0)  # batch size 8 over P + M/2 = 12 records, capped at 1
+    assert result["sample_rate"] == pytest.approx(1.0)  # the release's default: batch size 8 / N = 3, capped at 1
     assert "--out, --ledger" in err
     _nothing_written(tmp_path)
 
@@ -134,3 +134,16 @@ def test_cli_audits_refuse_bad_canaries_or_confidence_in_one_line(capsys, tmp_pa
     extra = [a for item in audit.items() for a in item]
     refused(capsys, tmp_path, ["audit", "wavelet-finetune", "--prior", public_prior, *common, *extra], option, value)
     refused(capsys, tmp_path, ["audit", "dpsgd-ti", "--model", "tiny", *common, *extra], option, value)
+
+
+@pytest.mark.parametrize(("command", "bad", "needle"), [
+    ("dpsgd-ti", ["--bound", "normalize"], "--bound normalize"),
+    ("wavelet-finetune", ["--public-size", "10"], "--public-size"),
+    ("wavelet-finetune", ["--delta", "0.15"], "delta 0.15"),  # 1/(N + M) = 1/7: the most records the run can hold
+])
+def test_cli_audits_refuse_what_the_release_refuses_in_one_line(capsys, tmp_path, public_prior, command, bad, needle):
+    images = write_style_images(tmp_path / "private", count=3, size=32)
+    model = ["--model", "tiny"] if command == "dpsgd-ti" else ["--prior", public_prior]
+    args = ["audit", command, *model, "--images", images, "--out", tmp_path / "o.safetensors", "--epsilon", "1",
+            "--delta", "1e-3", "--canaries", "4", *bad]
+    refused(capsys, tmp_path, args, needle)

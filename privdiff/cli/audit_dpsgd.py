@@ -24,8 +24,11 @@ def _note_ignored(args: argparse.Namespace) -> None:
         print(f"privdiff audit: ignoring {flags}: an audit writes no file and charges no ledger", file=sys.stderr)
 
 
-def _print(result: object) -> None:
+def _print(result: object, args: argparse.Namespace) -> None:
+    """The result's JSON on stdout, then the note on the options ignored (after the run: an error stays one line)."""
     sys.stdout.write(result.to_json() + "\n")
+    sys.stdout.flush()
+    _note_ignored(args)
 
 
 def _cmd_dpsgd_ti(args: argparse.Namespace) -> None:
@@ -36,28 +39,30 @@ def _cmd_dpsgd_ti(args: argparse.Namespace) -> None:
     from privdiff.privacy.distributed import World
     from privdiff.progress import tqdm_progress
 
-    _note_ignored(args)
     private = read_private_files(args.images, warn=False)
     if args.resolution is not None:
         check_memory(len(private) + args.canaries, args.resolution)
     config = TIConfig(n_vectors=args.vectors, init_word=args.init_word, steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, templates=args.templates)
-    half = len(private) + args.canaries // 2
-    params = releasing.dp_params(args, min(1.0, args.batch_size / half) if args.sample_rate is None
+    # the release's own q (its default: batch size / N), so the run has the claim of the release audited
+    params = releasing.dp_params(args, min(1.0, args.batch_size / len(private)) if args.sample_rate is None
                                  else args.sample_rate)
     if args.bound != "clip":
         raise PrivdiffError(f"--bound {args.bound} is not available for --method dpsgd (it clips gradients)")
-    plan_dpsgd_ti(audit_params(params, len(private), args.canaries), half, config)  # every check, before the model
+    records = len(private) + args.canaries // 2
+    plan_dpsgd_ti(audit_params(params, len(private), args.canaries), records, config)  # every check, before a model
     world = World()
     releasing.check_device_here(args, world)
     private.warn_skipped()
     with tqdm_progress("dpsgd audit: training") as progress:
         backend = releasing.load_backend(args, world)
         check_config(backend, config)
-        images = private.load(backend.resolution if args.resolution is None else args.resolution).images
+        resolution = backend.resolution if args.resolution is None else args.resolution
+        check_memory(len(private) + args.canaries, resolution)
+        images = private.load(resolution).images
         result = audit_dpsgd_ti(backend, images, params, config, args.canaries, confidence=args.confidence,
                                 seed=args.reproducible_seed, dataset_label=args.dataset_label, progress=progress)
-    _print(result)
+    _print(result, args)
 
 
 def _cmd_wavelet_finetune(args: argparse.Namespace) -> None:
@@ -67,13 +72,11 @@ def _cmd_wavelet_finetune(args: argparse.Namespace) -> None:
     from privdiff.release.dp_params import DPParams
     from privdiff.wavelet.workflow import load_public_prior
 
-    _note_ignored(args)
     if args.public_size is not None:
         raise PrivdiffError("--public-size does not apply to DP-SGD fine-tuning: it treats N as public (add-remove)")
     load_public_prior(args.prior)  # a wrong prior fails before the private images are read
     private = read_private_files(args.images)
-    half = len(private) + args.canaries // 2
-    rate = args.sample_rate if args.sample_rate is not None else min(1.0, args.batch_size / half)
+    rate = args.sample_rate if args.sample_rate is not None else min(1.0, args.batch_size / len(private))
     params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,
                       accountant=args.accountant)
     with tqdm_progress("DP fine-tuning audit") as progress:
@@ -81,7 +84,7 @@ def _cmd_wavelet_finetune(args: argparse.Namespace) -> None:
                                         confidence=args.confidence, seed=args.reproducible_seed,
                                         dataset_label=args.dataset_label, progress=progress,
                                         device=args.device or "cpu")
-    _print(result)
+    _print(result, args)
 
 
 def add_commands(group: argparse._SubParsersAction,
