@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from privdiff.cli import arguments, audit_aggregates
+from privdiff.cli import arguments, audit_aggregates, audit_dpsgd
 
 CONFIDENCE = arguments.real(1.0, high_open=True)
 
@@ -23,3 +23,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "audit", help="empirical lower bound on a release's epsilon from one run with canaries (writes nothing)",
     ).add_subparsers(dest="audit_command", required=True, metavar="{...}")
     audit_aggregates.add_commands(group, add_audit_options)
+    audit_dpsgd.add_commands(group, add_audit_options)

@@ -18,7 +18,7 @@ def _cmd_tokenizer(args: argparse.Namespace) -> None:
                           "tokens_per_image": tokenizer.length, "codebook_sizes": list(tokenizer.vocab_sizes)})
 
 
-def _train_config(args: argparse.Namespace) -> object:
+def train_config(args: argparse.Namespace) -> object:
     from privdiff.wavelet.training import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
@@ -31,7 +31,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
     tokenizer = load_tokenizer(args.tokenizer)
     with tqdm_progress("pre-training") as progress:
-        losses = pretrain_prior(tokenizer, args.images, args.out, _train_config(args), dim=args.dim,
+        losses = pretrain_prior(tokenizer, args.images, args.out, train_config(args), dim=args.dim,
                                 layers=args.layers, heads=args.heads, seed=args.seed, progress=progress,
                                 force=args.force, device=args.device or "cpu", checkpoint_dir=args.checkpoint_dir)
     arguments.print_json({"output": args.out, "tokenizer": tokenizer.identity, "steps": len(losses),
@@ -68,7 +68,7 @@ def _lead_finetune(args: argparse.Namespace, world: object) -> dict:
     ledger = releasing.ledger_request(args, private.digests)
     with tqdm_progress("DP fine-tuning") as progress:
         path, report, resumed = finetune_prior(
-            args.prior, private, args.out, params, _train_config(args), ledger=ledger,
+            args.prior, private, args.out, params, train_config(args), ledger=ledger,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.reproducible_seed,
             dataset_label=args.dataset_label, progress=progress, force=args.force,
             device=world.device(args.device or "cpu"), world=world)
@@ -173,27 +173,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_pretrain)
 
     p = wavelet.add_parser("finetune", help="DP-SGD fine-tune of a public prior on a PRIVATE folder (the release)")
-    p.add_argument("--prior", required=True, help="the public prior file")
-    p.add_argument("--images", required=True, help="folder of private images (one image = one example)")
-    p.add_argument("--out", required=True, help="DP prior file (.safetensors, carries the privacy report)")
-    p.add_argument("--epsilon", type=arguments.POSITIVE, required=True, help="target epsilon of this release")
-    p.add_argument("--delta", type=arguments.UNIT_OPEN, required=True, help="target delta (must be below 1/N)")
-    p.add_argument("--steps", type=steps, default=300, help="DP-SGD steps (300)")
-    p.add_argument("--batch-size", type=batch, default=32,
-                   help="expected batch size; sets q = B/N unless --sample-rate is given (32)")
-    p.add_argument("--sample-rate", type=arguments.RATE, default=None, help="Poisson sampling rate q")
-    p.add_argument("--clip-norm", type=arguments.real(arguments.MAX_CLIP_NORM), default=1.0,
-                   help="per-sample clip norm (1.0)")
-    p.add_argument("--lr", type=arguments.real(arguments.MAX_LR), default=3e-4, help="learning rate (3e-4)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="private folder for resumable state (default ~/.cache/privdiff/checkpoints); running the "
-                        "same command again after an interruption resumes without charging again")
-    p.add_argument("--checkpoint-every", type=steps, default=50, help="steps between checkpoints (50)")
-    arguments.add_accountant(p)
-    p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
-    p.add_argument("--device", type=arguments.device, default=None, help="torch device (default cpu)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    arguments.add_ledger_options(p)
+    add_finetune_arguments(p)
     p.set_defaults(func=_cmd_finetune, across_ranks=True)
 
     p = wavelet.add_parser("sample", help="coarse samples from a prior, optionally upsampled by a public model")
@@ -215,3 +195,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = wavelet.add_parser("inspect", help="config, tokenizer and privacy report of a prior file")
     p.add_argument("file")
     p.set_defaults(func=_cmd_inspect)
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    """``wavelet finetune``'s options (``privdiff audit wavelet-finetune`` takes the same)."""
+    steps, batch = arguments.integer(1, arguments.MAX_STEPS), arguments.integer(1, arguments.MAX_BATCH_SIZE)
+    p.add_argument("--prior", required=True, help="the public prior file")
+    p.add_argument("--images", required=True, help="folder of private images (one image = one example)")
+    p.add_argument("--out", required=True, help="DP prior file (.safetensors, carries the privacy report)")
+    p.add_argument("--epsilon", type=arguments.POSITIVE, required=True, help="target epsilon of this release")
+    p.add_argument("--delta", type=arguments.UNIT_OPEN, required=True, help="target delta (must be below 1/N)")
+    p.add_argument("--steps", type=steps, default=300, help="DP-SGD steps (300)")
+    p.add_argument("--batch-size", type=batch, default=32,
+                   help="expected batch size; sets q = B/N unless --sample-rate is given (32)")
+    p.add_argument("--sample-rate", type=arguments.RATE, default=None, help="Poisson sampling rate q")
+    p.add_argument("--clip-norm", type=arguments.real(arguments.MAX_CLIP_NORM), default=1.0,
+                   help="per-sample clip norm (1.0)")
+    p.add_argument("--lr", type=arguments.real(arguments.MAX_LR), default=3e-4, help="learning rate (3e-4)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="private folder for resumable state (default ~/.cache/privdiff/checkpoints); running the "
+                        "same command again after an interruption resumes without charging again")
+    p.add_argument("--checkpoint-every", type=steps, default=50, help="steps between checkpoints (50)")
+    arguments.add_accountant(p)
+    p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
+    p.add_argument("--device", type=arguments.device, default=None, help="torch device (default cpu)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    arguments.add_ledger_options(p)

@@ -160,17 +160,11 @@ def finetune_prior(
         raise PrivdiffError(f"the checkpoint folder {planned} is the output's folder; keep private state elsewhere")
     if not isinstance(images, PrivateFiles):
         images = read_private_files(images)
-    public = load_prior(prior_file)
-    if public.report is not None:
-        raise PrivdiffError(f"{prior_file} is already a DP fine-tune; start from the public prior")
+    public = load_public_prior(prior_file)
     if ledger is not None and sorted(ledger.digests) != sorted(images.digests):
         raise PrivdiffError("the ledger charges other images than the fine-tune reads: open it with the digests of "
                             "the images passed (PrivateFiles.digests)")
-    check_params(params, len(images), n_public_by_convention=True)
-    _check_sizes(images.files, images.sizes, public.tokenizer.size)
-    batch = max(1, round(params.sample_rate * len(images)))
-    check_memory(public.prior.config, "DP fine-tuning", batch=batch, training=True, per_sample=True,
-                 batch_name="images per expected batch (sample rate x images)")
+    check_finetune(public, images, params, len(images))
     request = {"prior": file_digest(prior_file, "prior"), "params": asdict(params),
                "config": asdict(config), "images": sorted(images.digests), "out": str(path.resolve()),
                "seed": seed}
@@ -187,7 +181,7 @@ def finetune_prior(
             prior = finetune_ranks(world, plans, device=device, seed=seed, checkpoint=checkpoint,
                                    checkpoint_dir=checkpoint_dir, progress=progress)
             return LoadedPrior(prior.cpu(), public.tokenizer, report)
-        tokens = public.tokenizer.encode(images.load(public.tokenizer.size).images)
+        tokens = private_tokens(public, images)
         checkpoint_folder(checkpoint_dir)  # created once every image decoded
         prior = finetune(public.prior.to(device), tokens, params, config, report, seed=seed, checkpoint=checkpoint,
                          progress=progress)
@@ -209,6 +203,29 @@ def finetune_prior(
     return path, report, resume
 
 
+def load_public_prior(prior_file: str | Path) -> LoadedPrior:
+    """The public prior a fine-tune starts from; a DP fine-tune is refused."""
+    public = load_prior(prior_file)
+    if public.report is not None:
+        raise PrivdiffError(f"{prior_file} is already a DP fine-tune; start from the public prior")
+    return public
+
+
+def check_finetune(public: LoadedPrior, images: PrivateFiles, params: DPParams, records: int) -> None:
+    """Refuse, before any image is decoded, a fine-tune of ``public`` on ``images`` (``records`` examples in all)
+    whose parameters, image sizes or expected batch do not fit."""
+    check_params(params, records, n_public_by_convention=True)
+    _check_sizes(images.files, images.sizes, public.tokenizer.size)
+    batch = max(1, round(params.sample_rate * records))
+    check_memory(public.prior.config, "DP fine-tuning", batch=batch, training=True, per_sample=True,
+                 batch_name="images per expected batch (sample rate x images)")
+
+
+def private_tokens(public: LoadedPrior, images: PrivateFiles) -> torch.Tensor:
+    """The token sequences [N, L] of the private images, decoded from the bytes read at the tokenizer's size."""
+    return public.tokenizer.encode(images.load(public.tokenizer.size).images)
+
+
 def finetune_ranks(
     world: World, plans: list[Share] | None = None, *, device: str = "cpu", seed: int | None = None,
     checkpoint: Checkpoint | None = None, checkpoint_dir: str | Path | None = None, progress: Progress | None = None,
@@ -222,7 +239,7 @@ def finetune_ranks(
     def prepare() -> None:
         public = load_prior(prior_file)
         state["prior"] = public.prior.to(device)
-        state["tokens"] = public.tokenizer.encode(share.records.load(public.tokenizer.size).images)
+        state["tokens"] = private_tokens(public, share.records)
         if world.leader:
             checkpoint_folder(checkpoint_dir)  # created once every image decoded
 
