@@ -10,12 +10,11 @@ Canaries and everything computed from them stay in memory.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
-from privdiff.audit.canaries import canary_images, canary_offsets, check_count, draw_inclusion, projection_scores
+from privdiff.audit.canaries import canary_images, canary_offsets, draw_inclusion, projection_scores
+from privdiff.audit.plan import audit_params, audit_streams, check_audit
 from privdiff.audit.result import AuditResult, audit_result
 from privdiff.embeddings.dpagg import aggregate_loaded, around, embedding_dim, run_dpagg_ti, shapes_of, train_sampled
 from privdiff.embeddings.files import Embedding
@@ -25,34 +24,13 @@ from privdiff.guidance.target import embed_in_batches, make_target
 from privdiff.models.image_encoders import ImageEncoder
 from privdiff.models.protocol import SDBackend
 from privdiff.privacy.mechanism import bound_vectors
-from privdiff.privacy.randomness import SecureRandom
 from privdiff.progress import Progress
-from privdiff.release.dp_params import DPParams, check_params
+from privdiff.release.dp_params import DPParams
 
 AGGREGATE_ATTACK = "projection of the released offset on each canary's own offset (norm C, random direction)"
 DPAGG_TI_ATTACK = ("projection of the released offset on each canary's own textual-inversion offset, trained by the "
                    "auditor alone with a fresh key (the release's is unknown to it) and bounded as the release bounds")
 TARGET_ATTACK = "projection of the released target on each canary's unit image embedding"
-
-
-def audit_params(params: DPParams, dataset_size: int, canaries: int) -> DPParams:
-    """The audited run's parameters: add-remove, public size (P or N) + M // 2; δ must stay below 1/(N + M), the
-    most records the run can hold, so that no draw of the canaries makes the release refuse it."""
-    check_count(canaries)
-    public = (dataset_size if params.public_size is None else params.public_size) + canaries // 2
-    audited = dataclasses.replace(params, public_size=public)
-    if not params.delta < 1 / (dataset_size + canaries):
-        raise PrivdiffError(f"delta {params.delta} must be below 1/(N + canaries) = "
-                            f"{1 / (dataset_size + canaries):.3g} for N={dataset_size} records and {canaries} "
-                            "canaries")
-    check_params(audited, dataset_size + canaries)
-    return audited
-
-
-def release_seed(rng: SecureRandom) -> int | None:
-    """The audited release's seed: none when the audit is private (the release keys its own CSPRNG), else drawn from
-    the audit's seeded stream, so the release's sampling and noise are reproducible yet apart from the canaries'."""
-    return int.from_bytes(rng.random_bytes(8), "little") if rng.reproducible else None
 
 
 def flat(vectors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -68,13 +46,14 @@ def audit_aggregate(
     at the public centre (zero without one) plus an offset of norm C in a random direction."""
     if not embeddings:
         raise PrivdiffError("no embedding files to aggregate")
+    check_audit(canaries, confidence)
     audited = audit_params(params, len(embeddings), canaries)
     origin = center.vectors if center is not None else {k: torch.zeros(s) for k, s in shapes_of(embeddings[0]).items()}
-    rng = SecureRandom(seed)
+    rng, run_seed = audit_streams(seed)
     offsets = canary_offsets(canaries, embedding_dim(origin), params.clip_norm, rng)
     included = draw_inclusion(canaries, rng)
     records = embeddings + [Embedding(around(origin, offsets[i].double())) for i in np.flatnonzero(included)]
-    result = aggregate_loaded(records, audited, center=center, seed=release_seed(rng))
+    result = aggregate_loaded(records, audited, center=center, seed=run_seed)
     scores = projection_scores(flat(result.embedding.vectors) - flat(origin), offsets)
     return audit_result("aggregate", AGGREGATE_ATTACK, result.report, scores, included, confidence)
 
@@ -87,12 +66,13 @@ def audit_dpagg_ti(
     """Audit ``run_dpagg_ti`` on private ``images`` [N, 3, R, R] plus canary mosaics at R pixels. The attacker trains
     every canary's embedding itself (``train_sampled``, its own key), bounds its offset from the public
     initialisation like the release, and projects the released offset on it."""
+    check_audit(canaries, confidence)
     audited = audit_params(params, len(images), canaries)
-    rng = SecureRandom(seed)
+    rng, run_seed = audit_streams(seed)
     pictures = canary_images(canaries, images.shape[-1], rng)
     included = draw_inclusion(canaries, rng)
     records = torch.cat([images, pictures[torch.from_numpy(included)]])
-    result = run_dpagg_ti(backend, records, audited, config, seed=release_seed(rng), progress=progress)
+    result = run_dpagg_ti(backend, records, audited, config, seed=run_seed, progress=progress)
     init = initial_vectors(backend, config)
     own = train_sampled(backend, pictures, list(range(canaries)), rng.random_bytes(32), init, config,
                         attack_progress)
@@ -106,12 +86,13 @@ def audit_style_target(
     seed: int | None = None, progress: Progress | None = None,
 ) -> AuditResult:
     """Audit ``make_target`` on private ``images`` [N, 3, S, S] (S the encoder's size) plus canary mosaics."""
+    check_audit(canaries, confidence)
     audited = audit_params(params, len(images), canaries)
-    rng = SecureRandom(seed)
+    rng, run_seed = audit_streams(seed)
     pictures = canary_images(canaries, encoder.size, rng)
     included = draw_inclusion(canaries, rng)
     records = torch.cat([images, pictures[torch.from_numpy(included)]])
-    target = make_target(encoder, records, audited, seed=release_seed(rng), progress=progress)
+    target = make_target(encoder, records, audited, seed=run_seed, progress=progress)
     embeddings = bound_vectors(embed_in_batches(encoder, pictures), 1.0, "normalize")
     scores = projection_scores(target.vector, embeddings)
     return audit_result("guidance-target", TARGET_ATTACK, target.report, scores, included, confidence)

@@ -1,4 +1,4 @@
-"""What the DP-SGD audits share: their checks, the canaries' own random stream, and the attack.
+"""What the DP-SGD audits share: the attack.
 
 The attack is the loss difference: canary i scores L_i(public start) − L_i(released weights), how much the release
 learned the canary (a member's loss drops more). Measured on the spectral prior (tiny test prior, noise removed,
@@ -12,26 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from privdiff.audit.canaries import check_count
 from privdiff.audit.result import AuditResult, audit_result
-from privdiff.errors import PrivdiffError
-from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 
 ATTACK = "loss difference: each canary's training loss at the public start minus at the released weights"
-
-
-def check_audit(canaries: int, confidence: float) -> None:
-    """Refuse a canary count or confidence the bound cannot use, before any work."""
-    check_count(canaries)
-    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0 < confidence < 1:
-        raise PrivdiffError(f"confidence {confidence!r} must be in (0, 1)")
-
-
-def canary_stream(seed: int | None) -> SecureRandom:
-    """The canaries' stream (images and inclusion): fresh from the OS, or with ``seed`` spawned from the seed's
-    stream, so it never replays the run's own draws (the run keys its CSPRNG with the same seed)."""
-    return SecureRandom(seed).spawn()
 
 
 def bound_of_losses(kind: str, report: PrivacyReport, before: torch.Tensor, after: torch.Tensor,

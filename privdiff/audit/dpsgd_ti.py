@@ -11,12 +11,11 @@ keyed by the audit's CSPRNG: the run's own draws stay inside the run.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from privdiff.audit.canaries import canary_images, draw_inclusion
-from privdiff.audit.dpsgd import bound_of_losses, canary_stream, check_audit
+from privdiff.audit.dpsgd import bound_of_losses
+from privdiff.audit.plan import audit_params, audit_streams, check_audit
 from privdiff.audit.result import AuditResult
 from privdiff.embeddings.dpagg import encode_each
 from privdiff.embeddings.dpsgd_ti import plan_dpsgd_ti, run_dpsgd_ti
@@ -52,22 +51,17 @@ def audit_dpsgd_ti(
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise PrivdiffError(f"probes {probes!r} must be a positive integer")
     params = audit_params(params, len(images), canaries)
-    report = plan_dpsgd_ti(params, len(images) + canaries // 2, config, seed=seed, dataset_label=dataset_label)
+    rng, run_seed = audit_streams(seed)
+    report = plan_dpsgd_ti(params, len(images) + canaries // 2, config, seed=run_seed, dataset_label=dataset_label)
     init = initial_vectors(backend, config)
-    rng = canary_stream(seed)
     marks = canary_images(canaries, images.shape[-1], rng)
     included = draw_inclusion(canaries, rng)
     result = run_dpsgd_ti(backend, torch.cat([images, marks[torch.from_numpy(included)]]), params, config,
-                          seed=seed, progress=progress, report=report)
+                          seed=run_seed, progress=progress, report=report)
     generator_seed = training_generator(rng).initial_seed()
     before = canary_losses(backend, marks, init, config, probes, generator_seed)
     after = canary_losses(backend, marks, result.embedding.vectors, config, probes, generator_seed)
     return bound_of_losses(KIND, report, before, after, included, confidence)
-
-
-def audit_params(params: DPParams, records: int, canaries: int) -> DPParams:
-    """The run's parameters: add-remove with public size P + M/2 (P: ``params.public_size``, else ``records``)."""
-    return replace(params, public_size=(params.public_size or records) + canaries // 2)
 
 
 @torch.no_grad()

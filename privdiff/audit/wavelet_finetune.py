@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from privdiff.audit.canaries import canary_images, draw_inclusion
-from privdiff.audit.dpsgd import bound_of_losses, canary_stream, check_audit
+from privdiff.audit.dpsgd import bound_of_losses
+from privdiff.audit.plan import audit_streams, check_audit, check_delta
 from privdiff.audit.result import AuditResult
 from privdiff.io.images import PrivateFiles
 from privdiff.progress import Progress
@@ -37,14 +38,15 @@ def audit_wavelet_finetune(
     from one run with ``canaries`` canary images (each in with probability 1/2). Writes nothing."""
     check_audit(canaries, confidence)
     public = load_public_prior(prior_file)
+    check_delta(params.delta, len(images), canaries)
     check_finetune(public, images, params, len(images) + canaries)
-    rng = canary_stream(seed)
+    rng, run_seed = audit_streams(seed)
     marks = public.tokenizer.encode(canary_images(canaries, public.tokenizer.size, rng))
     included = draw_inclusion(canaries, rng)
     tokens = torch.cat([private_tokens(public, images), marks[torch.from_numpy(included)]])
-    report = plan_finetune(params, len(tokens), config, seed=seed, dataset_label=dataset_label)
+    report = plan_finetune(params, len(tokens), config, seed=run_seed, dataset_label=dataset_label)
     start = copy.deepcopy(public.prior)
-    tuned = finetune(public.prior.to(device), tokens, params, config, report, seed=seed, progress=progress)
+    tuned = finetune(public.prior.to(device), tokens, params, config, report, seed=run_seed, progress=progress)
     return bound_of_losses(KIND, report, canary_losses(start, marks), canary_losses(tuned, marks), included,
                            confidence)
 

@@ -36,7 +36,7 @@ def _release_only_optional(p: argparse.ArgumentParser) -> None:
 
 def _check_audit(params: object, dataset_size: int, args: argparse.Namespace) -> None:
     """The release's own checks of its parameters, then the audited run's (δ below 1/(N + canaries))."""
-    from privdiff.audit.aggregates import audit_params
+    from privdiff.audit.plan import audit_params
     from privdiff.release.dp_params import check_params
 
     check_params(params, dataset_size)

@@ -32,7 +32,8 @@ def _print(result: object, args: argparse.Namespace) -> None:
 
 
 def _cmd_dpsgd_ti(args: argparse.Namespace) -> None:
-    from privdiff.audit.dpsgd_ti import audit_dpsgd_ti, audit_params
+    from privdiff.audit.dpsgd_ti import audit_dpsgd_ti
+    from privdiff.audit.plan import audit_params
     from privdiff.embeddings.dpsgd_ti import plan_dpsgd_ti
     from privdiff.embeddings.textual_inversion import TIConfig, check_config
     from privdiff.io.images import check_memory, read_private_files
