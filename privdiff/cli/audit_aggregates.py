@@ -8,30 +8,10 @@ saying so. Prints one JSON object (``privdiff.audit.result.AuditResult``).
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 
 from privdiff.cli import aggregate, guidance, releasing, textual_inversion
+from privdiff.cli.audit_options import add_audit_parser, print_result
 from privdiff.errors import PrivdiffError
-
-RELEASE_ONLY = ("out", "format", "token", "force", "ledger", "budget_epsilon", "budget_delta", "change_budget",
-                "force_budget")
-"""Options of the release commands that write a file or charge a ledger: an audit does neither."""
-
-
-def _ignore_release_only(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> None:
-    """One line on stderr naming the release-only options given, which the audit ignores."""
-    given = [f"--{dest.replace('_', '-')}" for dest in RELEASE_ONLY + extra if getattr(args, dest, None)]
-    if given:
-        print(f"privdiff: note: {', '.join(given)} ignored: an audit is not a release (it writes no file and charges "
-              "no ledger)", file=sys.stderr)
-
-
-def _release_only_optional(p: argparse.ArgumentParser) -> None:
-    """Make the release's required output option optional: an audit accepts it but needs none."""
-    for action in p._actions:
-        if action.dest in RELEASE_ONLY:
-            action.required = False
 
 
 def _check_audit(params: object, dataset_size: int, args: argparse.Namespace) -> None:
@@ -48,7 +28,6 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     from privdiff.embeddings.dpagg import load_per_image_files, per_image_files
     from privdiff.embeddings.files import load_embedding
 
-    _ignore_release_only(args, ("images",))  # --images only names what the ledger charges
     if not args.one_image_per_file:
         raise PrivdiffError("the guarantee needs each file to come from exactly one image: confirm with "
                             "--one-image-per-file")
@@ -59,7 +38,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     center = load_embedding(args.center) if args.center else None
     result = audit_aggregate(load_per_image_files(files, params), params, args.canaries, args.confidence,
                              center=center, seed=args.reproducible_seed)
-    print(result.to_json())
+    print_result(result, args)
 
 
 def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
@@ -68,7 +47,6 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     from privdiff.io.images import check_memory, read_private_files
     from privdiff.progress import tqdm_progress
 
-    _ignore_release_only(args)
     private = read_private_files(args.images, warn=False)
     config = TIConfig(n_vectors=args.vectors, init_word=args.init_word, steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, templates=args.templates)
@@ -86,7 +64,7 @@ def _cmd_ti_aggregate(args: argparse.Namespace) -> None:
     with tqdm_progress("audit: release run") as progress, tqdm_progress("audit: attack") as attack_progress:
         result = audit_dpagg_ti(backend, images, params, config, args.canaries, args.confidence,
                                 seed=args.reproducible_seed, progress=progress, attack_progress=attack_progress)
-    print(result.to_json())
+    print_result(result, args)
 
 
 def _cmd_guidance_target(args: argparse.Namespace) -> None:
@@ -97,7 +75,6 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     from privdiff.models.image_encoders import load_image_encoder
     from privdiff.progress import tqdm_progress
 
-    _ignore_release_only(args)
     private = read_private_files(args.images, warn=False)
     rate = 1.0 if args.sample_rate is None else args.sample_rate
     params = target_params(args.epsilon, args.delta, rate, accountant=args.accountant, public_size=args.public_size)
@@ -109,24 +86,14 @@ def _cmd_guidance_target(args: argparse.Namespace) -> None:
     with tqdm_progress("audit: release run") as progress:
         result = audit_style_target(encoder, images, params, args.canaries, args.confidence,
                                     seed=args.reproducible_seed, progress=progress)
-    print(result.to_json())
+    print_result(result, args)
 
 
-def add_commands(group: argparse._SubParsersAction,
-                 add_audit_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    """The audits of ``aggregate``, ``ti-aggregate`` (DPAgg-TI) and ``guidance target`` in the ``audit`` group, each
-    with its release's options and ``add_audit_options``'s."""
-    for name, help_text, add_release_arguments, func in (
-        ("aggregate", "audit `privdiff aggregate` (canaries: per-image embedding offsets)", aggregate.add_arguments,
-         _cmd_aggregate),
-        ("ti-aggregate", "audit `privdiff ti-aggregate` with DPAgg-TI (canaries: mosaic images)",
-         lambda p: textual_inversion.add_arguments(p, method=False), _cmd_ti_aggregate),
-        ("guidance-target", "audit `privdiff guidance target` (canaries: mosaic images)",
-         guidance.add_target_arguments, _cmd_guidance_target),
-    ):
-        p = group.add_parser(name, help=help_text)
-        add_release_arguments(p)
-        _release_only_optional(p)
-        add_audit_options(p)
-        p.set_defaults(func=func)
-
+def add_commands(group: argparse._SubParsersAction) -> None:
+    """The audits of ``aggregate``, ``ti-aggregate`` (DPAgg-TI) and ``guidance target`` in the ``audit`` group."""
+    add_audit_parser(group, "aggregate", "audit `privdiff aggregate` (canaries: per-image embedding offsets)",
+                     aggregate.add_arguments, _cmd_aggregate, ignored=("images",))  # --images: what a ledger charges
+    add_audit_parser(group, "ti-aggregate", "audit `privdiff ti-aggregate` with DPAgg-TI (canaries: mosaic images)",
+                     lambda p: textual_inversion.add_arguments(p, method=False), _cmd_ti_aggregate)
+    add_audit_parser(group, "guidance-target", "audit `privdiff guidance target` (canaries: mosaic images)",
+                     guidance.add_target_arguments, _cmd_guidance_target)

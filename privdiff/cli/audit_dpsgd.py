@@ -7,28 +7,10 @@ Each takes its release command's options (copy the release's command line and in
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 
 from privdiff.cli import releasing, textual_inversion, wavelet
+from privdiff.cli.audit_options import add_audit_parser, print_result
 from privdiff.errors import PrivdiffError
-
-LEDGER = ("ledger", "budget_epsilon", "budget_delta", "change_budget", "force_budget")
-
-
-def _note_ignored(args: argparse.Namespace) -> None:
-    """One stderr line naming the output and ledger options given, which an audit ignores."""
-    given = [name for name, default in args.ignored.items() if getattr(args, name) != default]
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        print(f"privdiff audit: ignoring {flags}: an audit writes no file and charges no ledger", file=sys.stderr)
-
-
-def _print(result: object, args: argparse.Namespace) -> None:
-    """The result's JSON on stdout, then the note on the options ignored (after the run: an error stays one line)."""
-    sys.stdout.write(result.to_json() + "\n")
-    sys.stdout.flush()
-    _note_ignored(args)
 
 
 def _cmd_dpsgd_ti(args: argparse.Namespace) -> None:
@@ -63,7 +45,7 @@ def _cmd_dpsgd_ti(args: argparse.Namespace) -> None:
         images = private.load(resolution).images
         result = audit_dpsgd_ti(backend, images, params, config, args.canaries, confidence=args.confidence,
                                 seed=args.reproducible_seed, dataset_label=args.dataset_label, progress=progress)
-    _print(result, args)
+    print_result(result, args)
 
 
 def _cmd_wavelet_finetune(args: argparse.Namespace) -> None:
@@ -85,23 +67,12 @@ def _cmd_wavelet_finetune(args: argparse.Namespace) -> None:
                                         confidence=args.confidence, seed=args.reproducible_seed,
                                         dataset_label=args.dataset_label, progress=progress,
                                         device=args.device or "cpu")
-    _print(result, args)
+    print_result(result, args)
 
 
-def add_commands(group: argparse._SubParsersAction,
-                 add_audit_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    """``audit dpsgd-ti`` and ``audit wavelet-finetune`` in the audit ``group``, each with ``add_audit_options``."""
-    p = group.add_parser("dpsgd-ti", help="audit ti-aggregate --method dpsgd: one run with canary images")
-    textual_inversion.add_arguments(p, method=False)
-    add_audit_options(p)
-    _ignoring(p, ("out", "format", "token", "force", *LEDGER), _cmd_dpsgd_ti)
-
-    p = group.add_parser("wavelet-finetune", help="audit wavelet finetune: one DP-SGD run with canary images")
-    wavelet.add_finetune_arguments(p)
-    add_audit_options(p)
-    _ignoring(p, ("out", "force", "checkpoint_dir", "checkpoint_every", *LEDGER), _cmd_wavelet_finetune)
-
-
-def _ignoring(p: argparse.ArgumentParser, names: tuple[str, ...], func: Callable[[argparse.Namespace], None]) -> None:
-    """Run ``func``, noting which of the options ``names`` were given (compared with their defaults)."""
-    p.set_defaults(func=func, ignored={name: p.get_default(name) for name in names})
+def add_commands(group: argparse._SubParsersAction) -> None:
+    """``audit dpsgd-ti`` and ``audit wavelet-finetune`` in the ``audit`` group."""
+    add_audit_parser(group, "dpsgd-ti", "audit ti-aggregate --method dpsgd: one run with canary images",
+                     lambda p: textual_inversion.add_arguments(p, method=False), _cmd_dpsgd_ti)
+    add_audit_parser(group, "wavelet-finetune", "audit wavelet finetune: one DP-SGD run with canary images",
+                     wavelet.add_finetune_arguments, _cmd_wavelet_finetune)
