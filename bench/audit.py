@@ -2,8 +2,9 @@
 
 Each row is one audit (``privdiff.audit``): one run of the release's own code with M canaries, each in with
 probability 1/2, and the bound at 95% from the best of the fixed guess counts (Bonferroni-corrected). The releases:
-  - **DPAgg** (the aggregate DPAgg-TI releases): N = 100 per-image offsets (768 wide) plus the included canaries,
-    offsets of norm C in random directions, q = 1: the mechanism with canaries the attack isolates perfectly,
+  - **DPAgg** (the aggregate DPAgg-TI releases): N = 100 per-image offsets (embeddings of 2 vectors, 1536 wide) plus
+    the included canaries, offsets of norm C in orthogonal directions, q = 1: the mechanism with canaries the attack
+    isolates perfectly (1536 dimensions hold M = 1000 orthogonal canaries; 768 would not),
   - **DPAgg-TI** on the small reference model: 20 private images of a held-out style plus canary mosaics, per-image
     textual inversion (40 steps), C = 4, q = 1; the attacker trains each canary's own embedding,
   - **style target** (DP Universal Guidance) with the small model's public image encoder: 50 private images,
@@ -17,7 +18,8 @@ The last line is the ratio of the audited bound to the claimed Îµ for DPAgg at Î
 
     python bench/audit.py [--quick] [--full]
 
-``--quick`` runs M = 64 only; ``--full`` adds M = 256 for DPAgg-TI and the spectral prior (minutes each on two cores).
+``--quick`` runs M = 64 only; ``--full`` adds M = 256 for DPAgg-TI and the spectral prior (minutes each on two cores);
+``--only NAME`` runs one release's rows.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ DELTA = 1e-5
 EPSILONS = (1.0, 4.0, 16.0, None)
 """None: the noise removed."""
 STYLE = "teal stripes"
+RELEASES = ("DPAgg", "DPAgg-TI (small model)", "style target (small encoder)", "spectral DP-SGD")
 TI = TIConfig(steps=40, lr=2e-2, batch_size=50)
 """DPAgg-TI's per-image training (as in bench/privacy_utility.py and the demo)."""
 
@@ -84,7 +87,7 @@ def ideal(canaries: int, sigma: float, seed: int = 0) -> float:
 
 def _user_offsets(count: int = 100) -> list[Embedding]:
     g = torch.Generator().manual_seed(0)
-    return [Embedding({"clip_l": 0.3 * torch.randn(1, 768, generator=g) / math.sqrt(768)}) for _ in range(count)]
+    return [Embedding({"clip_l": 0.3 * torch.randn(2, 768, generator=g) / math.sqrt(1536)}) for _ in range(count)]
 
 
 def _style(count: int, size: int | None = None) -> torch.Tensor:
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="M = 64 only")
     parser.add_argument("--full", action="store_true", help="also M = 256 for DPAgg-TI and the spectral prior")
     parser.add_argument("--seed", type=int, default=0, help="the audits' seed (runs are marked not private)")
+    parser.add_argument("--only", choices=RELEASES, default=None, help="run only this release's rows")
     args = parser.parse_args(argv)
     logging.getLogger("privdiff").setLevel(logging.ERROR)  # the low signal-to-noise warnings of small runs
     headline = None
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'correct/guesses':>15} {'seconds':>8}")
     with tempfile.TemporaryDirectory(prefix="privdiff-audit-bench-") as tmp:
         for name, (counts, run) in audits(Path(tmp), args).items():
+            if args.only not in (None, name):
+                continue
             for m in counts:
                 for epsilon in EPSILONS:
                     start = time.perf_counter()

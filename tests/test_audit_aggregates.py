@@ -195,3 +195,14 @@ def test_cli_refusals_are_the_releases_own(tmp_path, capsys):
                                "--canaries", "8"], "--one-image-per-file")
     refused(capsys, tmp_path, ["audit", "aggregate", "--embeddings", embeddings, "--one-image-per-file",
                                "--epsilon", "1", "--delta", "0.05", "--canaries", "64"], "delta 0.05")
+
+
+def test_canary_offsets_are_orthogonal_up_to_the_dimension():
+    from privdiff.audit.canaries import canary_offsets
+
+    apart = canary_offsets(64, 768, 2.0, SecureRandom(1)).double()
+    gram = apart @ apart.T
+    assert torch.allclose(gram, 4.0 * torch.eye(64, dtype=torch.float64), atol=1e-5)
+    crowded = canary_offsets(10, 4, 1.0, SecureRandom(1))
+    assert torch.allclose(crowded.norm(dim=1), torch.ones(10))
+    assert not torch.equal(canary_offsets(8, 16, 1.0, SecureRandom(2)), canary_offsets(8, 16, 1.0, SecureRandom(3)))

@@ -40,11 +40,16 @@ def canary_images(count: int, size: int, rng: SecureRandom) -> torch.Tensor:
 
 
 def canary_offsets(count: int, dim: int, norm: float, rng: SecureRandom) -> torch.Tensor:
-    """``count`` vectors [count, dim] (float32) of norm ``norm`` in uniformly random directions."""
+    """``count`` vectors [count, dim] (float32) of norm ``norm``: orthogonal directions, uniformly random as a set,
+    when ``count <= dim`` (each canary alone on its axis: the strongest canaries for a sum), else random directions
+    (more canaries than dimensions cannot all be apart, and their projections pick up one another)."""
     count = check_count(count)
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise PrivdiffError(f"canary dimension {dim!r} must be a positive integer")
     gaussian = torch.from_numpy(rng.standard_normal(count * dim)).view(count, dim)
+    if count <= dim:
+        q, r = torch.linalg.qr(gaussian.T)  # [dim, count], orthonormal columns
+        gaussian = (q * torch.sign(torch.diagonal(r))).T  # the signs make the basis uniformly random (Haar)
     return (gaussian * (norm / gaussian.norm(dim=1, keepdim=True))).to(torch.float32)
 
 
