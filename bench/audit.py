@@ -105,28 +105,41 @@ def _public_prior(folder: Path) -> Path:
     return save_prior(prior, tokenizer, folder / "public.safetensors")
 
 
-def audits(workdir: Path, args: argparse.Namespace) -> dict[str, tuple[tuple[int, ...], Callable[..., AuditResult]]]:
-    """Per release: the canary counts to run and ``run(epsilon, canaries, seed)``."""
-    small = DiffusersBackend(load_small())
-    small.freeze()
-    encoder = load_small_encoder()
-    prior = _public_prior(workdir)
-    private = read_private_files(write_style_images(workdir / "private", count=32, size=16))
+Run = Callable[..., AuditResult]
+"""``run(epsilon, canaries, seed)``: one audit of a release."""
+
+
+def audits(workdir: Path, args: argparse.Namespace) -> Iterator[tuple[str, tuple[int, ...], Run]]:
+    """Per release (``--only`` one): its name, the canary counts to run and ``run(epsilon, canaries, seed)``; each
+    release's model is loaded when its turn comes."""
     many = (64,) if args.quick else (64, 256, 1000)
     slow = (64,) if args.quick or not args.full else (64, 256)
 
     def params(epsilon: float | None, **extra: float) -> DPParams:
         return DPParams(epsilon=epsilon or 1.0, delta=DELTA, **extra)
 
-    return {
-        "DPAgg": (many, lambda eps, m, seed: audit_aggregate(_user_offsets(), params(eps), m, seed=seed)),
-        "DPAgg-TI (small model)": (slow, lambda eps, m, seed: audit_dpagg_ti(
-            small, _style(20), params(eps, clip_norm=4.0), TI, m, seed=seed)),
-        "style target (small encoder)": (many, lambda eps, m, seed: audit_style_target(
-            encoder, _style(50, encoder.size), params(eps), m, seed=seed)),
-        "spectral DP-SGD": (slow, lambda eps, m, seed: audit_wavelet_finetune(
-            prior, private, params(eps, sample_rate=1.0), TrainConfig(steps=30, lr=3e-2), m, seed=seed)),
-    }
+    def dpagg() -> Run:
+        return lambda eps, m, seed: audit_aggregate(_user_offsets(), params(eps), m, seed=seed)
+
+    def dpagg_ti() -> Run:
+        small = DiffusersBackend(load_small())
+        small.freeze()
+        return lambda eps, m, seed: audit_dpagg_ti(small, _style(20), params(eps, clip_norm=4.0), TI, m, seed=seed)
+
+    def style_target() -> Run:
+        encoder = load_small_encoder()
+        return lambda eps, m, seed: audit_style_target(encoder, _style(50, encoder.size), params(eps), m, seed=seed)
+
+    def spectral() -> Run:
+        prior = _public_prior(workdir)
+        private = read_private_files(write_style_images(workdir / "private", count=32, size=16))
+        return lambda eps, m, seed: audit_wavelet_finetune(prior, private, params(eps, sample_rate=1.0),
+                                                           TrainConfig(steps=30, lr=3e-2), m, seed=seed)
+
+    for name, counts, make in zip(RELEASES, (many, slow, many, slow), (dpagg, dpagg_ti, style_target, spectral),
+                                  strict=True):
+        if args.only in (None, name):
+            yield name, counts, make()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'release':30} {'M':>5} {'claimed eps':>11} {'sigma':>8} {'audited':>8} {'ideal':>6} "
           f"{'correct/guesses':>15} {'seconds':>8}")
     with tempfile.TemporaryDirectory(prefix="privdiff-audit-bench-") as tmp:
-        for name, (counts, run) in audits(Path(tmp), args).items():
-            if args.only not in (None, name):
-                continue
+        for name, counts, run in audits(Path(tmp), args):
             for m in counts:
                 for epsilon in EPSILONS:
                     start = time.perf_counter()
