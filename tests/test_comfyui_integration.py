@@ -45,7 +45,9 @@ START_TIMEOUT = 240.0
 RUN_TIMEOUT = 900.0
 OUR_NODES = ("PrivdiffLoadPrivateImages", "PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings",
              "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler", "PrivdiffStyleGuider",
-             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample", "PrivdiffEncryptedSampler")
+             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample", "PrivdiffEncryptedSampler",
+             "PrivdiffAuditTextualInversion", "PrivdiffAuditAggregateEmbeddings", "PrivdiffAuditStyleTarget",
+             "PrivdiffAuditSpectralFinetune")
 CLIP_VISION = "privdiff_random_vit_l.safetensors"
 N_IMAGES = 4
 PUBLIC_PRIOR = "pdtest_public_prior.safetensors"
@@ -333,6 +335,7 @@ def prepare(workflow: Path, **overrides: dict) -> dict:
         "UpscaleModelLoader": {"model_name": UPSCALER},
         "ImageScale": {"width": 64, "height": 64},
         "PrivdiffEncryptedSampler": {"steps": 2},
+        "PrivdiffAuditTextualInversion": {"steps": 2, "batch_size": 4, "canaries": 8},
     }
     for node in prompt.values():
         for name, value in {**small.get(node["class_type"], {}), **overrides.get(node["class_type"], {})}.items():
@@ -381,6 +384,7 @@ def test_pack_loads_with_node_definitions(comfy: Comfy):
         tooltips = node.get("output_tooltips") or []
         assert len(tooltips) == len(outputs) and all(t and t.strip() for t in tooltips), f"{name} output tooltips"
     assert info["PrivdiffPrivacyReport"]["output_node"] is True
+    assert all(info[n]["output_node"] is True for n in OUR_NODES if n.startswith("PrivdiffAudit"))
 
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
@@ -421,8 +425,13 @@ def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings:
     for nid in _nodes_of(prompt, "PreviewAny"):
         (text,) = outputs[nid]["text"]
         source = prompt[prompt[nid]["inputs"]["source"][0]]["class_type"]
-        want = "privdiff encrypted denoising" if source == "PrivdiffEncryptedSampler" else "epsilon"
+        want = {"PrivdiffEncryptedSampler": "privdiff encrypted denoising",
+                "PrivdiffAuditTextualInversion": "audited lower bound"}.get(source, "epsilon")
         assert want in text.lower(), f"{workflow.name}: PreviewAny {nid} shows {text[:300]!r}"
+        if source.startswith("PrivdiffAudit"):  # not a release: a bound no higher than the claim, nothing written
+            result = json.loads(text.split("\n\n", 1)[1])
+            assert result["epsilon_lower_bound"] <= result["claimed_epsilon"] and result["canaries"] == 8
+            assert not [p for p in comfy.embeddings.iterdir() if workflow.stem in p.name]
 
     from PIL import Image
 
