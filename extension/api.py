@@ -8,6 +8,8 @@
   {"files", "status", "ok"}.
 - ``POST /privdiff/v1/he-sample``: the encrypted denoising fields (``logic.he.EncryptedForm``) →
   {"files", "report", "status", "ok"}.
+- ``POST /privdiff/v1/audit``: the Audit fields (``logic.audit.AuditForm``) → {"result", "status", "ok"} (not a
+  release: nothing written, no ledger charged).
 - ``GET /privdiff/v1/report?file=NAME``: the privacy report an embedding file carries.
 
 The POST routes are queued like a txt2img job, so ``/sdapi/v1/progress`` and ``/sdapi/v1/interrupt`` work on them;
@@ -22,7 +24,7 @@ from typing import Any
 
 from privdiff.errors import PrivdiffError
 
-from .logic import he, reports, spectral, textual_inversion
+from .logic import audit, he, reports, spectral, textual_inversion
 from .logic.common import Host
 from .logic.forms import parse_form
 
@@ -65,4 +67,5 @@ def routes(app: Any, host: Host) -> None:
                       job(spectral.SpectralSampleForm, spectral.spectral_sample, "files"), methods=["POST"])
     app.add_api_route("/privdiff/v1/he-sample", job(he.EncryptedForm, he.encrypted_sample, "files", "report"),
                       methods=["POST"])
+    app.add_api_route("/privdiff/v1/audit", job(audit.AuditForm, audit.audit, "result"), methods=["POST"])
     app.add_api_route("/privdiff/v1/report", report, methods=["GET"])

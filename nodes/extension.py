@@ -5,6 +5,12 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .aggregate import PrivdiffDPAggregateEmbeddings
+from .audit import (
+    PrivdiffAuditAggregateEmbeddings,
+    PrivdiffAuditSpectralFinetune,
+    PrivdiffAuditStyleTarget,
+    PrivdiffAuditTextualInversion,
+)
 from .dataset import PrivdiffLoadPrivateImages
 from .guidance import PrivdiffDPStyleTarget, PrivdiffGuidedSampler, PrivdiffStyleGuider
 from .he import PrivdiffEncryptedSampler
@@ -28,4 +34,8 @@ class PrivdiffExtension(ComfyExtension):
             PrivdiffSpectralFinetune,
             PrivdiffSpectralSample,
             PrivdiffEncryptedSampler,
+            PrivdiffAuditTextualInversion,
+            PrivdiffAuditAggregateEmbeddings,
+            PrivdiffAuditStyleTarget,
+            PrivdiffAuditSpectralFinetune,
         ]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from extension import install
-from extension.logic import common, forms, guidance, he, paths, reports, spectral, textual_inversion, tools
+from extension.logic import audit, common, forms, guidance, he, paths, reports, spectral, textual_inversion, tools
 from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import load_embedding
 from privdiff.errors import PrivdiffError
@@ -305,6 +305,7 @@ def test_extension_imports_without_diffusers_gradio_or_a1111():
         "import extension.tabs.widgets, extension.logic.common, extension.logic.forms, extension.logic.paths\n"
         "import extension.logic.textual_inversion, extension.logic.guidance, extension.logic.spectral\n"
         "import extension.logic.he, extension.logic.reports, extension.logic.tools\n"
+        "import extension.tabs.audit, extension.logic.audit\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -561,6 +562,8 @@ class _Component:
     def click(self, fn, inputs, outputs, **kwargs):
         _Component.clicks.append((self, fn, inputs, outputs, kwargs))
 
+    change = click
+
 
 def test_encrypted_tab_defaults_match_the_form_and_generate_runs_it(host, monkeypatch):
     from dataclasses import fields
@@ -641,6 +644,9 @@ def test_api_he_sample_route(api_routes):
     ("/privdiff/v1/spectral-sample", {"prior": "p", "temperature": float("nan")}, "temperature"),
     ("/privdiff/v1/he-sample", {"prompt": "a cat", "cfg": "7"}, "cfg"),
     ("/privdiff/v1/he-sample", {"prompt": 3}, "prompt"),
+    ("/privdiff/v1/audit", {"kind": "aggregate", "canaries": "many"}, "canaries"),
+    ("/privdiff/v1/audit", {"kind": "aggregate", "confidence": None}, "confidence"),
+    ("/privdiff/v1/audit", {"canaries": 8}, "kind"),
 ])
 def test_api_refuses_a_wrongly_typed_field_in_one_line_naming_it(api_routes, host, path, body, field):
     with pytest.raises(_HTTPException) as refused:
@@ -730,3 +736,106 @@ def test_the_tab_names_what_install_could_not_provide(host, monkeypatch):
     monkeypatch.setattr(install, "installed_versions", lambda: {**A1111_STACK, "opacus": "1.5.4"})
     notes = [c.args[0] for c in _build_tab(host, monkeypatch) if c.args and str(c.args[0]).startswith("**Unavail")]
     assert len(notes) == 1 and "opacus 1.5.4 is installed" in notes[0] and "tenseal>=0.3.14 is not" in notes[0]
+
+
+def _per_image_files(folder):
+    from privdiff.embeddings.files import Embedding, save_embedding
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        save_embedding(Embedding({"clip_l": 0.02 * torch.randn(1, 768, generator=g)}), folder / f"img{i}.safetensors")
+    return folder
+
+
+def _nothing_written(host):
+    assert not any(host.embeddings_dir().iterdir()) and not host.default_ledger().exists() and host.reloads == 0
+    assert not any(host.targets_dir().iterdir()) and not any(host.outputs_dir().iterdir())
+
+
+@pytest.mark.parametrize("kind", ["ti-aggregate", "dpsgd-ti"])
+def test_audit_of_textual_inversion_shows_the_bound_and_writes_nothing(host, private, kind):
+    form = audit.AuditForm(kind=kind, images=str(private), epsilon=8.0, delta=1e-3, steps=1, batch_size=8,
+                           resolution=32, canaries=4)
+    text, status = audit.audit(host, form)
+    assert status == text.splitlines()[0] and status.startswith("audited lower bound "), status
+    assert status.endswith("not a release: nothing written, no ledger charged")
+    result = json.loads(text.split("\n\n", 1)[1])
+    assert result["kind"] == kind and result["canaries"] == 4 and result["claimed_epsilon"] <= 8.0 + 1e-9
+    assert host.state.sampling_step == host.state.sampling_steps > 0
+    _nothing_written(host)
+
+
+def test_audit_of_the_other_releases(host, private, public_prior, tmp_path):
+    files = _per_image_files(tmp_path / "per_image")
+    runs = {
+        "aggregate": audit.AuditForm(kind="aggregate", embeddings=str(files), one_image_per_file=True, epsilon=0.0,
+                                     noise_multiplier=3.0, canaries=16),
+        "guidance-target": audit.AuditForm(kind="guidance-target", images=str(private), image_encoder="tiny",
+                                           epsilon=2.0, delta=1e-3, canaries=8),
+        "wavelet-finetune": audit.AuditForm(kind="wavelet-finetune", images=str(private), prior="public",
+                                            epsilon=8.0, delta=1e-3, sample_rate=0.5, steps=2, learning_rate=1e-3,
+                                            canaries=8),
+    }
+    _with_public(host, public_prior)
+    for kind, form in runs.items():
+        text, status = audit.audit(host, form)
+        assert status.startswith("audited lower bound "), (kind, status)
+        result = json.loads(text.split("\n\n", 1)[1])
+        assert result["kind"] == kind and result["epsilon_lower_bound"] <= result["claimed_epsilon"]
+    assert json.loads(audit.audit(host, runs["aggregate"])[0].split("\n\n", 1)[1])["noise_multiplier"] == 3.0
+    _nothing_written(host)
+
+
+def test_audit_bad_input_is_one_line_and_runs_nothing(host, private, tmp_path):
+    cases = [
+        (audit.AuditForm(kind="magic"), "unknown kind 'magic'"),
+        (audit.AuditForm(kind="ti-aggregate", images=str(private), canaries=1), "canaries must be between 2"),
+        (audit.AuditForm(kind="ti-aggregate", images=str(private), confidence=float("nan")), "confidence"),
+        (audit.AuditForm(kind="ti-aggregate", images=str(private), delta=0.5, resolution=32), "delta"),
+        (audit.AuditForm(kind="aggregate", embeddings=str(_per_image_files(tmp_path / "e"))),
+         "one_image_per_file"),
+        (audit.AuditForm(kind="wavelet-finetune", images=str(private)), "pick a prior file"),
+    ]
+    for form, needle in cases:
+        text, status = audit.audit(host, form)
+        assert text == "" and status.startswith("privdiff: ") and "\n" not in status and needle in status, status
+    host.forge = True
+    assert audit.audit(host, audit.AuditForm(kind="dpsgd-ti", images=str(private)))[1] == common.FORGE_MESSAGE
+    _nothing_written(host)
+
+
+def test_audit_tab_defaults_match_the_form_and_the_kind_shows_its_fields(host, monkeypatch, tmp_path):
+    from dataclasses import fields
+
+    from extension.tabs import audit as tab
+
+    built = _build_tab(host, monkeypatch)
+    ((_, run, inputs, outputs, js),) = [c for c in _Component.clicks if c[0].args == ("Run audit",)]
+    assert len(outputs) == 2 and "privdiff_audit_status" in js["_js"]
+    form = fields(audit.AuditForm)
+    assert inputs[1].kwargs["value"] == "ti-aggregate" and inputs[1].args == (list(audit.KINDS),)
+    assert [f.default for f in form[1:]] == [i.kwargs.get("value", "") for i in inputs[2:]]
+    values = {f.name: i.kwargs.get("value", "") for f, i in zip(form, inputs[1:], strict=True)}
+    files = _per_image_files(tmp_path / "per_image")
+    text, status = run(None, *{**values, "kind": "aggregate", "embeddings": str(files), "one_image_per_file": True,
+                               "canaries": 8}.values())
+    assert text.startswith("audited lower bound ") and "privdiff-ok" in status, status
+    ((_, show, _, groups, _),) = [c for c in _Component.clicks
+                                  if c[0].kwargs.get("elem_id") == "privdiff_audit_kind"]
+    for chosen in audit.KINDS:
+        visible = [update["visible"] for update in show(chosen)]
+        assert visible == [chosen in kinds for kinds in tab.SHOWN.values()] and any(visible)
+    assert len(groups) == len(tab.SHOWN) and all(g in built for g in groups)
+    _nothing_written(host)
+
+
+def test_api_audit_route(api_routes, host, tmp_path):
+    route = api_routes["POST", "/privdiff/v1/audit"]
+    files = _per_image_files(tmp_path / "per_image")
+    answer = route({"kind": "aggregate", "embeddings": str(files), "one_image_per_file": True, "canaries": 8})
+    assert answer["ok"] and set(answer) == {"ok", "result", "status"} and answer["result"].startswith("audited")
+    assert sys.modules["modules.shared"].state.calls == ["privdiff", "end"]
+    answer = route({"kind": "aggregate", "embeddings": str(files), "canaries": 8})
+    assert not answer["ok"] and "one_image_per_file" in answer["status"]
+    _nothing_written(host)

@@ -45,7 +45,9 @@ START_TIMEOUT = 240.0
 RUN_TIMEOUT = 900.0
 OUR_NODES = ("PrivdiffLoadPrivateImages", "PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings",
              "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler", "PrivdiffStyleGuider",
-             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample", "PrivdiffEncryptedSampler")
+             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample", "PrivdiffEncryptedSampler",
+             "PrivdiffAuditTextualInversion", "PrivdiffAuditAggregateEmbeddings", "PrivdiffAuditStyleTarget",
+             "PrivdiffAuditSpectralFinetune")
 CLIP_VISION = "privdiff_random_vit_l.safetensors"
 N_IMAGES = 4
 PUBLIC_PRIOR = "pdtest_public_prior.safetensors"
@@ -333,6 +335,7 @@ def prepare(workflow: Path, **overrides: dict) -> dict:
         "UpscaleModelLoader": {"model_name": UPSCALER},
         "ImageScale": {"width": 64, "height": 64},
         "PrivdiffEncryptedSampler": {"steps": 2},
+        "PrivdiffAuditTextualInversion": {"steps": 2, "batch_size": 4, "canaries": 8},
     }
     for node in prompt.values():
         for name, value in {**small.get(node["class_type"], {}), **overrides.get(node["class_type"], {})}.items():
@@ -381,6 +384,7 @@ def test_pack_loads_with_node_definitions(comfy: Comfy):
         tooltips = node.get("output_tooltips") or []
         assert len(tooltips) == len(outputs) and all(t and t.strip() for t in tooltips), f"{name} output tooltips"
     assert info["PrivdiffPrivacyReport"]["output_node"] is True
+    assert all(info[n]["output_node"] is True for n in OUR_NODES if n.startswith("PrivdiffAudit"))
 
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
@@ -421,8 +425,13 @@ def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings:
     for nid in _nodes_of(prompt, "PreviewAny"):
         (text,) = outputs[nid]["text"]
         source = prompt[prompt[nid]["inputs"]["source"][0]]["class_type"]
-        want = "privdiff encrypted denoising" if source == "PrivdiffEncryptedSampler" else "epsilon"
+        want = {"PrivdiffEncryptedSampler": "privdiff encrypted denoising",
+                "PrivdiffAuditTextualInversion": "audited lower bound"}.get(source, "epsilon")
         assert want in text.lower(), f"{workflow.name}: PreviewAny {nid} shows {text[:300]!r}"
+        if source.startswith("PrivdiffAudit"):  # not a release: a bound no higher than the claim, nothing written
+            result = json.loads(text.split("\n\n", 1)[1])
+            assert result["epsilon_lower_bound"] <= result["claimed_epsilon"] and result["canaries"] == 8
+            assert not [p for p in comfy.embeddings.iterdir() if workflow.stem in p.name]
 
     from PIL import Image
 
@@ -554,6 +563,44 @@ def test_style_guider_drives_sampler_custom_advanced(comfy: Comfy, private_image
     outputs = comfy.run(prompt)
     (saver,) = _nodes_of(prompt, "SaveImage")
     assert outputs[saver]["images"], "SamplerCustomAdvanced with the style guider saved nothing"
+
+
+# --- audits -----------------------------------------------------------------------------------------------------
+
+
+def test_audit_nodes_show_a_bound_and_write_nothing(comfy: Comfy, private_images: Path, per_image_embeddings: Path,
+                                                     spectral_models: Path):
+    """The audit twins of DP Aggregate Embeddings, DP Style Target and DP Spectral Fine-tune (the textual inversion
+    one runs as a shipped workflow): each shows its bound and leaves every output folder and the ledger as it was."""
+    audit = {"canaries": 8, "confidence": 0.95}
+    prompt = {
+        "1": {"class_type": "PrivdiffLoadPrivateImages", "inputs": {"folder": "private_images", "resolution": 64}},
+        "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION}},
+        "3": {"class_type": "PrivdiffAuditStyleTarget",
+              "inputs": {"dataset": ["1", 0], "clip_vision": ["2", 0], "epsilon": 2.0, "delta": 1e-5,
+                         "sample_rate": 1.0, **audit}},
+        "4": {"class_type": "PrivdiffAuditAggregateEmbeddings",
+              "inputs": {"folder": str(per_image_embeddings), "one_image_per_file": True, "epsilon": 2.0,
+                         "delta": 1e-5, "noise_multiplier": 0.0, "sample_rate": 1.0, "clip_norm": 1.0,
+                         "bound": "clip", **audit}},
+        "5": {"class_type": "PrivdiffAuditSpectralFinetune",
+              "inputs": {"prior": PUBLIC_PRIOR, "folder": "private_images", "epsilon": 8.0, "delta": 1e-5,
+                         "sample_rate": 0.5, "clip_norm": 1.0, "steps": 2, "learning_rate": 1e-3, **audit}},
+    }
+    folders = [comfy.embeddings, comfy.priors, comfy.base / "models" / "privdiff_targets", comfy.base / "user"]
+
+    def state() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for f in folders if f.is_dir() for p in sorted(f.rglob("*")) if p.is_file()}
+
+    before = state()
+    outputs = comfy.run(prompt)
+    for nid, kind in (("3", "guidance-target"), ("4", "aggregate"), ("5", "wavelet-finetune")):
+        (text,) = outputs[nid]["text"]
+        assert text.startswith("audited lower bound ") and "no ledger charged" in text.splitlines()[0], text[:300]
+        result = json.loads(text.split("\n\n", 1)[1])
+        assert result["kind"] == kind and result["canaries"] == 8
+        assert result["epsilon_lower_bound"] <= result["claimed_epsilon"]
+    assert state() == before
 
 
 # --- spectral DP ------------------------------------------------------------------------------------------------

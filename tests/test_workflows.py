@@ -29,6 +29,8 @@ _RELEASE_OPTIONAL = [("new_release", "BOOLEAN"), ("public_size", "INT"), ("ledge
                      ("budget_epsilon", "FLOAT"), ("change_budget", "BOOLEAN"), ("force_budget", "BOOLEAN"),
                      ("dataset_label", "STRING"), ("reproducible_seed", "INT")]
 _RELEASE_OUTPUTS = ["STRING", "STRING", "STRING"]
+_AUDIT = [("canaries", "INT"), ("confidence", "FLOAT")]
+_AUDIT_OPTIONAL = [("public_size", "INT"), ("dataset_label", "STRING"), ("reproducible_seed", "INT")]
 
 OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
     # node type: (required inputs, optional inputs, output types)
@@ -75,6 +77,31 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
          ("vae", "VAE"), ("clip_vision", "CLIP_VISION"), ("target", "STRING"), ("guidance_weight", "FLOAT")],
         [],
         ["GUIDER"],
+    ),
+    "PrivdiffAuditTextualInversion": (
+        [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset", "PRIVDIFF_DATASET"), ("method", "COMBO"),
+         *_RELEASE_HEAD, *_RELEASE_TAIL, ("vectors", "INT"), ("init_word", "STRING"), ("templates", "COMBO"),
+         ("steps", "INT"), ("learning_rate", "FLOAT"), ("batch_size", "INT"), *_AUDIT],
+        _AUDIT_OPTIONAL,
+        ["STRING"],
+    ),
+    "PrivdiffAuditAggregateEmbeddings": (
+        [("folder", "STRING"), ("one_image_per_file", "BOOLEAN"), *_RELEASE_HEAD, ("noise_multiplier", "FLOAT"),
+         *_RELEASE_TAIL, *_AUDIT],
+        [("center", "STRING"), *_AUDIT_OPTIONAL],
+        ["STRING"],
+    ),
+    "PrivdiffAuditStyleTarget": (
+        [("dataset", "PRIVDIFF_DATASET"), ("clip_vision", "CLIP_VISION"), *_RELEASE_HEAD, ("sample_rate", "FLOAT"),
+         *_AUDIT],
+        _AUDIT_OPTIONAL,
+        ["STRING"],
+    ),
+    "PrivdiffAuditSpectralFinetune": (
+        [("prior", "COMBO"), ("folder", "STRING"), *_RELEASE_HEAD, ("sample_rate", "FLOAT"), ("clip_norm", "FLOAT"),
+         ("steps", "INT"), ("learning_rate", "FLOAT"), *_AUDIT],
+        [item for item in _AUDIT_OPTIONAL if item[0] != "public_size"],
+        ["STRING"],
     ),
     "PrivdiffEncryptedSampler": (
         [("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
@@ -291,3 +318,16 @@ def test_he_workflow_replaces_ksampler():
     (report,) = [n for n in prompt.values() if n["class_type"] == "PreviewAny"]
     assert report["inputs"]["source"] == [nid, 1]
     assert not [n for n in prompt.values() if n["class_type"] == "KSampler"]
+
+
+def test_audit_workflow_shows_the_bound_and_releases_nothing():
+    """Checkpoint and private images -> DP Audit: Textual Inversion -> Preview Any; no release node, nothing saved."""
+    prompt = json.loads((API / "audit_textual_inversion.json").read_text())
+    (nid,) = [nid for nid, n in prompt.items() if n["class_type"] == "PrivdiffAuditTextualInversion"]
+    audit = prompt[nid]["inputs"]
+    assert audit["canaries"] == 64 and audit["confidence"] == 0.95 and audit["method"] == "dpagg"
+    (preview,) = [n for n in prompt.values() if n["class_type"] == "PreviewAny"]
+    assert preview["inputs"]["source"] == [nid, 0]
+    releases = {"PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings", "PrivdiffDPStyleTarget",
+                "PrivdiffSpectralFinetune", "SaveImage"}
+    assert not [n for n in prompt.values() if n["class_type"] in releases]

@@ -37,7 +37,7 @@ def prior_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors") if p.is_file())
 
 
-def _prior_path(folder: Path, choice: str) -> Path:
+def prior_path(folder: Path, choice: str) -> Path:
     """An existing prior file: an absolute path, or a file (``.safetensors`` optional) in ``folder``."""
     text = (choice or "").strip()  # a gradio dropdown gives None when nothing is picked
     if not text:
@@ -102,7 +102,7 @@ def spectral_finetune(host: Host, form: SpectralForm) -> tuple[str, str]:
     out: list[str] = []
     with one_line_errors(out):
         folder = host.priors_dir()
-        public = _prior_path(folder, form.prior)
+        public = prior_path(folder, form.prior)
         config = TrainConfig(steps=whole("steps", form.steps, 1, MAX_STEPS),
                              lr=number("learning rate", form.learning_rate))
         release = Release(name=form.name.strip(), epsilon=form.epsilon, delta=form.delta, sample_rate=form.sample_rate,
@@ -158,7 +158,7 @@ def spectral_sample(host: Host, form: SpectralSampleForm) -> tuple[list[Path], s
     with one_line_errors(out):
         if form.upsampling not in UPSAMPLING:
             raise PrivdiffError(f"unknown upsampling {form.upsampling!r}; choose one of {', '.join(UPSAMPLING)}")
-        prior = _prior_path(host.priors_dir(), form.prior)
+        prior = prior_path(host.priors_dir(), form.prior)
         count = whole("number of images", form.num_images, 1, MAX_IMAGES)
         seed = whole("seed", form.seed, -1, MAX_SEED)
         seed = secrets.randbelow(MAX_SEED + 1) if seed < 0 else seed
