@@ -13,7 +13,7 @@ from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.wavelet.training import TrainConfig
 
 from .comfy_backend import training_session
-from .common import CATEGORY, Dataset, input_path, optional_release_inputs, privacy_inputs, progress_bar
+from .common import CATEGORY, Dataset, input_path, optional_release_inputs, privacy_inputs, progress_bar, ti_inputs
 from .guidance import ComfyClipVision
 from .wavelet import prior_input, prior_path
 
@@ -74,15 +74,7 @@ class PrivdiffAuditTextualInversion(io.ComfyNode):
                                tooltip="The release audited: dpagg (DPAgg-TI) or dpsgd (the DP-SGD baseline; "
                                        "sample rate 1 means batch/N)."),
                 *privacy_inputs(),
-                io.Int.Input("vectors", default=1, min=1, max=16, tooltip="Vectors (tokens) in the embedding."),
-                io.String.Input("init_word", default="style", tooltip="Public word the embedding starts from."),
-                io.Combo.Input("templates", options=["style", "object"], default="style",
-                               tooltip="Training prompt templates: a style, or an object/subject."),
-                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps per embedding."),
-                io.Float.Input("learning_rate", default=0.005, min=1e-6, max=1.0, step=0.0001, round=False,
-                               tooltip="Adam learning rate."),
-                io.Int.Input("batch_size", default=8, min=1, max=256,
-                             tooltip="Images trained together (dpagg) or expected batch (dpsgd)."),
+                *ti_inputs(),
                 *audit_inputs(),
                 *optional_audit_inputs(),
             ],

@@ -148,3 +148,17 @@ def progress_bar() -> Callable[[int, int], None]:
 
     return progress
 
+
+def ti_inputs() -> list:
+    """The textual-inversion settings of the DP Textual Inversion node and of its audit."""
+    return [
+        io.Int.Input("vectors", default=1, min=1, max=16, tooltip="Vectors (tokens) in the embedding."),
+        io.String.Input("init_word", default="style", tooltip="Public word the embedding starts from."),
+        io.Combo.Input("templates", options=["style", "object"], default="style",
+                       tooltip="Training prompt templates: a style, or an object/subject."),
+        io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps per embedding."),
+        io.Float.Input("learning_rate", default=0.005, min=1e-6, max=1.0, step=0.0001, round=False,
+                       tooltip="Adam learning rate."),
+        io.Int.Input("batch_size", default=8, min=1, max=256,
+                     tooltip="Images trained together (dpagg) or expected batch (dpsgd)."),
+    ]

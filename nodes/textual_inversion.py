@@ -20,6 +20,7 @@ from .common import (
     privacy_inputs,
     progress_bar,
     release_outputs,
+    ti_inputs,
 )
 
 
@@ -45,15 +46,7 @@ class PrivdiffDPTextualInversion(io.ComfyNode):
                                tooltip="dpagg: noisy aggregate of per-image embeddings. dpsgd: the DP-SGD baseline "
                                        "(one embedding, clipped noisy gradients; sample rate 1 means batch/N)."),
                 *privacy_inputs(),
-                io.Int.Input("vectors", default=1, min=1, max=16, tooltip="Vectors (tokens) in the embedding."),
-                io.String.Input("init_word", default="style", tooltip="Public word the embedding starts from."),
-                io.Combo.Input("templates", options=["style", "object"], default="style",
-                               tooltip="Training prompt templates: a style, or an object/subject."),
-                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps per embedding."),
-                io.Float.Input("learning_rate", default=0.005, min=1e-6, max=1.0, step=0.0001, round=False,
-                               tooltip="Adam learning rate."),
-                io.Int.Input("batch_size", default=8, min=1, max=256,
-                             tooltip="Images trained together (dpagg) or expected batch (dpsgd)."),
+                *ti_inputs(),
                 *output_inputs(),
                 *optional_release_inputs(),
             ],
