@@ -128,7 +128,8 @@ def audits(workdir: Path, args: argparse.Namespace) -> Iterator[tuple[str, tuple
 
     def style_target() -> Run:
         encoder = load_small_encoder()
-        return lambda eps, m, seed: audit_style_target(encoder, _style(50, encoder.size), params(eps), m, seed=seed)
+        return lambda eps, m, seed: audit_style_target(encoder, _style(50, encoder.size),
+                                                       params(eps, bound="normalize"), m, seed=seed)
 
     def spectral() -> Run:
         prior = _public_prior(workdir)
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "DPAgg" and epsilon == 4.0 and m == 1000:
                         headline = result.epsilon_lower_bound / result.claimed_epsilon
     if headline is None:
-        print("ratio audited/claimed eps (DPAgg, eps=4, M=1000): not run (--quick)")
+        print("ratio audited/claimed eps (DPAgg, eps=4, M=1000): not run (--quick or --only)")
     else:
         print(f"ratio audited/claimed eps (DPAgg, eps=4, M=1000): {headline:.3f}")
     return 0
