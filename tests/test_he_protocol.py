@@ -97,6 +97,14 @@ def _still_serves(server, holder):
     assert np.allclose(holder.decrypt_reply(sent, reply.ciphertexts), values + 1, atol=1e-6)
 
 
+def _wait_for_free_slots(server, slots=2):
+    """Until every connection thread has ended and given its slot back (each ends after its last reply)."""
+    deadline = time.monotonic() + 10
+    while server._open._value < slots and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server._open._value == slots
+
+
 # -- the worker -----------------------------------------------------------------------------------------------
 
 def test_connections_over_the_cap_are_turned_away_without_a_thread(server, holder):
@@ -112,10 +120,7 @@ def test_connections_over_the_cap_are_turned_away_without_a_thread(server, holde
     assert time.monotonic() - start < 5 and threading.active_count() == threads
     for sock in held:
         sock.close()
-    for _ in range(100):  # the slots come back once their threads see the hang-up
-        if server._open._value == 2:
-            break
-        time.sleep(0.02)
+    _wait_for_free_slots(server)
     _still_serves(server, holder)
 
 
@@ -125,6 +130,7 @@ def test_idle_and_half_sent_connections_are_dropped_after_the_timeout(server, ho
         half.sendall(_frame(HELLO, bytes(100))[:60])  # 60 of 113 bytes, then nothing
         assert "timed out" in _error_of(idle) and "timed out" in _error_of(half)
     assert time.monotonic() - start < 10 * TIMEOUT  # bounded by the timeouts (loose: CI machines are shared)
+    _wait_for_free_slots(server)  # the error is sent before the thread ends and gives its slot back
     with _connect(server) as between:  # after the context, a key holder may pause idle_timeout between updates
         between.sendall(_hello(holder))
         assert read_message(between, timeout=5)[0].kind == READY
