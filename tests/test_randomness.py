@@ -128,9 +128,9 @@ def test_exp_neg_bracket_is_rigorous_and_tight(num, den):
 
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0, 2.5, 9.0])
 def test_bernoulli_exp_neg_rate(gamma):
-    n = 100_000
+    n, rng = 100_000, SecureRandom(5)
     num, den = Fraction(gamma).as_integer_ratio()
-    keep = SecureRandom(5)._bernoulli_exp_neg(np.full(n, gamma), lambda i: (num, den))
+    keep = rng._bernoulli_exp_neg(rng.uint64(n), np.full(n, gamma), lambda i: (num, den))
     p = math.exp(-gamma)
     assert keep.dtype == bool and abs(keep.mean() - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-12
 
@@ -144,17 +144,21 @@ def test_bernoulli_exp_neg_settles_near_ties_from_exact_bits(monkeypatch):
     below = rng._below_exp_neg
     monkeypatch.setattr(rng, "_below_exp_neg", lambda *a: calls.append(a) or below(*a))
     for word, want in [(tie - 2**30, True), (tie + 2**30, False)]:
-        monkeypatch.setattr(rng, "uint64", lambda k, w=word: np.full(k, w, dtype=np.uint64))
-        assert (rng._bernoulli_exp_neg(np.full(8, 0.3), lambda i: (3, 10)) == want).all() and not calls
-    monkeypatch.setattr(rng, "uint64", lambda k: np.full(k, tie, dtype=np.uint64))
-    keep = rng._bernoulli_exp_neg(np.full(n, 0.3), lambda i: (3, 10))
+        words = np.full(8, word, dtype=np.uint64)
+        assert (rng._bernoulli_exp_neg(words, np.full(8, 0.3), lambda i: (3, 10)) == want).all() and not calls
+    words = np.full(n, tie, dtype=np.uint64)
+    keep = rng._bernoulli_exp_neg(words, np.full(n, 0.3), lambda i: (3, 10))
     rest = float(exact - tie)  # P(U < exp(-0.3) | U's first 64 bits are exp(-0.3)'s)
     assert len(calls) == n and abs(keep.mean() - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
+    wanted = np.arange(n) % 2 == 0  # only the wanted draws are settled; the others are False, unread
+    calls.clear()
+    keep = rng._bernoulli_exp_neg(words, np.full(n, 0.3), lambda i: (3, 10), wanted)
+    assert len(calls) == n // 2 and not keep[~wanted].any()
 
 
 def test_geometric_matches_its_pmf():
-    n = 100_000
-    v = SecureRandom(7)._geometric(n)
+    n, rng = 100_000, SecureRandom(7)
+    v = rng._geometric(rng.uint64(n))
     assert v.dtype == np.int64 and v.min() >= 0
     top = 12
     observed = np.bincount(np.minimum(v, top), minlength=top + 1)
@@ -163,29 +167,32 @@ def test_geometric_matches_its_pmf():
     assert stats.chisquare(observed, n * pmf).pvalue > 1e-4
 
 
-def test_geometric_sends_every_word_inside_any_bracket_to_the_exact_path(monkeypatch):
-    """Only the bracket just below a word is checked: no other bracket may hold it (they overlap near 0)."""
-    low, high = randomness._geometric_thresholds()
-    words = sorted({w for x in low.tolist() for w in range(max(0, x - 3), x + 4)} | set(range(64)))
+def test_geometric_floors_are_exact():
+    floors, ascending = randomness._geometric_floors()
+    assert len(floors) == 45 and floors[-1] == 0 and floors[-2] == 1 and (ascending == floors[::-1]).all()
+    assert all(int(c) == int(_exp_neg(k, 1, 64)) for k, c in enumerate(floors.tolist(), start=1))
+
+
+def test_geometric_sends_exactly_the_words_equal_to_a_floor_to_the_exact_path(monkeypatch):
+    floors, _ = randomness._geometric_floors()
+    words = sorted({w for x in floors.tolist() for w in range(max(0, x - 3), x + 4)} | set(range(64)))
     rng, sent = SecureRandom(9), []
-    monkeypatch.setattr(rng, "uint64", lambda k: np.array(words, dtype=np.uint64))
     monkeypatch.setattr(rng, "_exact_geometric", lambda w: sent.append(w) or 0)
-    rng._geometric(len(words))
-    brackets = list(zip(low.tolist(), high.tolist(), strict=True))
-    assert sent == [w for w in words if any(lo <= w < hi for lo, hi in brackets)]
+    v = rng._geometric(np.array(words, dtype=np.uint64))
+    assert sent == [w for w in words if w in set(floors.tolist())]
+    decided = [(w, int(x)) for w, x in zip(words, v, strict=True) if w not in set(floors.tolist())]
+    assert all(x == sum(w < c for c in floors.tolist()) for w, x in decided)
 
 
-def test_geometric_settles_words_inside_a_bracket_exactly(monkeypatch):
+def test_geometric_settles_words_equal_to_a_floor_exactly():
     """w = floor(e^-1 2**64): U < e^-1 depends on U's further bits (odds: the fraction), and U < e^-2 cannot hold."""
     rng, n = SecureRandom(8), 20_000
     exact = _exp_neg(1, 1, 64)
     tie = int(exact)
-    monkeypatch.setattr(rng, "uint64", lambda k: np.full(k, tie, dtype=np.uint64))
-    v = rng._geometric(n)
+    v = rng._geometric(np.full(n, tie, dtype=np.uint64))
     rest = float(exact - tie)
     assert set(np.unique(v)) <= {0, 1} and abs(v.mean() - rest) < 5 * math.sqrt(rest * (1 - rest) / n)
-    monkeypatch.setattr(rng, "uint64", lambda k: np.zeros(k, dtype=np.uint64))  # U < 2**-64: V is 44 or more
-    assert (rng._geometric(20) >= 44).all()
+    assert (rng._geometric(np.zeros(20, dtype=np.uint64)) >= 44).all()  # U < 2**-64: V is 44 or more
 
 
 def test_spawned_streams_are_independent_and_reproducible_when_seeded():

@@ -18,6 +18,7 @@ neither floating point nor a weak seed leaks the noise.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -39,6 +40,7 @@ _WORDS_PER_REFILL = 8192
 _MAX_STREAM_BYTES = 2**38  # ChaCha20's 32-bit block counter covers 2**38 bytes for one nonce
 _MAX_SIGMA = 2.0**55  # samples must fit int64 with a wide margin
 _TWO64 = 1 << 64
+_ROUND = 1 << 14  # proposals per round of the discrete Gaussian: its ~20 working arrays stay in the cache
 _FLOAT_MARGIN = 2.0**-36  # how far a uniform must clear a float exp(-gamma) to be decided without exact bits
 
 
@@ -61,6 +63,7 @@ class SecureRandom:
         self._reproducible = reproducible
         self._encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
         self._used = 0
+        self._zeros, self._buffer = b"", bytearray()
         self._next_word = self._words().__next__
 
     def spawn(self) -> SecureRandom:
@@ -172,18 +175,33 @@ class SecureRandom:
                 return False
             prefix, bits = (prefix << 64) | self._next_word(), bits + 64
 
-    def _geometric(self, m: int) -> np.ndarray:
-        """``m`` draws (int64) of V with P(V >= k) = e^-k: Algorithm 2's count of Bernoulli(exp(-1)) successes
-        before a failure, as V = #{k >= 1 : U < e^-k} for one uniform U each (the events are nested).
+    def _round_bytes(self, n: int) -> memoryview:
+        """The next ``n`` keystream bytes in a buffer that the next call overwrites (a sampler round's draws)."""
+        self._used += n
+        if self._used > _MAX_STREAM_BYTES:
+            raise PrivdiffError("this SecureRandom stream is exhausted (2**38 bytes); create a new one")
+        if len(self._zeros) < n:
+            self._zeros, self._buffer = bytes(n), bytearray(n)
+        view = memoryview(self._buffer)[:n]
+        self._encryptor.update_into(memoryview(self._zeros)[:n], view)
+        return view
 
-        U's first 64 bits w settle every comparison unless w falls inside the bracket of some e^-k (probability
-        about 2**-62); ``_exact_geometric`` settles those from U's exact bits.
+    def _geometric(self, words: np.ndarray) -> np.ndarray:
+        """V = #{k >= 1 : U < e^-k} (int64) for uniforms U whose first 64 bits are ``words``: P(V >= k) = e^-k,
+        Algorithm 2's count of Bernoulli(exp(-1)) successes before a failure (the events are nested).
+
+        With c_k = floor(e^-k 2**64), exact (e^-k 2**64 is irrational): w < c_k makes U < e^-k sure and w > c_k
+        makes U > e^-k sure, so V = #{k : w < c_k} unless w equals c_(V+1), the one floor it can equal
+        (probability 2**-64); ``_exact_geometric`` settles those from U's further bits. Three comparisons
+        count the 95% of words above c_3; the rest are looked up among all floors.
         """
-        words = self.uint64(m)
-        low, high = _geometric_thresholds()  # ascending: e^-46 ... e^-1, times 2**64; low[0] = 0
-        below = np.searchsorted(low, words, side="right")  # low[below - 1] <= w < low[below]
-        v = len(low) - below  # the k with w + 1 <= low_k, where U < e^-k surely
-        for i in np.flatnonzero(words < high[below - 1]):  # w inside the next bracket: U vs e^-k undecided
+        floors, ascending = _geometric_floors()
+        v = (words < floors[0]).astype(np.int64)
+        v += words < floors[1]
+        v += words < floors[2]
+        deep = np.flatnonzero(words <= floors[2])
+        v[deep] = len(floors) - np.searchsorted(ascending, words[deep], side="right")
+        for i in np.flatnonzero(words == floors.take(v)):
             v[i] = self._exact_geometric(int(words[i]))
         return v
 
@@ -199,22 +217,28 @@ class SecureRandom:
             else:
                 prefix, bits = (prefix << 64) | self._next_word(), bits + 64
 
-    def _bernoulli_exp_neg(self, gamma: np.ndarray, exact: Callable[[int], tuple[int, int]]) -> np.ndarray:
-        """Independent exact Bernoulli(exp(-gamma_i)) draws (bool array), vectorised.
+    def _bernoulli_exp_neg(self, words: np.ndarray, gamma: np.ndarray, exact: Callable[[int], tuple[int, int]],
+                           wanted: np.ndarray | None = None) -> np.ndarray:
+        """Independent exact Bernoulli(exp(-gamma_i)) draws (bool array) from uniforms U_i whose first 64 bits are
+        ``words``, vectorised; where ``wanted`` is given, only its True entries are settled (others: False).
 
         ``gamma`` is a float64 approximation of gamma_i = num_i/den_i, close enough that
-        |exp(-gamma) - exp(-gamma_i)| <= 2**-44 with numpy's exp; ``exact(i)`` gives (num_i, den_i). A uniform U_i
-        is drawn per element; its first 53 bits decide U_i < exp(-gamma_i) whenever they clear exp(-gamma) by the margin
-        2**-36 (far above the float error budget that ``_check_float_exp`` measures), and ``_below_exp_neg`` settles
-        the rest (probability about 2**-35 each) from U_i's exact bits.
+        |exp(-gamma) - exp(-gamma_i)| <= 2**-44 with numpy's exp; ``exact(i)`` gives (num_i, den_i). U_i's first
+        53 bits decide U_i < exp(-gamma_i) whenever they clear exp(-gamma) by the margin 2**-36 (far above the
+        float error budget that ``_check_float_exp`` measures), and ``_below_exp_neg`` settles the rest
+        (probability about 2**-35 each) from U_i's exact bits.
         """
-        words = self.uint64(len(gamma))
         top = (words >> np.uint64(11)).astype(np.float64)  # U's first 53 bits, exact
-        p = np.exp(-gamma)
-        p *= 2.0**53  # exact; the additions below round by <= 1/2, far inside the margin
-        below = top <= p - (_FLOAT_MARGIN * 2.0**53 + 2)  # U < (top + 1) 2**-53 <= exp(-gamma) - margin
-        above = top >= p + _FLOAT_MARGIN * 2.0**53  # U >= top 2**-53 >= exp(-gamma) + margin
-        for i in np.flatnonzero(~(below | above)):
+        room = np.exp(np.negative(gamma), out=np.empty_like(gamma))
+        room *= 2.0**53  # exact
+        room -= top  # exp(-gamma) 2**53 - top, rounded by <= 1/2: far inside the margin
+        below = room >= _FLOAT_MARGIN * 2.0**53 + 2  # U < (top + 1) 2**-53 <= exp(-gamma) - margin
+        unsure = ~below
+        unsure &= room > -_FLOAT_MARGIN * 2.0**53  # not sure either that U >= top 2**-53 >= exp(-gamma) + margin
+        if wanted is not None:
+            below &= wanted
+            unsure &= wanted
+        for i in np.flatnonzero(unsure):
             below[i] = self._below_exp_neg(int(words[i]), *exact(int(i)))
         return below
 
@@ -225,55 +249,89 @@ class SecureRandom:
         t = floor(sigma) + 1, u uniform on [0, t) kept with probability exp(-u/t), V geometric
         (``_geometric``), -0 refused, each accepted with probability exp(-(|y| - sigma^2/t)^2 / (2 sigma^2));
         sigma^2 is taken exactly from the float as a fraction num/den, and every Bernoulli is decided exactly
-        (``_bernoulli_exp_neg``). Proposals are drawn in rounds; the accepted ones, in draw order, are i.i.d.,
-        and the first ``size`` are returned.
+        (``_bernoulli_exp_neg``). Proposals are drawn in rounds of at most _ROUND, whose working arrays stay in
+        the CPU cache; the accepted ones, in draw order, are i.i.d., and the first ``size`` are returned.
 
-        Float error of the fast path's exponent a + b, a = u/t, b = z^2/2, z = |y|/sigma - sigma/t (absolute, on
-        exp(-a-b) <= 1): a with u < t <= 2**56 errs by 3 * 2**-53 relative; z by (|z| + 2) 2**-51, so b by
-        |z|(|z| + 2) 2**-51; the sum adds 2**-53 relative; exp(-a-b) then errs by at most
-        max exp(-a-b) (a + b + |z|(|z| + 2)) 2**-50 < 2**-47, and numpy's exp adds its error, budgeted at 2**-45
-        (measured, not proven: ``_check_float_exp``).
-        Both are far inside ``_bernoulli_exp_neg``'s margin of 2**-36.
+        Float error of the fast path's exponent z^2 + u c, z = x a - b, with a, b, c the rounded
+        1/(sigma sqrt 2), sigma/(t sqrt 2), 1/t (each within 4 units of 2**-53 relative) and Z the exact z
+        (|x a| <= |Z| + 1): z errs by (7|Z| + 12) 2**-53, z^2 by (15 Z^2 + 24|Z|) 2**-53, u c by 3 * 2**-53, the
+        sum adds (Z^2 + 1) 2**-53; exp(-gamma) (<= exp(-Z^2)) then errs by at most
+        max_Z exp(-Z^2) (16 Z^2 + 24|Z| + 4) 2**-53 < 18 * 2**-53 < 2**-48, and numpy's exp adds its error,
+        budgeted at 2**-45 (measured, not proven: ``_check_float_exp``). Both are far inside
+        ``_bernoulli_exp_neg``'s margin of 2**-36.
         """
         size = checks.count("size", size, minimum=0)
         s = checks.positive("sigma", sigma)
         if s > _MAX_SIGMA:
             raise PrivdiffError(f"sigma must be <= 2**55, got {sigma!r}")
         _check_float_exp()
-        var = Fraction(s) ** 2
-        num, den = var.numerator, var.denominator
-        t = math.isqrt(num // den) + 1  # floor(sigma) + 1
-        # Acceptance exponent (|y| - sigma^2/t)^2 / (2 sigma^2) = (|y| den t - num)^2 / (2 num den t^2)
-        #                                                      = ((|y|/sigma - sigma/t)^2) / 2 in floats.
-        scale, gamma_den = den * t, 2 * num * den * t * t
-        limit = np.uint64(_TWO64 - _TWO64 % t - 1)
-        out: list[np.ndarray] = []
+        plan = _Proposals.for_sigma(s)
+        out = np.empty(size, dtype=np.int64)
         have = 0
         while have < size:
-            m = int(2.2 * (size - have)) + 64  # about 48% of the proposals are accepted
-            words = self.uint64(m)
-            ok = words <= limit  # rejection sampling: u uniform on [0, t)
-            u = (words % np.uint64(t)).astype(np.int64)
-            v = self._geometric(m)
-            if int(v.max(initial=0)) > (2**63 - 1 - t) // t:  # probability < exp(-2**7): never in practice
-                raise PrivdiffError("a discrete Laplace proposal overflowed int64")
-            x = u + t * v
-            negative = np.unpackbits(np.frombuffer(self.random_bytes(-(-m // 8)), dtype=np.uint8))[:m].astype(bool)
-            ok &= ~(negative & (x == 0))
-            # Algorithm 2's Bernoulli(exp(-u/t)) and Algorithm 3's acceptance are independent given (u, v, sign):
-            # one Bernoulli(exp(-(u/t + gamma))) decides both.
-            z = x / s
-            z -= s / t
-            gamma = np.square(z, out=z)
-            gamma *= 0.5
-            gamma += u / t
-            ok &= self._bernoulli_exp_neg(gamma, lambda i, u=u, x=x: (
-                int(u[i]) * gamma_den + t * (int(x[i]) * scale - num) ** 2, t * gamma_den))
-            kept = x[ok]
-            np.negative(kept, out=kept, where=negative[ok])
-            out.append(kept)
-            have += len(out[-1])
-        return np.concatenate(out)[:size] if out else np.zeros(0, dtype=np.int64)
+            kept = self._proposal_round(plan, min(_ROUND, int(2.2 * (size - have)) + 64))  # ~48% accepted
+            take = min(len(kept), size - have)
+            out[have:have + take] = kept[:take]
+            have += take
+        return out
+
+    def _proposal_round(self, plan: _Proposals, m: int) -> np.ndarray:
+        """The accepted samples, in draw order, of ``m`` proposals (see ``discrete_gaussian``)."""
+        t = plan.t
+        raw = self._round_bytes(24 * m + -(-m // 8))
+        words = np.frombuffer(raw, dtype="<u8", count=3 * m)
+        negative = np.unpackbits(np.frombuffer(raw, dtype=np.uint8, offset=24 * m))[:m].view(bool)
+        ok = words[:m] <= plan.limit  # rejection sampling: u uniform on [0, t)
+        u = (words[:m] % np.uint64(t)).view(np.int64)
+        v = self._geometric(words[m:2 * m])
+        if int(v.max(initial=0)) > (2**63 - 1 - t) // t:  # probability < exp(-2**7): never in practice
+            raise PrivdiffError("a discrete Laplace proposal overflowed int64")
+        x = v * t
+        x += u
+        zeros = np.flatnonzero(x == 0)
+        ok[zeros[negative[zeros]]] = False  # -0 refused
+        # Algorithm 2's Bernoulli(exp(-u/t)) and Algorithm 3's acceptance are independent given (u, v, sign):
+        # one Bernoulli(exp(-(u/t + gamma))) decides both.
+        gamma = x.astype(np.float64)
+        gamma *= plan.a
+        gamma -= plan.b
+        np.square(gamma, out=gamma)
+        gamma += u * plan.c
+        ok = self._bernoulli_exp_neg(words[2 * m:], gamma, lambda i: plan.exponent(int(u[i]), int(x[i])), ok)
+        kept = np.flatnonzero(ok)
+        samples = x.take(kept)
+        np.negative(samples, out=samples, where=negative.take(kept))
+        return samples
+
+
+@dataclasses.dataclass(frozen=True)
+class _Proposals:
+    """Constants of ``discrete_gaussian``'s proposals for one sigma: sigma^2 = num/den exactly, t = floor(sigma)
+    + 1, the rejection limit of u's 64-bit words, and the fast path's rounded coefficients a, b, c."""
+
+    num: int
+    den: int
+    t: int
+    limit: np.uint64
+    a: float
+    b: float
+    c: float
+
+    @staticmethod
+    @functools.lru_cache(maxsize=16)
+    def for_sigma(sigma: float) -> _Proposals:
+        num, den = (Fraction(sigma) ** 2).as_integer_ratio()
+        t = math.isqrt(num // den) + 1
+        root2 = math.sqrt(2.0)
+        return _Proposals(num, den, t, np.uint64(_TWO64 - _TWO64 % t - 1), 1.0 / (sigma * root2),
+                          sigma / (t * root2), 1.0 / t)
+
+    def exponent(self, u: int, x: int) -> tuple[int, int]:
+        """u/t + (x - sigma^2/t)^2 / (2 sigma^2) = u/t + (x den t - num)^2 / (2 num den t^2), as (numerator,
+        denominator)."""
+        t, num, den = self.t, self.num, self.den
+        gamma_den = 2 * num * den * t * t
+        return u * gamma_den + t * (x * den * t - num) ** 2, t * gamma_den
 
 
 class NoiseAhead:
@@ -336,10 +394,17 @@ def _exp_neg_bracket(num: int, den: int, bits: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _geometric_thresholds() -> tuple[np.ndarray, np.ndarray]:
-    """Brackets (low_k, high_k) of e^-k 2**64 for k = 46 down to 1 (uint64, ascending); e^-46 2**64 < 1."""
-    brackets = [_exp_neg_bracket(k, 1, 64) for k in range(46, 0, -1)]
-    return tuple(np.array([max(0, b[j]) for b in brackets], dtype=np.uint64) for j in (0, 1))
+def _geometric_floors() -> tuple[np.ndarray, np.ndarray]:
+    """c_k = floor(e^-k 2**64) exactly, for k = 1 to 45 (uint64, descending; c_45 = 0, the first zero), and the
+    same ascending. Brackets are narrowed until both ends have the same floor."""
+    floors = []
+    for k in range(1, 46):
+        bits = 64
+        while (bracket := _exp_neg_bracket(k, 1, bits))[0] >> (bits - 64) != bracket[1] >> (bits - 64):
+            bits += 64
+        floors.append(bracket[0] >> (bits - 64))
+    descending = np.array(floors, dtype=np.uint64)
+    return descending, descending[::-1].copy()
 
 
 @functools.cache
