@@ -28,13 +28,16 @@ and sigma calibration under either relation, and the grids they are read on).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
-from scipy import optimize
 
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
@@ -125,17 +128,25 @@ def calibrate_noise_multiplier(
         except _Unservable:  # far above any target
             return math.inf
 
+    def rdp(sigma: float) -> float:
+        return _rdp_epsilon([(sigma, q, steps)], delta, fractional=False)
+
     def coarse(sigma: float) -> float:
-        if name != "pld":
-            return _rdp_epsilon([(sigma, q, steps)], delta, fractional=False)
         try:
             return _pld_epsilon([(sigma, q, steps)], delta, relation, _PLD_COARSE)
         except _Unservable:
             return math.inf
 
     def search() -> float:
-        start = q * math.sqrt(2 * steps * math.log(1.25 / delta)) / eps * (2 if relation == REPLACE_ONE else 1)
-        sigma, slope = _solve(coarse, eps, start, name=name)
+        # RDP on integer orders first (milliseconds a try, a little above every accountant's answer), to 1%;
+        # then pld's small grid, to 1%; then the accountant's own evaluation, to _CALIBRATION_TOLERANCE.
+        sigma, slope = q * math.sqrt(2 * steps * math.log(1.25 / delta)) / eps, -1.0  # the classic bound
+        if q < 1:  # (at q = 1 the classic bound is close already)
+            with contextlib.suppress(PrivdiffError):  # beyond what rdp can certify: start from the classic bound
+                sigma, slope = _solve(rdp, eps, sigma, name="rdp", tolerance=0.01)
+        if name == "pld":
+            start = sigma * (2 if relation == REPLACE_ONE else 1)  # rdp's answer is add-remove's
+            sigma, slope = _solve(coarse, eps, start, slope, tries=5, name=name, tolerance=0.01)
         return _solve(exact, eps, sigma, slope, tries=5, name=name)[0]
 
     return name, _run(name, f"epsilon={eps}, delta={delta}, sample_rate={q}, steps={steps}", search)
@@ -227,16 +238,16 @@ def _epsilon(name: str, events: list[Event], delta: float, relation: str) -> flo
 
 def _solve(
     eps_of: Callable[[float], float], target: float, start: float, slope: float = -1.0, tries: int = 10,
-    name: str = "this",
+    name: str = "this", tolerance: float = _CALIBRATION_TOLERANCE,
 ) -> tuple[float, float]:
     """Smallest noise multiplier in NOISE_MULTIPLIERS whose ``eps_of`` (decreasing) is <= ``target``, to within
-    _CALIBRATION_TOLERANCE, and the slope of log eps against log sigma there.
+    ``tolerance`` (relative), and the slope of log eps against log sigma there.
 
     Secant steps on log eps against log sigma from ``start``, then a bracket widened geometrically (so it ends
-    within the range: unreachable targets are refused, a target the smallest sigma meets returns it), then Brent.
-    Only evaluated sigmas are returned.
+    within the range: unreachable targets are refused, a target the smallest sigma meets returns it), then
+    bisection. Only evaluated sigmas are returned.
     """
-    rel, (low, high) = _CALIBRATION_TOLERANCE, NOISE_MULTIPLIERS
+    rel, (low, high) = tolerance, NOISE_MULTIPLIERS
     seen: dict[float, float] = {}
 
     def ev(sigma: float) -> tuple[float, float]:
@@ -271,8 +282,9 @@ def _solve(
         while (lo := ev(hi * math.exp(-width)))[1] <= target and lo[0] > low:
             hi, width = lo[0], width * 4
         lo = lo[0]
-    if seen[lo] > target and hi > lo * (1 + rel):
-        optimize.brentq(lambda s: ev(s)[1] - target, lo, hi, xtol=rel * lo)
+    while seen[lo] > target and hi > lo * (1 + rel):  # bisection on log sigma (scipy's brentq costs its import)
+        mid = ev(math.sqrt(lo * hi))
+        lo, hi = (mid[0], hi) if mid[1] > target else (lo, mid[0])
     return min(s for s, e in seen.items() if e <= target), slope
 
 
@@ -310,6 +322,8 @@ def _pld_epsilon_for_delta(pld, delta: float) -> float:  # pld: dp_accounting Pr
 
     def excess(eps: float) -> float:
         return float(pld.get_delta_for_epsilon(eps)) - delta
+
+    from scipy import optimize  # dp_accounting has imported it already
 
     if excess(0.0) <= 0:
         return 0.0
@@ -409,7 +423,7 @@ def _rdp_epsilon(events: list[Event], delta: float, fractional: bool = True) -> 
     """opacus' RDP epsilon over integer orders, widened while the optimum sits on the largest one (up to
     _RDP_MAX_ORDER, or 1024 when sampling), then over the fractional orders within 1 of the best (opacus' series
     for those is slow near q = 0.5, and further ones cannot win when epsilon is unimodal in the order)."""
-    from opacus.accountants.analysis import rdp as analysis
+    analysis = _opacus_rdp()
 
     def rdp(orders: Sequence[float]) -> np.ndarray:
         return sum(analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
@@ -430,3 +444,22 @@ def _rdp_epsilon(events: list[Event], delta: float, fractional: bool = True) -> 
     if near:
         eps = min(eps, analysis.get_privacy_spent(orders=near, rdp=rdp(near), delta=delta)[0])
     return max(0.0, eps)  # a negative bound means (0, delta)-DP
+
+
+@functools.cache
+def _opacus_rdp() -> ModuleType:
+    """opacus' RDP analysis (opacus/accountants/analysis/rdp.py, which needs numpy and scipy.special only). Unless
+    opacus is imported already, the module is loaded from its file on its own: ``import opacus`` runs the
+    package's __init__, which imports torch and opacus' model code, seconds an accountant query does not need."""
+    if "opacus" in sys.modules:
+        from opacus.accountants.analysis import rdp
+
+        return rdp
+    package = importlib.util.find_spec("opacus")  # locates the package without importing it
+    if package is None or not package.submodule_search_locations:
+        raise PrivdiffError("the rdp and prv accountants need the opacus package; install it or use 'pld'")
+    path = Path(next(iter(package.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location("privdiff.privacy._opacus_rdp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
