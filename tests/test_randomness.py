@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy import stats
 
 from privdiff.errors import PrivdiffError
-from privdiff.privacy import randomness
+from privdiff.privacy import exact, randomness
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 HIGH_BIT_SEEDS = [5, 5 + 2**32, 5 + 2**40]
@@ -122,7 +122,7 @@ def _exp_neg(num: int, den: int, bits: int) -> Decimal:
 @pytest.mark.parametrize(("num", "den"), [(0, 1), (1, 1), (3, 10), (17, 10), (10**30 + 7, 10**29), (2**80 + 1, 2**75)])
 def test_exp_neg_bracket_is_rigorous_and_tight(num, den):
     for bits in (64, 128, 256):
-        low, high = randomness._exp_neg_bracket(num, den, bits)
+        low, high = exact.exp_neg_bracket(num, den, bits)
         assert low <= _exp_neg(num, den, bits) <= high and high - low <= 3
 
 
@@ -168,13 +168,13 @@ def test_geometric_matches_its_pmf():
 
 
 def test_geometric_floors_are_exact():
-    floors, ascending = randomness._geometric_floors()
+    floors, ascending = exact.geometric_floors(64)
     assert len(floors) == 45 and floors[-1] == 0 and floors[-2] == 1 and (ascending == floors[::-1]).all()
     assert all(int(c) == int(_exp_neg(k, 1, 64)) for k, c in enumerate(floors.tolist(), start=1))
 
 
 def test_geometric_sends_exactly_the_words_equal_to_a_floor_to_the_exact_path(monkeypatch):
-    floors, _ = randomness._geometric_floors()
+    floors, _ = exact.geometric_floors(64)
     words = sorted({w for x in floors.tolist() for w in range(max(0, x - 3), x + 4)} | set(range(64)))
     rng, sent = SecureRandom(9), []
     monkeypatch.setattr(rng, "_exact_geometric", lambda w: sent.append(w) or 0)

@@ -3,7 +3,7 @@
 opacus computes the per-sample gradients (``GradSampleModule``) and runs the optimizer; this subclass
 replaces its float32 clipping and torch noise: per-sample gradients are clipped and summed in float64 by
 ``clipped_sum`` and the sum is noised by ``noisy_sum`` from a ``SecureRandom`` (its own stream, each step's
-noise drawn while the step before computes: ``NoiseAhead``).
+noise drawn while the step before computes: ``NoiseAhead``; on a GPU the noise is drawn there: ``DeviceNoise``).
 
 An example's per-sample gradient must not depend on which other examples the Poisson batch holds: kernels pick
 their algorithm by shape, so a batch of the sampled count would move every example's gradient (~1e-6 relative)
@@ -22,9 +22,12 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from privdiff.errors import PrivdiffError
+from privdiff.privacy.device_noise import DeviceNoise
 from privdiff.privacy.distributed import World
 from privdiff.privacy.mechanism import clipped_sum, noisy_sum, pairwise_sum_
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
+
+DEVICE_NOISE = ("cuda",)  # device types whose noise is drawn on the device (float64 exp measured there)
 
 
 class PrivdiffDPOptimizer(DPOptimizer):
@@ -39,9 +42,17 @@ class PrivdiffDPOptimizer(DPOptimizer):
         self.rng = rng
         self.noise = None if rng is None else NoiseAhead(rng)  # None on the ranks that never add noise
 
+    def _noise_for(self, device: torch.device) -> NoiseAhead | DeviceNoise:
+        """Where a sum on ``device`` gets its noise: on a GPU, drawn there (``DeviceNoise``, keyed once from this
+        optimizer's stream, whose CPU thread stops); elsewhere ahead on a CPU thread (``NoiseAhead``)."""
+        if device.type in DEVICE_NOISE and isinstance(self.noise, NoiseAhead):
+            self.noise.close()
+            self.noise = DeviceNoise(self.noise.rng, device)
+        return self.noise
+
     def close(self) -> None:
         """Stop the noise thread; call when training ends."""
-        if self.noise is not None:
+        if isinstance(self.noise, NoiseAhead):
             self.noise.close()
 
     def step_across(self, world: World, compute: Callable[[], None]) -> None:
@@ -88,7 +99,7 @@ class PrivdiffDPOptimizer(DPOptimizer):
         for p in self.params:
             _check_processed_flag(p.summed_grad)
         total = torch.cat([p.summed_grad.reshape(-1).to(torch.float64) for p in self.params])
-        noisy = noisy_sum(total, self.max_grad_norm, self.noise_multiplier, self.noise)
+        noisy = noisy_sum(total, self.max_grad_norm, self.noise_multiplier, self._noise_for(total.device))
         for p, part in zip(self.params, noisy.split(self._sizes()), strict=True):
             p.grad = part.view_as(p).to(p.dtype)
             _mark_as_processed(p.summed_grad)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
+from privdiff.privacy.device_noise import DeviceNoise
 from privdiff.privacy.randomness import NoiseAhead, SecureRandom
 
 log = logging.getLogger("privdiff")
@@ -56,8 +57,8 @@ MAX_SUM_ROWS = 116_000  # the largest m with (ceil(log2 m) + 1) m 2**-53 <= 2**-
 _MAX_STEPS = 2**62  # snapped sums are clamped to +-2**62 steps (1-Lipschitz: the sensitivity is kept)
 
 
-def _check_noise_source(rng: object) -> SecureRandom | NoiseAhead:
-    return rng if isinstance(rng, NoiseAhead) else _check_rng(rng)
+def _check_noise_source(rng: object) -> SecureRandom | NoiseAhead | DeviceNoise:
+    return rng if isinstance(rng, NoiseAhead | DeviceNoise) else _check_rng(rng)
 
 
 def _check_rng(rng: object) -> SecureRandom:
@@ -249,7 +250,8 @@ def noise_grid(clip_norm: float, noise_multiplier: float) -> float:
     return math.ldexp(1.0, math.frexp(c)[1] - 1 - bits)
 
 
-def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float, rng: SecureRandom | NoiseAhead) -> Tensor:
+def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float,
+              rng: SecureRandom | NoiseAhead | DeviceNoise) -> Tensor:
     """``total`` plus discrete Gaussian noise of std about sigma * C, on the grid ``noise_grid(C, sigma)``.
 
     ``total`` must be a float64-computed sum of rows of norm <= ``clip_norm`` (its L2 sensitivity). Returns
@@ -268,7 +270,8 @@ def noisy_sum(total: Tensor, clip_norm: float, noise_multiplier: float, rng: Sec
     # C' / gamma = C / gamma + 2 sqrt(d), rounded up so the noise is never below sigma * C'.
     grid_sigma = sigma * (c / gamma + 2 * math.sqrt(d)) * (1 + 2.0**-40)
     steps = torch.round(total.to(torch.float64) / gamma).clamp(-_MAX_STEPS, _MAX_STEPS).to(torch.int64)
-    noise = torch.from_numpy(rng.discrete_gaussian(d, grid_sigma)).to(steps.device).view(steps.shape)
+    drawn = rng.discrete_gaussian(d, grid_sigma)
+    noise = (drawn if isinstance(drawn, Tensor) else torch.from_numpy(drawn)).to(steps.device).view(steps.shape)
     return (steps + noise).to(torch.float64) * gamma
 
 

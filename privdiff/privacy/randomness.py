@@ -18,7 +18,6 @@ neither floating point nor a weak seed leaks the noise.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import math
@@ -26,7 +25,6 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from decimal import MIN_EMIN, ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, localcontext
 from fractions import Fraction
 
 import numpy as np
@@ -34,14 +32,21 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from privdiff.errors import PrivdiffError
 from privdiff.privacy import checks
+from privdiff.privacy.exact import (
+    EXP_BUDGET,
+    FLOAT_MARGIN,
+    MAX_SIGMA,
+    TWO64,
+    Proposals,
+    exp_error,
+    exp_neg_bracket,
+    geometric_floors,
+)
 
 _SEED_DOMAIN = b"privdiff/SecureRandom/seed/v1\x00"
 _WORDS_PER_REFILL = 8192
 _MAX_STREAM_BYTES = 2**38  # ChaCha20's 32-bit block counter covers 2**38 bytes for one nonce
-_MAX_SIGMA = 2.0**55  # samples must fit int64 with a wide margin
-_TWO64 = 1 << 64
 _ROUND = 1 << 14  # proposals per round of the discrete Gaussian: its ~20 working arrays stay in the cache
-_FLOAT_MARGIN = 2.0**-36  # how far a uniform must clear a float exp(-gamma) to be decided without exact bits
 
 
 class SecureRandom:
@@ -111,8 +116,8 @@ class SecureRandom:
     def randbelow(self, k: int) -> int:
         """A uniform integer in [0, k), unbiased (rejection sampling), for any positive Python int ``k``."""
         k = checks.count("k", k, minimum=1)
-        if k <= _TWO64:
-            limit = _TWO64 - _TWO64 % k
+        if k <= TWO64:
+            limit = TWO64 - TWO64 % k
             while True:
                 w = self._next_word()
                 if w < limit:
@@ -150,7 +155,7 @@ class SecureRandom:
             raise PrivdiffError(f"p must be in [0, 1], got {p!r}")
         if p == 1:
             return np.ones(n, dtype=bool)
-        scaled = Fraction(p) * _TWO64
+        scaled = Fraction(p) * TWO64
         digit = math.floor(scaled)
         words = self.uint64(n)
         keep = words < np.uint64(digit)
@@ -160,15 +165,14 @@ class SecureRandom:
                 keep[i] = self._bern(rest.numerator, rest.denominator)
         return keep
 
-    def _below_exp_neg(self, prefix: int, num: int, den: int) -> bool:
-        """Exactly whether U < exp(-num/den), for a uniform U in [0, 1) whose first 64 bits are ``prefix``.
+    def _below_exp_neg(self, prefix: int, num: int, den: int, bits: int = 64) -> bool:
+        """Exactly whether U < exp(-num/den), for a uniform U in [0, 1) whose first ``bits`` bits are ``prefix``.
 
         Further bits of U are drawn 64 at a time until a bracket of exp(-num/den) settles the comparison
         (exp of a rational is irrational, so this ends with probability 1).
         """
-        bits = 64
         while True:
-            low, high = _exp_neg_bracket(num, den, bits)
+            low, high = exp_neg_bracket(num, den, bits)
             if prefix + 1 <= low:  # U < (prefix + 1) / 2**bits <= exp(-num/den)
                 return True
             if prefix >= high:  # U >= prefix / 2**bits >= exp(-num/den)
@@ -195,7 +199,7 @@ class SecureRandom:
         (probability 2**-64); ``_exact_geometric`` settles those from U's further bits. Three comparisons
         count the 95% of words above c_3; the rest are looked up among all floors.
         """
-        floors, ascending = _geometric_floors()
+        floors, ascending = geometric_floors(64)
         v = (words < floors[0]).astype(np.int64)
         v += words < floors[1]
         v += words < floors[2]
@@ -205,11 +209,12 @@ class SecureRandom:
             v[i] = self._exact_geometric(int(words[i]))
         return v
 
-    def _exact_geometric(self, prefix: int) -> int:
-        """#{k >= 1 : U < e^-k} for a uniform U whose first 64 bits are ``prefix``, drawing further bits as needed."""
-        v, bits = 0, 64
+    def _exact_geometric(self, prefix: int, bits: int = 64) -> int:
+        """#{k >= 1 : U < e^-k} for a uniform U whose first ``bits`` bits are ``prefix``, drawing further bits as
+        needed."""
+        v = 0
         while True:
-            low, high = _exp_neg_bracket(v + 1, 1, bits)
+            low, high = exp_neg_bracket(v + 1, 1, bits)
             if prefix + 1 <= low:
                 v += 1
             elif prefix >= high:
@@ -232,9 +237,9 @@ class SecureRandom:
         room = np.exp(np.negative(gamma), out=np.empty_like(gamma))
         room *= 2.0**53  # exact
         room -= top  # exp(-gamma) 2**53 - top, rounded by <= 1/2: far inside the margin
-        below = room >= _FLOAT_MARGIN * 2.0**53 + 2  # U < (top + 1) 2**-53 <= exp(-gamma) - margin
+        below = room >= FLOAT_MARGIN * 2.0**53 + 2  # U < (top + 1) 2**-53 <= exp(-gamma) - margin
         unsure = ~below
-        unsure &= room > -_FLOAT_MARGIN * 2.0**53  # not sure either that U >= top 2**-53 >= exp(-gamma) + margin
+        unsure &= room > -FLOAT_MARGIN * 2.0**53  # not sure either that U >= top 2**-53 >= exp(-gamma) + margin
         if wanted is not None:
             below &= wanted
             unsure &= wanted
@@ -262,10 +267,10 @@ class SecureRandom:
         """
         size = checks.count("size", size, minimum=0)
         s = checks.positive("sigma", sigma)
-        if s > _MAX_SIGMA:
+        if s > MAX_SIGMA:
             raise PrivdiffError(f"sigma must be <= 2**55, got {sigma!r}")
         _check_float_exp()
-        plan = _Proposals.for_sigma(s)
+        plan = Proposals.for_sigma(s)
         out = np.empty(size, dtype=np.int64)
         have = 0
         while have < size:
@@ -275,7 +280,7 @@ class SecureRandom:
             have += take
         return out
 
-    def _proposal_round(self, plan: _Proposals, m: int) -> np.ndarray:
+    def _proposal_round(self, plan: Proposals, m: int) -> np.ndarray:
         """The accepted samples, in draw order, of ``m`` proposals (see ``discrete_gaussian``)."""
         t = plan.t
         raw = self._round_bytes(24 * m + -(-m // 8))
@@ -302,36 +307,6 @@ class SecureRandom:
         samples = x.take(kept)
         np.negative(samples, out=samples, where=negative.take(kept))
         return samples
-
-
-@dataclasses.dataclass(frozen=True)
-class _Proposals:
-    """Constants of ``discrete_gaussian``'s proposals for one sigma: sigma^2 = num/den exactly, t = floor(sigma)
-    + 1, the rejection limit of u's 64-bit words, and the fast path's rounded coefficients a, b, c."""
-
-    num: int
-    den: int
-    t: int
-    limit: np.uint64
-    a: float
-    b: float
-    c: float
-
-    @staticmethod
-    @functools.lru_cache(maxsize=16)
-    def for_sigma(sigma: float) -> _Proposals:
-        num, den = (Fraction(sigma) ** 2).as_integer_ratio()
-        t = math.isqrt(num // den) + 1
-        root2 = math.sqrt(2.0)
-        return _Proposals(num, den, t, np.uint64(_TWO64 - _TWO64 % t - 1), 1.0 / (sigma * root2),
-                          sigma / (t * root2), 1.0 / t)
-
-    def exponent(self, u: int, x: int) -> tuple[int, int]:
-        """u/t + (x - sigma^2/t)^2 / (2 sigma^2) = u/t + (x den t - num)^2 / (2 num den t^2), as (numerator,
-        denominator)."""
-        t, num, den = self.t, self.num, self.den
-        gamma_den = 2 * num * den * t * t
-        return u * gamma_den + t * (x * den * t - num) ** 2, t * gamma_den
 
 
 class NoiseAhead:
@@ -374,49 +349,11 @@ class NoiseAhead:
         self._pool.shutdown(wait=True)
 
 
-def _exp_neg_bracket(num: int, den: int, bits: int) -> tuple[int, int]:
-    """Integers low <= exp(-num/den) * 2**bits <= high, high - low <= 3, for integers num >= 0, den > 0.
-
-    Decimal's ``exp`` is correctly rounded; num/den is rounded down and up, and each exp is widened by one
-    unit in the last place, so the bracket is rigorous.
-    """
-    with localcontext() as ctx:
-        ctx.prec = bits * 31 // 100 + len(str(num // den)) + 12
-        ctx.Emin = MIN_EMIN
-        ctx.rounding = ROUND_FLOOR
-        gamma_low = Decimal(num) / den
-        ctx.rounding = ROUND_CEILING
-        gamma_high = Decimal(num) / den
-        ctx.rounding = ROUND_HALF_EVEN
-        high = (-gamma_low).exp().next_plus()
-        low = (-gamma_high).exp().next_minus()
-    return math.floor(Fraction(low) * 2**bits), math.ceil(Fraction(high) * 2**bits)
-
-
-@functools.cache
-def _geometric_floors() -> tuple[np.ndarray, np.ndarray]:
-    """c_k = floor(e^-k 2**64) exactly, for k = 1 to 45 (uint64, descending; c_45 = 0, the first zero), and the
-    same ascending. Brackets are narrowed until both ends have the same floor."""
-    floors = []
-    for k in range(1, 46):
-        bits = 64
-        while (bracket := _exp_neg_bracket(k, 1, bits))[0] >> (bits - 64) != bracket[1] >> (bits - 64):
-            bits += 64
-        floors.append(bracket[0] >> (bits - 64))
-    descending = np.array(floors, dtype=np.uint64)
-    return descending, descending[::-1].copy()
-
-
 @functools.cache
 def _check_float_exp() -> None:
     """Measure once that numpy's exp is as accurate as ``_bernoulli_exp_neg`` assumes (2**-45 absolute; IEEE
-    libraries are within a few units in the last place, about 2**-52), at 4,401 points against rigorous Decimal
-    brackets: a check of this process's exp at those points, not a proof for every input."""
-    gamma = np.concatenate([np.linspace(0.0, 40.0, 4001), np.geomspace(1e-12, 1.0, 400)])
-    worst = 0.0
-    for g, p in zip(gamma.tolist(), np.exp(-gamma).tolist(), strict=True):
-        num, den = Fraction(g).as_integer_ratio()
-        low, high = _exp_neg_bracket(num, den, 80)
-        worst = max(worst, float(abs(Fraction(p) - Fraction(low + high, 2 * 2**80))))
-    if worst > 2.0**-45:
+    libraries are within a few units in the last place, about 2**-52), at 4,401 points (``exp_error``): a check
+    of this process's exp at those points, not a proof for every input."""
+    worst = exp_error(np.exp)
+    if worst > EXP_BUDGET:
         raise PrivdiffError(f"numpy's exp errs by {worst:.3g} here, more than the exact sampler allows (2**-45)")
