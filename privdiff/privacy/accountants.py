@@ -101,7 +101,14 @@ def composed_epsilon(
         return name, 0.0
     checks.served("total steps" if many else "steps", sum(steps for _, _, steps in merged), high=MAX_STEPS)
     checks.served("distinct (noise_multiplier, sample_rate) events", len(merged), high=MAX_EVENTS)
-    return name, _run(name, f"{_describe(merged)} at delta={delta}", lambda: _epsilon(name, merged, delta, relation))
+    return name, _composed(name, tuple(merged), delta, relation)
+
+
+@functools.lru_cache(maxsize=256)
+def _composed(name: str, events: tuple[Event, ...], delta: float, relation: str) -> float:
+    """``composed_epsilon``'s answer for checked arguments, remembered: a GUI asks again for the same release."""
+    return _run(name, f"{_describe(list(events))} at delta={delta}", lambda: _epsilon(name, list(events), delta,
+                                                                                        relation))
 
 
 def calibrate_noise_multiplier(
@@ -121,6 +128,13 @@ def calibrate_noise_multiplier(
     delta = _delta(delta)
     q = _sample_rate(sample_rate)
     steps = checks.served("steps", checks.count("steps", steps), high=MAX_STEPS)
+    return name, _calibrated(name, eps, delta, q, steps, relation)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(name: str, eps: float, delta: float, q: float, steps: int, relation: str) -> float:
+    """``calibrate_noise_multiplier``'s answer for checked arguments, remembered: a GUI asks again for the same
+    release."""
 
     def exact(sigma: float) -> float:
         try:
@@ -149,7 +163,7 @@ def calibrate_noise_multiplier(
             sigma, slope = _solve(coarse, eps, start, slope, tries=5, name=name, tolerance=0.01)
         return _solve(exact, eps, sigma, slope, tries=5, name=name)[0]
 
-    return name, _run(name, f"epsilon={eps}, delta={delta}, sample_rate={q}, steps={steps}", search)
+    return _run(name, f"epsilon={eps}, delta={delta}, sample_rate={q}, steps={steps}", search)
 
 
 def _resolve(accountant: str | None, relation: str) -> str:
