@@ -96,7 +96,8 @@ class DeviceNoise:
     def _geometric(self, words: Tensor) -> Tensor:
         """``SecureRandom._geometric`` for U's first 62 bits ``words``: compared with c_k = floor(e^-k 2**62)."""
         floors, ascending = _device_floors(self.device)
-        v = (words < floors[0]).long() + (words < floors[1]).long() + (words < floors[2]).long()
+        v = ((words < floors[0]).to(torch.int64) + (words < floors[1]).to(torch.int64)
+             + (words < floors[2]).to(torch.int64))
         deep = torch.nonzero(words <= floors[2]).flatten()
         v[deep] = len(floors) - torch.searchsorted(ascending, words[deep], right=True)
         for i in torch.nonzero(words == floors[v]).flatten().tolist():
