@@ -1,0 +1,125 @@
+"""DP-SGD on LoRA adapters: one image is one example, Poisson sampling, per-sample clipping, CSPRNG noise.
+
+As DP-SGD textual inversion does: opacus computes the adapters' per-sample gradients (a ``GradSampleModule`` over
+the UNet, whose only trainable parameters are the adapters), in microbatches of a fixed public size padded with
+the public dummy (zero latent, timestep 0, zero noise), so an example's gradient does not depend on the others in
+its batch; privdiff clips, sums and noises them (``PrivdiffDPOptimizer``). The text encoder and the VAE stay
+frozen, and every example is conditioned on the same public prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+
+from privdiff.io.batching import padded
+from privdiff.lora.adapters import LoRALinear, attach
+from privdiff.models.protocol import SDBackend
+from privdiff.privacy.distributed import World
+from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
+from privdiff.privacy.mechanism import poisson_sample
+from privdiff.privacy.randomness import SecureRandom
+
+Progress = Callable[[int, int], None]
+# torch warns on every backward through opacus' hooks when the hooked module's input needs no grad.
+_HOOK_WARNING = "Full backward hook is firing"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The adapters and their training. ``batch_size`` bounds the rows of one per-sample-gradient microbatch."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    targets: str = "attn"
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 16
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """The public parameters of one DP-LoRA release and the key of its per-example training streams."""
+
+    config: LoRAConfig
+    sample_rate: float
+    clip_norm: float
+    noise_multiplier: float
+    public_size: int
+    key: bytes
+
+
+def example_stream(key: bytes, index: int) -> torch.Generator:
+    """The training stream (timestep, noise) of one example at one step, keyed by ``key`` (from the release's
+    CSPRNG) and ``index``; the guarantee does not rely on it (each gradient is clipped, then noised)."""
+    digest = hashlib.sha256(b"privdiff dp-lora example stream\0" + key + int(index).to_bytes(8, "little")).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def noise_loss(backend: SDBackend, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+               cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example noise-prediction MSE [B] at timesteps ``t`` (target by the model's prediction type)."""
+    a = backend.alphas_cumprod.to(x0.device)[t.to(x0.device)].view(-1, *([1] * (x0.dim() - 1)))
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0 if backend.prediction_type == "v_prediction" else noise
+    return (backend.predict_noise(noisy, t, cond).float() - target).pow(2).flatten(1).mean(1)
+
+
+def per_sample_gradients(backend: SDBackend, params: list[torch.Tensor], size: int, x0: torch.Tensor,
+                         t: torch.Tensor, noise: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+    """Set each adapter parameter's ``grad_sample`` to its per-example loss gradients, ``size`` examples at a
+    time (the UNet wrapped by opacus; ``cond``: one example's conditioning, shared by all)."""
+
+    def backward(start: int, stop: int) -> None:
+        batch = {k: v.expand(size, *v.shape[1:]) for k, v in cond.items()}
+        noise_loss(backend, padded(x0[start:stop], size), padded(t[start:stop], size),
+                   padded(noise[start:stop], size), batch).sum().backward()
+
+    sample_gradients(params, len(x0), size, backward)
+
+
+def train_dp_lora(backend: SDBackend, latents: torch.Tensor, settings: LoRASettings, rng: SecureRandom,
+                  progress: Progress | None = None) -> dict[str, LoRALinear]:
+    """Attach adapters to ``backend``'s UNet and train them with DP-SGD on the n ``latents`` for
+    ``config.steps`` Poisson-sampled steps; returns the adapters (still attached)."""
+    config, n = settings.config, len(latents)
+    init = torch.Generator().manual_seed(int.from_bytes(rng.random_bytes(8), "little"))  # public start: any seed
+    adapters = attach(backend.pipe.unet, config.rank, config.alpha, config.targets, init)
+    params = [p for adapter in adapters.values() for p in (adapter.down.weight, adapter.up.weight)]
+    hooked = GradSampleModule(backend.pipe.unet, loss_reduction="sum")  # hooks the adapters: all that trains
+    expected = max(1, round(settings.sample_rate * settings.public_size))
+    optimizer = PrivdiffDPOptimizer(torch.optim.Adam(params, lr=config.lr), rng=rng,
+                                    noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.clip_norm,
+                                    expected_batch_size=expected)
+    size = min(config.batch_size, microbatch_size(expected))
+    cond = backend.encode_text([config.prompt])
+    steps = len(backend.alphas_cumprod)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+            for step in range(config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                batch = poisson_sample(n, settings.sample_rate, rng).tolist()
+
+                def compute(step: int = step, batch: list[int] = batch) -> None:
+                    streams = [example_stream(settings.key, (step + 1) * n + i) for i in batch]
+                    x0 = latents[batch].to(backend.device, torch.float32)
+                    t = torch.stack([torch.randint(steps, (), generator=g) for g in streams]) if batch else \
+                        torch.empty(0, dtype=torch.long)
+                    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in streams]) if batch else \
+                        torch.empty(0, *latents.shape[1:])
+                    per_sample_gradients(backend, params, size, x0, t, noise.to(x0.device), cond)
+
+                optimizer.step_across(World(), compute)
+                if progress is not None:
+                    progress(step + 1, config.steps)
+    finally:
+        optimizer.close()
+        hooked.remove_hooks()  # the UNet samples as before; the adapters stay
+    return adapters
