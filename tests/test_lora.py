@@ -98,3 +98,27 @@ def test_the_file_holds_what_every_loader_applies(backend, tmp_path):
     torch.testing.assert_close(_predict(backend), adapted, rtol=1e-4, atol=1e-5)
     with pytest.raises(PrivdiffError, match="already exists"):
         save_lora(path, adapters, "SD1", None)
+
+
+def test_a_release_trains_the_adapters_and_reports_the_accountants_epsilon(backend):
+    from privdiff.lora.training import LoRAConfig, plan_dp_lora, run_dp_lora
+    from privdiff.privacy.accountants import epsilon_for
+    from privdiff.release.dp_params import DPParams
+
+    latents = torch.randn(12, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    params = DPParams(epsilon=8.0, delta=1e-5, sample_rate=0.5, clip_norm=1.0)
+    config = LoRAConfig(rank=2, alpha=2.0, steps=3, lr=1e-2, batch_size=4, prompt="a picture")
+    planned = plan_dp_lora(params, len(latents), config)  # calibrated: sigma's epsilon is at most the target's
+    assert 0.99 * 8.0 <= epsilon_for(planned.noise_multiplier, 0.5, 3, 1e-5)[1] <= planned.epsilon == 8.0
+    given = plan_dp_lora(DPParams(epsilon=None, delta=1e-5, sample_rate=0.5, noise_multiplier=2.0), 12, config)
+    assert given.epsilon == epsilon_for(2.0, 0.5, 3, 1e-5)[1] and given.steps == 3
+    before = _predict(backend)
+    calls = []
+    adapters, report = run_dp_lora(backend, latents, params, config, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)] and report.noise_multiplier == planned.noise_multiplier
+    assert any(float(a.up.weight.detach().abs().max()) > 0 for a in adapters.values())  # trained
+    assert not torch.equal(_predict(backend), before)
+    assert all(getattr(p, "grad_sample", None) is None and getattr(p, "summed_grad", None) is None
+               for a in adapters.values() for p in a.parameters())
+    with pytest.raises(PrivdiffError, match="bound 'normalize' is not available"):
+        plan_dp_lora(DPParams(epsilon=1.0, delta=1e-5, bound="normalize"), 12, config)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from opacus import GradSampleModule
 
+from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
 from privdiff.lora.adapters import LoRALinear, attach
 from privdiff.models.protocol import SDBackend
@@ -24,7 +25,10 @@ from privdiff.privacy.distributed import World
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
+from privdiff.privacy.report import PrivacyReport
+from privdiff.release.dp_params import DPParams, plan_release
 
+MECHANISM = "DP-LoRA (DP-SGD on UNet LoRA adapters, opacus): per-sample clipped gradients with Gaussian noise"
 Progress = Callable[[int, int], None]
 # torch warns on every backward through opacus' hooks when the hooked module's input needs no grad.
 _HOOK_WARNING = "Full backward hook is firing"
@@ -120,6 +124,35 @@ def train_dp_lora(backend: SDBackend, latents: torch.Tensor, settings: LoRASetti
                 if progress is not None:
                     progress(step + 1, config.steps)
     finally:
+        optimizer.zero_grad(set_to_none=True)  # drops opacus' per-sample and summed gradients
         optimizer.close()
         hooked.remove_hooks()  # the UNet samples as before; the adapters stay
     return adapters
+
+
+def plan_dp_lora(params: DPParams, dataset_size: int, config: LoRAConfig, *, seed: int | None = None,
+                 dataset_label: str | None = None) -> PrivacyReport:
+    """The report of a DP-LoRA release (no model needed): ``config.steps`` compositions of the subsampled
+    Gaussian, N public by convention as for every DP-SGD release. Only ``bound="clip"``."""
+    if params.bound == "normalize":
+        raise PrivdiffError("bound 'normalize' is not available for DP-LoRA: DP-SGD clips per-sample gradients; "
+                            "use bound 'clip'")
+    center = "none: per-sample gradients are clipped (the adapters start from the base model)"
+    return plan_release(MECHANISM, params, dataset_size, config.steps, center=center, dataset_label=dataset_label,
+                        private=seed is None, n_public_by_convention=True)
+
+
+def run_dp_lora(backend: SDBackend, latents: torch.Tensor, params: DPParams, config: LoRAConfig | None = None, *,
+                seed: int | None = None, dataset_label: str | None = None, progress: Progress | None = None,
+                report: PrivacyReport | None = None) -> tuple[dict[str, LoRALinear], PrivacyReport]:
+    """Train DP-LoRA adapters on the n images' ``latents``; returns them (attached to the UNet) and the report.
+
+    ``seed`` makes the run reproducible and marks the release NOT private; ``report``: the release's report from
+    ``plan_dp_lora`` when it was planned (and charged) before the model loaded.
+    """
+    config = config or LoRAConfig()
+    report = report or plan_dp_lora(params, len(latents), config, seed=seed, dataset_label=dataset_label)
+    rng = SecureRandom(seed)
+    settings = LoRASettings(config, params.sample_rate, params.clip_norm, report.noise_multiplier,
+                            report.public_size, rng.random_bytes(32))
+    return train_dp_lora(backend, latents, settings, rng, progress), report
