@@ -11,10 +11,14 @@ from safetensors import safe_open
 
 from privdiff.errors import PrivdiffError
 from privdiff.lora.adapters import attach, detach
-from privdiff.lora.files import REPORT_KEY, kohya_state, save_lora
-from privdiff.lora.training import noise_loss, per_sample_gradients
+from privdiff.lora.files import kohya_state, save_lora
+from privdiff.lora.training import LoRAConfig, noise_loss, per_sample_gradients, plan_dp_lora, run_dp_lora
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.tiny import tiny_pipeline
+from privdiff.privacy.accountants import epsilon_for
+from privdiff.privacy.report import PrivacyReport
+from privdiff.release.artifact import carries_release
+from privdiff.release.dp_params import DPParams
 
 
 @pytest.fixture
@@ -81,13 +85,15 @@ def test_the_file_holds_what_every_loader_applies(backend, tmp_path):
     """kohya keys and shapes, and base weight + (alpha / rank) up @ down reproduces the adapted UNet."""
     adapters = _adapted(backend, rank=2, alpha=4.0)
     adapted = _predict(backend)
-    path = save_lora(tmp_path / "style.safetensors", adapters, "SD1", {"epsilon": 1.0})
+    report = plan_dp_lora(DPParams(epsilon=1.0, delta=1e-5), 10, LoRAConfig())
+    path = save_lora(tmp_path / "style.safetensors", adapters, "SD1", report)
     detach(backend.pipe.unet, adapters)
     with safe_open(str(path), "pt") as f:
         meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     assert state.keys() == kohya_state(adapters).keys() and all(k.startswith("lora_unet_") for k in state)
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_base_model_version"]) == ("2", "4", "sd_v1")
-    assert json.loads(meta[REPORT_KEY]) == {"epsilon": 1.0} and "lora_adapter_metadata" not in meta
+    assert PrivacyReport.from_metadata(meta) == report and "lora_adapter_metadata" not in meta
+    assert carries_release(path, report.release_id)
     modules = dict(backend.pipe.unet.named_modules())
     with torch.no_grad():
         for name in adapters:
@@ -101,20 +107,16 @@ def test_the_file_holds_what_every_loader_applies(backend, tmp_path):
 
 
 def test_a_release_trains_the_adapters_and_reports_the_accountants_epsilon(backend):
-    from privdiff.lora.training import LoRAConfig, plan_dp_lora, run_dp_lora
-    from privdiff.privacy.accountants import epsilon_for
-    from privdiff.release.dp_params import DPParams
-
-    latents = torch.randn(12, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     params = DPParams(epsilon=8.0, delta=1e-5, sample_rate=0.5, clip_norm=1.0)
     config = LoRAConfig(rank=2, alpha=2.0, steps=3, lr=1e-2, batch_size=4, prompt="a picture")
-    planned = plan_dp_lora(params, len(latents), config)  # calibrated: sigma's epsilon is at most the target's
+    planned = plan_dp_lora(params, len(images), config)  # calibrated: sigma's epsilon is at most the target's
     assert 0.99 * 8.0 <= epsilon_for(planned.noise_multiplier, 0.5, 3, 1e-5)[1] <= planned.epsilon == 8.0
     given = plan_dp_lora(DPParams(epsilon=None, delta=1e-5, sample_rate=0.5, noise_multiplier=2.0), 12, config)
     assert given.epsilon == epsilon_for(2.0, 0.5, 3, 1e-5)[1] and given.steps == 3
     before = _predict(backend)
     calls = []
-    adapters, report = run_dp_lora(backend, latents, params, config, progress=lambda d, t: calls.append((d, t)))
+    adapters, report = run_dp_lora(backend, images, params, config, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(1, 3), (2, 3), (3, 3)] and report.noise_multiplier == planned.noise_multiplier
     assert any(float(a.up.weight.detach().abs().max()) > 0 for a in adapters.values())  # trained
     assert not torch.equal(_predict(backend), before)
@@ -122,3 +124,28 @@ def test_a_release_trains_the_adapters_and_reports_the_accountants_epsilon(backe
                for a in adapters.values() for p in a.parameters())
     with pytest.raises(PrivdiffError, match="bound 'normalize' is not available"):
         plan_dp_lora(DPParams(epsilon=1.0, delta=1e-5, bound="normalize"), 12, config)
+
+
+def test_the_command_writes_the_lora_file_and_nothing_else(tmp_path, capsys):
+    from privdiff.cli.main import main
+    from privdiff.demo.data import write_style_images
+
+    images = write_style_images(tmp_path / "private", count=6, size=32)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = ["lora", "--model", "tiny", "--images", str(images), "--out", str(out_dir / "style.safetensors"),
+            "--epsilon", "4", "--delta", "1e-3", "--steps", "2", "--batch-size", "4", "--rank", "2",
+            "--accountant", "rdp", "--dataset-label", "unit"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["epsilon"] == 4.0 and summary["steps"] == 2 and summary["sample_rate"] == pytest.approx(4 / 6)
+    assert summary["relation"] == "add-remove (N public)" and summary["dataset_label"] == "unit"
+    assert [p.name for p in out_dir.iterdir()] == ["style.safetensors"]
+    with safe_open(str(out_dir / "style.safetensors"), "pt") as f:
+        assert PrivacyReport.from_metadata(f.metadata()).release_id == summary["release_id"]
+        assert all(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118
+    assert main(args) == 2  # an existing output is refused before any work
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args[:6], str(out_dir / "style.pt"), *args[7:]]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err

@@ -66,6 +66,18 @@ def example_stream(key: bytes, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+def encode_latents(backend: SDBackend, images: torch.Tensor, key: bytes) -> torch.Tensor:
+    """Each image's VAE latent (float32, on the CPU), sampled from a stream keyed by ``key`` (from the release's
+    CSPRNG) and the image's index."""
+    latents = []
+    for i, image in enumerate(images):
+        digest = hashlib.sha256(b"privdiff dp-lora vae sample\0" + key + i.to_bytes(8, "little")).digest()
+        gen = torch.Generator(device=backend.device).manual_seed(int.from_bytes(digest[:8], "little"))
+        with torch.no_grad():
+            latents.append(backend.encode_images(image[None].to(backend.device), gen).float().cpu())
+    return torch.cat(latents)
+
+
 def noise_loss(backend: SDBackend, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-example noise-prediction MSE [B] at timesteps ``t`` (target by the model's prediction type)."""
@@ -142,17 +154,19 @@ def plan_dp_lora(params: DPParams, dataset_size: int, config: LoRAConfig, *, see
                         private=seed is None, n_public_by_convention=True)
 
 
-def run_dp_lora(backend: SDBackend, latents: torch.Tensor, params: DPParams, config: LoRAConfig | None = None, *,
+def run_dp_lora(backend: SDBackend, images: torch.Tensor, params: DPParams, config: LoRAConfig | None = None, *,
                 seed: int | None = None, dataset_label: str | None = None, progress: Progress | None = None,
                 report: PrivacyReport | None = None) -> tuple[dict[str, LoRALinear], PrivacyReport]:
-    """Train DP-LoRA adapters on the n images' ``latents``; returns them (attached to the UNet) and the report.
+    """Train DP-LoRA adapters on the n ``images`` [n, 3, H, W] in 0..1; returns them (attached to the UNet) and
+    the report.
 
     ``seed`` makes the run reproducible and marks the release NOT private; ``report``: the release's report from
     ``plan_dp_lora`` when it was planned (and charged) before the model loaded.
     """
     config = config or LoRAConfig()
-    report = report or plan_dp_lora(params, len(latents), config, seed=seed, dataset_label=dataset_label)
+    report = report or plan_dp_lora(params, len(images), config, seed=seed, dataset_label=dataset_label)
     rng = SecureRandom(seed)
     settings = LoRASettings(config, params.sample_rate, params.clip_norm, report.noise_multiplier,
                             report.public_size, rng.random_bytes(32))
+    latents = encode_latents(backend, images, settings.key)
     return train_dp_lora(backend, latents, settings, rng, progress), report
