@@ -149,3 +149,15 @@ def test_the_command_writes_the_lora_file_and_nothing_else(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main([*args[:6], str(out_dir / "style.pt"), *args[7:]]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+
+
+def test_sdxl_adapters_train_and_say_so_in_the_file(tmp_path):
+    backend = DiffusersBackend(tiny_pipeline("sdxl"))
+    backend.freeze()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    params = DPParams(epsilon=8.0, delta=1e-3, sample_rate=1.0, clip_norm=1.0, accountant="rdp")
+    adapters, report = run_dp_lora(backend, images, params, LoRAConfig(rank=2, steps=1, batch_size=2))
+    path = save_lora(tmp_path / "xl.safetensors", adapters, backend.family, report)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert any("attn2_to_k.lora_down" in k for k in f.keys())  # noqa: SIM118
