@@ -12,9 +12,10 @@ from safetensors import safe_open
 from privdiff.errors import PrivdiffError
 from privdiff.lora.adapters import attach, detach
 from privdiff.lora.files import kohya_state, save_lora
-from privdiff.lora.training import LoRAConfig, noise_loss, per_sample_gradients, plan_dp_lora, run_dp_lora
+from privdiff.lora.training import LoRAConfig, per_sample_gradients, plan_dp_lora, run_dp_lora
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.tiny import tiny_pipeline
+from privdiff.models.training import noise_prediction_loss
 from privdiff.privacy.accountants import epsilon_for
 from privdiff.privacy.report import PrivacyReport
 from privdiff.release.artifact import carries_release
@@ -75,7 +76,7 @@ def test_per_sample_gradients_equal_a_per_example_loop(backend):
     assert all(g.shape == (3, *p.shape) for g, p in zip(got, params, strict=True))
     hooked.remove_hooks()
     for i in range(3):
-        loss = noise_loss(backend, x0[i:i + 1], t[i:i + 1], noise[i:i + 1], cond).sum()
+        loss = noise_prediction_loss(backend, x0[i:i + 1], t[i:i + 1], noise[i:i + 1], cond).sum()
         for g, want in zip(got, torch.autograd.grad(loss, params), strict=True):
             torch.testing.assert_close(g[i], want, rtol=1e-4, atol=1e-7)
     assert any(float(g.abs().max()) > 0 for g in got)

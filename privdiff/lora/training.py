@@ -9,7 +9,6 @@ frozen, and every example is conditioned on the same public prompt.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
 from privdiff.lora.adapters import LoRALinear, attach
 from privdiff.models.protocol import SDBackend
+from privdiff.models.training import keyed_generator, noise_prediction_loss
 from privdiff.privacy.distributed import World
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
@@ -30,6 +30,7 @@ from privdiff.release.dp_params import DPParams, plan_release
 
 MECHANISM = "DP-LoRA (DP-SGD on UNet LoRA adapters, opacus): per-sample clipped gradients with Gaussian noise"
 Progress = Callable[[int, int], None]
+_STREAM = b"privdiff dp-lora example stream\0"  # each example's timestep and noise at each step
 # torch warns on every backward through opacus' hooks when the hooked module's input needs no grad.
 _HOOK_WARNING = "Full backward hook is firing"
 
@@ -59,32 +60,15 @@ class LoRASettings:
     key: bytes
 
 
-def example_stream(key: bytes, index: int) -> torch.Generator:
-    """The training stream (timestep, noise) of one example at one step, keyed by ``key`` (from the release's
-    CSPRNG) and ``index``; the guarantee does not rely on it (each gradient is clipped, then noised)."""
-    digest = hashlib.sha256(b"privdiff dp-lora example stream\0" + key + int(index).to_bytes(8, "little")).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 def encode_latents(backend: SDBackend, images: torch.Tensor, key: bytes) -> torch.Tensor:
     """Each image's VAE latent (float32, on the CPU), sampled from a stream keyed by ``key`` (from the release's
     CSPRNG) and the image's index."""
     latents = []
     for i, image in enumerate(images):
-        digest = hashlib.sha256(b"privdiff dp-lora vae sample\0" + key + i.to_bytes(8, "little")).digest()
-        gen = torch.Generator(device=backend.device).manual_seed(int.from_bytes(digest[:8], "little"))
+        gen = keyed_generator(b"privdiff dp-lora vae sample\0", key, i, backend.device)
         with torch.no_grad():
             latents.append(backend.encode_images(image[None].to(backend.device), gen).float().cpu())
     return torch.cat(latents)
-
-
-def noise_loss(backend: SDBackend, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-               cond: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example noise-prediction MSE [B] at timesteps ``t`` (target by the model's prediction type)."""
-    a = backend.alphas_cumprod.to(x0.device)[t.to(x0.device)].view(-1, *([1] * (x0.dim() - 1)))
-    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    target = a.sqrt() * noise - (1 - a).sqrt() * x0 if backend.prediction_type == "v_prediction" else noise
-    return (backend.predict_noise(noisy, t, cond).float() - target).pow(2).flatten(1).mean(1)
 
 
 def per_sample_gradients(backend: SDBackend, params: list[torch.Tensor], size: int, x0: torch.Tensor,
@@ -94,7 +78,7 @@ def per_sample_gradients(backend: SDBackend, params: list[torch.Tensor], size: i
 
     def backward(start: int, stop: int) -> None:
         batch = {k: v.expand(size, *v.shape[1:]) for k, v in cond.items()}
-        noise_loss(backend, padded(x0[start:stop], size), padded(t[start:stop], size),
+        noise_prediction_loss(backend, padded(x0[start:stop], size), padded(t[start:stop], size),
                    padded(noise[start:stop], size), batch).sum().backward()
 
     sample_gradients(params, len(x0), size, backward)
@@ -124,7 +108,7 @@ def train_dp_lora(backend: SDBackend, latents: torch.Tensor, settings: LoRASetti
                 batch = poisson_sample(n, settings.sample_rate, rng).tolist()
 
                 def compute(step: int = step, batch: list[int] = batch) -> None:
-                    streams = [example_stream(settings.key, (step + 1) * n + i) for i in batch]
+                    streams = [keyed_generator(_STREAM, settings.key, (step + 1) * n + i) for i in batch]
                     x0 = latents[batch].to(backend.device, torch.float32)
                     t = torch.stack([torch.randint(steps, (), generator=g) for g in streams]) if batch else \
                         torch.empty(0, dtype=torch.long)
