@@ -126,6 +126,8 @@ NUMERIC = {
     "ti-aggregate": {**RELEASE, "--vectors": bad_int(1, 75), "--steps": bad_int(1, 10**6), "--lr": bad_real(10.0),
                      "--batch-size": bad_int(1, 4096), "--resolution": bad_int(8, 4096)},
     "aggregate": {**RELEASE, "--noise-multiplier": POSITIVE},
+    "lora": {**RELEASE, "--rank": bad_int(1, 1024), "--alpha": bad_real(1e6), "--steps": bad_int(1, 10**6),
+             "--lr": bad_real(10.0), "--batch-size": bad_int(1, 4096), "--resolution": bad_int(8, 4096)},
 }
 FLAGS = [(command, flag) for command, flags in NUMERIC.items() for flag in flags]
 
@@ -142,6 +144,8 @@ def baseline(command: str, ws: Path) -> list[str]:
                          "--delta", "1e-3", "--steps", "1"],
         "aggregate": ["aggregate", "--embeddings", ws / "per_image", "--one-image-per-file", *out, "--epsilon", "2",
                       "--delta", "1e-3"],
+        "lora": ["lora", "--model", "tiny", "--images", ws / "images", *out, "--epsilon", "2", "--delta", "1e-3",
+                 "--steps", "1"],
     }[command]
 
 

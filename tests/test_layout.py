@@ -16,7 +16,7 @@ LAYERS = {
     "privdiff": 0, "privdiff.errors": 0, "privdiff.progress": 0,  # used by every layer
     "privdiff.privacy": 1, "privdiff.io": 1, "privdiff.images": 1,  # images: deprecated re-export
     "privdiff.models": 2, "privdiff.release": 2, "privdiff.backends": 2,  # backends: deprecated re-exports
-    "privdiff.embeddings": 3, "privdiff.guidance": 3, "privdiff.wavelet": 3, "privdiff.he": 3,  # the methods
+    "privdiff.embeddings": 3, "privdiff.guidance": 3, "privdiff.wavelet": 3, "privdiff.he": 3, "privdiff.lora": 3,
     "privdiff.app": 4, "privdiff.audit": 4,  # what the fronts share; audits run the methods' releases
     "privdiff.cli": 5, "privdiff.__main__": 5,
     "privdiff.demo": 6, "privdiff.reference": 6,

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from privdiff.cli import aggregate, arguments, audit, guidance, he, privacy, textual_inversion, tools, wavelet
+from privdiff.cli import aggregate, arguments, audit, guidance, he, lora, privacy, textual_inversion, tools, wavelet
 from privdiff.errors import PrivdiffError, ReportedElsewhere
 
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     wavelet.add_commands(sub)
     he.add_commands(sub)
     audit.add_commands(sub)
+    lora.add_commands(sub)
     privacy.add_ledger_commands(sub)
     return parser
 

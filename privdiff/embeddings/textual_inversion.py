@@ -10,7 +10,6 @@ it agrees only to rounding (~1e-6 relative in float32; to the last bit in float6
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from privdiff.embeddings.templates import TEMPLATES
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import dummy_generator, padded
 from privdiff.models.protocol import SDBackend
+from privdiff.models.training import keyed_generator, noise_prediction_loss
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.progress import Progress
 
@@ -85,13 +85,10 @@ def training_generator(rng: SecureRandom, device: str | torch.device = "cpu") ->
 
 
 def image_generator(key: bytes, index: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """The training stream of record ``index`` of a release (VAE sampling, templates, timesteps, noise): seeded with
-    64 bits of SHA-256(``key``, index), ``key`` drawn from the release's CSPRNG. Keyed by the record, not by the
-    process or the order that trains it, so a release across ranks trains every image as one process does. The
-    guarantee does not rely on this stream (each image's result is bounded, then noised from the CSPRNG), so a torch
-    generator is fine here; Poisson sampling and DP noise never draw from it."""
-    digest = hashlib.sha256(b"privdiff per-image training stream\0" + key + int(index).to_bytes(8, "little")).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
+    """The training stream of record ``index`` of a release (VAE sampling, templates, timesteps, noise), keyed by
+    ``key`` from the release's CSPRNG (``keyed_generator``): a release across ranks trains every image as one
+    process does."""
+    return keyed_generator(b"privdiff per-image training stream\0", key, index, device)
 
 
 def initial_vectors(backend: SDBackend, config: TIConfig) -> dict[str, torch.Tensor]:
@@ -230,11 +227,4 @@ def diffusion_loss(
     ``x0`` are clean latents [B, ...], ``t`` integer timesteps [B], ``noise`` the forward-process
     noise; the target follows the model's prediction type (epsilon or v).
     """
-    device = x0.device
-    t, noise = t.to(device), noise.to(device, x0.dtype)
-    a = backend.alphas_cumprod.to(device, torch.float32)[t].view(-1, *([1] * (x0.dim() - 1)))
-    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    target = a.sqrt() * noise - (1 - a).sqrt() * x0 if backend.prediction_type == "v_prediction" else noise
-    cond = backend.encode_prompts(prompts, PLACEHOLDER, vectors)
-    pred = backend.predict_noise(noisy.to(backend.dtype), t, cond).float()
-    return (pred - target).pow(2).flatten(1).mean(1)
+    return noise_prediction_loss(backend, x0, t, noise, backend.encode_prompts(prompts, PLACEHOLDER, vectors))

@@ -1,0 +1,64 @@
+"""A DP-LoRA release: private images to latents, DP-SGD on the adapters, the LoRA file written after the charge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from privdiff.errors import PrivdiffError
+from privdiff.io.images import PrivateFiles
+from privdiff.lora.adapters import LoRALinear
+from privdiff.lora.files import save_lora
+from privdiff.lora.training import LoRAConfig, Progress, plan_dp_lora, run_dp_lora
+from privdiff.models.protocol import SDBackend
+from privdiff.privacy.ledger import Reservation
+from privdiff.privacy.report import PrivacyReport
+from privdiff.release.artifact import LedgerRequest, carries_release, release_artifact
+from privdiff.release.dp_params import DPParams, check_params
+from privdiff.release.output_plan import plan_output
+
+
+@dataclass(frozen=True)
+class LoRAResult:
+    """The trained adapters (attached to the backend's UNet), the model family and the release's report."""
+
+    adapters: dict[str, LoRALinear]
+    family: str
+    report: PrivacyReport
+    expected_snr: None = None  # DP-SGD has no best-case SNR to print
+
+
+def plan_lora_file(out: str | Path, force: bool) -> Path:
+    """The LoRA output, checked before any work: it ends in .safetensors, is not a folder or special file, exists
+    only with ``force``, and its folder takes a new file."""
+    path = Path(out).expanduser()
+    if path.suffix != ".safetensors":
+        raise PrivdiffError(f"output {path} must end in .safetensors")
+    return plan_output(path, "safetensors", force=force).path
+
+
+def release_lora(
+    load_backend: Callable[[], SDBackend], private: PrivateFiles, out: str | Path, params: DPParams,
+    config: LoRAConfig, *, resolution: int | None = None, ledger: LedgerRequest | None = None,
+    seed: int | None = None, dataset_label: str | None = None, progress: Progress | None = None,
+    force: bool = False,
+) -> tuple[Path, LoRAResult, Reservation | None]:
+    """Plan (σ from the accountant), charge the ledger, load the model, train and write the LoRA file.
+
+    Everything that can be checked without the model is checked before the charge; the model loads after it.
+    """
+    path = plan_lora_file(out, force)
+    check_params(params, len(private.files), n_public_by_convention=True)
+    report = plan_dp_lora(params, len(private.files), config, seed=seed, dataset_label=dataset_label)
+
+    def produce() -> LoRAResult:
+        backend = load_backend()
+        images = private.load(backend.resolution if resolution is None else resolution).images
+        adapters, released = run_dp_lora(backend, images, params, config, seed=seed, progress=progress,
+                                         report=report)
+        return LoRAResult(adapters, backend.family, released)
+
+    return release_artifact(produce, report, path,
+                            lambda result: save_lora(path, result.adapters, result.family, result.report, force),
+                            carries_release, ledger)
