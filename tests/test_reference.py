@@ -245,9 +245,16 @@ def test_guidance_toward_a_dp_target_raises_the_style_score(small):
     encoder = load_small_encoder()
     style = "teal stripes"
     pixels, _ = shapes.style_images(style, 100, seed=3)
-    # a fixed seed makes the release noise reproducible (not private), so the test is deterministic
-    target = make_target(encoder, torch.from_numpy(pixels).permute(0, 3, 1, 2), target_params(1.0, 1e-5), seed=0)
-    plain, guided = (evaluate_guided(pipe, classifier, style, encoder, target.vector,
-                                     GuidanceConfig(steps=15, cfg=3.0, weight=w, recurrence=k), count=16)
-                     for w, k in ((0.0, 1), (6.0, 2)))
-    assert guided.style > plain.style + 0.15 and guided.texture > plain.texture + 0.3, (plain, guided)
+    # Fixed seeds make the release noise reproducible (not private), so the test is deterministic. At epsilon = 1
+    # the noise moves a single target a lot (one of the first six seeds guides to style 0.06, the best to 0.69):
+    # the guided scores are averaged over three releases.
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    targets = [make_target(encoder, images, target_params(1.0, 1e-5), seed=seed).vector for seed in range(3)]
+    plain = evaluate_guided(pipe, classifier, style, encoder, targets[0],
+                            GuidanceConfig(steps=15, cfg=3.0, weight=0.0, recurrence=1), count=16)
+    guided = [evaluate_guided(pipe, classifier, style, encoder, target,
+                              GuidanceConfig(steps=15, cfg=3.0, weight=6.0, recurrence=2), count=16)
+              for target in targets]
+    style_gain = sum(g.style for g in guided) / 3 - plain.style
+    texture_gain = sum(g.texture for g in guided) / 3 - plain.texture
+    assert style_gain > 0.15 and texture_gain > 0.3, (plain, guided)
