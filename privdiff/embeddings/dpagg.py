@@ -27,6 +27,7 @@ from privdiff.embeddings.textual_inversion import (
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
 from privdiff.models.protocol import SDBackend
+from privdiff.models.training import encode_each
 from privdiff.privacy.mechanism import bounded_sum, noisy_mean, poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
@@ -183,15 +184,6 @@ def run_dpagg_ti(
     )
     embedding = Embedding(vectors=released, token=None, metadata=report.to_metadata())
     return DPAggResult(embedding=embedding, report=report, expected_snr=snr)
-
-
-def encode_each(backend: SDBackend, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """VAE latents of ``images``, each encoded alone (a batch of one: the same shape for every image) with its own
-    generator, on the CPU."""
-    with torch.no_grad():
-        latents = [backend.encode_images(images[i:i + 1].to(backend.device, backend.dtype), g)
-                   for i, g in enumerate(generators)]
-    return torch.cat([z.float().cpu() for z in latents])
 
 
 @torch.no_grad()

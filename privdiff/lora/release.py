@@ -10,10 +10,11 @@ from privdiff.errors import PrivdiffError
 from privdiff.io.images import PrivateFiles
 from privdiff.lora.adapters import LoRALinear
 from privdiff.lora.files import save_lora
-from privdiff.lora.training import LoRAConfig, Progress, plan_dp_lora, run_dp_lora
+from privdiff.lora.training import LoRAConfig, plan_dp_lora, run_dp_lora
 from privdiff.models.protocol import SDBackend
 from privdiff.privacy.ledger import Reservation
 from privdiff.privacy.report import PrivacyReport
+from privdiff.progress import Progress
 from privdiff.release.artifact import LedgerRequest, carries_release, release_artifact
 from privdiff.release.dp_params import DPParams, check_params
 from privdiff.release.output_plan import plan_output

@@ -10,7 +10,6 @@ frozen, and every example is conditioned on the same public prompt.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,17 +19,18 @@ from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
 from privdiff.lora.adapters import LoRALinear, attach
 from privdiff.models.protocol import SDBackend
-from privdiff.models.training import keyed_generator, noise_prediction_loss
+from privdiff.models.training import encode_each, keyed_generator, noise_prediction_loss
 from privdiff.privacy.distributed import World
 from privdiff.privacy.dpsgd import PrivdiffDPOptimizer, microbatch_size, sample_gradients
 from privdiff.privacy.mechanism import poisson_sample
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
+from privdiff.progress import Progress
 from privdiff.release.dp_params import DPParams, plan_release
 
 MECHANISM = "DP-LoRA (DP-SGD on UNet LoRA adapters, opacus): per-sample clipped gradients with Gaussian noise"
-Progress = Callable[[int, int], None]
 _STREAM = b"privdiff dp-lora example stream\0"  # each example's timestep and noise at each step
+_VAE_STREAM = b"privdiff dp-lora vae sample\0"  # each image's VAE latent sample
 # torch warns on every backward through opacus' hooks when the hooked module's input needs no grad.
 _HOOK_WARNING = "Full backward hook is firing"
 
@@ -58,17 +58,6 @@ class LoRASettings:
     noise_multiplier: float
     public_size: int
     key: bytes
-
-
-def encode_latents(backend: SDBackend, images: torch.Tensor, key: bytes) -> torch.Tensor:
-    """Each image's VAE latent (float32, on the CPU), sampled from a stream keyed by ``key`` (from the release's
-    CSPRNG) and the image's index."""
-    latents = []
-    for i, image in enumerate(images):
-        gen = keyed_generator(b"privdiff dp-lora vae sample\0", key, i, backend.device)
-        with torch.no_grad():
-            latents.append(backend.encode_images(image[None].to(backend.device), gen).float().cpu())
-    return torch.cat(latents)
 
 
 def per_sample_gradients(backend: SDBackend, params: list[torch.Tensor], size: int, x0: torch.Tensor,
@@ -152,5 +141,5 @@ def run_dp_lora(backend: SDBackend, images: torch.Tensor, params: DPParams, conf
     rng = SecureRandom(seed)
     settings = LoRASettings(config, params.sample_rate, params.clip_norm, report.noise_multiplier,
                             report.public_size, rng.random_bytes(32))
-    latents = encode_latents(backend, images, settings.key)
+    latents = encode_each(backend, images, [keyed_generator(_VAE_STREAM, settings.key, i) for i in range(len(images))])
     return train_dp_lora(backend, latents, settings, rng, progress), report

@@ -1,4 +1,5 @@
-"""What every method that trains against a frozen SD model shares: keyed training streams and the noise loss."""
+"""What every method that trains against a frozen SD model shares: keyed training streams, per-image VAE latents
+and the noise-prediction loss."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ def keyed_generator(domain: bytes, key: bytes, index: int, device: str | torch.d
     Poisson sampling and DP noise never draw from it."""
     digest = hashlib.sha256(domain + key + int(index).to_bytes(8, "little")).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def encode_each(backend: SDBackend, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """VAE latents of ``images``, each encoded alone (a batch of one: the same shape for every image) with its own
+    generator, on the CPU."""
+    with torch.no_grad():
+        latents = [backend.encode_images(images[i:i + 1].to(backend.device, backend.dtype), g)
+                   for i, g in enumerate(generators)]
+    return torch.cat([z.float().cpu() for z in latents])
 
 
 def noise_prediction_loss(backend: SDBackend, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
