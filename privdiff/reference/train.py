@@ -6,10 +6,11 @@ Stages: render the public images; train the VAE; encode the images and set the l
 build the text encoder (frozen unless asked); train the UNet with offset noise (with an EMA of its
 weights, which is what ships); train the classifier on all styles, private ones included (it is an
 evaluation tool); train the same network on the public styles only as the model's public image encoder
-(for DP style targets and guidance; ``--encoder-only`` retrains just that). Everything is seeded, so a
-rerun with the same seed and thread count rebuilds the same weights; other thread counts give weights
-that pass the same checks. The UNet's state is saved in ``--out`` every few hundred steps: rerunning an
-interrupted command redoes the short stages before it and resumes the UNet where it stopped.
+(for DP style targets and guidance). Both networks are trained from the saved model's VAE with random
+streams of their own, so ``--classifiers-only`` retrains just them next to a saved model. Everything is
+seeded, so a rerun with the same seed and thread count rebuilds the same weights; other thread counts
+give weights that pass the same checks. The UNet's state is saved in ``--out`` every few hundred steps:
+rerunning an interrupted command redoes the short stages before it and resumes the UNet where it stopped.
 """
 
 from __future__ import annotations
@@ -273,24 +274,27 @@ def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, u
         for name in (FILE, ENCODER_FILE):
             shutil.copyfile(reuse / name, out / name)
         return timings
-    classifier = train_classifier(vae, classifier_images, classifier_steps, seed, gen)
-    lap("classifier")
-    save_classifier(classifier, out)
-    timings.update(train_encoder(out, seed))
+    timings.update(train_classifiers(out, seed, classifier_images, classifier_steps))
     return timings
 
 
-def train_encoder(folder: Path, seed: int = 0, count: int = 4000, steps: int = 600) -> dict[str, float]:
-    """The public image encoder (the classifier's network on public styles only) next to the model in
-    ``folder``, whose VAE it reads reconstructions of; returns its training time."""
-    start = time.perf_counter()
-    torch.manual_seed(seed)
+def train_classifiers(folder: Path, seed: int = 0, count: int = 8000, steps: int = 3000,
+                      encoder_count: int = 4000, encoder_steps: int = 600) -> dict[str, float]:
+    """The style classifier (all styles) and the public image encoder (public styles only) next to the model
+    saved in ``folder``, whose VAE reconstructions they learn to read; returns their training times (s)."""
     vae = ref.load_small(folder=folder).vae.eval().requires_grad_(False)
-    model = train_classifier(vae, count, steps, seed, torch.Generator().manual_seed(seed + 1), styles=PUBLIC_STYLES)
-    save_classifier(model, folder, ENCODER_FILE)
-    seconds = round(time.perf_counter() - start, 1)
-    print(f"encoder: {seconds} s", file=sys.stderr)
-    return {"encoder": seconds}
+    timings = {}
+    for name, file, styles, images, stage_steps, stream in (
+            ("classifier", FILE, ALL_STYLES, count, steps, 3),
+            ("encoder", ENCODER_FILE, PUBLIC_STYLES, encoder_count, encoder_steps, 1)):
+        start = time.perf_counter()
+        torch.manual_seed(seed)
+        model = train_classifier(vae, images, stage_steps, seed, torch.Generator().manual_seed(seed + stream),
+                                 styles=styles)
+        save_classifier(model, folder, file)
+        timings[name] = round(time.perf_counter() - start, 1)
+        print(f"{name}: {timings[name]} s", file=sys.stderr)
+    return timings
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -317,13 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="copy this trained model's VAE, classifier and image encoder instead of training them")
-    parser.add_argument("--encoder-only", action="store_true",
-                        help="only (re)train the public image encoder next to an existing model in --out")
+    parser.add_argument("--classifiers-only", action="store_true",
+                        help="only (re)train the style classifier and the public image encoder next to the model "
+                             "saved in --out")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.encoder_only:
-        timings = train_encoder(args.out, seed=args.seed)
+    if args.classifiers_only:
+        timings = train_classifiers(args.out, seed=args.seed)
     else:
         timings = train(args.out, seed=args.seed, unet_steps=args.unet_steps, train_text=args.train_text_encoder,
                         cross_attention=args.cross_attention, offset_noise=args.offset_noise, reuse=args.reuse)
