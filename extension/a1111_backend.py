@@ -107,6 +107,11 @@ class A1111Backend:
         """The UNet's weight dtype."""
         return next(self.unet.parameters()).dtype
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """The checkpoint's ldm UNet (``model.diffusion_model``)."""
+        return self.unet
+
     def _ids(self, wrapper: nn.Module, text: str) -> list[int]:
         return list(wrapper.tokenize([text])[0]) if text.strip() else []
 

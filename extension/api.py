@@ -2,6 +2,7 @@
 
 - ``POST /privdiff/v1/textual-inversion``: the DP Textual Inversion fields (``logic.textual_inversion.TrainForm``) →
   {"report", "status", "ok"}.
+- ``POST /privdiff/v1/lora``: the DP LoRA fields (``logic.lora.LoRAForm``) → {"report", "status", "ok"}.
 - ``POST /privdiff/v1/spectral-finetune``: the Spectral DP fine-tune fields (``logic.spectral.SpectralForm``) →
   {"report", "status", "ok"}.
 - ``POST /privdiff/v1/spectral-sample``: the spectral sampling fields (``logic.spectral.SpectralSampleForm``) →
@@ -24,7 +25,7 @@ from typing import Any
 
 from privdiff.errors import PrivdiffError
 
-from .logic import audit, he, reports, spectral, textual_inversion
+from .logic import audit, he, lora, reports, spectral, textual_inversion
 from .logic.common import Host
 from .logic.forms import parse_form
 
@@ -61,6 +62,7 @@ def routes(app: Any, host: Host) -> None:
 
     app.add_api_route("/privdiff/v1/textual-inversion",
                       job(textual_inversion.TrainForm, textual_inversion.train, "report"), methods=["POST"])
+    app.add_api_route("/privdiff/v1/lora", job(lora.LoRAForm, lora.train, "report"), methods=["POST"])
     app.add_api_route("/privdiff/v1/spectral-finetune",
                       job(spectral.SpectralForm, spectral.spectral_finetune, "report"), methods=["POST"])
     app.add_api_route("/privdiff/v1/spectral-sample",

@@ -21,6 +21,16 @@ def is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None
 
 
+def _networks() -> Any:
+    """The built-in Lora extension's ``networks`` module (on ``sys.path`` while that extension is enabled)."""
+    try:
+        import networks
+    except ImportError:
+        raise PrivdiffError("the built-in Lora extension is disabled: enable it in Extensions to use DP LoRA files") \
+            from None
+    return networks
+
+
 class A1111Host:
     """A1111's model, folders, embedding database, settings and progress state."""
 
@@ -54,6 +64,19 @@ class A1111Host:
 
     def reload_embeddings(self) -> None:
         self._database().load_textual_inversion_embeddings(force_reload=True)
+
+    def loras_dir(self) -> Path:
+        from modules import shared
+
+        folder = Path(shared.cmd_opts.lora_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def lora_names(self) -> set[str]:
+        return set(_networks().available_networks)
+
+    def reload_loras(self) -> None:
+        _networks().list_available_networks()
 
     def default_ledger(self) -> Path:
         """The Settings page's ledger, else ``<data dir>/privdiff/ledger.json`` (never next to outputs)."""

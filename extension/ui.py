@@ -6,10 +6,10 @@ from typing import Any
 
 from .install import unmet
 from .logic.common import Host
-from .tabs import audit, guidance, he, reports, spectral, textual_inversion, tools
+from .tabs import audit, guidance, he, lora, reports, spectral, textual_inversion, tools
 from .tabs.widgets import Job
 
-SUBTABS = (textual_inversion, guidance, spectral, he, audit, reports, tools)
+SUBTABS = (textual_inversion, lora, guidance, spectral, he, audit, reports, tools)
 """Each module has ``TITLE`` and ``build(host, job)``; a new capability adds one module here."""
 
 

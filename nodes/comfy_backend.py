@@ -73,6 +73,11 @@ class ComfyBackend:
         """The UNet's compute dtype."""
         return self.base.get_dtype()
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """ComfyUI's ldm UNet (``diffusion_model``)."""
+        return self.base.diffusion_model
+
     def _ids(self, key: str, text: str) -> list[int]:
         """Token ids of ``text`` without start and end tokens."""
         return self._tokenizer(key).tokenizer(text)["input_ids"][1:-1] if text.strip() else []
@@ -113,10 +118,20 @@ class ComfyBackend:
         size: tuple[int, int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Conditioning for each prompt with its own vectors (one CLIP call per row)."""
+        rows = [{enc: v[b] for enc, v in vectors.items()} for b in range(len(prompts))]
+        return self._conditioning([self._tokens(p, placeholder, row) for p, row in zip(prompts, rows, strict=True)],
+                                  size)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Conditioning for plain prompts, tokenized as ComfyUI's CLIP Text Encode does."""
+        return self._conditioning([self.clip.tokenize(prompt) for prompt in prompts], size)
+
+    def _conditioning(self, tokens: list[dict[str, list]], size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning for ComfyUI token lists, one prompt each."""
         conds, pooled = [], []
-        for b, prompt in enumerate(prompts):
-            row = {enc: v[b] for enc, v in vectors.items()}
-            cond, pool = self.clip.encode_from_tokens(self._tokens(prompt, placeholder, row), return_pooled=True)
+        for row in tokens:
+            cond, pool = self.clip.encode_from_tokens(row, return_pooled=True)
             conds.append(cond)
             pooled.append(pool)
         out = {"c_crossattn": torch.cat(conds).to(self.device)}

@@ -55,9 +55,10 @@ def output_inputs() -> list:
     ]
 
 
-def optional_release_inputs() -> list:
-    """The optional ledger, label and seed inputs (the optional fields of privdiff.app.release_options.Release)."""
-    return [
+def optional_release_inputs(public_size: bool = True) -> list:
+    """The optional ledger, label and seed inputs (the optional fields of privdiff.app.release_options.Release);
+    without ``public_size`` for DP-SGD releases, which treat N as public."""
+    inputs = [
         io.Boolean.Input("new_release", default=False, optional=True,
                          tooltip="Off: queueing the same request again returns the earlier release without "
                                  "training or spending budget. On: make a new release (charged again)."),
@@ -79,6 +80,7 @@ def optional_release_inputs() -> list:
         io.Int.Input("reproducible_seed", default=-1, min=-1, max=2**62, control_after_generate=False, optional=True,
                      tooltip="-1: secure randomness. A fixed seed is for debugging: the release is NOT private."),
     ]
+    return inputs if public_size else [i for i in inputs if i.id != "public_size"]
 
 
 def release_outputs() -> list:
@@ -102,6 +104,13 @@ def default_ledger() -> Path:
 def embeddings_dir() -> Path:
     """ComfyUI's first embeddings folder, where `embedding:name` finds files."""
     folder = Path(folder_paths.get_folder_paths("embeddings")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def loras_dir() -> Path:
+    """ComfyUI's first loras folder, which LoraLoader lists."""
+    folder = Path(folder_paths.get_folder_paths("loras")[0])
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -14,6 +14,7 @@ from .audit import (
 from .dataset import PrivdiffLoadPrivateImages
 from .guidance import PrivdiffDPStyleTarget, PrivdiffGuidedSampler, PrivdiffStyleGuider
 from .he import PrivdiffEncryptedSampler
+from .lora import PrivdiffDPLoRA
 from .report import PrivdiffPrivacyReport
 from .textual_inversion import PrivdiffDPTextualInversion
 from .wavelet import PrivdiffSpectralFinetune, PrivdiffSpectralSample
@@ -27,6 +28,7 @@ class PrivdiffExtension(ComfyExtension):
             PrivdiffLoadPrivateImages,
             PrivdiffDPTextualInversion,
             PrivdiffDPAggregateEmbeddings,
+            PrivdiffDPLoRA,
             PrivdiffPrivacyReport,
             PrivdiffDPStyleTarget,
             PrivdiffGuidedSampler,

@@ -18,7 +18,19 @@ import torch
 from PIL import Image
 
 from extension import install
-from extension.logic import audit, common, forms, guidance, he, paths, reports, spectral, textual_inversion, tools
+from extension.logic import (
+    audit,
+    common,
+    forms,
+    guidance,
+    he,
+    lora,
+    paths,
+    reports,
+    spectral,
+    textual_inversion,
+    tools,
+)
 from privdiff.demo.data import write_style_images
 from privdiff.embeddings.files import load_embedding
 from privdiff.errors import PrivdiffError
@@ -39,6 +51,7 @@ class FakeHost:
     forge: bool = False
     names: set = field(default_factory=set)
     reloads: int = 0
+    lora_reloads: int = 0
     state: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(interrupted=False))
     interrupt_at: int | None = None
 
@@ -64,6 +77,15 @@ class FakeHost:
 
     def default_ledger(self):
         return self._folder("data") / "ledger.json"
+
+    def loras_dir(self):
+        return self._folder("loras")
+
+    def lora_names(self):
+        return {p.stem for p in self.loras_dir().iterdir()} if self.lora_reloads else set()
+
+    def reload_loras(self):
+        self.lora_reloads += 1
 
     def targets_dir(self):
         return self._folder("targets")
@@ -128,6 +150,35 @@ def test_training_writes_a_reloaded_embedding_with_its_report(host, private, met
     assert len(_spent(host)) == 1
     assert "PRIVATE release" in reports.report(host, "dp_style.safetensors")
     assert '"epsilon": 8.0' in reports.ledger(host, "")
+
+
+def test_dp_lora_writes_a_listed_lora_with_its_report_and_leaves_the_model_as_it_was(host, private):
+    from safetensors import safe_open
+
+    unet = host.model.model.diffusion_model
+    before = {name: type(m) for name, m in unet.named_modules()}
+    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    options = dict(images=str(private), name="dp_lora", epsilon=8.0, delta=1e-3, steps=2, batch_size=3, resolution=32)
+    report, status = lora.train(host, lora.LoRAForm(**options))
+    path = host.loras_dir() / "dp_lora.safetensors"
+    assert status == "wrote dp_lora: use it in a prompt with <lora:dp_lora:1>", status
+    assert "PRIVATE release" in report and "DP-LoRA" in report and host.lora_reloads == 1
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys) and meta["ss_network_module"] == "networks.lora"
+    assert {name: type(m) for name, m in unet.named_modules()} == before  # the adapters came off
+    assert {name: p.requires_grad for name, p in unet.named_parameters()} == flags
+    assert len(_spent(host)) == 1
+    # the same request again: the earlier release, neither trained nor charged again
+    again, status = lora.train(host, lora.LoRAForm(**options, overwrite=True))
+    assert "released before" in again and len(_spent(host)) == 1
+    _, status = lora.train(host, lora.LoRAForm(**options))
+    assert status == "privdiff: a LoRA named 'dp_lora' is already listed; pick another name or enable overwrite"
+    for bad, needle in [({"rank": 0}, "rank"), ({"alpha": float("nan")}, "alpha"), ({"delta": 0.5}, "delta"),
+                        ({"targets": "conv"}, "targets"), ({"name": "../x"}, "name"), ({"steps": 2.5}, "steps")]:
+        report, status = lora.train(host, lora.LoRAForm(**{**options, "name": "other", **bad}))
+        assert report == "" and status.startswith("privdiff: ") and needle in status, (bad, status)
+    assert sorted(p.name for p in host.loras_dir().iterdir()) == ["dp_lora.safetensors"] and len(_spent(host)) == 1
 
 
 def test_bad_input_is_one_line_and_writes_nothing(host, private, tmp_path):

@@ -52,10 +52,17 @@ def webui(tmp_path_factory, installed):
     server.stop()
 
 
-def _txt2img(webui, prompt: str, seed: int = 1) -> np.ndarray:
-    answer = webui.call("/sdapi/v1/txt2img", {"prompt": prompt, "seed": seed, "steps": 2, "width": 64, "height": 64,
-                                              "sampler_name": "Euler", "cfg_scale": 5, "batch_size": 1})
+def _txt2img_answer(webui, prompt: str, seed: int = 1) -> dict:
+    return webui.call("/sdapi/v1/txt2img", {"prompt": prompt, "seed": seed, "steps": 2, "width": 64, "height": 64,
+                                            "sampler_name": "Euler", "cfg_scale": 5, "batch_size": 1})
+
+
+def _pixels(answer: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB"))
+
+
+def _txt2img(webui, prompt: str, seed: int = 1) -> np.ndarray:
+    return _pixels(_txt2img_answer(webui, prompt, seed))
 
 
 def test_install_changes_no_installed_package(installed):
@@ -71,11 +78,11 @@ def test_install_changes_no_installed_package(installed):
 def test_extension_loads_and_its_tab_is_in_the_page(webui):
     config = webui.call("/config")
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
-    assert {"privdiff_ti_train", "privdiff_ti_status", "privdiff_tabs", "privdiff_spectral",
+    assert {"privdiff_ti_train", "privdiff_ti_status", "privdiff_lora_train", "privdiff_tabs", "privdiff_spectral",
             "privdiff_spectral_finetune", "privdiff_spectral_sample", "privdiff_he", "privdiff_he_generate"} <= ids
     assert any(c.get("props", {}).get("label") == "privdiff" for c in config["components"])
     progress = [d for d in config["dependencies"] if "requestProgress" in (d.get("js") or "")]
-    assert len(progress) == 7  # training, style target, guided and spectral sampling, spectral fine-tune, HE, audit
+    assert len(progress) == 8  # TI, LoRA, style target, guided and spectral sampling, spectral fine-tune, HE, audit
     errors = [line for line in webui.log.read_text().splitlines() if "Error" in line]
     assert not [line for line in errors if "privdiff" in line or str(webui_harness.ROOT) in line], errors
 
@@ -93,6 +100,25 @@ def test_training_in_the_tab_gives_a_prompt_word_and_leaves_txt2img_unchanged(we
     assert with_embedding.shape == (64, 64, 3)
     np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)
     assert "PRIVATE release" in webui.call("/privdiff/v1/report?file=privdiff_int.safetensors")["report"]
+
+
+def test_dp_lora_tab_writes_a_lora_that_prompts_use(webui, tmp_path):
+    """The LoRA lands in the Lora folder and list, <lora:NAME:1> changes txt2img and its infotext records it, and
+    the checkpoint samples as before without it."""
+    before = _txt2img(webui, "a painting of a cat")
+    private = write_style_images(tmp_path / "private", count=4, size=64)
+    fields = {"images": str(private), "name": "privdiff_lora", "epsilon": 8.0, "delta": 1e-3, "steps": 3,
+              "batch_size": 2, "learning_rate": 0.1, "resolution": 64, "ledger": str(tmp_path / "ledger.json")}
+    answer = webui.call("/privdiff/v1/lora", fields)
+    assert answer["ok"] and "PRIVATE release" in answer["report"], answer["status"]
+    assert "<lora:privdiff_lora:1>" in answer["status"]
+    assert "privdiff_lora" in [lora["name"] for lora in webui.call("/sdapi/v1/loras")]
+    used = _txt2img_answer(webui, "a painting of a cat <lora:privdiff_lora:1>")
+    assert "privdiff_lora" in json.loads(used["info"])["infotexts"][0]
+    assert not np.array_equal(_pixels(used), before)
+    np.testing.assert_array_equal(_txt2img(webui, "a painting of a cat"), before)
+    again = webui.call("/privdiff/v1/lora", {**fields, "name": "privdiff_lora", "overwrite": True})
+    assert "released before" in again["report"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(webui, tmp_path):

@@ -44,8 +44,8 @@ CKPT = "privdiff_tiny_sd15.safetensors"
 START_TIMEOUT = 240.0
 RUN_TIMEOUT = 900.0
 OUR_NODES = ("PrivdiffLoadPrivateImages", "PrivdiffDPTextualInversion", "PrivdiffDPAggregateEmbeddings",
-             "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler", "PrivdiffStyleGuider",
-             "PrivdiffSpectralFinetune", "PrivdiffSpectralSample", "PrivdiffEncryptedSampler",
+             "PrivdiffDPLoRA", "PrivdiffPrivacyReport", "PrivdiffDPStyleTarget", "PrivdiffGuidedSampler",
+             "PrivdiffStyleGuider", "PrivdiffSpectralFinetune", "PrivdiffSpectralSample", "PrivdiffEncryptedSampler",
              "PrivdiffAuditTextualInversion", "PrivdiffAuditAggregateEmbeddings", "PrivdiffAuditStyleTarget",
              "PrivdiffAuditSpectralFinetune")
 CLIP_VISION = "privdiff_random_vit_l.safetensors"
@@ -160,6 +160,10 @@ class Comfy:
     @property
     def embeddings(self) -> Path:
         return self.base / "models" / "embeddings"
+
+    @property
+    def loras(self) -> Path:
+        return self.base / "models" / "loras"
 
     @property
     def priors(self) -> Path:
@@ -325,6 +329,7 @@ def prepare(workflow: Path, **overrides: dict) -> dict:
         "PrivdiffLoadPrivateImages": {"resolution": 64},
         "PrivdiffDPTextualInversion": {"name": f"pdtest_{workflow.stem}", "steps": 2, "batch_size": 4},
         "PrivdiffDPAggregateEmbeddings": {"name": f"pdtest_{workflow.stem}", "one_image_per_file": True},
+        "PrivdiffDPLoRA": {"name": f"pdtest_{workflow.stem}", "steps": 2, "batch_size": 4},
         "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
         "KSampler": {"steps": 2},
         "CLIPVisionLoader": {"clip_name": CLIP_VISION},
@@ -387,12 +392,21 @@ def test_pack_loads_with_node_definitions(comfy: Comfy):
     assert all(info[n]["output_node"] is True for n in OUR_NODES if n.startswith("PrivdiffAudit"))
 
 
+@pytest.fixture(scope="module")
+def trained_lora(comfy: Comfy, private_images: Path) -> str:
+    """A DP LoRA trained by the shipped workflow's node in ComfyUI (larger steps, so that it changes samples)."""
+    name = "pdtest_trained_lora"
+    comfy.run(prepare(ROOT / "workflows" / "api" / "dp_lora.json",
+                      PrivdiffDPLoRA={"name": name, "learning_rate": 0.1, "steps": 3}))
+    return f"{name}.safetensors"
+
+
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings: Path, released_embedding: str,
-                       spectral_models: Path, workflow: Path):
+                       spectral_models: Path, trained_lora: str, workflow: Path):
     prompt = prepare(workflow, PrivdiffDPAggregateEmbeddings={"folder": str(per_image_embeddings),
                                                               "images_folder": str(private_images)},
-                     PrivdiffPrivacyReport={"embedding": released_embedding})
+                     PrivdiffPrivacyReport={"embedding": released_embedding}, LoraLoader={"lora_name": trained_lora})
     outputs = comfy.run(prompt)
 
     for nid in _nodes_of(prompt, "SaveImage"):
@@ -414,6 +428,13 @@ def test_workflow_runs(comfy: Comfy, private_images: Path, per_image_embeddings:
         assert info["family"] == "SD1" and info["tensors"]
         assert f"embedding:{name} does not exist" not in comfy.log.read_text(errors="replace")
         assert not [p for p in comfy.embeddings.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+    from privdiff.release.artifact import released_report
+
+    for nid in _nodes_of(prompt, "PrivdiffDPLoRA"):
+        name = prompt[nid]["inputs"]["name"]
+        report = released_report(comfy.loras / f"{name}.safetensors")
+        assert report is not None and report.private and report.epsilon <= prompt[nid]["inputs"]["epsilon"] + 1e-9
 
     from privdiff.guidance.target import load_target
 
@@ -524,6 +545,34 @@ def test_requeueing_after_another_graph_does_not_release_again(comfy: Comfy, pri
     assert any("released before" in t for t in texts), (texts, first)
     ledger = json.loads((comfy.base / "user" / "privdiff" / "ledger.json").read_text())
     assert sum(r["output"].endswith(f"{name}.safetensors") for r in ledger["releases"].values()) == 1
+
+
+def _sample_with_lora(comfy: Comfy, lora: str, strength: float, seed: int = 0) -> bytes:
+    """The PNG the shipped LoRA sampling workflow saves with ``lora`` at ``strength``."""
+    prompt = prepare(ROOT / "workflows" / "api" / "dp_lora_sample.json",
+                     LoraLoader={"lora_name": lora, "strength_model": strength, "strength_clip": strength},
+                     KSampler={"seed": seed})
+    outputs = comfy.run(prompt)
+    (saver,) = _nodes_of(prompt, "SaveImage")
+    (image,) = outputs[saver]["images"]
+    return (comfy.base / "output" / image["subfolder"] / image["filename"]).read_bytes()
+
+
+def test_dp_lora_loads_in_the_core_lora_loader_and_leaves_the_model_as_it_was(comfy: Comfy, private_images: Path,
+                                                                             trained_lora: str):
+    """Every key of a LoRA trained in ComfyUI is one ComfyUI's LoraLoader applies; it changes the samples, and
+    training left the checkpoint's model as it was (strength 0 samples the same before and after another run)."""
+    from safetensors import safe_open
+
+    with safe_open(str(comfy.loras / trained_lora), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("lora_unet_input_blocks_") or k.startswith("lora_unet_middle_block_")
+                        or k.startswith("lora_unet_output_blocks_") for k in keys), keys[:4]
+    base = _sample_with_lora(comfy, trained_lora, 0.0, seed=7)
+    assert _sample_with_lora(comfy, trained_lora, 1.0, seed=7) != base
+    assert "lora key not loaded" not in comfy.log.read_text(errors="replace")
+    comfy.run(prepare(ROOT / "workflows" / "api" / "dp_lora.json", PrivdiffDPLoRA={"name": "pdtest_lora_again"}))
+    assert _sample_with_lora(comfy, trained_lora, 0.0, seed=7) == base
 
 
 def test_guidance_gradient_reaches_the_samples(comfy: Comfy, private_images: Path):

@@ -49,6 +49,14 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
         [("center", "STRING"), ("images_folder", "STRING"), *_RELEASE_OPTIONAL],
         _RELEASE_OUTPUTS,
     ),
+    "PrivdiffDPLoRA": (
+        [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("dataset", "PRIVDIFF_DATASET"), ("name", "STRING"),
+         *_RELEASE_HEAD, ("sample_rate", "FLOAT"), ("clip_norm", "FLOAT"), ("rank", "INT"), ("alpha", "FLOAT"),
+         ("targets", "COMBO"), ("steps", "INT"), ("learning_rate", "FLOAT"), ("batch_size", "INT"),
+         ("prompt", "STRING"), ("overwrite", "BOOLEAN")],
+        [item for item in _RELEASE_OPTIONAL if item[0] != "public_size"],
+        ["STRING", "STRING"],
+    ),
     "PrivdiffPrivacyReport": ([("embedding", "COMBO")], [], ["STRING"]),
     "PrivdiffDPStyleTarget": (
         [("dataset", "PRIVDIFF_DATASET"), ("clip_vision", "CLIP_VISION"), ("name", "STRING"), *_RELEASE_HEAD,
@@ -116,6 +124,12 @@ OUR_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[st
 CORE_NODES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
     "CheckpointLoaderSimple": ([("ckpt_name", "COMBO")], [], ["MODEL", "CLIP", "VAE"]),
     "CLIPTextEncode": ([("text", "STRING"), ("clip", "CLIP")], [], ["CONDITIONING"]),
+    "LoraLoader": (
+        [("model", "MODEL"), ("clip", "CLIP"), ("lora_name", "COMBO"), ("strength_model", "FLOAT"),
+         ("strength_clip", "FLOAT")],
+        [],
+        ["MODEL", "CLIP"],
+    ),
     "CLIPVisionLoader": ([("clip_name", "COMBO")], [], ["CLIP_VISION"]),
     "EmptyLatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], [], ["LATENT"]),
     "KSampler": (
@@ -276,8 +290,10 @@ def test_user_facing_defaults():
                 assert inputs["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
             if node["class_type"] == "PrivdiffLoadPrivateImages":
                 assert inputs["folder"] == "private_images"
-            if node["class_type"] == "PrivdiffDPTextualInversion":
+            if node["class_type"] in ("PrivdiffDPTextualInversion", "PrivdiffDPLoRA"):
                 assert inputs["steps"] == 200
+            if node["class_type"] == "LoraLoader":
+                assert inputs["lora_name"] == "my_dp_lora.safetensors"  # what DP LoRA writes by default
             if node["class_type"] == "PrivdiffSpectralSample":
                 assert inputs["prior"] == "my_dp_prior.safetensors"  # what DP Spectral Fine-tune writes by default
             if "epsilon" in inputs and node["class_type"].startswith("Privdiff"):
@@ -318,6 +334,22 @@ def test_he_workflow_replaces_ksampler():
     (report,) = [n for n in prompt.values() if n["class_type"] == "PreviewAny"]
     assert report["inputs"]["source"] == [nid, 1]
     assert not [n for n in prompt.values() if n["class_type"] == "KSampler"]
+
+
+def test_lora_workflows_train_then_sample_through_the_core_lora_loader():
+    """DP LoRA writes my_dp_lora.safetensors and shows its report; the sampling workflow loads that file with the
+    core Load LoRA node, whose MODEL and CLIP feed the sampler and both prompts."""
+    train = json.loads((API / "dp_lora.json").read_text())
+    (nid,) = [nid for nid, n in train.items() if n["class_type"] == "PrivdiffDPLoRA"]
+    assert train[nid]["inputs"]["name"] == "my_dp_lora"
+    (preview,) = [n for n in train.values() if n["class_type"] == "PreviewAny"]
+    assert preview["inputs"]["source"] == [nid, 1]
+    sample = json.loads((API / "dp_lora_sample.json").read_text())
+    (loader,) = [nid for nid, n in sample.items() if n["class_type"] == "LoraLoader"]
+    assert sample[loader]["inputs"]["strength_model"] == 1.0
+    (ksampler,) = [n for n in sample.values() if n["class_type"] == "KSampler"]
+    assert ksampler["inputs"]["model"] == [loader, 0]
+    assert all(n["inputs"]["clip"] == [loader, 1] for n in sample.values() if n["class_type"] == "CLIPTextEncode")
 
 
 def test_audit_workflow_shows_the_bound_and_releases_nothing():

@@ -46,6 +46,18 @@ class Host(Protocol):
 
     def default_ledger(self) -> Path: ...
 
+    def loras_dir(self) -> Path:
+        """The built-in Lora extension's folder, which ``<lora:NAME:1>`` reads (created)."""
+        ...
+
+    def lora_names(self) -> set[str]:
+        """Names the built-in Lora extension lists (``<lora:NAME:1>`` finds them)."""
+        ...
+
+    def reload_loras(self) -> None:
+        """Make the built-in Lora extension list the files in ``loras_dir`` again."""
+        ...
+
     def targets_dir(self) -> Path: ...
 
     def outputs_dir(self, folder: str = GUIDED_FOLDER) -> Path:

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from privdiff.app.release_options import (
+    REPEATED,
     Release,
+    earlier_release,
     embedding_target,
     ledger_path,
     ledger_request,
@@ -64,16 +66,10 @@ def model_identity(backend: SDBackend, config: TIConfig) -> str:
 
 def _earlier_release(ledger: LedgerRequest | None, release: Release, target: Path) -> tuple[str, str, str] | None:
     """The outputs of an identical earlier request whose file is still there, unless a new release is asked."""
-    if ledger is None or release.new_release:
+    report = earlier_release(ledger, release, target)
+    if report is None:
         return None
-    earlier = ledger.ledger.find(ledger.request)
-    if earlier is None or not target.is_file():
-        return None
-    report = PrivacyReport.from_metadata(load_embedding(target).metadata)
-    if report is None or report.release_id != earlier["release_id"]:
-        return None
-    text = report_text(report) + "\nnote: the same request was released before; returned without training " \
-                                 "or charging the budget again (set new_release for a new one)"
+    text = report_text(report) + "\n" + REPEATED
     return prompt_for(release.prompt_template, release.name, release.prompt_syntax), text, release.name
 
 

@@ -12,7 +12,7 @@ from privdiff.embeddings.dpagg import EMBEDDING_SUFFIXES
 from privdiff.errors import PrivdiffError
 from privdiff.io.images import PrivateDataset, image_file_digest, list_images
 from privdiff.privacy.report import PrivacyReport
-from privdiff.release.artifact import LedgerRequest, open_ledger
+from privdiff.release.artifact import LedgerRequest, open_ledger, released_report
 from privdiff.release.dp_params import DPParams
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -66,11 +66,13 @@ class Release:
         return self.dataset_label.strip() or None
 
 
-def embedding_target(folder: Path, name: str, overwrite: bool) -> Path:
-    """``folder/name.safetensors``, refusing odd names and (unless ``overwrite``) existing files."""
+def embedding_target(folder: Path, name: str, overwrite: bool, kind: str = "embedding",
+                     suffixes: tuple[str, ...] = EMBEDDING_SUFFIXES) -> Path:
+    """``folder/name.safetensors``, refusing odd names and (unless ``overwrite``) existing files of the name with
+    any of the ``suffixes`` the host loads for this ``kind`` of file."""
     if not NAME.match(name) or ".." in name:
-        raise PrivdiffError(f"embedding name {name!r} must be letters, digits, '_', '-' or '.' (no folders)")
-    for suffix in EMBEDDING_SUFFIXES:
+        raise PrivdiffError(f"{kind} name {name!r} must be letters, digits, '_', '-' or '.' (no folders)")
+    for suffix in suffixes:
         other = folder / f"{name}{suffix}"
         if other.exists() and not (overwrite and suffix == ".safetensors"):
             raise PrivdiffError(f"{other} already exists; pick another name or enable overwrite")
@@ -125,6 +127,23 @@ def ledger_request(release: Release, digests: list[str], default_ledger: Path | 
     budget = release.budget_epsilon or None
     return open_ledger(path, digests, budget_epsilon=budget, budget_delta=release.delta if budget else None,
                        change_budget=release.change_budget, force=release.force_budget, request=request)
+
+
+REPEATED = ("note: the same request was released before; returned without training or charging the budget "
+            "again (set new_release for a new one)")
+"""The line a front adds to the report of an identical earlier release it returns."""
+
+
+def earlier_release(ledger: LedgerRequest | None, release: Release, target: Path) -> PrivacyReport | None:
+    """The report of an identical earlier request whose file is still at ``target``, unless a new release is
+    asked."""
+    if ledger is None or release.new_release:
+        return None
+    earlier = ledger.ledger.find(ledger.request)
+    if earlier is None or not target.is_file():
+        return None
+    report = released_report(target)
+    return report if report is not None and report.release_id == earlier["release_id"] else None
 
 
 def ledger_path(release: Release, default_ledger: Path | None) -> Path | None:

@@ -34,7 +34,8 @@ def _cmd_lora(args: argparse.Namespace) -> None:
     private.warn_skipped()
     with tqdm_progress("dp-lora: training") as progress:
         path, result, reservation = release_lora(
-            lambda: releasing.load_backend(args, world), private, args.out, params, config,
+            lambda: releasing.load_backend(args, world), lambda side: private.load(side).images, len(private.files),
+            args.out, params, config,
             resolution=args.resolution, ledger=ledger, seed=args.reproducible_seed, dataset_label=args.dataset_label,
             progress=progress, force=args.force)
     summary = {"output": str(path), **json.loads(result.report.to_json())}

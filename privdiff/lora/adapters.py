@@ -41,17 +41,22 @@ class LoRALinear(nn.Module):
         return self.base(x) + (update * self.scale).to(x.dtype)
 
 
+def check_settings(rank: int, alpha: float, targets: str) -> None:
+    """Refuse adapter settings no UNet takes, in one line naming the value."""
+    if targets not in TARGETS:
+        raise PrivdiffError(f"targets={targets!r} is not one of {', '.join(TARGETS)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise PrivdiffError(f"rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
+        raise PrivdiffError(f"alpha must be a positive number, got {alpha!r}")
+
+
 def attach(unet: nn.Module, rank: int, alpha: float, targets: str, generator: torch.Generator
            ) -> dict[str, LoRALinear]:
     """Freeze ``unet`` and put a ``LoRALinear`` around each Linear named by ``targets`` ("attn" or "attn-ff") in
     its transformer blocks; returns them by module path (diffusers names, e.g.
     ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``), in the UNet's module order."""
-    if targets not in TARGETS:
-        raise PrivdiffError(f"targets={targets!r} is not one of {', '.join(TARGETS)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise PrivdiffError(f"rank must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
-        raise PrivdiffError(f"alpha must be a positive number, got {alpha!r}")
+    check_settings(rank, alpha, targets)
     unet.requires_grad_(False)
     suffixes = tuple("." + target for target in TARGETS[targets])
     names = [name for name, module in unet.named_modules()

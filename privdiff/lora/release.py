@@ -6,9 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from privdiff.errors import PrivdiffError
-from privdiff.io.images import PrivateFiles
-from privdiff.lora.adapters import LoRALinear
+from privdiff.lora.adapters import LoRALinear, detach
 from privdiff.lora.files import save_lora
 from privdiff.lora.training import LoRAConfig, plan_dp_lora, run_dp_lora
 from privdiff.models.protocol import SDBackend
@@ -22,7 +23,7 @@ from privdiff.release.output_plan import plan_output
 
 @dataclass(frozen=True)
 class LoRAResult:
-    """The trained adapters (attached to the backend's UNet), the model family and the release's report."""
+    """The trained adapters, the model family and the release's report."""
 
     adapters: dict[str, LoRALinear]
     family: str
@@ -40,26 +41,35 @@ def plan_lora_file(out: str | Path, force: bool) -> Path:
 
 
 def release_lora(
-    load_backend: Callable[[], SDBackend], private: PrivateFiles, out: str | Path, params: DPParams,
-    config: LoRAConfig, *, resolution: int | None = None, ledger: LedgerRequest | None = None,
+    load_backend: Callable[[], SDBackend], load_images: Callable[[int], torch.Tensor], count: int, out: str | Path,
+    params: DPParams, config: LoRAConfig, *, resolution: int | None = None, ledger: LedgerRequest | None = None,
     seed: int | None = None, dataset_label: str | None = None, progress: Progress | None = None,
     force: bool = False,
 ) -> tuple[Path, LoRAResult, Reservation | None]:
     """Plan (σ from the accountant), charge the ledger, load the model, train and write the LoRA file.
 
-    Everything that can be checked without the model is checked before the charge; the model loads after it.
+    ``load_images(side)`` gives the ``count`` private images [count, 3, side, side] in 0..1 (``side``:
+    ``resolution``, else the model's). Everything that can be checked without the model is checked before the
+    charge; the model loads after it. The adapters come off the model's UNet at the end, written or not, so a
+    model loaded in a host samples as before.
     """
     path = plan_lora_file(out, force)
-    check_params(params, len(private.files), n_public_by_convention=True)
-    report = plan_dp_lora(params, len(private.files), config, seed=seed, dataset_label=dataset_label)
+    check_params(params, count, n_public_by_convention=True)
+    report = plan_dp_lora(params, count, config, seed=seed, dataset_label=dataset_label)
+    trained: list[tuple[SDBackend, LoRAResult]] = []
 
     def produce() -> LoRAResult:
         backend = load_backend()
-        images = private.load(backend.resolution if resolution is None else resolution).images
+        images = load_images(backend.resolution if resolution is None else resolution)
         adapters, released = run_dp_lora(backend, images, params, config, seed=seed, progress=progress,
                                          report=report)
-        return LoRAResult(adapters, backend.family, released)
+        trained.append((backend, LoRAResult(adapters, backend.family, released)))
+        return trained[-1][1]
 
-    return release_artifact(produce, report, path,
-                            lambda result: save_lora(path, result.adapters, result.family, result.report, force),
-                            carries_release, ledger)
+    try:
+        return release_artifact(produce, report, path,
+                                lambda result: save_lora(path, result.adapters, result.family, result.report, force),
+                                carries_release, ledger)
+    finally:
+        for backend, result in trained:
+            detach(backend.denoiser, result.adapters)

@@ -17,7 +17,7 @@ from opacus import GradSampleModule
 
 from privdiff.errors import PrivdiffError
 from privdiff.io.batching import padded
-from privdiff.lora.adapters import LoRALinear, attach
+from privdiff.lora.adapters import LoRALinear, attach, check_settings, detach
 from privdiff.models.protocol import SDBackend
 from privdiff.models.training import encode_each, keyed_generator, noise_prediction_loss
 from privdiff.privacy.distributed import World
@@ -76,12 +76,25 @@ def per_sample_gradients(backend: SDBackend, params: list[torch.Tensor], size: i
 def train_dp_lora(backend: SDBackend, latents: torch.Tensor, settings: LoRASettings, rng: SecureRandom,
                   progress: Progress | None = None) -> dict[str, LoRALinear]:
     """Attach adapters to ``backend``'s UNet and train them with DP-SGD on the n ``latents`` for
-    ``config.steps`` Poisson-sampled steps; returns the adapters (still attached)."""
-    config, n = settings.config, len(latents)
+    ``config.steps`` Poisson-sampled steps; returns the adapters (still attached; on an error, or a cancel from
+    ``progress``, they come off again)."""
+    config = settings.config
     init = torch.Generator().manual_seed(int.from_bytes(rng.random_bytes(8), "little"))  # public start: any seed
-    adapters = attach(backend.pipe.unet, config.rank, config.alpha, config.targets, init)
+    adapters = attach(backend.denoiser, config.rank, config.alpha, config.targets, init)
+    try:
+        _train(backend, latents, settings, rng, adapters, progress)
+    except BaseException:
+        detach(backend.denoiser, adapters)  # a failed or cancelled run leaves the model as it was
+        raise
+    return adapters
+
+
+def _train(backend: SDBackend, latents: torch.Tensor, settings: LoRASettings, rng: SecureRandom,
+           adapters: dict[str, LoRALinear], progress: Progress | None) -> None:
+    """The DP-SGD steps of :func:`train_dp_lora` on the attached ``adapters``."""
+    config, n = settings.config, len(latents)
     params = [p for adapter in adapters.values() for p in (adapter.down.weight, adapter.up.weight)]
-    hooked = GradSampleModule(backend.pipe.unet, loss_reduction="sum")  # hooks the adapters: all that trains
+    hooked = GradSampleModule(backend.denoiser, loss_reduction="sum")  # hooks the adapters: all that trains
     expected = max(1, round(settings.sample_rate * settings.public_size))
     optimizer = PrivdiffDPOptimizer(torch.optim.Adam(params, lr=config.lr), rng=rng,
                                     noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.clip_norm,
@@ -112,13 +125,14 @@ def train_dp_lora(backend: SDBackend, latents: torch.Tensor, settings: LoRASetti
         optimizer.zero_grad(set_to_none=True)  # drops opacus' per-sample and summed gradients
         optimizer.close()
         hooked.remove_hooks()  # the UNet samples as before; the adapters stay
-    return adapters
 
 
 def plan_dp_lora(params: DPParams, dataset_size: int, config: LoRAConfig, *, seed: int | None = None,
                  dataset_label: str | None = None) -> PrivacyReport:
     """The report of a DP-LoRA release (no model needed): ``config.steps`` compositions of the subsampled
-    Gaussian, N public by convention as for every DP-SGD release. Only ``bound="clip"``."""
+    Gaussian, N public by convention as for every DP-SGD release. Only ``bound="clip"``. The adapter settings are
+    checked here, before any charge."""
+    check_settings(config.rank, config.alpha, config.targets)
     if params.bound == "normalize":
         raise PrivdiffError("bound 'normalize' is not available for DP-LoRA: DP-SGD clips per-sample gradients; "
                             "use bound 'clip'")

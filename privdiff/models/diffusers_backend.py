@@ -54,6 +54,11 @@ class DiffusersBackend:
         return next(self.pipe.unet.parameters()).dtype
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The pipeline's UNet."""
+        return self.pipe.unet
+
+    @property
     def alphas_cumprod(self) -> torch.Tensor:
         """Training noise schedule ᾱ_t (the DDPM equivalent of the pipeline's scheduler), float32 [T]."""
         return self._alphas_cumprod.to(self.device)

@@ -35,6 +35,14 @@ class SDBackend(Protocol):
         ...
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet module that ``predict_noise`` runs (DP-LoRA puts its adapters in its transformer blocks).
+        Module paths are diffusers' (``down_blocks.1.attentions.0...``) or the original ldm layout's
+        (``input_blocks.4.1...``, ComfyUI and A1111); LoRA files name layers by these paths, and every loader
+        reads both."""
+        ...
+
+    @property
     def dtype(self) -> torch.dtype:
         """Parameter dtype of the UNet."""
         ...
@@ -59,6 +67,10 @@ class SDBackend(Protocol):
         ``vectors[enc]`` is [B, n, dim], row b for prompt b; the result is differentiable in them.
         ``size`` (height, width) sets SDXL's size conditioning; default (resolution, resolution).
         """
+        ...
+
+    def encode_text(self, prompts: list[str], size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Conditioning for plain prompts (no placeholder), without gradients."""
         ...
 
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor,

@@ -120,8 +120,9 @@ def release_artifact(
     return path, result, reservation
 
 
-def carries_release(path: Path, release_id: str) -> bool:
-    """Whether the file at ``path`` (an embedding or a style target) is the release ``release_id``."""
+def released_report(path: Path) -> PrivacyReport | None:
+    """The privacy report in the artifact at ``path`` (an embedding, style target or LoRA), or None where the file
+    is unreadable or carries none."""
     try:
         if Path(path).suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
@@ -130,9 +131,14 @@ def carries_release(path: Path, release_id: str) -> bool:
             parsed = read_file(Path(path))
             check_vectors(parsed.tensors, str(path))  # as load_embedding: a file with bad vectors is no release
             metadata = parsed.metadata
-        report = PrivacyReport.from_metadata(metadata)
-    except Exception:  # any unreadable file is not this release
-        return False
+        return PrivacyReport.from_metadata(metadata)
+    except Exception:  # any unreadable file is no release
+        return None
+
+
+def carries_release(path: Path, release_id: str) -> bool:
+    """Whether the file at ``path`` (an embedding, style target or LoRA) is the release ``release_id``."""
+    report = released_report(path)
     return report is not None and report.release_id == release_id
 
 
