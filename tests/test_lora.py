@@ -107,6 +107,18 @@ def test_the_file_holds_what_every_loader_applies(backend, tmp_path):
         save_lora(path, adapters, "SD1", None)
 
 
+def test_diffusers_load_lora_weights_applies_the_file_as_trained(backend, tmp_path):
+    """diffusers (with peft) reads the kohya file and its alphas: the pipeline then predicts as the adapted UNet."""
+    adapters = _adapted(backend, rank=2, alpha=4.0)
+    adapted = _predict(backend)
+    save_lora(tmp_path / "style.safetensors", adapters, "SD1", None)
+    detach(backend.pipe.unet, adapters)
+    base = _predict(backend)
+    assert not torch.allclose(base, adapted, atol=1e-4)
+    backend.pipe.load_lora_weights(str(tmp_path), weight_name="style.safetensors")
+    torch.testing.assert_close(_predict(backend), adapted, rtol=1e-4, atol=1e-5)
+
+
 def test_a_release_trains_the_adapters_and_reports_the_accountants_epsilon(backend):
     images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     params = DPParams(epsilon=8.0, delta=1e-5, sample_rate=0.5, clip_norm=1.0)
