@@ -263,6 +263,18 @@ def test_dpsgd_on_two_ranks_releases_what_one_process_releases(tmp_path, images,
     capsys.readouterr()
 
 
+def test_dp_lora_on_two_ranks_releases_what_one_process_releases(tmp_path, images, capsys):
+    """DP-LoRA as DP-SGD TI: the same adapters on two ranks as in one process with the same seed."""
+    one, two = _same_release(tmp_path, ["lora", "--images", images, "--model", "tiny", "--steps", "3",
+                                        "--batch-size", "2", "--rank", "2", "--lr", "0.05", "--epsilon", "2",
+                                        "--delta", "1e-3", "--accountant", "rdp", "--sample-rate", "0.6",
+                                        "--reproducible-seed", "5"],
+                             "lora.safetensors")
+    assert one.keys() == two.keys() and all((one[k] - two[k]).abs().max() <= 1e-6 for k in one)
+    assert any(one[k].abs().max() > 0 for k in one if k.endswith("lora_up.weight"))  # trained
+    capsys.readouterr()
+
+
 def test_wavelet_finetune_on_two_ranks_releases_what_one_process_releases(tmp_path, capsys):
     write_style_images(tmp_path / "public", count=12, size=32)
     write_style_images(tmp_path / "private", count=6, size=32)

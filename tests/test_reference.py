@@ -157,7 +157,7 @@ def test_classifier_reads_rendered_images(small):
     labels = classifier.labels(images)
     for head in ("shape", "colour", "background", "texture"):
         accuracy = np.mean([lab[head] == getattr(s, head) for lab, s in zip(labels, specs, strict=True)])
-        assert accuracy > 0.9, (head, accuracy)
+        assert accuracy > 0.97, (head, accuracy)
 
 
 def test_model_draws_prompted_public_attributes_far_above_chance(small):
@@ -169,10 +169,11 @@ def test_model_draws_prompted_public_attributes_far_above_chance(small):
     labels = classifier.labels(images)
     adherence = score(classifier, images, None, pairs).adherence
     in_style = np.mean([f"{lab['background']} {lab['texture']}" == st for lab, st in zip(labels, public, strict=True)])
-    # chance: 1/20 for shape and colour, 1/25 for the style; the shipped model scores about 0.43 and 0.28
-    # (its weakest skill is binding the background colour word: textures are right almost always)
-    assert adherence > 0.3, adherence
-    assert in_style > 0.2, in_style
+    # chance: 1/20 for shape and colour, 1/25 for the style; the weights before issue 23 scored about 0.43 and
+    # 0.28 (they bound the background colour word poorly); the shipped ones draw the style almost always and miss
+    # mostly stars drawn as triangles (docs/reference-model.md)
+    assert adherence > 0.65, adherence
+    assert in_style > 0.9, in_style
 
 
 def test_held_out_evaluation_prints_the_four_accuracies(capsys, tmp_path):
@@ -181,7 +182,9 @@ def test_held_out_evaluation_prints_the_four_accuracies(capsys, tmp_path):
     rows = {line[:16].strip(): [float(v) for v in line[16:].split()] for line in out.splitlines()[2:]}
     assert list(rows) == ["rendered", "VAE round trip", "samples"] and all(len(v) == 4 for v in rows.values())
     assert "texture" in out.splitlines()[1] and "background colour" in out.splitlines()[1]
-    assert min(rows["rendered"]) >= 0.75  # the classifier reads the rendered held-out images
+    assert min(rows["rendered"]) >= 0.95  # the classifier reads the rendered held-out images
+    texture, colour, _, background = rows["samples"]
+    assert min(texture, colour, background) >= 0.75, rows["samples"]  # the model draws them
     assert evaluate_main(["--model", str(tmp_path)]) == 1
     assert "missing from" in capsys.readouterr().err
 

@@ -18,11 +18,10 @@ from privdiff.app.release_options import (
 from privdiff.embeddings.textual_inversion import TIConfig
 from privdiff.errors import PrivdiffError
 from privdiff.io.images import PrivateDataset
-from privdiff.lora.release import release_lora
+from privdiff.lora.release import local_trainer, plan_lora, release_lora
 from privdiff.lora.training import LoRAConfig
 from privdiff.models.protocol import SDBackend
 from privdiff.progress import Progress
-from privdiff.release.dp_params import check_params
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 """The LoRA files ComfyUI and A1111 list: a new file must not share its name with one of these."""
@@ -50,7 +49,7 @@ def train_lora(
     params = release.params()
     if release.sample_rate >= 1.0:
         params = replace(params, sample_rate=min(1.0, config.batch_size / len(dataset)))
-    check_params(params, len(dataset), n_public_by_convention=True)
+    report = plan_lora(params, len(dataset), config, seed=release.seed(), dataset_label=release.label())
     target = loras_dir / f"{release.name}.safetensors"
     ledger = ledger_request(release, dataset.digests, default_ledger,
                             release.request(method="dp-lora", config=config.__dict__,
@@ -58,7 +57,7 @@ def train_lora(
     if (earlier := earlier_release(ledger, release, target)) is not None:
         return release.name, report_text(earlier) + "\n" + REPEATED
     target = embedding_target(loras_dir, release.name, release.overwrite, "LoRA", LORA_SUFFIXES)
-    _, result, _ = release_lora(lambda: backend, lambda side: dataset.images, len(dataset), target, params, config,
-                                resolution=dataset.images.shape[-1], ledger=ledger, seed=release.seed(),
-                                dataset_label=release.label(), progress=progress, force=release.overwrite)
+    train = local_trainer(lambda: backend, lambda side: dataset.images, params, config,
+                          resolution=dataset.images.shape[-1], seed=release.seed(), progress=progress)
+    _, result, _ = release_lora(train, report, target, ledger=ledger, force=release.overwrite)
     return release.name, report_text(result.report)

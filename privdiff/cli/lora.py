@@ -12,32 +12,54 @@ MAX_RANK = 1024
 
 
 def _cmd_lora(args: argparse.Namespace) -> None:
+    with releasing.joined_world(args) as world:
+        if world.leader:
+            _lead_lora(args, world)
+        else:
+            from privdiff.lora.adapters import detach
+            from privdiff.lora.ranks import run_dp_lora_ranks
+
+            run_dp_lora_ranks(world, lambda: releasing.load_backend(args, world))
+            world.finish(None)
+
+
+def _lead_lora(args: argparse.Namespace, world: object) -> None:
     from privdiff.io.images import read_private_files
-    from privdiff.lora.release import plan_lora_file, release_lora
+    from privdiff.lora.ranks import run_dp_lora_ranks
+    from privdiff.lora.release import local_trainer, plan_lora, plan_lora_file, release_lora
     from privdiff.lora.training import LoRAConfig
-    from privdiff.privacy.distributed import World
     from privdiff.progress import tqdm_progress
     from privdiff.release.dp_params import DPParams
 
-    if args.public_size is not None:
-        raise PrivdiffError("--public-size does not apply to DP-LoRA: DP-SGD treats N as public (add-remove)")
-    world = World()
-    plan_lora_file(args.out, args.force)  # the output first, then the private images, each read once
-    private = read_private_files(args.images, warn=False)
-    rate = args.sample_rate if args.sample_rate is not None else min(1.0, args.batch_size / len(private.files))
-    params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,
-                      accountant=args.accountant)
-    config = LoRAConfig(rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha, targets=args.targets,
-                        steps=args.steps, lr=args.lr, batch_size=args.batch_size, prompt=args.prompt)
-    releasing.check_device_here(args, world)
-    ledger = releasing.ledger_request(args, private.digests)
-    private.warn_skipped()
-    with tqdm_progress("dp-lora: training") as progress:
-        path, result, reservation = release_lora(
-            lambda: releasing.load_backend(args, world), lambda side: private.load(side).images, len(private.files),
-            args.out, params, config,
-            resolution=args.resolution, ledger=ledger, seed=args.reproducible_seed, dataset_label=args.dataset_label,
-            progress=progress, force=args.force)
+    with world.leading():
+        if args.public_size is not None:
+            raise PrivdiffError("--public-size does not apply to DP-LoRA: DP-SGD treats N as public (add-remove)")
+        plan_lora_file(args.out, args.force)  # the output first, then the private images, each read once
+        private = read_private_files(args.images, warn=False)
+        rate = args.sample_rate if args.sample_rate is not None else min(1.0, args.batch_size / len(private.files))
+        params = DPParams(epsilon=args.epsilon, delta=args.delta, sample_rate=rate, clip_norm=args.clip_norm,
+                          accountant=args.accountant)
+        config = LoRAConfig(rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha,
+                            targets=args.targets, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                            prompt=args.prompt)
+        report = releasing.with_world(plan_lora(params, len(private.files), config, seed=args.reproducible_seed,
+                                                dataset_label=args.dataset_label), world)
+        releasing.check_device_here(args, world)
+        ledger = releasing.ledger_request(args, private.digests)
+        private.warn_skipped()
+        with tqdm_progress("dp-lora: training") as progress:
+            def load():
+                return releasing.load_backend(args, world)
+
+            if world.size > 1:
+                def train(planned):
+                    return run_dp_lora_ranks(world, load, private=private, resolution=args.resolution, params=params,
+                                             config=config, seed=args.reproducible_seed, report=planned,
+                                             progress=progress)
+            else:
+                train = local_trainer(load, lambda side: private.load(side).images, params, config,
+                                      resolution=args.resolution, seed=args.reproducible_seed, progress=progress)
+            path, result, reservation = release_lora(train, report, args.out, ledger=ledger, force=args.force)
     summary = {"output": str(path), **json.loads(result.report.to_json())}
     if reservation is not None:
         summary["ledger"] = {"path": str(reservation.ledger.path), "release_id": reservation.release_id}
@@ -79,4 +101,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--dataset-label", default=None, help="your label for the dataset, copied to the report")
     arguments.add_ledger_options(p)
-    p.set_defaults(func=_cmd_lora)
+    p.set_defaults(func=_cmd_lora, across_ranks=True)

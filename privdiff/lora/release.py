@@ -40,30 +40,45 @@ def plan_lora_file(out: str | Path, force: bool) -> Path:
     return plan_output(path, "safetensors", force=force).path
 
 
-def release_lora(
-    load_backend: Callable[[], SDBackend], load_images: Callable[[int], torch.Tensor], count: int, out: str | Path,
-    params: DPParams, config: LoRAConfig, *, resolution: int | None = None, ledger: LedgerRequest | None = None,
-    seed: int | None = None, dataset_label: str | None = None, progress: Progress | None = None,
-    force: bool = False,
-) -> tuple[Path, LoRAResult, Reservation | None]:
-    """Plan (σ from the accountant), charge the ledger, load the model, train and write the LoRA file.
+Trainer = Callable[[PrivacyReport], tuple[SDBackend, LoRAResult]]
+"""Trains the adapters under a planned report (after the charge); returns the model that holds them and the result."""
 
-    ``load_images(side)`` gives the ``count`` private images [count, 3, side, side] in 0..1 (``side``:
-    ``resolution``, else the model's). Everything that can be checked without the model is checked before the
-    charge; the model loads after it. The adapters come off the model's UNet at the end, written or not, so a
-    model loaded in a host samples as before.
-    """
-    path = plan_lora_file(out, force)
-    check_params(params, count, n_public_by_convention=True)
-    report = plan_dp_lora(params, count, config, seed=seed, dataset_label=dataset_label)
-    trained: list[tuple[SDBackend, LoRAResult]] = []
 
-    def produce() -> LoRAResult:
+def local_trainer(load_backend: Callable[[], SDBackend], load_images: Callable[[int], torch.Tensor],
+                  params: DPParams, config: LoRAConfig, *, resolution: int | None = None, seed: int | None = None,
+                  progress: Progress | None = None) -> Trainer:
+    """Training in this process: ``load_images(side)`` gives the private images [n, 3, side, side] in 0..1
+    (``side``: ``resolution``, else the model's)."""
+
+    def train(report: PrivacyReport) -> tuple[SDBackend, LoRAResult]:
         backend = load_backend()
         images = load_images(backend.resolution if resolution is None else resolution)
         adapters, released = run_dp_lora(backend, images, params, config, seed=seed, progress=progress,
                                          report=report)
-        trained.append((backend, LoRAResult(adapters, backend.family, released)))
+        return backend, LoRAResult(adapters, backend.family, released)
+
+    return train
+
+
+def plan_lora(params: DPParams, count: int, config: LoRAConfig, *, seed: int | None = None,
+              dataset_label: str | None = None) -> PrivacyReport:
+    """Everything checked that can be without the model, and the release's report (σ from the accountant)."""
+    check_params(params, count, n_public_by_convention=True)
+    return plan_dp_lora(params, count, config, seed=seed, dataset_label=dataset_label)
+
+
+def release_lora(train: Trainer, report: PrivacyReport, out: str | Path, *, ledger: LedgerRequest | None = None,
+                 force: bool = False) -> tuple[Path, LoRAResult, Reservation | None]:
+    """Charge the ledger for ``report`` (from :func:`plan_lora`), train, and write the LoRA file.
+
+    The model loads in ``train``, after the charge. The adapters come off the model's UNet at the end, written or
+    not, so a model loaded in a host samples as before.
+    """
+    path = plan_lora_file(out, force)
+    trained: list[tuple[SDBackend, LoRAResult]] = []
+
+    def produce() -> LoRAResult:
+        trained.append(train(report))
         return trained[-1][1]
 
     try:

@@ -31,6 +31,7 @@ from privdiff.release.dp_params import DPParams, plan_release
 MECHANISM = "DP-LoRA (DP-SGD on UNet LoRA adapters, opacus): per-sample clipped gradients with Gaussian noise"
 _STREAM = b"privdiff dp-lora example stream\0"  # each example's timestep and noise at each step
 _VAE_STREAM = b"privdiff dp-lora vae sample\0"  # each image's VAE latent sample
+_INIT_STREAM = b"privdiff dp-lora adapter start\0"  # the adapters' public start, the same on every rank
 # torch warns on every backward through opacus' hooks when the hooked module's input needs no grad.
 _HOOK_WARNING = "Full backward hook is firing"
 
@@ -73,26 +74,34 @@ def per_sample_gradients(backend: SDBackend, params: list[torch.Tensor], size: i
     sample_gradients(params, len(x0), size, backward)
 
 
-def train_dp_lora(backend: SDBackend, latents: torch.Tensor, settings: LoRASettings, rng: SecureRandom,
-                  progress: Progress | None = None) -> dict[str, LoRALinear]:
-    """Attach adapters to ``backend``'s UNet and train them with DP-SGD on the n ``latents`` for
-    ``config.steps`` Poisson-sampled steps; returns the adapters (still attached; on an error, or a cancel from
+def train_dp_lora(world: World, backend: SDBackend, latents: torch.Tensor, rows: range, n: int,
+                  settings: LoRASettings, rng: SecureRandom | None, progress: Progress | None = None
+                  ) -> dict[str, LoRALinear]:
+    """Attach adapters to ``backend``'s UNet and train them with DP-SGD for ``config.steps`` Poisson-sampled steps
+    over the ranks of ``world``; this rank holds the ``latents`` of records ``rows`` of the ``n``.
+
+    Rank 0 (``rng``: the release's CSPRNG; None elsewhere) draws each step's batch over all n records and tells
+    every rank; each rank computes its batch examples' per-sample gradients, clips and sums them, and
+    ``PrivdiffDPOptimizer.step_across`` adds the noise once on rank 0. The adapters' start and each example's
+    timestep and noise come from streams keyed by ``settings.key``, so the adapters are the one process's, to the
+    rounding of the float64 sums. Returns the adapters (still attached; on an error, or a cancel from
     ``progress``, they come off again)."""
     config = settings.config
-    init = torch.Generator().manual_seed(int.from_bytes(rng.random_bytes(8), "little"))  # public start: any seed
-    adapters = attach(backend.denoiser, config.rank, config.alpha, config.targets, init)
+    adapters = attach(backend.denoiser, config.rank, config.alpha, config.targets,
+                      keyed_generator(_INIT_STREAM, settings.key, 0))
     try:
-        _train(backend, latents, settings, rng, adapters, progress)
+        _train(world, backend, latents, rows, n, settings, rng, adapters, progress)
     except BaseException:
         detach(backend.denoiser, adapters)  # a failed or cancelled run leaves the model as it was
         raise
+    world.finishing()
     return adapters
 
 
-def _train(backend: SDBackend, latents: torch.Tensor, settings: LoRASettings, rng: SecureRandom,
-           adapters: dict[str, LoRALinear], progress: Progress | None) -> None:
+def _train(world: World, backend: SDBackend, latents: torch.Tensor, rows: range, n: int, settings: LoRASettings,
+           rng: SecureRandom | None, adapters: dict[str, LoRALinear], progress: Progress | None) -> None:
     """The DP-SGD steps of :func:`train_dp_lora` on the attached ``adapters``."""
-    config, n = settings.config, len(latents)
+    config = settings.config
     params = [p for adapter in adapters.values() for p in (adapter.down.weight, adapter.up.weight)]
     hooked = GradSampleModule(backend.denoiser, loss_reduction="sum")  # hooks the adapters: all that trains
     expected = max(1, round(settings.sample_rate * settings.public_size))
@@ -107,24 +116,37 @@ def _train(backend: SDBackend, latents: torch.Tensor, settings: LoRASettings, rn
             warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
             for step in range(config.steps):
                 optimizer.zero_grad(set_to_none=True)
-                batch = poisson_sample(n, settings.sample_rate, rng).tolist()
+                batch = world.broadcast(poisson_sample(n, settings.sample_rate, rng).tolist() if world.leader
+                                        else None)
+                mine = [i for i in batch if i in rows]
 
-                def compute(step: int = step, batch: list[int] = batch) -> None:
-                    streams = [keyed_generator(_STREAM, settings.key, (step + 1) * n + i) for i in batch]
-                    x0 = latents[batch].to(backend.device, torch.float32)
-                    t = torch.stack([torch.randint(steps, (), generator=g) for g in streams]) if batch else \
+                def compute(step: int = step, mine: list[int] = mine) -> None:
+                    streams = [keyed_generator(_STREAM, settings.key, (step + 1) * n + i) for i in mine]
+                    x0 = latents[[i - rows.start for i in mine]].to(backend.device, torch.float32)
+                    t = torch.stack([torch.randint(steps, (), generator=g) for g in streams]) if mine else \
                         torch.empty(0, dtype=torch.long)
-                    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in streams]) if batch else \
+                    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in streams]) if mine else \
                         torch.empty(0, *latents.shape[1:])
                     per_sample_gradients(backend, params, size, x0, t, noise.to(x0.device), cond)
 
-                optimizer.step_across(World(), compute)
+                optimizer.step_across(world, compute)
                 if progress is not None:
                     progress(step + 1, config.steps)
     finally:
         optimizer.zero_grad(set_to_none=True)  # drops opacus' per-sample and summed gradients
         optimizer.close()
         hooked.remove_hooks()  # the UNet samples as before; the adapters stay
+
+
+def lora_settings(config: LoRAConfig, params: DPParams, report: PrivacyReport, rng: SecureRandom) -> LoRASettings:
+    """The release's public settings and a fresh key for its training streams (drawn from ``rng``)."""
+    return LoRASettings(config, params.sample_rate, params.clip_norm, report.noise_multiplier, report.public_size,
+                        rng.random_bytes(32))
+
+
+def latents_of(backend: SDBackend, images: torch.Tensor, rows: range, key: bytes) -> torch.Tensor:
+    """The VAE latents of records ``rows`` (``images``, in order), each sampled from its own keyed stream."""
+    return encode_each(backend, images, [keyed_generator(_VAE_STREAM, key, i) for i in rows])
 
 
 def plan_dp_lora(params: DPParams, dataset_size: int, config: LoRAConfig, *, seed: int | None = None,
@@ -153,7 +175,7 @@ def run_dp_lora(backend: SDBackend, images: torch.Tensor, params: DPParams, conf
     config = config or LoRAConfig()
     report = report or plan_dp_lora(params, len(images), config, seed=seed, dataset_label=dataset_label)
     rng = SecureRandom(seed)
-    settings = LoRASettings(config, params.sample_rate, params.clip_norm, report.noise_multiplier,
-                            report.public_size, rng.random_bytes(32))
-    latents = encode_each(backend, images, [keyed_generator(_VAE_STREAM, settings.key, i) for i in range(len(images))])
-    return train_dp_lora(backend, latents, settings, rng, progress), report
+    settings = lora_settings(config, params, report, rng)
+    n = len(images)
+    latents = latents_of(backend, images, range(n), settings.key)
+    return train_dp_lora(World(), backend, latents, range(n), n, settings, rng, progress), report
