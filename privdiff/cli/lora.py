@@ -16,7 +16,6 @@ def _cmd_lora(args: argparse.Namespace) -> None:
         if world.leader:
             _lead_lora(args, world)
         else:
-            from privdiff.lora.adapters import detach
             from privdiff.lora.ranks import run_dp_lora_ranks
 
             run_dp_lora_ranks(world, lambda: releasing.load_backend(args, world))
