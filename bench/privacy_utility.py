@@ -14,7 +14,7 @@ the same for every ε, so they are trained once per seed and each ε's release i
 aggregate of them (`aggregate_embeddings`, σ calibrated by `plan_dpagg_ti`, fresh CSPRNG noise).
 The last line is the ratio of DPAgg-TI's style score at ε = 1 to non-private TI's.
 
-    python bench/privacy_utility.py [--images 200] [--seeds 2] [--samples 40]
+    python bench/privacy_utility.py [--images 200] [--seeds 2] [--samples 40] [--style "teal stripes"]
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ from privdiff.privacy.mechanism import bound_vectors
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.reference.evaluate import evaluate
 from privdiff.reference.score import Score
-from privdiff.reference.shapes import style_images
+from privdiff.reference.shapes import PRIVATE_STYLES, style_images
 from privdiff.release.dp_params import DPParams
 
 STYLE = "teal stripes"
+"""The private style of the README's table (``--style`` picks another of ``PRIVATE_STYLES``)."""
 DELTA = 1e-5
 PER_IMAGE = TIConfig(steps=40, lr=2e-2, batch_size=50)
 """DPAgg-TI's per-image training (the same as `make demo`)."""
@@ -68,11 +69,11 @@ def _offsets_mean(per_image: dict[str, torch.Tensor], init: dict[str, torch.Tens
 
 
 def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples: int,
-             results: dict[tuple[str, float], list[Score]], timings: dict[str, float]) -> None:
+             results: dict[tuple[str, float], list[Score]], timings: dict[str, float], style: str = STYLE) -> None:
     """Train and score every method for one seed; appends to ``results[(method, ε)]``."""
     backend = DiffusersBackend(pipe)
     backend.freeze()
-    pixels, _ = style_images(STYLE, n, seed=100 + seed)
+    pixels, _ = style_images(style, n, seed=100 + seed)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     gen = torch.Generator().manual_seed(seed)
     latents = encode_in_batches(backend, images, 64, gen)
@@ -80,7 +81,7 @@ def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples
 
     def score(method: str, eps: float, vectors=None, word=None) -> None:
         results.setdefault((method, eps), []).append(
-            evaluate(pipe, classifier, STYLE, vectors=vectors, word=word, count=samples, seed=seed))
+            evaluate(pipe, classifier, style, vectors=vectors, word=word, count=samples, seed=seed))
 
     def timed(name: str, fn):
         start = time.perf_counter()
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="independent repetitions (default 2)")
     parser.add_argument("--samples", type=int, default=40, help="samples scored per embedding (default 40)")
     parser.add_argument("--epsilons", default="inf,10,3,1", help="comma-separated (default inf,10,3,1)")
+    parser.add_argument("--style", default=STYLE, choices=PRIVATE_STYLES, help=f"private style (default {STYLE})")
     args = parser.parse_args(argv)
     epsilons = [float(e) for e in args.epsilons.split(",")]
     pipe, classifier = load_small(), load_classifier(WEIGHTS)
@@ -127,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     for seed in range(args.seeds):
-        run_seed(pipe, classifier, args.images, seed, epsilons, args.samples, results, timings)
-    print(f"\nprivacy vs utility: style '{STYLE}', N = {args.images}, {args.seeds} seeds, {args.samples} samples "
+        run_seed(pipe, classifier, args.images, seed, epsilons, args.samples, results, timings, args.style)
+    print(f"\nprivacy vs utility: style '{args.style}', N = {args.images}, {args.seeds} seeds, {args.samples} samples "
           f"each, delta = {DELTA}, {time.perf_counter() - start:.0f} s "
           f"(training: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     fields = ("style", "texture", "background", "adherence")

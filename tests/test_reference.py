@@ -202,10 +202,10 @@ def test_textual_inversion_learns_a_private_style(small):
     trained = train_shared_embedding(backend, latents, init, config, gen)
     before = evaluate(pipe, classifier, style, word=config.init_word, count=40, seed=1)
     after = evaluate(pipe, classifier, style, vectors=trained, count=40, seed=1)
-    # The texture half of the style is learned fully; the background colour is this small model's weak
-    # skill (docs/reference-model.md), so the full style score rises less (README "Does it work?").
-    assert after.texture >= 0.95 and before.texture < 0.8, (before, after)
-    assert after.style >= before.style + 0.05, (before, after)
+    # The whole style is learned: the init word alone gives neither the teal background nor the stripes
+    # (README "Does it work?": 0.00 before, 1.00 after on 200 images)
+    assert before.style < 0.2 and after.style >= 0.9, (before, after)
+    assert after.texture >= 0.95 and after.background >= 0.95, after
 
 
 def _load_bench():
@@ -260,4 +260,4 @@ def test_guidance_toward_a_dp_target_raises_the_style_score(small):
               for target in targets]
     style_gain = sum(g.style for g in guided) / 3 - plain.style
     texture_gain = sum(g.texture for g in guided) / 3 - plain.texture
-    assert style_gain > 0.15 and texture_gain > 0.3, (plain, guided)
+    assert style_gain > 0.3 and texture_gain > 0.3, (plain, guided)
