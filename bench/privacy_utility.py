@@ -5,7 +5,10 @@ randomness, new DP noise), train and score:
   - the init word alone (no private information),
   - non-private textual inversion (one embedding trained on all images),
   - DPAgg-TI at each ε (ε = ∞: the noise-free mean of the bounded per-image offsets),
-  - DP-SGD TI at each finite ε (opacus, the project's DP optimiser).
+  - DP-SGD TI at each finite ε (opacus, the project's DP optimiser),
+  - with ``--lora``, DP-LoRA at each finite ε (DP-SGD on the UNet's attention adapters, trained with an empty
+    prompt) and, for comparison, the model without adaptation; both sampled with plain prompts "a {colour}
+    {shape}", since a LoRA has no token.
 Each embedding is scored on samples of "a {colour} {shape} in <token> style" by the style classifier:
 the fraction in the private style, and prompt adherence (shape and colour as asked).
 
@@ -35,12 +38,15 @@ from privdiff.embeddings.textual_inversion import (
     train_embeddings,
     train_shared_embedding,
 )
+from privdiff.lora.adapters import detach
+from privdiff.lora.training import LoRAConfig, run_dp_lora
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.small import WEIGHTS, load_small
 from privdiff.models.small_classifier import load_classifier
 from privdiff.privacy.mechanism import bound_vectors
 from privdiff.privacy.randomness import SecureRandom
-from privdiff.reference.evaluate import evaluate
+from privdiff.reference import score as scoring
+from privdiff.reference.evaluate import evaluate, generate, prompt_pairs
 from privdiff.reference.score import Score
 from privdiff.reference.shapes import PRIVATE_STYLES, style_images
 from privdiff.release.dp_params import DPParams
@@ -57,6 +63,9 @@ DPAGG_CLIP = 4.0
 DPSGD = TIConfig(steps=60, lr=2e-2, batch_size=64)
 DPSGD_RATE, DPSGD_CLIP = 0.16, 0.2
 """Expected batch 0.16·N; C about the median per-sample gradient norm on a public style."""
+LORA = LoRAConfig(rank=4, alpha=4.0, steps=100, lr=2e-2, batch_size=32)
+LORA_RATE, LORA_CLIP = 0.16, 1.0
+"""DP-LoRA: expected batch 0.16·N, as DP-SGD TI."""
 
 
 def _offsets_mean(per_image: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,8 +77,15 @@ def _offsets_mean(per_image: dict[str, torch.Tensor], init: dict[str, torch.Tens
     return {k: init[k] + p.view_as(init[k]) for k, p in zip(keys, parts, strict=True)}
 
 
+def _plain_prompts(pipe, classifier, style: str, samples: int, seed: int) -> Score:
+    """Samples of "a {colour} {shape}" (no style named) with the pipeline as it is, scored for ``style``."""
+    pairs = prompt_pairs(samples, seed)
+    return scoring.score(classifier, generate(pipe, [f"a {c} {s}" for s, c in pairs], seed=seed), style, pairs)
+
+
 def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples: int,
-             results: dict[tuple[str, float], list[Score]], timings: dict[str, float], style: str = STYLE) -> None:
+             results: dict[tuple[str, float], list[Score]], timings: dict[str, float], style: str = STYLE,
+             lora: bool = False) -> None:
     """Train and score every method for one seed; appends to ``results[(method, ε)]``."""
     backend = DiffusersBackend(pipe)
     backend.freeze()
@@ -108,6 +124,16 @@ def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples
         params = DPParams(epsilon=eps, delta=DELTA, sample_rate=DPSGD_RATE, clip_norm=DPSGD_CLIP, public_size=n)
         result = timed("DP-SGD TI", lambda p=params: run_dpsgd_ti(backend, images, p, DPSGD))
         score("DP-SGD TI", eps, vectors=result.embedding.vectors)
+    if not lora:
+        return
+    results.setdefault(("plain prompt", math.inf), []).append(_plain_prompts(pipe, classifier, style, samples, seed))
+    for eps in [e for e in epsilons if not math.isinf(e)]:
+        params = DPParams(epsilon=eps, delta=DELTA, sample_rate=LORA_RATE, clip_norm=LORA_CLIP)
+        adapters, _ = timed("DP-LoRA", lambda p=params: run_dp_lora(backend, images, p, LORA))
+        try:
+            results.setdefault(("DP-LoRA", eps), []).append(_plain_prompts(pipe, classifier, style, samples, seed))
+        finally:
+            detach(backend.denoiser, adapters)
 
 
 def _cell(values: list[float]) -> str:
@@ -121,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="independent repetitions (default 2)")
     parser.add_argument("--samples", type=int, default=40, help="samples scored per embedding (default 40)")
     parser.add_argument("--epsilons", default="inf,10,3,1", help="comma-separated (default inf,10,3,1)")
+    parser.add_argument("--lora", action="store_true", help="add DP-LoRA rows (and plain prompts without one)")
     parser.add_argument("--style", default=STYLE, choices=PRIVATE_STYLES, help=f"private style (default {STYLE})")
     args = parser.parse_args(argv)
     epsilons = [float(e) for e in args.epsilons.split(",")]
@@ -129,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     for seed in range(args.seeds):
-        run_seed(pipe, classifier, args.images, seed, epsilons, args.samples, results, timings, args.style)
+        run_seed(pipe, classifier, args.images, seed, epsilons, args.samples, results, timings, args.style,
+                 args.lora)
     print(f"\nprivacy vs utility: style '{args.style}', N = {args.images}, {args.seeds} seeds, {args.samples} samples "
           f"each, delta = {DELTA}, {time.perf_counter() - start:.0f} s "
           f"(training: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
