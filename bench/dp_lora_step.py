@@ -5,9 +5,9 @@ non-private step is one mean loss over a batch of B examples and one backward; t
 ``privdiff.lora.training.train_dp_lora``'s: a Poisson batch of expected size B, per-sample gradients of the
 adapters from opacus (hooks on the adapters' Linear layers, in padded microbatches of at most B rows),
 clipping, the CSPRNG's Gaussian noise and the same Adam. Timings alternate between the two in one process and
-take medians. Peak memory is what a run adds at its peak to what the process held before it: on a GPU
-``torch.cuda.max_memory_allocated`` after a reset, on the CPU the resident set's high-water mark after Linux resets
-it (``/proc/self/clear_refs``).
+take medians. On a GPU it prints each run's peak memory above what was allocated before it
+(``torch.cuda.max_memory_allocated`` after a reset); on the CPU the allocator keeps freed memory resident, so it
+prints what the DP step adds by construction instead: the per-sample gradients of one microbatch, float32.
 
     python bench/dp_lora_step.py [--model small] [--batch 16] [--steps 6] [--rounds 3] [--rank 4] [--device cpu]
 
@@ -21,7 +21,6 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,6 +29,8 @@ from privdiff.lora.training import LoRAConfig, LoRASettings, train_dp_lora
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.registry import load_model
 from privdiff.models.training import noise_prediction_loss
+from privdiff.privacy.distributed import World
+from privdiff.privacy.dpsgd import microbatch_size
 from privdiff.privacy.randomness import SecureRandom
 
 N = 256
@@ -79,7 +80,7 @@ def dp_steps(backend: DiffusersBackend, latents: torch.Tensor, config: LoRAConfi
     settings = LoRASettings(config, sample_rate=config.batch_size / len(latents), clip_norm=1.0,
                             noise_multiplier=1.0, public_size=len(latents), key=rng.random_bytes(32))
     start = time.perf_counter()
-    adapters = train_dp_lora(backend, latents, settings, rng)
+    adapters = train_dp_lora(World(), backend, latents, range(len(latents)), len(latents), settings, rng)
     _sync(backend)
     seconds = (time.perf_counter() - start) / config.steps
     detach(backend.denoiser, adapters)
@@ -91,25 +92,15 @@ def _sync(backend: DiffusersBackend) -> None:
         torch.cuda.synchronize()
 
 
-def _measured(run, backend: DiffusersBackend) -> tuple[float, float]:
-    """(seconds per step, peak MB above the memory in use before) of ``run()``."""
+def _measured(run, backend: DiffusersBackend) -> tuple[float, float | None]:
+    """(seconds per step, peak MB above the memory allocated before; None on the CPU) of ``run()``."""
     gc.collect()
-    if backend.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        seconds = run()
-        return seconds, (torch.cuda.max_memory_allocated() - before) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from the resident set
-    before = _status_kib("VmRSS")
+    if backend.device.type != "cuda":
+        return run(), None
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     seconds = run()
-    return seconds, (_status_kib("VmHWM") - before) / 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return seconds, (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"non-private step: {statistics.median(plain) * 1e3:.0f} ms (runs: "
           f"{', '.join(f'{s * 1e3:.0f}' for s in plain)})")
     print(f"DP step:          {statistics.median(dp) * 1e3:.0f} ms (runs: {', '.join(f'{s * 1e3:.0f}' for s in dp)})")
-    print(f"peak memory above the loaded model: non-private {max(plain_mb):.0f} MB, DP {max(dp_mb):.0f} MB")
+    if backend.device.type == "cuda":
+        print(f"peak memory above the loaded model: non-private {max(plain_mb):.0f} MB, DP {max(dp_mb):.0f} MB")
+    else:
+        rows = min(args.batch, microbatch_size(args.batch))
+        print(f"per-sample gradients of one microbatch: {rows} x {size} parameters x 4 bytes = "
+              f"{rows * size * 4 / 2**20:.0f} MB (the DP step's addition; peaks are measured on a GPU)")
     print(f"ratio DP/non-private LoRA step: {statistics.median(dp) / statistics.median(plain):.2f}")
     return 0
 
