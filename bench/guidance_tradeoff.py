@@ -8,7 +8,7 @@ with the same starting noise for every (w, k). Each cell is the mean ± std over
 colour as asked). w = 0 is plain sampling. The last line is the demo's setting (w, k from
 ``privdiff.demo.styles.GUIDANCE``): its style score, and its adherence against w = 0's.
 
-    python bench/guidance_tradeoff.py [--images 100] [--targets 3] [--samples 24] [--weights 0,2,4,6,10]
+    python bench/guidance_tradeoff.py [--images 100] [--targets 3] [--samples 24] [--weights 0,2,4,6,10] [--cfg 3]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=24, help="samples scored per cell and target (default 24)")
     parser.add_argument("--weights", default="0,2,4,6,10", help="guidance weights w (default 0,2,4,6,10)")
     parser.add_argument("--recurrences", default="1,2", help="recurrences k (default 1,2)")
+    parser.add_argument("--cfg", type=float, default=GUIDANCE.cfg, help=f"CFG scale (default {GUIDANCE.cfg:g})")
     args = parser.parse_args(argv)
     weights = [float(w) for w in args.weights.split(",")]
     recurrences = [int(k) for k in args.recurrences.split(",")]
@@ -55,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     cells = {}
     for w in weights:
         for k in ([1] if w == 0 else recurrences):
-            config = replace(GUIDANCE, weight=w, recurrence=k)
+            config = replace(GUIDANCE, weight=w, recurrence=k, cfg=args.cfg)
             scores = [evaluate_guided(pipe, classifier, STYLE, encoder, t, config, count=args.samples)
                       for t in targets]
             cells[(w, k)] = scores
             print(f"w {w:g} k {k}: style {_cell([s.style for s in scores])}, adherence "
                   f"{_cell([s.adherence for s in scores])}", file=sys.stderr, flush=True)
     print(f"\nguidance toward a DP style target (eps = 1): style '{STYLE}', N = {args.images}, {args.targets} "
-          f"targets, {args.samples} samples each, DDIM {GUIDANCE.steps} steps, CFG {GUIDANCE.cfg:g}, "
+          f"targets, {args.samples} samples each, DDIM {GUIDANCE.steps} steps, CFG {args.cfg:g}, "
           f"{time.perf_counter() - start:.0f} s")
     print(f"{'w':>5} {'k':>3}  {'style score':>12}  {'texture':>12}  {'adherence':>12}")
     for (w, k), scores in cells.items():

@@ -47,7 +47,7 @@ COUNT = 100
 DELTA = "1e-5"
 TI = TIConfig(steps=40, lr=2e-2, batch_size=50)
 """Per-image training for DPAgg-TI; the non-private TI and DP-SGD train one embedding with these too."""
-GUIDANCE = GuidanceConfig(steps=25, cfg=3.0, weight=6.0, recurrence=2)
+GUIDANCE = GuidanceConfig(steps=25, cfg=5.0, weight=6.0, recurrence=2)
 """Universal guidance toward the DP style target (the small model's public encoder stands in for CLIP)."""
 RELEASES = (("dpagg-eps3", "dpagg", "3", "DPAgg-TI, ε = 3"), ("dpagg-eps1", "dpagg", "1", "DPAgg-TI, ε = 1"),
             ("dpsgd-eps1", "dpsgd", "1", "DP-SGD TI, ε = 1"))
