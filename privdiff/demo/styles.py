@@ -2,13 +2,14 @@
 
 The private images are procedural shapes in the style "teal stripes", a combination the reference
 model never saw in its public training data and was never told the name of. The demo releases
-three DP embeddings through the `privdiff` command (DPAgg-TI at ε = 3 and ε = 1, DP-SGD TI at ε = 1),
-trains a non-private textual inversion in memory for comparison (never written: it is not private),
+three DP embeddings through the `privdiff` command: DPAgg-TI at ε = 3 and ε = 1 (`privdiff aggregate`, both
+from one set of per-image embeddings, trained once and kept in a temporary folder that is deleted at the end)
+and DP-SGD TI at ε = 1 (`privdiff ti-aggregate --method dpsgd`). It trains a non-private textual inversion in memory for comparison (never written: it is not private),
 releases a DP style target at ε = 1 (`privdiff guidance target`, with the small model's public image
 encoder) and samples plain prompts with universal guidance toward it. It writes under ./privdiff-demo/:
 the embedding and target files with their privacy reports, and grid.png, sampled with the same seeds
 in every row (the embeddings through diffusers' own ``load_textual_inversion``), each row labelled with
-its style score (the fraction of 40 samples the style classifier reads as the private style) and
+its style score (the fraction of 24 samples the style classifier reads as the private style) and
 prompt adherence (shape and colour as asked). Then the spectral demo (``privdiff.demo.spectral``) releases
 a DP spectral prior (ε = 10) on the same private images and writes spectral-grid.png.
 """
@@ -26,8 +27,8 @@ from PIL import Image
 from privdiff.cli.main import main as cli_main
 from privdiff.demo.grid import CELL, draw_grid
 from privdiff.demo.spectral import run_spectral
-from privdiff.embeddings.dpagg import encode_in_batches
-from privdiff.embeddings.files import load_embedding
+from privdiff.embeddings.dpagg import encode_in_batches, train_sampled
+from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
 from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, initial_vectors, train_shared_embedding
 from privdiff.guidance.sampler import GuidanceConfig
 from privdiff.guidance.target import check_encoder, load_target
@@ -36,7 +37,9 @@ from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.image_encoders import load_small_encoder
 from privdiff.models.small import WEIGHTS, load_small
 from privdiff.models.small_classifier import load_classifier
+from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
+from privdiff.progress import tqdm_progress
 from privdiff.reference.evaluate import PROMPT, evaluate, evaluate_guided, generate, generate_guided
 from privdiff.reference.score import Score
 from privdiff.reference.shapes import write_style_folder
@@ -45,40 +48,71 @@ OUT = Path("privdiff-demo")
 STYLE = "teal stripes"
 COUNT = 100
 DELTA = "1e-5"
-TI = TIConfig(steps=40, lr=2e-2, batch_size=50)
-"""Per-image training for DPAgg-TI; the non-private TI and DP-SGD train one embedding with these too."""
+TI = TIConfig(steps=25, lr=1.5e-2, batch_size=50)
+"""Per-image training for DPAgg-TI: offsets of norm about 2.3, so C = 2.5 clips few and adds little noise."""
+DPAGG_CLIP = "2.5"
+SHARED = TIConfig(steps=60, lr=2e-2, batch_size=16)
+"""The non-private TI (one embedding on all images); DP-SGD TI trains with its learning rate too."""
+SAMPLES = 24
+"""Samples scored per grid row."""
 GUIDANCE = GuidanceConfig(steps=25, cfg=5.0, weight=6.0, recurrence=2)
 """Universal guidance toward the DP style target (the small model's public encoder stands in for CLIP)."""
-RELEASES = (("dpagg-eps3", "dpagg", "3", "DPAgg-TI, ε = 3"), ("dpagg-eps1", "dpagg", "1", "DPAgg-TI, ε = 1"),
-            ("dpsgd-eps1", "dpsgd", "1", "DP-SGD TI, ε = 1"))
+DPAGG = (("dpagg-eps3", "3", "DPAgg-TI, ε = 3"), ("dpagg-eps1", "1", "DPAgg-TI, ε = 1"))
+DPSGD = ("dpsgd-eps1", "1", "DP-SGD TI, ε = 1")
 COLUMNS = (("blue", "star"), ("red", "circle"), ("yellow", "square"), ("white", "triangle"), ("green", "star"),
            ("red", "square"))
 
 
-def _release(private: str, name: str, method: str, epsilon: str) -> Path:
-    out = OUT / f"{name}.safetensors"
-    extra = ["--sample-rate", "0.16", "--clip-norm", "0.2", "--steps", "60"] if method == "dpsgd" else [
-        "--sample-rate", "1", "--clip-norm", "4", "--steps", str(TI.steps), "--batch-size", str(TI.batch_size)]
-    code = cli_main([
-        "ti-aggregate", "--model", "small", "--images", private, "--method", method, "--out", str(out),
-        "--epsilon", epsilon, "--delta", DELTA, "--lr", str(TI.lr), *extra,
-        "--public-size", str(COUNT),  # generated data: its size is public, so the guarantee is add-remove
-        "--dataset-label", f"demo: generated '{STYLE}' style", "--force",
-    ])
+def _privdiff(args: list[str]) -> None:
+    """One `privdiff` command, run in this process; the options every release of the demo shares are added."""
+    code = cli_main([*args, "--delta", DELTA, "--force", "--dataset-label", f"demo: generated '{STYLE}' style",
+                     "--public-size", str(COUNT)])  # generated data: its size is public, so the guarantee is add-remove
     if code:
         raise SystemExit(code)
+
+
+def _with_sidecar(out: Path) -> Path:
     PrivacyReport.from_metadata(load_embedding(out).metadata).write_sidecar(out, force=True)
     return out
+
+
+def _per_image(backend: DiffusersBackend, images: torch.Tensor, folder: Path) -> tuple[Path, Path]:
+    """DPAgg-TI's first stage, run once for both its releases: one embedding per private image, written to
+    ``folder``/per-image (private intermediates, in the private temporary folder), and the public centre (the
+    init word's vectors). Returns (the per-image folder, the centre's file)."""
+    init = initial_vectors(backend, TI)
+    key = SecureRandom().random_bytes(32)  # training randomness: the guarantee does not rely on it
+    with tqdm_progress("dpagg: per-image training") as progress:
+        per_image = train_sampled(backend, images, list(range(len(images))), key, init, TI, progress)
+    files = folder / "per-image"
+    files.mkdir()
+    for i in range(len(images)):
+        save_embedding(Embedding({k: v[i] for k, v in per_image.items()}), files / f"{i:04d}.safetensors")
+    return files, save_embedding(Embedding(init), folder / "center.safetensors")
+
+
+def _aggregate(per_image: Path, center: Path, name: str, epsilon: str) -> Path:
+    """A DPAgg-TI release of the per-image embeddings, through `privdiff aggregate`."""
+    out = OUT / f"{name}.safetensors"
+    _privdiff(["aggregate", "--embeddings", str(per_image), "--one-image-per-file", "--center", str(center),
+               "--out", str(out), "--epsilon", epsilon, "--sample-rate", "1", "--clip-norm", DPAGG_CLIP])
+    return _with_sidecar(out)
+
+
+def _dpsgd(private: str, name: str, epsilon: str) -> Path:
+    """The DP-SGD TI baseline, through `privdiff ti-aggregate --method dpsgd`."""
+    out = OUT / f"{name}.safetensors"
+    _privdiff(["ti-aggregate", "--model", "small", "--images", private, "--method", "dpsgd", "--out", str(out),
+               "--epsilon", epsilon, "--sample-rate", "0.16", "--clip-norm", "0.2", "--steps", "40",
+               "--lr", str(SHARED.lr)])
+    return _with_sidecar(out)
 
 
 def _target(private: str) -> Path:
     """A DP style target (ε = 1) from the private images, through `privdiff guidance target`."""
     out = OUT / "target-eps1.safetensors"
-    code = cli_main(["guidance", "target", "--images", private, "--image-encoder", "small", "--out", str(out),
-                     "--epsilon", "1", "--delta", DELTA, "--public-size", str(COUNT),
-                     "--dataset-label", f"demo: generated '{STYLE}' style", "--force"])
-    if code:
-        raise SystemExit(code)
+    _privdiff(["guidance", "target", "--images", private, "--image-encoder", "small", "--out", str(out),
+               "--epsilon", "1"])
     return out
 
 
@@ -91,21 +125,17 @@ def _guided_rows(pipe, classifier, target_file: Path) -> list[tuple[str, list[Im
     for label, config in (("no style in the prompt, no guidance", replace(GUIDANCE, weight=0.0, recurrence=1)),
                           (f"guided to the DP target, ε = 1 (w {GUIDANCE.weight:g}, k {GUIDANCE.recurrence})",
                            GUIDANCE)):
-        result = evaluate_guided(pipe, classifier, STYLE, encoder, target.vector, config)
+        result = evaluate_guided(pipe, classifier, STYLE, encoder, target.vector, config, count=SAMPLES)
         images = generate_guided(pipe, prompts, encoder, target.vector, config, seed=1)
         rows.append((_label(label, result), [_to_pil(x) for x in images]))
     return rows
 
 
-def _nonprivate_ti(pipe, private: str) -> dict[str, torch.Tensor]:
+def _nonprivate_ti(backend: DiffusersBackend, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Ordinary textual inversion on all private images (kept in memory: it carries no guarantee)."""
-    backend = DiffusersBackend(pipe)
-    backend.freeze()
-    _, images = load_image_folder(private, backend.resolution)
     gen = torch.Generator().manual_seed(0)
     latents = encode_in_batches(backend, images, 64, gen)
-    config = TIConfig(steps=150, lr=TI.lr, batch_size=16)
-    return train_shared_embedding(backend, latents, initial_vectors(backend, config), config, gen)
+    return train_shared_embedding(backend, latents, initial_vectors(backend, SHARED), SHARED, gen)
 
 
 def _row(pipe, token_or_vectors: str | dict[str, torch.Tensor]) -> list[Image.Image]:
@@ -130,23 +160,30 @@ def run() -> int:
     """Run the demo; returns a process exit code."""
     OUT.mkdir(exist_ok=True)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="privdiff-demo-private-") as private:
+    pipe = load_small()
+    backend = DiffusersBackend(pipe)
+    backend.freeze()
+    with (tempfile.TemporaryDirectory(prefix="privdiff-demo-private-") as private,
+          tempfile.TemporaryDirectory(prefix="privdiff-demo-per-image-") as scratch):
         write_style_folder(private, STYLE, COUNT, seed=0)
-        files = [(_release(private, name, method, eps), label) for name, method, eps, label in RELEASES]
+        _, images = load_image_folder(private, backend.resolution)
+        per_image, center = _per_image(backend, images, Path(scratch))
+        files = [(_aggregate(per_image, center, name, eps), label) for name, eps, label in DPAGG]
+        files.append((_dpsgd(private, *DPSGD[:2]), DPSGD[2]))
         target_file = _target(private)
-        pipe = load_small()
-        nonprivate = _nonprivate_ti(pipe, private)
+        nonprivate = _nonprivate_ti(backend, images)
         examples = [Image.open(p).convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
                     for p in sorted(Path(private).glob("*.png"))[:len(COLUMNS)]]
     classifier = load_classifier(WEIGHTS)
     rows = [("private images (never released)", examples),
-            (_label("init word 'style' alone", evaluate(pipe, classifier, STYLE, word="style")),
+            (_label("init word 'style' alone", evaluate(pipe, classifier, STYLE, word="style", count=SAMPLES)),
              _row(pipe, "style")),
-            (_label("TI, ε = ∞ (not private)", evaluate(pipe, classifier, STYLE, vectors=nonprivate)),
+            (_label("TI, ε = ∞ (not private)", evaluate(pipe, classifier, STYLE, vectors=nonprivate, count=SAMPLES)),
              _row(pipe, nonprivate))]
     for path, label in files:
         pipe.load_textual_inversion(str(path), token=path.stem)
-        rows.append((_label(label, evaluate(pipe, classifier, STYLE, word=path.stem)), _row(pipe, path.stem)))
+        score = evaluate(pipe, classifier, STYLE, word=path.stem, count=SAMPLES)
+        rows.append((_label(label, score), _row(pipe, path.stem)))
     rows += _guided_rows(pipe, classifier, target_file)
     header = [f"{c} {s}" for c, s in COLUMNS]
     draw_grid(rows, header).save(OUT / "grid.png")
