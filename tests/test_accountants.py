@@ -4,6 +4,8 @@ ranges (refused at once outside, a few seconds at their corners) and the neighbo
 import json
 import math
 import re
+import subprocess
+import sys
 import time
 import warnings
 
@@ -279,3 +281,24 @@ def test_replace_one_calibration():
     assert name == "pld" and replace == pytest.approx(2 * add_remove, rel=2e-3)
     name, sigma = calibrate_noise_multiplier(0.3, 1e-5, 0.02, 5, "pld", relation=REPLACE_ONE)
     assert 0.99 * 0.3 <= epsilon_for(sigma, 0.02, 5, 1e-5, relation=REPLACE_ONE)[1] <= 0.3
+
+
+def test_the_accountants_answer_without_importing_torch_or_opacus():
+    """`privdiff privacy sigma|epsilon` answers in about a second: none of the accountants imports torch, or opacus'
+    package (its __init__ imports torch and its model code); prv and rdp load opacus' analysis modules alone, with
+    the answers of the tests above."""
+    code = (
+        "import json, sys\n"
+        "from privdiff.privacy.accountants import calibrate_noise_multiplier, epsilon_for\n"
+        "out = {a: [epsilon_for(1.0, 0.01, 1000, 1e-5, accountant=a)[1],\n"
+        "           calibrate_noise_multiplier(8, 1e-5, 0.01, 1000, accountant=a)[1]] for a in ('pld', 'prv', 'rdp')}\n"
+        "out['imported'] = sorted(m for m in ('torch', 'opacus', 'diffusers') if m in sys.modules)\n"
+        "print(json.dumps(out))\n"
+    )
+    result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       timeout=300).stdout)
+    assert result.pop("imported") == []
+    for accountant, (eps, sigma) in result.items():
+        assert eps == pytest.approx(epsilon_for(1.0, 0.01, 1000, 1e-5, accountant=accountant)[1], rel=1e-12)
+        assert sigma == pytest.approx(calibrate_noise_multiplier(8, 1e-5, 0.01, 1000, accountant=accountant)[1],
+                                      rel=1e-12)

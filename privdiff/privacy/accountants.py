@@ -401,13 +401,7 @@ def _pld_widths(sigma: float, q: float, steps: int, relation: str) -> tuple[floa
 def _prv_epsilon(events: list[Event], delta: float) -> float:
     """opacus' PRVAccountant.get_epsilon (its eps_error 0.01, delta_error delta / 1000, safe domain from RDP), with
     this module's faster RDP for the domain and eps_error widened when the grid would exceed _PRV_POINTS."""
-    from opacus.accountants.analysis.prv import (
-        Domain,
-        PoissonSubsampledGaussianPRV,
-        TruncatedPrivacyRandomVariable,
-        compose_heterogeneous,
-        discretize,
-    )
+    prv = _opacus_prv()
 
     total = sum(steps for _, _, steps in events)
     delta_error = delta / 1000
@@ -419,11 +413,12 @@ def _prv_epsilon(events: list[Event], delta: float) -> float:
         raise PrivdiffError(f"prv accountant cannot serve {_describe(events)} at delta={delta}: its grid would need "
                             f"{eps_error / 0.01 * _PRV_POINTS:.3g} points at eps_error=0.01; use pld")
     half = max(tail, eps_error) + 3
-    domain = Domain.create_aligned(-half, half, eps_error / scale)
+    domain = prv.Domain.create_aligned(-half, half, eps_error / scale)
     try:  # opacus raises RuntimeError where its discretisation does not hold (tiny sigma or sample rate)
-        dprvs = [discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min,
-                                                           domain.t_max), domain) for sigma, q, _ in events]
-        composed = compose_heterogeneous(dprvs, [steps for _, _, steps in events])
+        dprvs = [prv.discretize(prv.TruncatedPrivacyRandomVariable(prv.PoissonSubsampledGaussianPRV(q, sigma),
+                                                                   domain.t_min, domain.t_max), domain)
+                 for sigma, q, _ in events]
+        composed = prv.compose_heterogeneous(dprvs, [steps for _, _, steps in events])
         eps = composed.compute_epsilon(delta, delta_error, eps_error)[2]  # the upper end of PRV's error bars
     except RuntimeError as exc:
         raise PrivdiffError(f"prv accountant cannot serve {_describe(events)}: {_one_line(exc)}; use pld") from exc
@@ -460,20 +455,56 @@ def _rdp_epsilon(events: list[Event], delta: float, fractional: bool = True) -> 
     return max(0.0, eps)  # a negative bound means (0, delta)-DP
 
 
+_OPACUS = "privdiff.privacy._opacus"
+"""Where opacus' accountant analysis modules are loaded on their own (``_opacus_analysis``)."""
+
+
 @functools.cache
 def _opacus_rdp() -> ModuleType:
-    """opacus' RDP analysis (opacus/accountants/analysis/rdp.py, which needs numpy and scipy.special only). Unless
-    opacus is imported already, the module is loaded from its file on its own: ``import opacus`` runs the
-    package's __init__, which imports torch and opacus' model code, seconds an accountant query does not need."""
-    if "opacus" in sys.modules:
-        from opacus.accountants.analysis import rdp
+    """opacus' RDP analysis (opacus/accountants/analysis/rdp.py, which needs numpy and scipy.special only)."""
+    return _opacus_analysis("rdp")
 
-        return rdp
+
+@functools.cache
+def _opacus_prv() -> ModuleType:
+    """opacus' PRV analysis (the package opacus/accountants/analysis/prv/: numpy, scipy and the RDP module)."""
+    _opacus_rdp()  # its prvs module imports _compute_rdp from the RDP module beside it
+    return _opacus_analysis("prv")
+
+
+def _opacus_analysis(name: str) -> ModuleType:
+    """opacus.accountants.analysis.``name``. Unless opacus is imported already, it is loaded from its files on its own,
+    as ``privdiff.privacy._opacus.analysis.<name>``: ``import opacus`` runs the package's __init__, which imports torch
+    and opacus' model code, seconds an accountant query does not need. The PRV package's one other import, opacus'
+    ``RDPAccountant`` (only its ``compute_safe_domain_size`` uses it, and ``_prv_epsilon`` computes the domain
+    itself), resolves to a placeholder that refuses to be used."""
+    if "opacus" in sys.modules:
+        return importlib.import_module(f"opacus.accountants.analysis.{name}")
     package = importlib.util.find_spec("opacus")  # locates the package without importing it
     if package is None or not package.submodule_search_locations:
         raise PrivdiffError("the rdp and prv accountants need the opacus package; install it or use 'pld'")
-    path = Path(next(iter(package.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
-    spec = importlib.util.spec_from_file_location("privdiff.privacy._opacus_rdp", path)
+    analysis = Path(next(iter(package.submodule_search_locations))) / "accountants" / "analysis"
+    for parent in (_OPACUS, f"{_OPACUS}.analysis", f"{_OPACUS}.rdp"):
+        sys.modules.setdefault(parent, ModuleType(parent, "an opacus accountant module loaded without opacus"))
+    sys.modules[_OPACUS].__path__ = []
+    sys.modules[f"{_OPACUS}.analysis"].__path__ = []
+    sys.modules[f"{_OPACUS}.rdp"].RDPAccountant = _NoRDPAccountant
+    folder = analysis / name
+    spec = (importlib.util.spec_from_file_location(f"{_OPACUS}.analysis.{name}", folder / "__init__.py",
+                                                   submodule_search_locations=[str(folder)]) if folder.is_dir()
+            else importlib.util.spec_from_file_location(f"{_OPACUS}.analysis.{name}", analysis / f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # its own relative imports find it, and the RDP module beside it
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     return module
+
+
+class _NoRDPAccountant:
+    """Stands in for opacus' RDPAccountant in the PRV package loaded by ``_opacus_analysis``: never used there."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("opacus' RDPAccountant is not loaded here: privdiff computes the PRV domain itself")
