@@ -3,9 +3,9 @@
 Both train the same LoRA adapters (``privdiff.lora.adapters``) on the UNet of ``--model`` with Adam. The
 non-private step is one mean loss over a batch of B examples and one backward; the DP step is
 ``privdiff.lora.training.train_dp_lora``'s: a Poisson batch of expected size B, per-sample gradients of the
-adapters from opacus (hooks on the adapters' Linear layers, in padded microbatches of at most B rows),
-clipping, the CSPRNG's Gaussian noise and the same Adam. Timings alternate between the two in one process and
-take medians. On a GPU it prints each run's peak memory above what was allocated before it
+adapters from opacus (hooks on the adapters' Linear layers, in padded microbatches of ``pass_rows`` rows: B on
+a CPU, B/4 on a GPU), clipping, the CSPRNG's Gaussian noise and the same Adam. Timings alternate between the two
+in one process and take medians. On a GPU it prints each run's peak memory above what was allocated before it
 (``torch.cuda.max_memory_allocated`` after a reset); on the CPU the allocator keeps freed memory resident, so it
 prints what the DP step adds by construction instead: the per-sample gradients of one microbatch, float32.
 
@@ -25,12 +25,11 @@ import time
 import torch
 
 from privdiff.lora.adapters import attach, detach
-from privdiff.lora.training import LoRAConfig, LoRASettings, train_dp_lora
+from privdiff.lora.training import LoRAConfig, LoRASettings, pass_rows, train_dp_lora
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.registry import load_model
 from privdiff.models.training import noise_prediction_loss
 from privdiff.privacy.distributed import World
-from privdiff.privacy.dpsgd import microbatch_size
 from privdiff.privacy.randomness import SecureRandom
 
 N = 256
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if backend.device.type == "cuda":
         print(f"peak memory above the loaded model: non-private {max(plain_mb):.0f} MB, DP {max(dp_mb):.0f} MB")
     else:
-        rows = min(args.batch, microbatch_size(args.batch))
+        rows = pass_rows(config, args.batch, backend.device)
         print(f"per-sample gradients of one microbatch: {rows} x {size} parameters x 4 bytes = "
               f"{rows * size * 4 / 2**20:.0f} MB (the DP step's addition; peaks are measured on a GPU)")
     print(f"ratio DP/non-private LoRA step: {statistics.median(dp) / statistics.median(plain):.2f}")

@@ -63,7 +63,7 @@ DPAGG_CLIP = 4.0
 DPSGD = TIConfig(steps=60, lr=2e-2, batch_size=64)
 DPSGD_RATE, DPSGD_CLIP = 0.16, 0.2
 """Expected batch 0.16·N; C about the median per-sample gradient norm on a public style."""
-LORA = LoRAConfig(rank=4, alpha=4.0, steps=100, lr=2e-2, batch_size=32)
+LORA = LoRAConfig(rank=4, alpha=4.0, steps=100, lr=1e-2, batch_size=32)
 LORA_RATE, LORA_CLIP = 0.16, 1.0
 """DP-LoRA: expected batch 0.16·N, as DP-SGD TI."""
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from privdiff.errors import PrivdiffError
 from privdiff.lora.adapters import attach, detach
 from privdiff.lora.files import kohya_state, save_lora
-from privdiff.lora.training import LoRAConfig, per_sample_gradients, plan_dp_lora, run_dp_lora
+from privdiff.lora.training import LoRAConfig, pass_rows, per_sample_gradients, plan_dp_lora, run_dp_lora
 from privdiff.models.diffusers_backend import DiffusersBackend
 from privdiff.models.tiny import tiny_pipeline
 from privdiff.models.training import noise_prediction_loss
@@ -80,6 +80,14 @@ def test_per_sample_gradients_equal_a_per_example_loop(backend):
         for g, want in zip(got, torch.autograd.grad(loss, params), strict=True):
             torch.testing.assert_close(g[i], want, rtol=1e-4, atol=1e-7)
     assert any(float(g.abs().max()) > 0 for g in got)
+
+
+def test_a_pass_holds_a_public_number_of_rows_bounded_by_the_batch_size():
+    """The expected batch on a CPU, a quarter of it (a power of two) on a GPU; never more than batch_size."""
+    config = LoRAConfig(batch_size=16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [pass_rows(config, expected, cpu) for expected in (1, 10, 16, 64)] == [1, 10, 16, 16]
+    assert [pass_rows(config, expected, cuda) for expected in (1, 10, 16, 64)] == [1, 4, 4, 16]
 
 
 def test_the_file_holds_what_every_loader_applies(backend, tmp_path):

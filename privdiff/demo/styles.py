@@ -4,14 +4,15 @@ The private images are procedural shapes in the style "teal stripes", a combinat
 model never saw in its public training data and was never told the name of. The demo releases
 three DP embeddings through the `privdiff` command: DPAgg-TI at ε = 3 and ε = 1 (`privdiff aggregate`, both
 from one set of per-image embeddings, trained once and kept in a temporary folder that is deleted at the end)
-and DP-SGD TI at ε = 1 (`privdiff ti-aggregate --method dpsgd`). It trains a non-private textual inversion in memory for comparison (never written: it is not private),
-releases a DP style target at ε = 1 (`privdiff guidance target`, with the small model's public image
-encoder) and samples plain prompts with universal guidance toward it. It writes under ./privdiff-demo/:
-the embedding and target files with their privacy reports, and grid.png, sampled with the same seeds
-in every row (the embeddings through diffusers' own ``load_textual_inversion``), each row labelled with
-its style score (the fraction of 24 samples the style classifier reads as the private style) and
-prompt adherence (shape and colour as asked). Then the spectral demo (``privdiff.demo.spectral``) releases
-a DP spectral prior (ε = 10) on the same private images and writes spectral-grid.png.
+and DP-SGD TI at ε = 1 (`privdiff ti-aggregate --method dpsgd`). It trains a non-private textual inversion
+in memory for comparison (never written: it is not private), releases a DP style target at ε = 1
+(`privdiff guidance target`, with the small model's public image encoder) and samples plain prompts with
+universal guidance toward it. It writes under ./privdiff-demo/: the embedding and target files with their
+privacy reports, and grid.png, sampled with the same seeds in every row (the embeddings through diffusers' own
+``load_textual_inversion``), each row labelled with its style score (the fraction of 24 samples the style
+classifier reads as the private style) and prompt adherence (shape and colour as asked). Then the spectral
+demo (``privdiff.demo.spectral``) releases a DP spectral prior (ε = 10) on the same private images and writes
+spectral-grid.png.
 """
 
 from __future__ import annotations
