@@ -18,6 +18,7 @@ aggregate of them (`aggregate_embeddings`, σ calibrated by `plan_dpagg_ti`, fre
 The last line is the ratio of DPAgg-TI's style score at ε = 1 to non-private TI's.
 
     python bench/privacy_utility.py [--images 200] [--seeds 2] [--samples 40] [--style "teal stripes"]
+        [--epsilons inf,10,3,1] [--per-image-steps 40] [--lora]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -85,7 +87,7 @@ def _plain_prompts(pipe, classifier, style: str, samples: int, seed: int) -> Sco
 
 def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples: int,
              results: dict[tuple[str, float], list[Score]], timings: dict[str, float], style: str = STYLE,
-             lora: bool = False) -> None:
+             lora: bool = False, dpagg_config: TIConfig = PER_IMAGE) -> None:
     """Train and score every method for one seed; appends to ``results[(method, ε)]``."""
     backend = DiffusersBackend(pipe)
     backend.freeze()
@@ -93,7 +95,7 @@ def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     gen = torch.Generator().manual_seed(seed)
     latents = encode_in_batches(backend, images, 64, gen)
-    init = initial_vectors(backend, PER_IMAGE)
+    init = initial_vectors(backend, dpagg_config)
 
     def score(method: str, eps: float, vectors=None, word=None) -> None:
         results.setdefault((method, eps), []).append(
@@ -105,11 +107,11 @@ def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return out
 
-    score("init word alone", math.inf, word=PER_IMAGE.init_word)
+    score("init word alone", math.inf, word=dpagg_config.init_word)
     shared = timed("TI", lambda: train_shared_embedding(backend, latents, init, SHARED, gen))
     score("TI (non-private)", math.inf, vectors=shared)
     streams = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
-    per_image = timed("DPAgg-TI", lambda: train_embeddings(backend, latents, init, PER_IMAGE, streams))
+    per_image = timed("DPAgg-TI", lambda: train_embeddings(backend, latents, init, dpagg_config, streams))
     norms = torch.cat([(per_image[k] - init[k]).flatten(1) for k in sorted(init)], 1).norm(dim=1)
     print(f"  seed {seed}: per-image offset norms median {norms.median():.3f} (clip {DPAGG_CLIP})", file=sys.stderr)
     for eps in epsilons:
@@ -117,7 +119,7 @@ def run_seed(pipe, classifier, n: int, seed: int, epsilons: list[float], samples
             score("DPAgg-TI", eps, vectors=_offsets_mean(per_image, init))
             continue
         params = DPParams(epsilon=eps, delta=DELTA, sample_rate=1.0, clip_norm=DPAGG_CLIP, public_size=n)
-        sigma = plan_dpagg_ti(params, n, PER_IMAGE).noise_multiplier
+        sigma = plan_dpagg_ti(params, n, dpagg_config).noise_multiplier
         released = aggregate_embeddings(per_image, init, divisor=n, clip_norm=DPAGG_CLIP, noise_multiplier=sigma,
                                         rng=SecureRandom())
         score("DPAgg-TI", eps, vectors=released)
@@ -149,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", default="inf,10,3,1", help="comma-separated (default inf,10,3,1)")
     parser.add_argument("--lora", action="store_true", help="add DP-LoRA rows (and plain prompts without one)")
     parser.add_argument("--style", default=STYLE, choices=PRIVATE_STYLES, help=f"private style (default {STYLE})")
+    parser.add_argument("--per-image-steps", type=int, default=PER_IMAGE.steps,
+                        help=f"DPAgg-TI's per-image TI steps (default {PER_IMAGE.steps})")
     args = parser.parse_args(argv)
+    dpagg_config = replace(PER_IMAGE, steps=args.per_image_steps)
     epsilons = [float(e) for e in args.epsilons.split(",")]
     pipe, classifier = load_small(), load_classifier(WEIGHTS)
     results: dict[tuple[str, float], list[Score]] = {}
@@ -157,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for seed in range(args.seeds):
         run_seed(pipe, classifier, args.images, seed, epsilons, args.samples, results, timings, args.style,
-                 args.lora)
+                 args.lora, dpagg_config)
     print(f"\nprivacy vs utility: style '{args.style}', N = {args.images}, {args.seeds} seeds, {args.samples} samples "
-          f"each, delta = {DELTA}, {time.perf_counter() - start:.0f} s "
+          f"each, {dpagg_config.steps} per-image steps, delta = {DELTA}, {time.perf_counter() - start:.0f} s "
           f"(training: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     fields = ("style", "texture", "background", "adherence")
     print(f"{'method':<18} {'epsilon':>7}  " + "  ".join(f"{f:>11}" for f in fields))
