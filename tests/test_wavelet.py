@@ -165,6 +165,16 @@ def test_sampling_is_reproducible_and_decodes_coarse_images(public_prior):
     torch.testing.assert_close(images, again)
 
 
+def test_the_shipped_public_prior_is_public_and_draws_the_demo_size():
+    from privdiff.demo.spectral import COARSE, PRIOR
+    from privdiff.models.small_spec import SPECTRAL_PRIOR
+
+    images, loaded = sample_prior(SPECTRAL_PRIOR, 2, seed=0)
+    assert loaded.report is None  # public data only: no DP release, nothing private in it
+    assert images.shape == (2, 3, COARSE, COARSE) and loaded.tokenizer.size == COARSE
+    assert loaded.prior.config.dim == int(PRIOR[PRIOR.index("--dim") + 1])
+
+
 def test_sd_refine_runs_on_the_tiny_models(sd1_backend):
     coarse = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     out = refine(sd1_backend, coarse, "a painting of a cat", size=32, strength=0.6, steps=10, seed=1)

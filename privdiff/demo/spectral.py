@@ -1,18 +1,20 @@
 """The spectral part of `make demo`: a DP prior over coarse Haar-wavelet tokens (arXiv 2602.23262).
 
-Public procedural images (the reference model's public styles) train a spectral tokenizer at 16 px and a small
-autoregressive prior over its tokens (`privdiff wavelet tokenizer`, `privdiff wavelet pretrain`); the DP release
-is a DP-SGD fine-tune of that prior on the private "teal stripes" images at ε = 10 (`privdiff wavelet finetune`,
-the same generated images as the rest of the demo). Sampling and upsampling are post-processing and spend no
-budget. Writes privdiff-demo/spectral-tokenizer.safetensors, spectral-public.safetensors,
-spectral-dp-eps10.safetensors (with its privacy report) and spectral-grid.png: the private images, then samples
+The public prior ships with privdiff (``SPECTRAL_PRIOR``): public procedural images (the reference model's public
+styles) trained a spectral tokenizer at 16 px and a small autoregressive prior over its tokens (`privdiff wavelet
+tokenizer`, `privdiff wavelet pretrain`; ``python -m privdiff.demo.spectral --public-prior`` rebuilds it, seeded).
+The DP release is a DP-SGD fine-tune of that prior on the private "teal stripes" images at ε = 10 (`privdiff
+wavelet finetune`, the same generated images as the rest of the demo). Sampling and upsampling are
+post-processing and spend no budget. Writes privdiff-demo/spectral-dp-eps10.safetensors (with its privacy report)
+and spectral-grid.png: the private images, then samples
 with the same seeds in every column from the public and the DP prior (temperature 0.8), coarse (16 px), upsampled
 bicubically (x4), and refined by the small reference model (img2img at its 32 px, empty prompt); rows are labelled
-with the style score (the fraction of 40 samples, at 32 px, the style classifier reads as teal stripes).
+with the style score (the fraction of 24 samples, at 32 px, the style classifier reads as teal stripes).
 """
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 import tempfile
@@ -25,11 +27,13 @@ from PIL import Image
 
 from privdiff.cli.main import main as cli_main
 from privdiff.demo.grid import CELL, draw_grid
+from privdiff.errors import PrivdiffError
+from privdiff.models.small_spec import SPECTRAL_PRIOR
 from privdiff.reference.shapes import public_dataset, write_style_folder
 
 STYLE = "teal stripes"
 PRIVATE_COUNT, PUBLIC_COUNT = 100, 1000
-COARSE, SCALE, SAMPLES, SHOWN = 16, 4, 40, 6
+COARSE, SCALE, SAMPLES, SHOWN = 16, 4, 24, 6
 EPSILON, DELTA = "10", "1e-5"
 TOKENIZER = ["--size", str(COARSE), "--base", "4", "--codebook-size", "128"]
 PRIOR = ["--dim", "64", "--layers", "2", "--heads", "4"]
@@ -75,8 +79,20 @@ def _bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def run_spectral(out: Path) -> Path:
-    """Train, release and sample the spectral prior; writes ``out``/spectral-grid.png and returns its path."""
+def train_public_prior(out: Path = SPECTRAL_PRIOR) -> Path:
+    """Train the public spectral tokenizer and prior (seeded, public data only) into ``out`` (the prior file holds
+    the tokenizer); returns ``out``."""
+    with tempfile.TemporaryDirectory(prefix="privdiff-spectral-public-") as tmp:
+        public, tokenizer = str(_write_public(Path(tmp) / "public")), str(Path(tmp) / "tokenizer.safetensors")
+        _privdiff("wavelet", "tokenizer", "--images", public, "--out", tokenizer, *TOKENIZER)
+        _privdiff("wavelet", "pretrain", "--tokenizer", tokenizer, "--images", public, "--out", str(out), *PRIOR,
+                  *PRETRAIN, "--force")
+    return out
+
+
+def run_spectral(out: Path, public_prior: Path = SPECTRAL_PRIOR) -> Path:
+    """Release and sample a DP fine-tune of ``public_prior``; writes ``out``/spectral-grid.png and returns its
+    path."""
     from privdiff.models.diffusers_backend import DiffusersBackend
     from privdiff.models.registry import load_model
     from privdiff.models.small import WEIGHTS
@@ -84,14 +100,11 @@ def run_spectral(out: Path) -> Path:
     from privdiff.wavelet.upsample import refine
     from privdiff.wavelet.workflow import sample_prior
 
+    if not public_prior.is_file():
+        raise PrivdiffError(f"the public spectral prior is missing: {public_prior}; rebuild it with "
+                            "`python -m privdiff.demo.spectral --public-prior`")
     out.mkdir(exist_ok=True)
-    tokenizer, public_prior = out / "spectral-tokenizer.safetensors", out / "spectral-public.safetensors"
     dp_prior = out / f"spectral-dp-eps{EPSILON}.safetensors"
-    with tempfile.TemporaryDirectory(prefix="privdiff-demo-spectral-") as tmp:
-        public = str(_write_public(Path(tmp) / "public"))
-        _privdiff("wavelet", "tokenizer", "--images", public, "--out", str(tokenizer), *TOKENIZER, "--force")
-        _privdiff("wavelet", "pretrain", "--tokenizer", str(tokenizer), "--images", public, "--out",
-                  str(public_prior), *PRIOR, *PRETRAIN, "--force")
     with tempfile.TemporaryDirectory(prefix="privdiff-demo-private-") as private:
         images = write_style_folder(Path(private) / "images", STYLE, PRIVATE_COUNT, seed=0)
         _privdiff("wavelet", "finetune", "--prior", str(public_prior), "--images", str(images), "--out",
@@ -119,12 +132,18 @@ def run_spectral(out: Path) -> Path:
     grid_rows = [("private images (never released)", examples), *rows["coarse"], *rows["bicubic"], *rows["refined"]]
     grid = out / "spectral-grid.png"
     draw_grid(grid_rows, [f"sample {j + 1}" for j in range(SHOWN)]).save(grid)
-    print(f"\nwrote {tokenizer}, {public_prior}, {dp_prior} (its privacy report is in the file: privdiff wavelet "
-          f"inspect {dp_prior}) and {grid}", file=sys.stderr)
+    print(f"\nwrote {dp_prior} (its privacy report is in the file: privdiff wavelet inspect {dp_prior}), fine-tuned "
+          f"from {public_prior}, and {grid}", file=sys.stderr)
     for label, _ in grid_rows[1:]:
         print("  " + label.replace("\n", " "), file=sys.stderr)
     return grid
 
 
 if __name__ == "__main__":
-    run_spectral(Path("privdiff-demo"))
+    parser = argparse.ArgumentParser(prog="python -m privdiff.demo.spectral", description=__doc__.split("\n")[0])
+    parser.add_argument("--public-prior", action="store_true",
+                        help=f"rebuild the shipped public prior ({SPECTRAL_PRIOR.name}) instead of running the demo")
+    if parser.parse_args().public_prior:
+        print(f"wrote {train_public_prior()}", file=sys.stderr)
+    else:
+        run_spectral(Path("privdiff-demo"))

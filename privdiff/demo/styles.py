@@ -10,7 +10,8 @@ in memory for comparison (never written: it is not private), releases a DP style
 universal guidance toward it. It writes under ./privdiff-demo/: the embedding and target files with their
 privacy reports, and grid.png, sampled with the same seeds in every row (the embeddings through diffusers' own
 ``load_textual_inversion``), each row labelled with its style score (the fraction of 24 samples the style
-classifier reads as the private style) and prompt adherence (shape and colour as asked). Then the spectral
+classifier reads as the private style) and prompt adherence (shape and colour as asked), and showing the first
+six of those 24 samples. Then the spectral
 demo (``privdiff.demo.spectral``) releases a DP spectral prior (ε = 10) on the same private images and writes
 spectral-grid.png.
 """
@@ -30,7 +31,7 @@ from privdiff.demo.grid import CELL, draw_grid
 from privdiff.demo.spectral import run_spectral
 from privdiff.embeddings.dpagg import encode_in_batches, train_sampled
 from privdiff.embeddings.files import Embedding, load_embedding, save_embedding
-from privdiff.embeddings.textual_inversion import PLACEHOLDER, TIConfig, initial_vectors, train_shared_embedding
+from privdiff.embeddings.textual_inversion import TIConfig, initial_vectors, train_shared_embedding
 from privdiff.guidance.sampler import GuidanceConfig
 from privdiff.guidance.target import check_encoder, load_target
 from privdiff.io.images import load_image_folder
@@ -41,7 +42,7 @@ from privdiff.models.small_classifier import load_classifier
 from privdiff.privacy.randomness import SecureRandom
 from privdiff.privacy.report import PrivacyReport
 from privdiff.progress import tqdm_progress
-from privdiff.reference.evaluate import PROMPT, evaluate, evaluate_guided, generate, generate_guided
+from privdiff.reference.evaluate import evaluate_guided_samples, evaluate_samples, prompt_pairs
 from privdiff.reference.score import Score
 from privdiff.reference.shapes import write_style_folder
 
@@ -55,13 +56,12 @@ DPAGG_CLIP = "2.5"
 SHARED = TIConfig(steps=60, lr=2e-2, batch_size=16)
 """The non-private TI (one embedding on all images); DP-SGD TI trains with its learning rate too."""
 SAMPLES = 24
-"""Samples scored per grid row."""
+"""Samples scored per grid row; the grid shows the first COLUMNS of them."""
+COLUMNS = 6
 GUIDANCE = GuidanceConfig(steps=25, cfg=5.0, weight=6.0, recurrence=2)
 """Universal guidance toward the DP style target (the small model's public encoder stands in for CLIP)."""
 DPAGG = (("dpagg-eps3", "3", "DPAgg-TI, ε = 3"), ("dpagg-eps1", "1", "DPAgg-TI, ε = 1"))
 DPSGD = ("dpsgd-eps1", "1", "DP-SGD TI, ε = 1")
-COLUMNS = (("blue", "star"), ("red", "circle"), ("yellow", "square"), ("white", "triangle"), ("green", "star"),
-           ("red", "square"))
 
 
 def _privdiff(args: list[str]) -> None:
@@ -121,14 +121,12 @@ def _guided_rows(pipe, classifier, target_file: Path) -> list[tuple[str, list[Im
     """Plain prompts (no style word), sampled without and with guidance toward the DP target."""
     encoder, target = load_small_encoder(), load_target(target_file)
     check_encoder(target, encoder, target_file, "the small model's encoder")
-    prompts = [f"a {c} {s}" for c, s in COLUMNS]
     rows = []
     for label, config in (("no style in the prompt, no guidance", replace(GUIDANCE, weight=0.0, recurrence=1)),
                           (f"guided to the DP target, ε = 1 (w {GUIDANCE.weight:g}, k {GUIDANCE.recurrence})",
                            GUIDANCE)):
-        result = evaluate_guided(pipe, classifier, STYLE, encoder, target.vector, config, count=SAMPLES)
-        images = generate_guided(pipe, prompts, encoder, target.vector, config, seed=1)
-        rows.append((_label(label, result), [_to_pil(x) for x in images]))
+        rows.append(_row(label, *evaluate_guided_samples(pipe, classifier, STYLE, encoder, target.vector, config,
+                                                         count=SAMPLES)))
     return rows
 
 
@@ -139,22 +137,14 @@ def _nonprivate_ti(backend: DiffusersBackend, images: torch.Tensor) -> dict[str,
     return train_shared_embedding(backend, latents, initial_vectors(backend, SHARED), SHARED, gen)
 
 
-def _row(pipe, token_or_vectors: str | dict[str, torch.Tensor]) -> list[Image.Image]:
-    """One sample per column prompt, with a word/loaded token, or with in-memory vectors."""
-    vectors = token_or_vectors if isinstance(token_or_vectors, dict) else None
-    token = PLACEHOLDER if vectors is not None else token_or_vectors
-    prompts = [PROMPT.format(colour=c, shape=s, token=token) for c, s in COLUMNS]
-    images = generate(pipe, prompts, vectors, seed=1)
-    return [_to_pil(x) for x in images]
+def _row(name: str, result: Score, images: torch.Tensor) -> tuple[str, list[Image.Image]]:
+    """A grid row: its label with the score, and the first COLUMNS of the samples scored."""
+    return f"{name}\nstyle {result.style:.0%} · prompt {result.adherence:.0%}", [_to_pil(x) for x in images[:COLUMNS]]
 
 
 def _to_pil(x: torch.Tensor) -> Image.Image:
     array = (x.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
     return Image.fromarray(array).resize((CELL, CELL), Image.Resampling.NEAREST)
-
-
-def _label(name: str, result: Score) -> str:
-    return f"{name}\nstyle {result.style:.0%} · prompt {result.adherence:.0%}"
 
 
 def run() -> int:
@@ -174,19 +164,17 @@ def run() -> int:
         target_file = _target(private)
         nonprivate = _nonprivate_ti(backend, images)
         examples = [Image.open(p).convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
-                    for p in sorted(Path(private).glob("*.png"))[:len(COLUMNS)]]
+                    for p in sorted(Path(private).glob("*.png"))[:COLUMNS]]
     classifier = load_classifier(WEIGHTS)
     rows = [("private images (never released)", examples),
-            (_label("init word 'style' alone", evaluate(pipe, classifier, STYLE, word="style", count=SAMPLES)),
-             _row(pipe, "style")),
-            (_label("TI, ε = ∞ (not private)", evaluate(pipe, classifier, STYLE, vectors=nonprivate, count=SAMPLES)),
-             _row(pipe, nonprivate))]
+            _row("init word 'style' alone", *evaluate_samples(pipe, classifier, STYLE, word="style", count=SAMPLES)),
+            _row("TI, ε = ∞ (not private)", *evaluate_samples(pipe, classifier, STYLE, vectors=nonprivate,
+                                                               count=SAMPLES))]
     for path, label in files:
         pipe.load_textual_inversion(str(path), token=path.stem)
-        score = evaluate(pipe, classifier, STYLE, word=path.stem, count=SAMPLES)
-        rows.append((_label(label, score), _row(pipe, path.stem)))
+        rows.append(_row(label, *evaluate_samples(pipe, classifier, STYLE, word=path.stem, count=SAMPLES)))
     rows += _guided_rows(pipe, classifier, target_file)
-    header = [f"{c} {s}" for c, s in COLUMNS]
+    header = [f"{c} {s}" for s, c in prompt_pairs(SAMPLES, 0)[:COLUMNS]]
     draw_grid(rows, header).save(OUT / "grid.png")
     print(f"\nwrote {', '.join(str(p) for p, _ in files)} (+ .privacy.json reports), {target_file} and "
           f"{OUT / 'grid.png'}", file=sys.stderr)

@@ -21,3 +21,5 @@ WORDS = (*SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES)
 
 WEIGHTS = Path(__file__).parent / "small_weights"
 """The shipped diffusers folder of the trained model (and the style classifier next to it)."""
+SPECTRAL_PRIOR = Path(__file__).parent / "small_spectral_prior.safetensors"
+"""The shipped public spectral prior of the same world at 16 px (and its tokenizer): what the demo fine-tunes."""

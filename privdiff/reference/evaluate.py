@@ -64,12 +64,20 @@ def evaluate(pipe: StableDiffusionPipeline, classifier: AttributeClassifier, sty
              vectors: dict[str, torch.Tensor] | None = None, word: str | None = None,
              *, count: int = 40, seed: int = 0) -> Score:
     """Score ``count`` samples of "a {colour} {shape} in X style" for ``style``, X the embedding or ``word``."""
+    return evaluate_samples(pipe, classifier, style, vectors, word, count=count, seed=seed)[0]
+
+
+def evaluate_samples(pipe: StableDiffusionPipeline, classifier: AttributeClassifier, style: str,
+                     vectors: dict[str, torch.Tensor] | None = None, word: str | None = None,
+                     *, count: int = 40, seed: int = 0) -> tuple[Score, torch.Tensor]:
+    """``evaluate``'s score and the samples it scored, whose (shape, colour) are ``prompt_pairs(count, seed)``."""
     if (vectors is None) == (word is None):
         raise ValueError("give either vectors or a word")
     pairs = prompt_pairs(count, seed)
     token = PLACEHOLDER if vectors is not None else word
     prompts = [PROMPT.format(colour=c, shape=s, token=token) for s, c in pairs]
-    return score(classifier, generate(pipe, prompts, vectors, seed=seed), style, pairs)
+    images = generate(pipe, prompts, vectors, seed=seed)
+    return score(classifier, images, style, pairs), images
 
 
 def generate_guided(pipe: StableDiffusionPipeline, prompts: list[str], encoder: ImageEncoder, target: torch.Tensor,
@@ -90,9 +98,17 @@ def evaluate_guided(pipe: StableDiffusionPipeline, classifier: AttributeClassifi
                     encoder: ImageEncoder, target: torch.Tensor, config: GuidanceConfig,
                     *, count: int = 40, seed: int = 0) -> Score:
     """Score ``count`` guided samples of "a {colour} {shape}" (no style named) for ``style``."""
+    return evaluate_guided_samples(pipe, classifier, style, encoder, target, config, count=count, seed=seed)[0]
+
+
+def evaluate_guided_samples(pipe: StableDiffusionPipeline, classifier: AttributeClassifier, style: str,
+                            encoder: ImageEncoder, target: torch.Tensor, config: GuidanceConfig,
+                            *, count: int = 40, seed: int = 0) -> tuple[Score, torch.Tensor]:
+    """``evaluate_guided``'s score and the samples it scored (their prompts as ``evaluate_samples``')."""
     pairs = prompt_pairs(count, seed)
     prompts = [f"a {c} {s}" for s, c in pairs]
-    return score(classifier, generate_guided(pipe, prompts, encoder, target, config, seed=seed), style, pairs)
+    images = generate_guided(pipe, prompts, encoder, target, config, seed=seed)
+    return score(classifier, images, style, pairs), images
 
 
 ATTRIBUTES = {"texture": "texture", "shape colour": "colour", "shape": "shape", "background colour": "background"}

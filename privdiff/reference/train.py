@@ -41,6 +41,12 @@ CHECKPOINT = "unet-checkpoint.pt"
 """The UNet's training state in ``--out`` while it trains: rerunning the same command resumes from it."""
 CHECKPOINT_EVERY = 250
 """UNet steps between two saves of :data:`CHECKPOINT`."""
+REFINE_STEPS = 1500
+"""Steps of the UNet's second stage, which adds cross-attention at 16x16 (``widened``)."""
+REFINE_CHECKPOINT = "unet-refine-checkpoint.pt"
+"""The second stage's training state in ``--out`` while it trains."""
+REFINE_PEAK = 3e-4
+"""Peak learning rate of the second stage (the first stage's is 5e-4)."""
 OFFSET_NOISE = 0.3
 """Std of the per-image, per-channel constant added to the UNet's training noise (see ``train_unet``)."""
 
@@ -106,29 +112,48 @@ def _ema(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).requires_grad_(False)
 
 
+def widened(unet: torch.nn.Module, cross_attention: tuple[int, ...]) -> torch.nn.Module:
+    """A UNet that also attends to the text at the latent sizes ``cross_attention`` and computes what ``unet``
+    computes: ``unet``'s weights, and each added attention block's output projection zeroed (its residual
+    connection then passes its input through unchanged)."""
+    wide = ref.unet(cross_attention)
+    missing, unexpected = wide.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(".attentions." not in name for name in missing):
+        raise ValueError(f"cross_attention {cross_attention} does not extend this UNet's attention levels")
+    with torch.no_grad():
+        for name, param in wide.named_parameters():
+            if name in missing and ".proj_out." in name:
+                param.zero_()
+    return wide
+
+
 def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Tensor, empty_row: int,
                encoder: torch.nn.Module, steps: int, gen: torch.Generator, *, train_text: bool = False,
                cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, offset_noise: float = OFFSET_NOISE,
+               start: torch.nn.Module | None = None, peak: float = 5e-4, warmup: int = 200,
                batch: int = 64, drop: float = 0.1, checkpoint: Path | None = None,
                checkpoint_every: int = CHECKPOINT_EVERY) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Epsilon-prediction UNet on SD's schedule; captions dropped to "" with probability ``drop`` (for CFG).
     ``offset_noise`` adds a per-image, per-channel constant of that standard deviation to the noise, so that the
     mean of a noisy latent does not give its colours away and the UNet has to read them from the text.
     With ``train_text`` the text encoder learns with it; otherwise it stays frozen and each caption is encoded once.
+    With ``start`` (a trained UNet) training continues from it, ``widened`` to ``cross_attention``; otherwise it
+    starts from a seeded random initialisation. The learning rate warms up over ``warmup`` steps to ``peak``.
 
     With ``checkpoint`` (a file path) the state is saved there every ``checkpoint_every`` steps and a run
     resumes from it: the random draws of the steps already done are replayed without computing them, so a
-    resumed run ends with the same weights as an uninterrupted one. The file is removed at the end.
+    resumed run ends with the same weights as an uninterrupted one. The final state stays there too (a rerun
+    returns it at once), for the caller to remove once what it trains next is saved.
 
     Returns the exponential moving averages (decay 0.998) of the UNet and of the text encoder.
     """
-    unet = ref.unet(cross_attention)
+    unet = ref.unet(cross_attention) if start is None else widened(start, cross_attention)
     ema = _ema(unet)
     encoder.requires_grad_(train_text).train(train_text)
     text_ema = _ema(encoder) if train_text else encoder
     states = None if train_text else _states(encoder, ids)
     alphas = torch.from_numpy(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)).float()
-    groups = [{"params": list(unet.parameters()), "peak": 5e-4}]
+    groups = [{"params": list(unet.parameters()), "peak": peak}]
     if train_text:
         groups.append({"params": list(encoder.parameters()), "peak": 2e-4})
     opt = torch.optim.AdamW(groups, lr=5e-4, weight_decay=1e-2)
@@ -148,7 +173,7 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Ten
                 raise PrivdiffError(f"{checkpoint} was saved by a run with other data or seed; remove it to start over")
             continue
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, group["peak"], warmup=200)
+            group["lr"] = _lr(step, steps, group["peak"], warmup=warmup)
         cond = encoder(ids[rows]).last_hidden_state if train_text else states[rows]
         a = alphas[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
@@ -164,10 +189,8 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, caption_rows: torch.Ten
                     e.lerp_(p, 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             _save_checkpoint(checkpoint, models, step + 1, steps, gen)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
     return ema.eval(), text_ema.eval().requires_grad_(False)
 
 
@@ -224,12 +247,18 @@ def train_classifier(vae: torch.nn.Module, count: int, steps: int, seed: int, ge
 def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, unet_steps: int = UNET_STEPS,
           classifier_images: int = 8000, classifier_steps: int = 3000, *, train_text: bool = False,
           cross_attention: tuple[int, ...] = ref.CROSS_ATTENTION, offset_noise: float = OFFSET_NOISE,
-          reuse: Path | None = None) -> dict[str, float]:
+          refine_steps: int = REFINE_STEPS, reuse: Path | None = None, refine: Path | None = None) -> dict[str, float]:
     """Train everything into ``out`` (a diffusers folder + classifier.safetensors); returns stage timings (s).
 
+    The UNet trains in two stages: ``unet_steps`` with cross-attention at ``cross_attention``, then
+    ``refine_steps`` more with cross-attention added at every level (``widened``), at a lower learning rate.
     With ``reuse`` (a trained model's folder) its VAE, classifier and image encoder are copied instead of
-    trained: only the text side and the UNet are new (for comparing UNet configurations quickly).
+    trained: only the text side and the UNet are new (for comparing UNet configurations quickly). With
+    ``refine`` (a trained model's folder) its UNet is the first stage and its other parts are reused: only
+    the second stage runs.
     """
+    reuse = refine or reuse
+    base = ref.load_small(folder=reuse) if reuse is not None else None
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     timings, start = {}, time.perf_counter()
@@ -253,26 +282,40 @@ def train(out: Path, seed: int = 0, images: int = 16000, vae_steps: int = 800, u
         vae.register_to_config(scaling_factor=float(1 / raw.std()))
         vae = vae.half().float()  # what ships is fp16: train the rest against the rounded weights
     else:
-        vae = ref.load_small(folder=reuse).vae.eval().requires_grad_(False)
+        vae = base.vae.eval().requires_grad_(False)
     latents = encode_latents(vae, pixels) * vae.config.scaling_factor
     lap("vae")
     tok = ref.tokenizer()
-    torch.manual_seed(seed + 1)
-    encoder = ref.text_encoder(tok)
+    if refine is not None:
+        encoder = base.text_encoder.eval().requires_grad_(False)
+    else:
+        torch.manual_seed(seed + 1)
+        encoder = ref.text_encoder(tok)
     if not train_text:
         encoder = encoder.half().float()  # frozen: train the UNet against the fp16 weights that ship
     ids, rows, empty = caption_ids(tok, captions)
     lap("captions")
     torch.manual_seed(seed + 2)
     out.mkdir(parents=True, exist_ok=True)
-    unet, encoder = train_unet(latents, ids, rows, empty, encoder, unet_steps, gen, train_text=train_text,
-                               cross_attention=cross_attention, offset_noise=offset_noise,
-                               checkpoint=out / CHECKPOINT)
-    lap("unet")
+    if refine is not None:
+        unet = base.unet
+    else:
+        unet, encoder = train_unet(latents, ids, rows, empty, encoder, unet_steps, gen, train_text=train_text,
+                                   cross_attention=cross_attention, offset_noise=offset_noise,
+                                   checkpoint=out / CHECKPOINT)
+        lap("unet")
+    if refine_steps:
+        unet, _ = train_unet(latents, ids, rows, empty, encoder, refine_steps, gen, cross_attention=ref.LEVELS,
+                             offset_noise=offset_noise, start=unet, peak=REFINE_PEAK, warmup=50,
+                             checkpoint=out / REFINE_CHECKPOINT)
+        lap("unet refinement")
     ref.pipeline(tok, encoder, vae, unet).to(torch.float16).save_pretrained(out, safe_serialization=True)
+    for name in (CHECKPOINT, REFINE_CHECKPOINT):
+        (out / name).unlink(missing_ok=True)
     if reuse is not None:
         for name in (FILE, ENCODER_FILE):
-            shutil.copyfile(reuse / name, out / name)
+            if not (out / name).exists() or not (out / name).samefile(reuse / name):
+                shutil.copyfile(reuse / name, out / name)
         return timings
     timings.update(train_classifiers(out, seed, classifier_images, classifier_steps))
     return timings
@@ -319,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offset-noise", type=float, default=OFFSET_NOISE,
                         help="std of a per-channel constant added to the UNet's training noise (default: %(default)s)")
     parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet")
+    parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS,
+                        help="steps of the second UNet stage, cross-attention at every level (default: %(default)s)")
+    parser.add_argument("--refine", type=Path, default=None,
+                        help="run only the second UNet stage, from this trained model (its other parts are reused)")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="copy this trained model's VAE, classifier and image encoder instead of training them")
     parser.add_argument("--classifiers-only", action="store_true",
@@ -331,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         timings = train_classifiers(args.out, seed=args.seed)
     else:
         timings = train(args.out, seed=args.seed, unet_steps=args.unet_steps, train_text=args.train_text_encoder,
-                        cross_attention=args.cross_attention, offset_noise=args.offset_noise, reuse=args.reuse)
+                        cross_attention=args.cross_attention, offset_noise=args.offset_noise,
+                        refine_steps=args.refine_steps, reuse=args.reuse, refine=args.refine)
     print(f"trained in {sum(timings.values()):.0f} s on {torch.get_num_threads()} threads: {timings}",
           file=sys.stderr)
     return 0
